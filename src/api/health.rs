@@ -1,0 +1,59 @@
+//! Operational endpoints: liveness, readiness (broker links), Prometheus metrics.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Serialize;
+
+use crate::AppState;
+use crate::broker::HealthReport;
+use crate::telemetry;
+
+#[derive(Serialize)]
+pub struct Liveness {
+    status: &'static str,
+}
+
+/// The process is alive (says nothing about the broker).
+pub async fn healthz() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
+}
+
+#[derive(Serialize)]
+pub struct Readiness {
+    status: &'static str,
+    brokers: Vec<HealthReport>,
+}
+
+/// 200 only while every broker link is up; 503 with the detail otherwise.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let brokers: Vec<HealthReport> = state
+        .tenants
+        .brokers()
+        .iter()
+        .map(|b| b.health().report())
+        .collect();
+    let ready = !state.is_shutting_down() && brokers.iter().all(|b| b.connected);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        brokers,
+    };
+    (status, Json(body))
+}
+
+/// Prometheus text; pool gauges are refreshed now, at scrape time.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    for broker in state.tenants.brokers() {
+        telemetry::pool_stats(broker.vhost(), broker.stats());
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        telemetry::prometheus().render(),
+    )
+}

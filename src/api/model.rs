@@ -1,0 +1,404 @@
+//! Publish request and response bodies, and their translation into AMQP messages with
+//! every property validated (SPEC §4).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::broker::OutgoingMessage;
+
+/// `POST /v1/publish`, and one item of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub exchange: String,
+    pub routing_key: String,
+    /// Any JSON; published verbatim as `application/json`.
+    #[serde(default)]
+    pub payload: Option<Box<RawValue>>,
+    /// UTF-8 text, published as `text/plain; charset=utf-8`.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Arbitrary bytes, published as `application/octet-stream`.
+    #[serde(default)]
+    pub body_base64: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub properties: MessageProperties,
+    /// Defaults to `true`: an unroutable message is answered 422, never dropped silently.
+    #[serde(default)]
+    pub mandatory: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageProperties {
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub expiration_ms: Option<u64>,
+    pub priority: Option<i64>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub app_id: Option<String>,
+    /// Defaults to `true` (delivery mode 2).
+    pub persistent: Option<bool>,
+    pub headers: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub messages: Vec<PublishRequest>,
+}
+
+/// `202` body of a confirmed publish.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishAccepted {
+    pub message_id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub routed: bool,
+}
+
+/// One entry of a batch answer, in request order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchItemResult {
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchResponse {
+    pub results: Vec<BatchItemResult>,
+}
+
+/// W3C trace context from the HTTP request, copied into AMQP headers.
+#[derive(Debug, Clone, Default)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    pub fn from_headers(headers: &axum::http::HeaderMap) -> Self {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= 512)
+                .map(str::to_owned)
+        };
+        Self {
+            traceparent: get("traceparent"),
+            tracestate: get("tracestate"),
+        }
+    }
+}
+
+/// Nesting bound for header tables, so a hostile body cannot recurse deeply.
+const MAX_HEADER_DEPTH: usize = 8;
+
+/// A validated message plus the id it will carry.
+#[derive(Debug)]
+pub struct Prepared {
+    pub message: OutgoingMessage,
+    pub message_id: String,
+}
+
+impl PublishRequest {
+    /// Validates and converts to an AMQP message. Errors name the offending field.
+    pub fn prepare(self, trace: &TraceContext) -> Result<Prepared, String> {
+        short("exchange", &self.exchange)?;
+        short("routing_key", &self.routing_key)?;
+        let (body, default_type) = match (self.payload, self.body, self.body_base64) {
+            (Some(json), None, None) => (json.get().as_bytes().to_vec(), "application/json"),
+            (None, Some(text), None) => (text.into_bytes(), "text/plain; charset=utf-8"),
+            (None, None, Some(b64)) => (
+                BASE64
+                    .decode(b64.as_bytes())
+                    .map_err(|e| format!("body_base64: not valid base64: {e}"))?,
+                "application/octet-stream",
+            ),
+            (None, None, None) => {
+                return Err("one of payload, body or body_base64 is required".to_owned());
+            }
+            _ => return Err("set only one of payload, body and body_base64".to_owned()),
+        };
+        let content_type = match self.content_type {
+            Some(ct) => {
+                short("content_type", &ct)?;
+                ct
+            }
+            None => default_type.to_owned(),
+        };
+        let p = self.properties;
+        let message_id = match p.message_id {
+            Some(id) if id.is_empty() => {
+                return Err("properties.message_id: must not be empty".to_owned());
+            }
+            Some(id) => {
+                short("properties.message_id", &id)?;
+                id
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut properties = BasicProperties::default()
+            .with_content_type(content_type.into())
+            .with_message_id(message_id.as_str().into())
+            .with_delivery_mode(if p.persistent.unwrap_or(true) { 2 } else { 1 })
+            .with_timestamp(timestamp);
+        if let Some(v) = p.correlation_id {
+            properties = properties.with_correlation_id(short("properties.correlation_id", &v)?);
+        }
+        if let Some(v) = p.reply_to {
+            properties = properties.with_reply_to(short("properties.reply_to", &v)?);
+        }
+        if let Some(v) = p.kind {
+            properties = properties.with_type(short("properties.type", &v)?);
+        }
+        if let Some(v) = p.app_id {
+            properties = properties.with_app_id(short("properties.app_id", &v)?);
+        }
+        if let Some(ms) = p.expiration_ms {
+            properties = properties.with_expiration(ms.to_string().into());
+        }
+        if let Some(priority) = p.priority {
+            let priority = u8::try_from(priority)
+                .map_err(|_| "properties.priority: must be an integer from 0 to 255".to_owned())?;
+            properties = properties.with_priority(priority);
+        }
+        let mut headers = match p.headers {
+            Some(map) => table("properties.headers", map, 0)?,
+            None => FieldTable::default(),
+        };
+        if let Some(tp) = &trace.traceparent {
+            headers.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(tp.as_str().into()),
+            );
+        }
+        if let Some(ts) = &trace.tracestate {
+            headers.insert(
+                "tracestate".into(),
+                AMQPValue::LongString(ts.as_str().into()),
+            );
+        }
+        if !headers.inner().is_empty() {
+            properties = properties.with_headers(headers);
+        }
+        Ok(Prepared {
+            message: OutgoingMessage {
+                exchange: self.exchange,
+                routing_key: self.routing_key,
+                body,
+                properties,
+                mandatory: self.mandatory.unwrap_or(true),
+            },
+            message_id,
+        })
+    }
+}
+
+/// AMQP short strings are at most 255 bytes.
+fn short(field: &str, value: &str) -> Result<ShortString, String> {
+    if value.len() > 255 {
+        Err(format!(
+            "{field}: must be at most 255 bytes, got {}",
+            value.len()
+        ))
+    } else {
+        Ok(value.into())
+    }
+}
+
+fn table(
+    path: &str,
+    map: serde_json::Map<String, Value>,
+    depth: usize,
+) -> Result<FieldTable, String> {
+    if depth > MAX_HEADER_DEPTH {
+        return Err(format!(
+            "{path}: nested deeper than {MAX_HEADER_DEPTH} levels"
+        ));
+    }
+    let mut table = FieldTable::default();
+    for (key, value) in map {
+        if key.is_empty() {
+            return Err(format!("{path}: header names must not be empty"));
+        }
+        let name = short(&format!("{path}.{key}"), &key)?;
+        let value = amqp_value(&format!("{path}.{key}"), value, depth)?;
+        table.insert(name, value);
+    }
+    Ok(table)
+}
+
+fn amqp_value(path: &str, value: Value, depth: usize) -> Result<AMQPValue, String> {
+    Ok(match value {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(b),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                AMQPValue::LongLongInt(i)
+            } else if n.is_u64() {
+                return Err(format!("{path}: integer out of range for an AMQP header"));
+            } else {
+                AMQPValue::Double(n.as_f64().unwrap_or_default())
+            }
+        }
+        Value::String(s) => AMQPValue::LongString(s.into()),
+        Value::Array(items) => {
+            if depth >= MAX_HEADER_DEPTH {
+                return Err(format!(
+                    "{path}: nested deeper than {MAX_HEADER_DEPTH} levels"
+                ));
+            }
+            let values = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| amqp_value(&format!("{path}[{i}]"), v, depth + 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            AMQPValue::FieldArray(FieldArray::from(values))
+        }
+        Value::Object(map) => AMQPValue::FieldTable(table(path, map, depth + 1)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::body::parse_json;
+
+    fn prepare(json: &str) -> Result<Prepared, String> {
+        parse_json::<PublishRequest>(json.as_bytes())
+            .map_err(|e| e.to_string())?
+            .prepare(&TraceContext::default())
+    }
+
+    #[test]
+    fn json_payload_is_published_verbatim() {
+        let p = prepare(r#"{"exchange":"e","routing_key":"k","payload": {"id": 42 }}"#).unwrap();
+        assert_eq!(p.message.body, br#"{"id": 42 }"#);
+        assert_eq!(
+            p.message
+                .properties
+                .content_type()
+                .as_ref()
+                .map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert!(p.message.mandatory);
+        assert_eq!(p.message.properties.delivery_mode(), &Some(2));
+    }
+
+    #[test]
+    fn body_kinds_and_exclusivity() {
+        let p = prepare(r#"{"exchange":"e","routing_key":"k","body":"hi"}"#).unwrap();
+        assert_eq!(p.message.body, b"hi");
+        let p = prepare(r#"{"exchange":"e","routing_key":"k","body_base64":"AAEC"}"#).unwrap();
+        assert_eq!(p.message.body, vec![0, 1, 2]);
+        assert!(prepare(r#"{"exchange":"e","routing_key":"k"}"#).is_err());
+        assert!(prepare(r#"{"exchange":"e","routing_key":"k","body":"a","payload":1}"#).is_err());
+        let err = prepare(r#"{"exchange":"e","routing_key":"k","body_base64":"!!"}"#).unwrap_err();
+        assert!(err.starts_with("body_base64:"), "{err}");
+    }
+
+    #[test]
+    fn property_validation_names_fields() {
+        let long = "x".repeat(256);
+        let err = prepare(&format!(
+            r#"{{"exchange":"e","routing_key":"{long}","body":""}}"#
+        ))
+        .unwrap_err();
+        assert!(err.starts_with("routing_key:"), "{err}");
+        let err = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"priority":256}}"#,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("properties.priority:"), "{err}");
+        let err =
+            prepare(r#"{"exchange":"e","routing_key":"k","body":"","properties":{"priority":-1}}"#)
+                .unwrap_err();
+        assert!(err.starts_with("properties.priority:"), "{err}");
+        let err = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"":1}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("properties.headers:"), "{err}");
+        let err = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"big":18446744073709551615}}}"#,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("properties.headers.big:"), "{err}");
+        let err =
+            prepare(r#"{"exchange":"e","routing_key":"k","body":"","properties":{"colour":1}}"#)
+                .unwrap_err();
+        assert!(err.starts_with("properties.colour: unknown field"), "{err}");
+        let deep = format!("{}1{}", "[".repeat(12), "]".repeat(12));
+        let err = prepare(&format!(
+            r#"{{"exchange":"e","routing_key":"k","body":"","properties":{{"headers":{{"d":{deep}}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(err.contains("nested deeper"), "{err}");
+    }
+
+    #[test]
+    fn properties_and_trace_context_are_carried() {
+        let json = r#"{"exchange":"e","routing_key":"k","payload":1,"content_type":"application/vnd.x+json",
+            "properties":{"message_id":"m-1","correlation_id":"c","reply_to":"r","expiration_ms":60000,
+            "priority":5,"type":"t","app_id":"a","persistent":false,"headers":{"s":"v","n":3,"f":1.5,"b":true,"o":{"x":[1,"y"]}}}}"#;
+        let trace = TraceContext {
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            tracestate: Some("congo=t61rcWkgMzE".into()),
+        };
+        let p = parse_json::<PublishRequest>(json.as_bytes())
+            .unwrap()
+            .prepare(&trace)
+            .unwrap();
+        let props = &p.message.properties;
+        assert_eq!(p.message_id, "m-1");
+        assert_eq!(props.message_id().as_ref().unwrap().as_str(), "m-1");
+        assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "c");
+        assert_eq!(props.reply_to().as_ref().unwrap().as_str(), "r");
+        assert_eq!(props.expiration().as_ref().unwrap().as_str(), "60000");
+        assert_eq!(props.priority(), &Some(5));
+        assert_eq!(props.kind().as_ref().unwrap().as_str(), "t");
+        assert_eq!(props.app_id().as_ref().unwrap().as_str(), "a");
+        assert_eq!(props.delivery_mode(), &Some(1));
+        assert_eq!(
+            props.content_type().as_ref().unwrap().as_str(),
+            "application/vnd.x+json"
+        );
+        let headers = props.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("n"), Some(&AMQPValue::LongLongInt(3)));
+        assert_eq!(headers.get("f"), Some(&AMQPValue::Double(1.5)));
+        assert_eq!(headers.get("b"), Some(&AMQPValue::Boolean(true)));
+        assert!(matches!(headers.get("o"), Some(AMQPValue::FieldTable(_))));
+        assert!(
+            matches!(headers.get("traceparent"), Some(AMQPValue::LongString(s)) if s.to_string().starts_with("00-4bf9"))
+        );
+        assert!(matches!(
+            headers.get("tracestate"),
+            Some(AMQPValue::LongString(_))
+        ));
+    }
+}

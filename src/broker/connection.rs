@@ -1,0 +1,175 @@
+//! AMQP connections for one vhost: URL failover, TLS, heartbeats, and a watcher that
+//! feeds `connection.blocked` and connection errors into the vhost's [`Health`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use futures::StreamExt;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, Event};
+use tracing::{info, warn};
+
+use super::BrokerError;
+use super::health::Health;
+use crate::config::{AmqpConfig, TlsConfig};
+
+/// Everything needed to open a connection to one vhost.
+pub struct ConnectionManager {
+    uris: Vec<AMQPUri>,
+    /// Where the next connection attempt starts, so a dead URL is not retried first forever.
+    next: AtomicUsize,
+    tls: OwnedTLSConfig,
+    connect_timeout: Duration,
+    connection_name: String,
+    health: Arc<Health>,
+}
+
+impl ConnectionManager {
+    pub fn new(
+        urls: &[String],
+        vhost: &str,
+        amqp: &AmqpConfig,
+        health: Arc<Health>,
+    ) -> Result<Self, BrokerError> {
+        let uris = urls
+            .iter()
+            .map(|url| {
+                let mut uri: AMQPUri = url
+                    .parse()
+                    .map_err(|e| BrokerError::Config(format!("invalid AMQP URL: {e}")))?;
+                uri.vhost = vhost.to_owned();
+                uri.query.heartbeat = Some(amqp.heartbeat_s);
+                uri.query.connection_timeout = Some(amqp.connect_timeout_ms);
+                Ok(uri)
+            })
+            .collect::<Result<Vec<_>, BrokerError>>()?;
+        Ok(Self {
+            uris,
+            next: AtomicUsize::new(0),
+            tls: tls_config(&amqp.tls)?,
+            connect_timeout: Duration::from_millis(amqp.connect_timeout_ms),
+            connection_name: format!("warren vhost={vhost}"),
+            health,
+        })
+    }
+
+    async fn connect_one(&self, uri: &AMQPUri) -> Result<Connection, BrokerError> {
+        let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Amqp)?;
+        let props = ConnectionProperties::default()
+            .with_connection_name(self.connection_name.clone().into());
+        let connect =
+            Connection::connect_uri_with_config(uri.clone(), props, self.tls.clone(), runtime);
+        match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(result) => result.map_err(BrokerError::Amqp),
+            Err(_) => Err(BrokerError::Timeout("connecting to the broker")),
+        }
+    }
+
+    fn watch(&self, connection: &Connection) {
+        let events = connection.events_listener();
+        let mut events = Box::pin(events);
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(reason) => {
+                        warn!(vhost = %health.vhost(), %reason, "Broker blocked the connection.");
+                        health.set_blocked(Some(reason));
+                    }
+                    Event::ConnectionUnblocked => {
+                        info!(vhost = %health.vhost(), "Broker unblocked the connection.");
+                        health.set_blocked(None);
+                    }
+                    // A channel-level (soft) error closes one channel, which the pool
+                    // replaces; only a connection-level error takes the link down.
+                    Event::Error(error) if error.is_amqp_soft_error() => {}
+                    Event::Error(error) => {
+                        health.mark_down(&format!("connection lost: {error}"));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+impl managed::Manager for ConnectionManager {
+    type Type = Connection;
+    type Error = BrokerError;
+
+    async fn create(&self) -> Result<Connection, BrokerError> {
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last_error = BrokerError::Config("no broker URL configured".to_owned());
+        for offset in 0..self.uris.len() {
+            let index = (start + offset) % self.uris.len();
+            let uri = &self.uris[index];
+            match self.connect_one(uri).await {
+                Ok(connection) => {
+                    self.next.store(index, Ordering::Relaxed);
+                    self.watch(&connection);
+                    info!(
+                        vhost = %self.health.vhost(),
+                        host = %uri.authority.host,
+                        port = uri.authority.port,
+                        "Connected to the broker."
+                    );
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    warn!(
+                        vhost = %self.health.vhost(),
+                        host = %uri.authority.host,
+                        port = uri.authority.port,
+                        %error,
+                        "Broker connection attempt failed."
+                    );
+                    last_error = error;
+                }
+            }
+        }
+        self.next
+            .store((start + 1) % self.uris.len(), Ordering::Relaxed);
+        Err(last_error)
+    }
+
+    async fn recycle(
+        &self,
+        connection: &mut Connection,
+        _: &Metrics,
+    ) -> RecycleResult<BrokerError> {
+        if connection.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("connection is closed"))
+        }
+    }
+}
+
+fn tls_config(tls: &TlsConfig) -> Result<OwnedTLSConfig, BrokerError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| BrokerError::Config(format!("cannot read {}: {e}", path.display())))
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(path) => Some(
+            String::from_utf8(read(path)?)
+                .map_err(|_| BrokerError::Config(format!("{} is not PEM", path.display())))?,
+        ),
+        None => None,
+    };
+    let identity = match (&tls.client_cert_file, &tls.client_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            key: read(key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}

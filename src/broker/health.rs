@@ -1,0 +1,150 @@
+//! Health of one vhost's broker link: connected or not, blocked by an alarm or not,
+//! and when the next reconnect attempt is due. Read on every publish to fail fast.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::telemetry;
+
+#[derive(Debug)]
+pub struct Health {
+    vhost: String,
+    connected: AtomicBool,
+    blocked: AtomicBool,
+    detail: Mutex<Detail>,
+    /// Wakes the supervisor when a publish path notices the link is gone.
+    pub(super) kick: Notify,
+}
+
+#[derive(Debug, Clone)]
+struct Detail {
+    last_error: Option<String>,
+    blocked_reason: Option<String>,
+    next_attempt: Instant,
+}
+
+/// Why the broker cannot take a publish right now.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub reason: String,
+    pub retry_after: Duration,
+}
+
+/// What `/readyz` reports per vhost.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    pub vhost: String,
+    pub connected: bool,
+    pub blocked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// While blocked by an alarm there is no reconnect schedule to point at; this is a
+/// reasonable wait for a memory or disk alarm to clear.
+const BLOCKED_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Health {
+    pub fn new(vhost: &str) -> Self {
+        Self {
+            vhost: vhost.to_owned(),
+            connected: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            detail: Mutex::new(Detail {
+                last_error: Some("not connected yet".to_owned()),
+                blocked_reason: None,
+                next_attempt: Instant::now(),
+            }),
+            kick: Notify::new(),
+        }
+    }
+
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    fn detail(&self) -> std::sync::MutexGuard<'_, Detail> {
+        // A poisoned lock only means another thread panicked mid-update of plain data.
+        self.detail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails fast when publishing cannot work: not connected, or blocked by an alarm.
+    pub fn check(&self) -> Result<(), Unavailable> {
+        if !self.connected.load(Ordering::Acquire) {
+            let detail = self.detail();
+            let wait = detail
+                .next_attempt
+                .saturating_duration_since(Instant::now());
+            return Err(Unavailable {
+                reason: format!(
+                    "no connection to the broker for vhost {:?}: {}",
+                    self.vhost,
+                    detail.last_error.as_deref().unwrap_or("reconnecting")
+                ),
+                retry_after: wait,
+            });
+        }
+        if self.blocked.load(Ordering::Acquire) {
+            let reason = self.detail().blocked_reason.clone().unwrap_or_default();
+            return Err(Unavailable {
+                reason: format!("the broker is blocking publishers (resource alarm: {reason})"),
+                retry_after: BLOCKED_RETRY_AFTER,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn mark_down(&self, reason: &str) {
+        {
+            let mut detail = self.detail();
+            detail.last_error = Some(reason.to_owned());
+        }
+        if self.connected.swap(false, Ordering::AcqRel) {
+            warn!(vhost = %self.vhost, %reason, "Broker link down; publishes answer 503 until it is back.");
+            telemetry::broker_connected(&self.vhost, false);
+        }
+        self.blocked.store(false, Ordering::Release);
+        self.kick.notify_one();
+    }
+
+    pub(super) fn mark_up(&self) {
+        {
+            let mut detail = self.detail();
+            detail.last_error = None;
+        }
+        if !self.connected.swap(true, Ordering::AcqRel) {
+            info!(vhost = %self.vhost, "Broker link up.");
+            telemetry::broker_connected(&self.vhost, true);
+        }
+    }
+
+    pub(super) fn schedule_retry(&self, at: Instant) {
+        self.detail().next_attempt = at;
+    }
+
+    pub fn set_blocked(&self, reason: Option<String>) {
+        let blocked = reason.is_some();
+        self.detail().blocked_reason = reason;
+        self.blocked.store(blocked, Ordering::Release);
+        telemetry::broker_blocked(&self.vhost, blocked);
+    }
+
+    pub fn report(&self) -> HealthReport {
+        let detail = self.detail().clone();
+        HealthReport {
+            vhost: self.vhost.clone(),
+            connected: self.is_connected(),
+            blocked: self.blocked.load(Ordering::Acquire),
+            error: detail.last_error.or(detail.blocked_reason),
+        }
+    }
+}

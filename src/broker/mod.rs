@@ -1,0 +1,475 @@
+//! AMQP for one vhost: a connection pool, a pool of confirm-mode channels, an in-flight
+//! bound, a supervisor that reconnects with backoff, and the publish/confirm path.
+
+mod channel;
+mod connection;
+pub mod health;
+pub mod publish;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{self, PoolError, Timeouts};
+use futures::future::join_all;
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{ExchangeKind, PublisherConfirm};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::config::AmqpConfig;
+use crate::telemetry;
+use channel::ChannelManager;
+use connection::ConnectionManager;
+pub use health::{Health, HealthReport};
+use publish::{AmqpFailure, classify, from_confirmation};
+pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
+
+pub type ConnectionPool = managed::Pool<ConnectionManager>;
+pub type ChannelPool = managed::Pool<ChannelManager>;
+
+/// Internal broker-layer failures; never shown to clients as such.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Pool(String),
+}
+
+impl BrokerError {
+    fn from_pool(error: PoolError<BrokerError>) -> Self {
+        match error {
+            PoolError::Backend(e) => e,
+            PoolError::Timeout(_) => Self::Timeout("waiting for a pooled broker connection"),
+            other => Self::Pool(other.to_string()),
+        }
+    }
+}
+
+/// How often a healthy link is re-checked, so readiness follows reality even when idle.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on the exchange-existence cache; beyond it the cache starts afresh.
+const EXCHANGE_CACHE_MAX: usize = 10_000;
+
+pub struct Broker {
+    vhost: String,
+    health: Arc<Health>,
+    connections: ConnectionPool,
+    channels: ChannelPool,
+    inflight: Arc<Semaphore>,
+    max_inflight: usize,
+    confirm_timeout: Duration,
+    acquire_timeout: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    exchange_ttl: Duration,
+    exchanges: Mutex<HashMap<String, Instant>>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Pool sizes and use, read at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub channels_open: usize,
+    pub channels_idle: usize,
+    pub inflight_confirms: usize,
+}
+
+impl Broker {
+    /// Builds the pools for `vhost` and starts the supervisor, which connects in the
+    /// background; until then publishes answer 503.
+    pub fn start(
+        urls: &[String],
+        vhost: &str,
+        amqp: &AmqpConfig,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let health = Arc::new(Health::new(vhost));
+        let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
+        let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
+        let connections =
+            managed::Pool::builder(ConnectionManager::new(urls, vhost, amqp, health.clone())?)
+                .max_size(amqp.connections_per_vhost)
+                .timeouts(Timeouts {
+                    wait: Some(acquire_timeout),
+                    create: Some(connect_timeout),
+                    recycle: Some(connect_timeout),
+                })
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let channels = managed::Pool::builder(ChannelManager::new(connections.clone()))
+            .max_size(amqp.channels_per_vhost)
+            .timeouts(Timeouts {
+                wait: Some(acquire_timeout),
+                create: Some(connect_timeout),
+                recycle: Some(connect_timeout),
+            })
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let broker = Arc::new(Self {
+            vhost: vhost.to_owned(),
+            health,
+            connections,
+            channels,
+            inflight: Arc::new(Semaphore::new(amqp.max_inflight_confirms)),
+            max_inflight: amqp.max_inflight_confirms,
+            confirm_timeout: amqp.confirm_timeout(),
+            acquire_timeout,
+            backoff_min: Duration::from_millis(amqp.reconnect_backoff_min_ms),
+            backoff_max: Duration::from_millis(amqp.reconnect_backoff_max_ms),
+            exchange_ttl: Duration::from_secs(amqp.exchange_cache_ttl_s),
+            exchanges: Mutex::new(HashMap::new()),
+            supervisor: Mutex::new(None),
+        });
+        let handle = tokio::spawn(supervise(Arc::downgrade(&broker)));
+        *broker.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(broker)
+    }
+
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let channels = self.channels.status();
+        PoolStats {
+            connections: self.connections.status().size,
+            channels_open: channels.size,
+            channels_idle: channels.available,
+            inflight_confirms: self
+                .max_inflight
+                .saturating_sub(self.inflight.available_permits()),
+        }
+    }
+
+    /// Stops reconnecting and closes every pooled channel and connection.
+    pub fn close(&self) {
+        if let Some(handle) = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            handle.abort();
+        }
+        self.channels.close();
+        self.connections.close();
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: &OutgoingMessage) -> PublishResult {
+        self.publish_all(std::slice::from_ref(message))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(PublishError::LostBeforeConfirm("no result".to_owned())))
+    }
+
+    /// Publishes `messages` pipelined on one pooled channel, then waits for all
+    /// confirms together. Results are in input order.
+    pub async fn publish_all(&self, messages: &[OutgoingMessage]) -> Vec<PublishResult> {
+        if let Err(unavailable) = self.health.check() {
+            let error = PublishError::unavailable(unavailable.reason, unavailable.retry_after);
+            return vec![Err(error); messages.len()];
+        }
+        let mut results: Vec<Option<PublishResult>> = vec![None; messages.len()];
+        self.check_exchanges(messages, &mut results).await;
+
+        let acquire_deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        let mut pending: Vec<Pending> = Vec::with_capacity(messages.len());
+        let mut channel: Option<managed::Object<ChannelManager>> = None;
+        for (index, message) in messages.iter().enumerate() {
+            if results[index].is_some() {
+                continue;
+            }
+            let permit = match tokio::time::timeout_at(
+                acquire_deadline,
+                self.inflight.clone().acquire_owned(),
+            )
+            .await
+            {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    results[index] = Some(Err(PublishError::unavailable(
+                        format!(
+                            "{} publishes are already awaiting broker confirms on this vhost (amqp.max_inflight_confirms)",
+                            self.max_inflight
+                        ),
+                        Duration::from_secs(1),
+                    )));
+                    continue;
+                }
+            };
+            let ch = match channel.take() {
+                Some(ch) => ch,
+                None => match self.channels.get().await {
+                    Ok(ch) => ch,
+                    Err(error) => {
+                        let error = BrokerError::from_pool(error);
+                        results[index] = Some(Err(self.acquire_failed(&error)));
+                        continue;
+                    }
+                },
+            };
+            let started = Instant::now();
+            let sent = ch
+                .basic_publish(
+                    message.exchange.as_str().into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: message.mandatory,
+                        immediate: false,
+                    },
+                    &message.body,
+                    message.properties.clone(),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => {
+                    pending.push(Pending {
+                        index,
+                        confirm,
+                        _permit: permit,
+                        channel: (*ch).clone(),
+                        started,
+                    });
+                    channel = Some(ch);
+                }
+                Err(error) => {
+                    // The frame did not go out: nothing was published. Discard the channel.
+                    let _ = managed::Object::take(ch);
+                    results[index] = Some(Err(self.lost(&error, &message.exchange)));
+                }
+            }
+        }
+        // Back to the pool before awaiting confirms: others publish on it meanwhile.
+        drop(channel);
+
+        let confirm_deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let confirmed = join_all(pending.into_iter().map(|p| {
+            let message = &messages[p.index];
+            async move {
+                let outcome = tokio::time::timeout_at(confirm_deadline, p.confirm).await;
+                let result = match outcome {
+                    Ok(Ok(confirmation)) => from_confirmation(confirmation, message.mandatory),
+                    Ok(Err(error)) => Err(self.lost(&error, &message.exchange)),
+                    Err(_) => {
+                        // The channel is suspect: close it so the pool replaces it and
+                        // lapin drops its bookkeeping for this message.
+                        let channel = p.channel;
+                        tokio::spawn(async move {
+                            let _ = channel.close(200, "confirm timeout".into()).await;
+                        });
+                        Err(PublishError::ConfirmTimeout(self.confirm_timeout))
+                    }
+                };
+                telemetry::confirm_latency(p.started.elapsed());
+                (p.index, result)
+            }
+        }))
+        .await;
+        for (index, result) in confirmed {
+            results[index] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(PublishError::LostBeforeConfirm("not attempted".into())))
+            })
+            .collect()
+    }
+
+    /// Makes sure each exchange exists before publishing, so a typo costs a cached
+    /// lookup rather than a channel (the broker closes a channel on a missing exchange,
+    /// failing every confirm pending on it).
+    async fn check_exchanges(
+        &self,
+        messages: &[OutgoingMessage],
+        results: &mut [Option<PublishResult>],
+    ) {
+        let mut checked: HashMap<&str, Result<(), PublishError>> = HashMap::new();
+        for (index, message) in messages.iter().enumerate() {
+            let exchange = message.exchange.as_str();
+            if !checked.contains_key(exchange) {
+                let outcome = self.ensure_exchange(exchange).await;
+                checked.insert(exchange, outcome);
+            }
+            if let Some(Err(error)) = checked.get(exchange) {
+                results[index] = Some(Err(error.clone()));
+            }
+        }
+    }
+
+    async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
+        if exchange.is_empty() {
+            return Ok(()); // the default exchange always exists
+        }
+        {
+            let cache = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
+            if cache
+                .get(exchange)
+                .is_some_and(|checked| checked.elapsed() < self.exchange_ttl)
+            {
+                return Ok(());
+            }
+        }
+        let check = async {
+            let connection = self
+                .connections
+                .get()
+                .await
+                .map_err(BrokerError::from_pool)?;
+            let channel = connection.create_channel().await?;
+            drop(connection);
+            let declared = channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            if declared.is_ok() {
+                tokio::spawn(async move {
+                    let _ = channel.close(200, "OK".into()).await;
+                });
+            }
+            declared.map_err(BrokerError::Amqp)
+        };
+        match tokio::time::timeout(self.confirm_timeout, check).await {
+            Ok(Ok(())) => {
+                let mut cache = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= EXCHANGE_CACHE_MAX {
+                    let ttl = self.exchange_ttl;
+                    cache.retain(|_, checked| checked.elapsed() < ttl);
+                    if cache.len() >= EXCHANGE_CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(exchange.to_owned(), Instant::now());
+                Ok(())
+            }
+            Ok(Err(BrokerError::Amqp(error))) => Err(self.lost(&error, exchange)),
+            Ok(Err(error)) => Err(self.acquire_failed(&error)),
+            Err(_) => Err(PublishError::unavailable(
+                "the broker did not answer an exchange check in time",
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// No channel could be had: the link is down (or the pool is exhausted).
+    fn acquire_failed(&self, error: &BrokerError) -> PublishError {
+        match error {
+            BrokerError::Timeout(what) if what.contains("pooled") => PublishError::unavailable(
+                "all broker channels are busy (amqp.channels_per_vhost)",
+                Duration::from_secs(1),
+            ),
+            _ => {
+                self.health.mark_down(&error.to_string());
+                match self.health.check() {
+                    Err(u) => PublishError::unavailable(u.reason, u.retry_after),
+                    Ok(()) => PublishError::unavailable(error.to_string(), Duration::from_secs(1)),
+                }
+            }
+        }
+    }
+
+    fn lost(&self, error: &lapin::Error, exchange: &str) -> PublishError {
+        match classify(error, exchange) {
+            AmqpFailure::ExchangeNotFound => {
+                self.exchanges
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(exchange);
+                PublishError::ExchangeNotFound(exchange.to_owned())
+            }
+            AmqpFailure::AccessRefused(detail) => PublishError::AccessRefused(detail),
+            AmqpFailure::Lost { connection, detail } => {
+                if connection {
+                    self.health.mark_down(&detail);
+                }
+                PublishError::LostBeforeConfirm(detail)
+            }
+        }
+    }
+
+    /// One reconnect probe: get (or open) a pooled connection.
+    async fn probe(&self) -> Result<(), BrokerError> {
+        self.connections
+            .get()
+            .await
+            .map(drop)
+            .map_err(BrokerError::from_pool)
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .backoff_min
+            .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+            .min(self.backoff_max);
+        // Equal jitter: half fixed, half random, so replicas don't reconnect in lockstep.
+        let half = exp / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+struct Pending {
+    index: usize,
+    confirm: PublisherConfirm,
+    _permit: OwnedSemaphorePermit,
+    channel: lapin::Channel,
+    started: Instant,
+}
+
+/// Keeps the link up: probes while healthy, reconnects with backoff while not.
+async fn supervise(broker: Weak<Broker>) {
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        let Some(b) = broker.upgrade() else { return };
+        match b.probe().await {
+            Ok(()) => {
+                if ever_connected && !b.health.is_connected() {
+                    telemetry::broker_reconnected(&b.vhost);
+                }
+                ever_connected = true;
+                attempt = 0;
+                b.health.mark_up();
+                let health = b.health.clone();
+                drop(b);
+                tokio::select! {
+                    _ = health.kick.notified() => {}
+                    _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                }
+            }
+            Err(error) => {
+                b.health.mark_down(&error.to_string());
+                let delay = b.backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                b.health.schedule_retry(Instant::now() + delay);
+                debug!(vhost = %b.vhost, ?delay, %error, "Broker reconnect scheduled.");
+                if attempt == 1 {
+                    warn!(vhost = %b.vhost, %error, "Cannot reach the broker; retrying with backoff.");
+                }
+                drop(b);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

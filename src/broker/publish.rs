@@ -1,0 +1,132 @@
+//! Publish outcomes: what a message is, and how an ack, a return, a nack, a timeout or
+//! a lost channel become one typed answer.
+
+use std::time::Duration;
+
+use lapin::protocol::AMQPErrorKind;
+use lapin::{BasicProperties, Confirmation, ErrorKind};
+
+/// A message ready for `basic.publish`.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    pub mandatory: bool,
+}
+
+/// The broker confirmed the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// `true` only when the publish was mandatory, so an ack without a return proves
+    /// a queue took it. A non-mandatory publish cannot tell, and says `false`.
+    pub routed: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
+    #[error("exchange {0:?} does not exist in this tenant's vhost")]
+    ExchangeNotFound(String),
+    #[error("the broker refused access: {0}")]
+    AccessRefused(String),
+    #[error(
+        "the broker returned the message as unroutable ({0}): no queue is bound for this routing key"
+    )]
+    Unroutable(String),
+    #[error(
+        "the broker rejected the message (basic.nack), e.g. a queue at its length limit with overflow reject-publish"
+    )]
+    Rejected,
+    #[error(
+        "no publisher confirm within {0:?}; the outcome is unknown, retry with the same Idempotency-Key"
+    )]
+    ConfirmTimeout(Duration),
+    #[error(
+        "the channel was lost before the broker confirmed ({0}); the outcome is unknown, retry with the same Idempotency-Key"
+    )]
+    LostBeforeConfirm(String),
+}
+
+impl PublishError {
+    /// The `outcome` label of `warren_publish_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Unavailable { .. } | Self::LostBeforeConfirm(_) => "unavailable",
+            Self::ExchangeNotFound(_) => "exchange_not_found",
+            Self::AccessRefused(_) => "forbidden",
+            Self::Unroutable(_) => "unroutable",
+            Self::Rejected => "nacked",
+            Self::ConfirmTimeout(_) => "timeout",
+        }
+    }
+
+    pub(super) fn unavailable(reason: impl Into<String>, retry_after: Duration) -> Self {
+        Self::Unavailable {
+            reason: reason.into(),
+            retry_after,
+        }
+    }
+}
+
+pub type PublishResult = Result<Published, PublishError>;
+
+/// Turns the broker's confirm into an outcome.
+pub(super) fn from_confirmation(confirmation: Confirmation, mandatory: bool) -> PublishResult {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(Published { routed: mandatory }),
+        Confirmation::Ack(Some(returned)) => {
+            Err(PublishError::Unroutable(returned.reply_text.to_string()))
+        }
+        Confirmation::Nack(_) => Err(PublishError::Rejected),
+        Confirmation::NotRequested => Err(PublishError::LostBeforeConfirm(
+            "channel was not in confirm mode".to_owned(),
+        )),
+    }
+}
+
+/// How an AMQP error relates to the message that saw it.
+pub(super) enum AmqpFailure {
+    /// The broker closed the channel because this message's exchange is missing.
+    ExchangeNotFound,
+    AccessRefused(String),
+    /// The channel is gone; if `connection` the whole connection is.
+    Lost {
+        connection: bool,
+        detail: String,
+    },
+}
+
+/// Classifies an error seen while publishing to `exchange` or awaiting its confirm.
+pub(super) fn classify(error: &lapin::Error, exchange: &str) -> AmqpFailure {
+    if let ErrorKind::ProtocolError(amqp) = error.kind() {
+        let message = amqp.get_message().as_str();
+        match amqp.get_id() {
+            // NOT_FOUND - no exchange 'x' in vhost 'v': only ours if it names our exchange,
+            // since every confirm pending on the closed channel sees the same error.
+            404 if message.contains(&format!("exchange '{exchange}'")) => {
+                return AmqpFailure::ExchangeNotFound;
+            }
+            403 => return AmqpFailure::AccessRefused(message.to_owned()),
+            _ => {}
+        }
+        return AmqpFailure::Lost {
+            connection: matches!(amqp.kind(), AMQPErrorKind::Hard(_)),
+            detail: error.to_string(),
+        };
+    }
+    let connection = error.is_io_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::InvalidConnectionState(_) | ErrorKind::MissingHeartbeatError
+        );
+    AmqpFailure::Lost {
+        connection,
+        detail: error.to_string(),
+    }
+}

@@ -1,0 +1,614 @@
+//! Typed configuration: loaded once at start from TOML plus `WARREN_*` environment
+//! overrides, secrets resolved from files, and validated with errors that name the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::auth::grants::{Grant, GrantPattern};
+
+/// A configuration problem, always naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Separate listener for `/metrics`; when unset, `/metrics` is served on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub max_batch_messages: usize,
+    /// How long a SIGTERM waits for in-flight requests before the process exits anyway.
+    pub shutdown_grace_s: u64,
+    /// Upper bound on concurrently served HTTP requests; excess requests wait.
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: None,
+            max_body_bytes: 1024 * 1024,
+            max_batch_messages: 1000,
+            shutdown_grace_s: 30,
+            max_concurrent_requests: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// One broker URL; `urls` lists several for failover (tried in turn).
+    pub url: Option<String>,
+    pub urls: Vec<String>,
+    /// Read the broker URL (it carries a password) from a file instead.
+    pub url_file: Option<PathBuf>,
+    pub confirm_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// How long a publish waits for a free channel or in-flight slot before answering 503.
+    pub acquire_timeout_ms: u64,
+    pub heartbeat_s: u16,
+    pub connections_per_vhost: usize,
+    pub channels_per_vhost: usize,
+    /// Publishes awaiting their confirm, per vhost; beyond this new publishes wait
+    /// up to `acquire_timeout_ms`, then answer 503.
+    pub max_inflight_confirms: usize,
+    pub reconnect_backoff_min_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    /// How long a positive exchange-existence check is trusted.
+    pub exchange_cache_ttl_s: u64,
+    pub tls: TlsConfig,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            urls: Vec::new(),
+            url_file: None,
+            confirm_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
+            acquire_timeout_ms: 1000,
+            heartbeat_s: 10,
+            connections_per_vhost: 2,
+            channels_per_vhost: 32,
+            max_inflight_confirms: 10_000,
+            reconnect_backoff_min_ms: 100,
+            reconnect_backoff_max_ms: 10_000,
+            exchange_cache_ttl_s: 30,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl AmqpConfig {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+/// TLS for `amqps://` broker URLs (rustls).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM bundle of CAs to trust in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and PKCS#8 key for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub hs256_secret: Option<String>,
+    pub hs256_secret_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub tenant_claim: String,
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hs256_secret: None,
+            hs256_secret_file: None,
+            issuer: None,
+            audience: None,
+            tenant_claim: "tenant".to_owned(),
+            leeway_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,warren=debug`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub vhost: String,
+    /// Broker URL with this tenant's own credentials; its vhost path is replaced by `vhost`.
+    pub amqp_url: Option<String>,
+    pub amqp_url_file: Option<PathBuf>,
+    #[serde(default)]
+    pub publish: Vec<GrantConfig>,
+    #[serde(default)]
+    pub subscribe: Vec<GrantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// Exchange name, or `*` for every exchange (including the default exchange `""`).
+    pub exchange: String,
+    /// AMQP topic pattern: `*` is one word, `#` zero or more.
+    pub routing_key: String,
+}
+
+/// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub hs256_secret: Vec<u8>,
+    pub broker_urls: Vec<String>,
+    pub tenants: BTreeMap<String, ResolvedTenant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResolvedTenant {
+    pub name: String,
+    pub vhost: String,
+    /// Broker URLs for this tenant (its own credentials, or the shared ones).
+    pub urls: Vec<String>,
+    pub publish: Vec<Grant>,
+    pub subscribe: Vec<Grant>,
+}
+
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
+
+impl Config {
+    /// Loads `path` (TOML) with `WARREN_<SECTION>__<KEY>` environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Parse(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)))
+    }
+
+    /// Parses TOML text (with the same environment overrides as [`Config::load`]).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        figment
+            .merge(Env::prefixed("WARREN_").split("__"))
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Parse(figment_message(e)))
+    }
+
+    /// The configuration of `warren serve` without `--config`: loopback only, one
+    /// tenant `default` on vhost `/` with full grants, and a random HS256 secret.
+    pub fn dev() -> Self {
+        let secret: [u8; 32] = rand::random();
+        let full = || {
+            vec![GrantConfig {
+                exchange: "*".to_owned(),
+                routing_key: "#".to_owned(),
+            }]
+        };
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            "default".to_owned(),
+            TenantConfig {
+                vhost: "/".to_owned(),
+                amqp_url: None,
+                amqp_url_file: None,
+                publish: full(),
+                subscribe: full(),
+            },
+        );
+        Self {
+            server: ServerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                ..ServerConfig::default()
+            },
+            amqp: AmqpConfig {
+                url: Some(DEFAULT_BROKER_URL.to_owned()),
+                ..AmqpConfig::default()
+            },
+            auth: AuthConfig {
+                hs256_secret: Some(hex(&secret)),
+                ..AuthConfig::default()
+            },
+            log: LogConfig::default(),
+            tenants,
+        }
+    }
+
+    /// Checks every key and reads every referenced file. The error names the key.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if s.max_batch_messages == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_batch_messages",
+                "must be greater than 0",
+            ));
+        }
+        if s.max_concurrent_requests == 0 {
+            return Err(ConfigError::invalid(
+                "server.max_concurrent_requests",
+                "must be greater than 0",
+            ));
+        }
+        let a = &self.amqp;
+        for (key, value) in [
+            ("amqp.confirm_timeout_ms", a.confirm_timeout_ms),
+            ("amqp.connect_timeout_ms", a.connect_timeout_ms),
+            ("amqp.acquire_timeout_ms", a.acquire_timeout_ms),
+            ("amqp.connections_per_vhost", a.connections_per_vhost as u64),
+            ("amqp.channels_per_vhost", a.channels_per_vhost as u64),
+            ("amqp.max_inflight_confirms", a.max_inflight_confirms as u64),
+            ("amqp.reconnect_backoff_min_ms", a.reconnect_backoff_min_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if a.reconnect_backoff_max_ms < a.reconnect_backoff_min_ms {
+            return Err(ConfigError::invalid(
+                "amqp.reconnect_backoff_max_ms",
+                "must not be below amqp.reconnect_backoff_min_ms",
+            ));
+        }
+        if a.tls.client_cert_file.is_some() != a.tls.client_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "amqp.tls.client_key_file",
+                "client_cert_file and client_key_file must be set together",
+            ));
+        }
+        for (key, file) in [
+            ("amqp.tls.ca_file", &a.tls.ca_file),
+            ("amqp.tls.client_cert_file", &a.tls.client_cert_file),
+            ("amqp.tls.client_key_file", &a.tls.client_key_file),
+        ] {
+            if let Some(path) = file {
+                read_file(key, path)?;
+            }
+        }
+
+        let broker_urls = self.broker_urls()?;
+
+        let hs256_secret = match (&self.auth.hs256_secret, &self.auth.hs256_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "auth.hs256_secret_file",
+                    "set either auth.hs256_secret or auth.hs256_secret_file, not both",
+                ));
+            }
+            (Some(secret), None) => secret.as_bytes().to_vec(),
+            (None, Some(path)) => read_file("auth.hs256_secret_file", path)?
+                .trim_end()
+                .as_bytes()
+                .to_vec(),
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "auth.hs256_secret",
+                    "a token key is required: set auth.hs256_secret or auth.hs256_secret_file",
+                ));
+            }
+        };
+        if hs256_secret.len() < 32 {
+            return Err(ConfigError::invalid(
+                "auth.hs256_secret",
+                "must be at least 32 bytes (256 bits) long",
+            ));
+        }
+        if self.auth.tenant_claim.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.tenant_claim",
+                "must not be empty",
+            ));
+        }
+
+        if self.tenants.is_empty() {
+            return Err(ConfigError::invalid(
+                "tenants",
+                "at least one [tenants.<name>] table is required",
+            ));
+        }
+        let mut tenants = BTreeMap::new();
+        for (name, t) in &self.tenants {
+            let prefix = format!("tenants.{name}");
+            if t.vhost.is_empty() || t.vhost.len() > 255 {
+                return Err(ConfigError::invalid(
+                    format!("{prefix}.vhost"),
+                    "must be 1-255 bytes",
+                ));
+            }
+            let urls = match (&t.amqp_url, &t.amqp_url_file) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        format!("{prefix}.amqp_url_file"),
+                        "set either amqp_url or amqp_url_file, not both",
+                    ));
+                }
+                (Some(url), None) => vec![check_url(&format!("{prefix}.amqp_url"), url)?],
+                (None, Some(path)) => {
+                    let key = format!("{prefix}.amqp_url_file");
+                    let url = read_file(&key, path)?;
+                    vec![check_url(&key, url.trim())?]
+                }
+                (None, None) => broker_urls.clone(),
+            };
+            tenants.insert(
+                name.clone(),
+                ResolvedTenant {
+                    name: name.clone(),
+                    vhost: t.vhost.clone(),
+                    urls,
+                    publish: compile_grants(&format!("{prefix}.publish"), &t.publish)?,
+                    subscribe: compile_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
+                },
+            );
+        }
+        Ok(Resolved {
+            hs256_secret,
+            broker_urls,
+            tenants,
+        })
+    }
+
+    fn broker_urls(&self) -> Result<Vec<String>, ConfigError> {
+        let a = &self.amqp;
+        let set = [a.url.is_some(), !a.urls.is_empty(), a.url_file.is_some()]
+            .iter()
+            .filter(|s| **s)
+            .count();
+        if set > 1 {
+            return Err(ConfigError::invalid(
+                "amqp.url",
+                "set only one of amqp.url, amqp.urls and amqp.url_file",
+            ));
+        }
+        if let Some(url) = &a.url {
+            return Ok(vec![check_url("amqp.url", url)?]);
+        }
+        if let Some(path) = &a.url_file {
+            let url = read_file("amqp.url_file", path)?;
+            return Ok(vec![check_url("amqp.url_file", url.trim())?]);
+        }
+        if a.urls.is_empty() {
+            return Ok(vec![DEFAULT_BROKER_URL.to_owned()]);
+        }
+        a.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| check_url(&format!("amqp.urls[{i}]"), url))
+            .collect()
+    }
+}
+
+fn compile_grants(key: &str, grants: &[GrantConfig]) -> Result<Vec<Grant>, ConfigError> {
+    grants
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let pattern = GrantPattern::parse(&g.routing_key).map_err(|e| {
+                ConfigError::invalid(format!("{key}[{i}].routing_key"), e.to_string())
+            })?;
+            if g.exchange.len() > 255 {
+                return Err(ConfigError::invalid(
+                    format!("{key}[{i}].exchange"),
+                    "must be at most 255 bytes",
+                ));
+            }
+            Ok(Grant::new(g.exchange.clone(), pattern))
+        })
+        .collect()
+}
+
+fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {
+    url.parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| ConfigError::invalid(key, format!("not a valid AMQP URL: {e}")))?;
+    Ok(url.to_owned())
+}
+
+fn read_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+fn figment_message(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let kind = e.kind.to_string();
+            if key.is_empty() {
+                kind
+            } else {
+                format!("{key}: {kind}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn minimal(extra: &str) -> String {
+        format!(
+            "[auth]\nhs256_secret = \"{SECRET}\"\n[tenants.acme]\nvhost = \"acme\"\n\
+             publish = [{{ exchange = \"events\", routing_key = \"order.#\" }}]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn minimal_config_resolves_with_defaults() {
+        let config = Config::from_toml(&minimal("")).unwrap();
+        let resolved = config.resolve().unwrap();
+        assert_eq!(resolved.broker_urls, vec![DEFAULT_BROKER_URL.to_owned()]);
+        assert_eq!(resolved.tenants["acme"].vhost, "acme");
+        assert_eq!(resolved.tenants["acme"].publish.len(), 1);
+        assert_eq!(config.server.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.amqp.confirm_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml(&minimal("[server]\nlisten_port = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::from_toml(&minimal("[server]\nmax_body_bytes = \"big\"\n")).unwrap_err();
+        assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
+    }
+
+    #[test]
+    fn bad_grant_pattern_names_the_key() {
+        let text = format!(
+            "[auth]\nhs256_secret = \"{SECRET}\"\n[tenants.acme]\nvhost = \"acme\"\n\
+             publish = [{{ exchange = \"events\", routing_key = \"order.#x\" }}]\n"
+        );
+        let err = Config::from_toml(&text).unwrap().resolve().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("tenants.acme.publish[0].routing_key:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn short_secret_and_missing_secret_are_rejected() {
+        let err =
+            Config::from_toml("[auth]\nhs256_secret = \"short\"\n[tenants.a]\nvhost = \"a\"\n")
+                .unwrap()
+                .resolve()
+                .unwrap_err();
+        assert!(err.to_string().starts_with("auth.hs256_secret:"), "{err}");
+        let err = Config::from_toml("[tenants.a]\nvhost = \"a\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("auth.hs256_secret:"), "{err}");
+    }
+
+    #[test]
+    fn bad_amqp_url_is_named() {
+        let err = Config::from_toml(&minimal("[amqp]\nurls = [\"amqp://ok\", \"http://x\"]\n"))
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("amqp.urls[1]:"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        let url = dir.path().join("url");
+        std::fs::write(&url, "amqp://u:p@127.0.0.1:5672\n").unwrap();
+        let text = format!(
+            "[amqp]\nurl_file = {:?}\n[auth]\nhs256_secret_file = {:?}\n[tenants.a]\nvhost = \"a\"\n",
+            url, secret
+        );
+        let resolved = Config::from_toml(&text).unwrap().resolve().unwrap();
+        assert_eq!(resolved.hs256_secret, SECRET.as_bytes());
+        assert_eq!(resolved.broker_urls, vec!["amqp://u:p@127.0.0.1:5672"]);
+        let missing = text.replace("secret\"", "nope\"");
+        let err = Config::from_toml(&missing).unwrap().resolve().unwrap_err();
+        assert!(
+            err.to_string().starts_with("auth.hs256_secret_file:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dev_config_is_valid_and_loopback() {
+        let config = Config::dev();
+        assert!(config.server.listen.ip().is_loopback());
+        let resolved = config.resolve().unwrap();
+        assert_eq!(resolved.tenants["default"].vhost, "/");
+    }
+}

@@ -1,0 +1,189 @@
+//! One error type for every answer that is not a success: RFC 9457 problem+json with
+//! a stable `code` (SPEC §4). Internals are logged here, never sent to clients.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::broker::PublishError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("exchange {0:?} does not exist in this tenant's vhost")]
+    ExchangeNotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unroutable(String),
+    #[error("{detail}")]
+    BrokerUnavailable {
+        detail: String,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    BrokerRejected(String),
+    #[error("{0}")]
+    ConfirmTimeout(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// The problem+json body. `code` is the stable, machine-readable member.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+/// Seconds a client should wait before retrying after a rejected publish (nack).
+const REJECTED_RETRY_AFTER_S: u64 = 1;
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) | Self::ExchangeNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unroutable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BrokerUnavailable { .. } | Self::BrokerRejected(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::ConfirmTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::ExchangeNotFound(_) => "exchange_not_found",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::Unroutable(_) => "unroutable",
+            Self::BrokerUnavailable { .. } => "broker_unavailable",
+            Self::BrokerRejected(_) => "broker_rejected",
+            Self::ConfirmTimeout(_) => "confirm_timeout",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "Invalid request",
+            Self::Unauthorized(_) => "Unauthorized",
+            Self::Forbidden(_) => "Forbidden",
+            Self::NotFound(_) => "Not found",
+            Self::MethodNotAllowed(_) => "Method not allowed",
+            Self::ExchangeNotFound(_) => "Exchange not found",
+            Self::PayloadTooLarge(_) => "Payload too large",
+            Self::UnsupportedMediaType(_) => "Unsupported media type",
+            Self::Unroutable(_) => "Unroutable",
+            Self::BrokerUnavailable { .. } => "Broker unavailable",
+            Self::BrokerRejected(_) => "Broker rejected the message",
+            Self::ConfirmTimeout(_) => "Confirm timeout",
+            Self::Internal(_) => "Internal error",
+        }
+    }
+
+    /// `Retry-After` seconds, for the answers the SPEC marks with it.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            // Round up, and never tell a client to retry at once into a known outage.
+            Self::BrokerUnavailable { retry_after, .. } => {
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
+                    .map(|s| s.max(1))
+            }
+            Self::BrokerRejected(_) => Some(REJECTED_RETRY_AFTER_S),
+            _ => None,
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let detail = match self {
+            Self::Internal(_) => "the gateway failed unexpectedly; see its logs".to_owned(),
+            other => other.to_string(),
+        };
+        Problem {
+            kind: format!("https://warren.dev/problems/{}", self.code()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            code: self.code(),
+            detail,
+        }
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Unavailable {
+                reason,
+                retry_after,
+            } => Self::BrokerUnavailable {
+                detail: reason,
+                retry_after,
+            },
+            e @ PublishError::LostBeforeConfirm(_) => Self::BrokerUnavailable {
+                detail: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
+            PublishError::ExchangeNotFound(name) => Self::ExchangeNotFound(name),
+            e @ PublishError::AccessRefused(_) => Self::Forbidden(e.to_string()),
+            e @ PublishError::Unroutable(_) => Self::Unroutable(e.to_string()),
+            e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
+            e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            tracing::error!(error = %cause, "Request failed unexpectedly.");
+        }
+        let problem = self.problem();
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (self.status(), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::Unauthorized(_)) {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"warren\", error=\"invalid_token\""),
+            );
+        }
+        response
+    }
+}

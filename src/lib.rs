@@ -1,0 +1,165 @@
+//! Warren: an HTTP/WebSocket gateway in front of RabbitMQ. `run` serves a config;
+//! `App::start` + `api::router` build the application (tests use them directly).
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod publishing;
+pub mod telemetry;
+pub mod tenancy;
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::auth::Verifier;
+use crate::config::{Config, Resolved};
+use crate::tenancy::Tenants;
+
+/// Everything a request needs, built once at start.
+pub struct App {
+    pub config: Config,
+    pub resolved: Resolved,
+    pub verifier: Verifier,
+    pub tenants: Tenants,
+    shutting_down: AtomicBool,
+}
+
+/// Shared handle to the [`App`], the axum state.
+#[derive(Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl App {
+    /// Validates the config and starts connecting to the broker (in the background).
+    pub fn start(config: Config) -> anyhow::Result<AppState> {
+        let resolved = config.resolve()?;
+        telemetry::prometheus();
+        let verifier = Verifier::new(&config.auth, &resolved.hs256_secret);
+        let tenants = Tenants::start(resolved.tenants.values().cloned(), &config.amqp)
+            .context("cannot set up the broker pools")?;
+        Ok(AppState(Arc::new(App {
+            config,
+            resolved,
+            verifier,
+            tenants,
+            shutting_down: AtomicBool::new(false),
+        })))
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
+
+/// Serves `state` on `listener` (and metrics on `metrics_listener`) until `shutdown`
+/// resolves; then stops accepting, lets in-flight requests finish for at most
+/// `server.shutdown_grace_s`, and closes the broker pools.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signal_state = state.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal_state.shutting_down.store(true, Ordering::Release);
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    if let Some(metrics_listener) = metrics_listener {
+        let app = api::metrics_router(state.clone());
+        let rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, app)
+                .with_graceful_shutdown(stopped(rx))
+                .await;
+            if let Err(error) = served {
+                warn!(%error, "Metrics listener failed.");
+            }
+        });
+    }
+
+    let app = api::router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let deadline = async {
+        stopped(stop_rx.clone()).await;
+        info!(
+            grace_s = grace.as_secs(),
+            "Shutting down: draining in-flight requests."
+        );
+        tokio::time::sleep(grace).await;
+    };
+    let result = tokio::select! {
+        served = server => served,
+        () = deadline => {
+            warn!("Shutdown grace period expired with requests still in flight.");
+            Ok(())
+        }
+    };
+    state.tenants.close();
+    info!("Stopped.");
+    result
+}
+
+/// Binds the configured listeners and serves until SIGTERM or Ctrl-C.
+pub async fn run(state: AppState) -> anyhow::Result<()> {
+    let server = &state.config.server;
+    let listener = TcpListener::bind(server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", server.listen))?;
+    let metrics_listener = match server.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (server.metrics_listen)"))?,
+        ),
+        None => None,
+    };
+    info!(listen = %listener.local_addr()?, "Warren is listening.");
+    serve(state, listener, metrics_listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

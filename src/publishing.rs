@@ -1,0 +1,126 @@
+//! The publish service: validate, authorize, publish with confirm, count the outcome.
+//! Shared by `POST /v1/publish`, the batch endpoint and (later) WebSocket publish frames.
+
+use axum::http::StatusCode;
+
+use crate::api::model::{
+    BatchItemResult, BatchRequest, Prepared, PublishAccepted, PublishRequest, TraceContext,
+};
+use crate::broker::PublishResult;
+use crate::error::ApiError;
+use crate::telemetry;
+use crate::tenancy::Tenant;
+
+/// Publishes one message; `Ok` only once the broker confirmed it.
+pub async fn publish_one(
+    tenant: &Tenant,
+    request: PublishRequest,
+    trace: &TraceContext,
+) -> Result<PublishAccepted, ApiError> {
+    let prepared = request.prepare(trace).map_err(ApiError::InvalidRequest)?;
+    authorize(tenant, &prepared)?;
+    let result = tenant.broker.publish(&prepared.message).await;
+    accepted(tenant, prepared, result)
+}
+
+/// Publishes a batch pipelined on pooled channels. A malformed item fails the whole
+/// batch with 400 before anything is published; every other failure is per item.
+pub async fn publish_batch(
+    tenant: &Tenant,
+    request: BatchRequest,
+    max_messages: usize,
+    trace: &TraceContext,
+) -> Result<Vec<BatchItemResult>, ApiError> {
+    if request.messages.is_empty() {
+        return Err(ApiError::InvalidRequest(
+            "messages: a batch needs at least one message".to_owned(),
+        ));
+    }
+    if request.messages.len() > max_messages {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "messages: {} messages exceed server.max_batch_messages ({max_messages})",
+            request.messages.len()
+        )));
+    }
+    let prepared = request
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            m.prepare(trace)
+                .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut results: Vec<Option<BatchItemResult>> = vec![None; prepared.len()];
+    let mut allowed = Vec::with_capacity(prepared.len());
+    for (index, item) in prepared.into_iter().enumerate() {
+        match authorize(tenant, &item) {
+            Ok(()) => allowed.push((index, item)),
+            Err(error) => results[index] = Some(item_error(&error, Some(item.message_id))),
+        }
+    }
+    let messages: Vec<_> = allowed.iter().map(|(_, p)| p.message.clone()).collect();
+    let outcomes = tenant.broker.publish_all(&messages).await;
+    for ((index, item), outcome) in allowed.into_iter().zip(outcomes) {
+        let message_id = item.message_id.clone();
+        results[index] = Some(match accepted(tenant, item, outcome) {
+            Ok(ok) => BatchItemResult {
+                status: StatusCode::ACCEPTED.as_u16(),
+                message_id: Some(ok.message_id),
+                routed: Some(ok.routed),
+                code: None,
+                detail: None,
+            },
+            Err(error) => item_error(&error, Some(message_id)),
+        });
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| item_error(&ApiError::Internal("batch item lost".into()), None))
+        })
+        .collect())
+}
+
+fn authorize(tenant: &Tenant, prepared: &Prepared) -> Result<(), ApiError> {
+    let m = &prepared.message;
+    tenant
+        .authorize_publish(&m.exchange, &m.routing_key)
+        .inspect_err(|_| telemetry::publish_outcome(&tenant.name, "forbidden"))
+}
+
+fn accepted(
+    tenant: &Tenant,
+    prepared: Prepared,
+    result: PublishResult,
+) -> Result<PublishAccepted, ApiError> {
+    match result {
+        Ok(published) => {
+            telemetry::publish_outcome(&tenant.name, "acked");
+            Ok(PublishAccepted {
+                message_id: prepared.message_id,
+                exchange: prepared.message.exchange,
+                routing_key: prepared.message.routing_key,
+                routed: published.routed,
+            })
+        }
+        Err(error) => {
+            telemetry::publish_outcome(&tenant.name, error.outcome());
+            Err(error.into())
+        }
+    }
+}
+
+/// A failed item keeps its `message_id`: after a timeout the message may still have
+/// landed, and consumers can de-duplicate on it.
+fn item_error(error: &ApiError, message_id: Option<String>) -> BatchItemResult {
+    let problem = error.problem();
+    BatchItemResult {
+        status: problem.status,
+        message_id,
+        routed: None,
+        code: Some(problem.code.to_owned()),
+        detail: Some(problem.detail),
+    }
+}

@@ -1,0 +1,164 @@
+//! Logging set-up and every metric Warren exports, named in one place. Labels come from
+//! bounded sets only: route templates, configured tenants and vhosts, outcome enums.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+pub const HTTP_REQUESTS: &str = "warren_http_requests_total";
+pub const HTTP_DURATION: &str = "warren_http_request_duration_seconds";
+pub const PUBLISH: &str = "warren_publish_total";
+pub const CONFIRM_DURATION: &str = "warren_confirm_duration_seconds";
+pub const AMQP_CONNECTED: &str = "warren_amqp_connected";
+pub const AMQP_BLOCKED: &str = "warren_amqp_blocked";
+pub const AMQP_RECONNECTS: &str = "warren_amqp_reconnects_total";
+pub const AMQP_CONNECTIONS: &str = "warren_amqp_connections";
+pub const AMQP_CHANNELS: &str = "warren_amqp_channels";
+pub const AMQP_INFLIGHT: &str = "warren_amqp_inflight_confirms";
+pub const BUILD_INFO: &str = "warren_build_info";
+
+/// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The process-wide Prometheus recorder (metrics are global; tests share it).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets(LATENCY_BUCKETS))
+            .map(|b| b.build_recorder());
+        let recorder = match recorder {
+            Ok(recorder) => recorder,
+            // Only reachable with empty bucket lists, which the constant above is not.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("A metrics recorder was already installed; /metrics may be empty.");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template, method and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        "HTTP request latency, by route template and method."
+    );
+    describe_counter!(
+        PUBLISH,
+        "Messages published, by tenant and outcome (acked, unroutable, nacked, timeout, unavailable, exchange_not_found, forbidden)."
+    );
+    describe_histogram!(
+        CONFIRM_DURATION,
+        "Time from basic.publish to the broker's confirm (or its failure)."
+    );
+    describe_gauge!(
+        AMQP_CONNECTED,
+        "1 while the broker link for the vhost is up."
+    );
+    describe_gauge!(
+        AMQP_BLOCKED,
+        "1 while the broker blocks publishers on the vhost (memory or disk alarm)."
+    );
+    describe_counter!(
+        AMQP_RECONNECTS,
+        "Times the broker link for the vhost came back after being down."
+    );
+    describe_gauge!(AMQP_CONNECTIONS, "Open pooled AMQP connections, by vhost.");
+    describe_gauge!(
+        AMQP_CHANNELS,
+        "Pooled confirm-mode channels, by vhost and state (idle, in_use)."
+    );
+    describe_gauge!(
+        AMQP_INFLIGHT,
+        "Publishes written and awaiting their broker confirm, by vhost."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label names the running build."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Installs the `tracing` subscriber: human text or JSON lines. `RUST_LOG` wins over config.
+pub fn init_tracing(config: &LogConfig) {
+    // lapin logs a returned message with its body at WARN; bodies are never logged.
+    const QUIET: &str = "lapin::returned_messages=off";
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{},{QUIET}", config.level)))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")))
+        .add_directive(QUIET.parse().unwrap_or_default());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Middleware: counts and times every request by its route template, never the raw URI.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    histogram!(HTTP_DURATION, "route" => route, "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+pub fn publish_outcome(tenant: &str, outcome: &'static str) {
+    counter!(PUBLISH, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn confirm_latency(elapsed: Duration) {
+    histogram!(CONFIRM_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn broker_connected(vhost: &str, up: bool) {
+    gauge!(AMQP_CONNECTED, "vhost" => vhost.to_owned()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn broker_blocked(vhost: &str, blocked: bool) {
+    gauge!(AMQP_BLOCKED, "vhost" => vhost.to_owned()).set(if blocked { 1.0 } else { 0.0 });
+}
+
+pub fn broker_reconnected(vhost: &str) {
+    counter!(AMQP_RECONNECTS, "vhost" => vhost.to_owned()).increment(1);
+}
+
+/// Pool gauges, refreshed when `/metrics` is scraped.
+pub fn pool_stats(vhost: &str, stats: crate::broker::PoolStats) {
+    let v = vhost.to_owned();
+    gauge!(AMQP_CONNECTIONS, "vhost" => v.clone()).set(stats.connections as f64);
+    gauge!(AMQP_CHANNELS, "vhost" => v.clone(), "state" => "idle").set(stats.channels_idle as f64);
+    gauge!(AMQP_CHANNELS, "vhost" => v.clone(), "state" => "in_use")
+        .set(stats.channels_open.saturating_sub(stats.channels_idle) as f64);
+    gauge!(AMQP_INFLIGHT, "vhost" => v).set(stats.inflight_confirms as f64);
+}
