@@ -13,7 +13,7 @@ pub mod tenancy;
 use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -32,6 +32,7 @@ pub struct App {
     pub verifier: Verifier,
     pub tenants: Tenants,
     shutting_down: AtomicBool,
+    in_flight: AtomicUsize,
 }
 
 /// Shared handle to the [`App`], the axum state.
@@ -59,11 +60,32 @@ impl App {
             verifier,
             tenants,
             shutting_down: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         })))
     }
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// HTTP requests being served right now (what a shutdown has to drain).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a request in flight until the returned guard drops.
+    pub fn track_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+}
+
+/// Marks one request in flight; see [`App::track_request`].
+pub struct InFlight(Arc<App>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -103,10 +125,12 @@ pub async fn serve(
 
     let app = api::router(state.clone());
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let deadline_state = state.clone();
     let deadline = async {
         stopped(stop_rx.clone()).await;
         info!(
             grace_s = grace.as_secs(),
+            in_flight = deadline_state.in_flight(),
             "Shutting down: draining in-flight requests."
         );
         tokio::time::sleep(grace).await;

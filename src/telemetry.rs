@@ -4,13 +4,14 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+use crate::AppState;
 use crate::config::{LogConfig, LogFormat};
 
 pub const HTTP_REQUESTS: &str = "warren_http_requests_total";
@@ -116,8 +117,9 @@ pub fn init_tracing(config: &LogConfig) {
 }
 
 /// Middleware: counts and times every request by its route template, never the raw URI.
-pub async fn track_http(request: Request, next: Next) -> Response {
+pub async fn track_http(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
+    let _in_flight = state.0.track_request();
     let route = request
         .extensions()
         .get::<MatchedPath>()

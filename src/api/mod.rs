@@ -35,7 +35,10 @@ pub fn router(state: AppState) -> Router {
     }
     let max_concurrent = state.config.server.max_concurrent_requests;
     routes
-        .route_layer(middleware::from_fn(telemetry::track_http))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::track_http,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(GlobalConcurrencyLimitLayer::new(max_concurrent))

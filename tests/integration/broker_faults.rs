@@ -1,0 +1,110 @@
+//! The broker unreachable, lost and back: fail fast with 503, readiness red, and
+//! recovery without a restart.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn unreachable_broker_fails_fast_with_503_and_readyz_red() {
+    let port = closed_port().await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, "*", "#");
+    config.amqp.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}"));
+    let server = TestServer::start(config).await;
+    let token = server.token(&tenant, "publish");
+
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.body["status"], "not_ready");
+    assert_eq!(ready.body["brokers"][0]["connected"], false);
+    assert_eq!(server.get("/healthz").await.status, 200);
+
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = server
+            .publish(&token, &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1}))
+            .await;
+        let took = started.elapsed();
+        assert_eq!((r.status, r.code()), (503, "broker_unavailable"), "{:?}", r.body);
+        let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!(retry_after >= 1);
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+    }
+    let batch = server
+        .post(
+            "/v1/publish/batch",
+            Some(&token),
+            &json!({"messages": [{"exchange": "amq.topic", "routing_key": "k", "payload": 1}]}),
+        )
+        .await;
+    assert_eq!(batch.status, 207);
+    assert_eq!(batch.body["results"][0]["code"], "broker_unavailable");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn several_urls_fail_over_to_one_that_works() {
+    let port = closed_port().await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, "*", "#");
+    config.amqp.url = None;
+    config.amqp.urls = vec![
+        format!("amqp://guest:guest@127.0.0.1:{port}"),
+        broker_url(),
+    ];
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let r = server
+        .publish(
+            &token,
+            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn lost_link_answers_503_then_recovers_without_restart() {
+    let proxy = ChaosProxy::start("127.0.0.1:5672").await;
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    config.amqp.url = Some(proxy.url());
+    config.amqp.reconnect_backoff_max_ms = 1000;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": 1});
+    assert_eq!(server.publish(&token, &body).await.status, 202);
+
+    proxy.cut();
+    let red = eventually(Duration::from_secs(2), || async {
+        server.get("/readyz").await.status == 503
+    })
+    .await;
+    assert!(red, "readiness did not go red within 2s of the cut");
+    let started = Instant::now();
+    let r = server.publish(&token, &body).await;
+    assert_eq!((r.status, r.code()), (503, "broker_unavailable"), "{:?}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    proxy.restore();
+    let green = eventually(Duration::from_secs(5), || async {
+        server.get("/readyz").await.status == 200
+    })
+    .await;
+    assert!(green, "readiness did not recover within 5s");
+    let r = server.publish(&token, &body).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    let metrics = server.metrics().await;
+    assert!(metrics.contains("warren_amqp_reconnects_total{vhost=\"/\"}"), "{metrics}");
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}

@@ -1,0 +1,192 @@
+//! The `warren` binary: dev mode, check-config, token, and SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_warren");
+
+fn write_config(dir: &tempfile::TempDir, body: &str) -> std::path::PathBuf {
+    let path = dir.path().join("warren.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn valid_config(tenant: &str, listen: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{listen}\"\nshutdown_grace_s = 5\n\
+         [amqp]\nurl = \"{}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n\
+         [tenants.{tenant}]\nvhost = \"/\"\npublish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n",
+        broker_url()
+    )
+}
+
+/// Kills the child when the test ends, whatever happens.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads stdout/stderr lines until one contains `needle` (or the deadline passes).
+fn wait_for_line(reader: impl std::io::Read + Send + 'static, needle: &str) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            if line.contains(&needle) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20)).ok()
+}
+
+#[test]
+fn check_config_accepts_good_and_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_config(&dir, &valid_config("acme", "127.0.0.1:0"));
+    let out = Command::new(BIN).args(["check-config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, valid_config("acme", "127.0.0.1:0").replace("vhost = \"/\"", "vhost = 5")).unwrap();
+    let out = Command::new(BIN).args(["check-config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tenants.acme.vhost"), "{stderr}");
+
+    // Environment overrides apply, and their errors name the key too.
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&good)
+        .env("WARREN_SERVER__MAX_BODY_BYTES", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.max_body_bytes"), "{stderr}");
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&good)
+        .env("WARREN_SERVER__MAX_BODY_BYTES", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "override to 0 must be rejected");
+
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/warren.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn minted_token_is_accepted_by_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = unique("t");
+    let path = write_config(&dir, &valid_config(&tenant, "127.0.0.1:0"));
+    let out = Command::new(BIN)
+        .args(["token", "--config"])
+        .arg(&path)
+        .args(["--tenant", &tenant, "--sub", "ci", "--scope", "publish", "--ttl", "5m"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let server = TestServer::start_ready(tenant_config(&tenant, "*", "#")).await;
+    let r = server
+        .publish(
+            &token,
+            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    server.shutdown().await.unwrap();
+
+    let out = Command::new(BIN)
+        .args(["token", "--config"])
+        .arg(&path)
+        .args(["--tenant", "unknown", "--sub", "ci"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_token_and_a_curl_line_that_works() {
+    let port = closed_port().await;
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Guard(child);
+    let stdout = child.0.stdout.take().unwrap();
+    let line = wait_for_line(stdout, "export TOKEN=").expect("dev mode prints a token");
+    let token = line.trim().trim_start_matches("export TOKEN=").to_owned();
+
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = eventually(Duration::from_secs(10), || async {
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready);
+    // The exact body the banner prints.
+    let response = http
+        .post(format!("{base}/v1/publish"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"exchange":"amq.topic","routing_key":"demo.hello","payload":{"hello":"world"},"mandatory":false}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
+#[test]
+fn sigterm_exits_cleanly_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &valid_config("acme", "127.0.0.1:0"));
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .unwrap();
+    let mut child = Guard(child);
+    let stderr = child.0.stderr.take().unwrap();
+    wait_for_line(stderr, "Warren is listening").expect("server starts");
+
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(7);
+    let exit = loop {
+        if let Some(exit) = child.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "did not exit within the grace period");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+}

@@ -1,0 +1,380 @@
+//! Test harness: a real Warren on port 0 against the real RabbitMQ, a test-side AMQP
+//! client for topology and inspection, and helpers that wait with deadlines.
+
+use std::future::Future;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warren::auth::{TokenRequest, mint};
+use warren::config::Config;
+use warren::{App, AppState};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+pub fn broker_url() -> String {
+    std::env::var("WARREN_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".to_owned())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("wt-{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A config with the test secret, the local broker, and the given tenant tables.
+pub fn config(extra: &str) -> Config {
+    let text = format!(
+        "[auth]\nhs256_secret = \"{SECRET}\"\n[amqp]\nurl = \"{}\"\n{extra}",
+        broker_url()
+    );
+    Config::from_toml(&text).expect("test config parses")
+}
+
+/// One tenant on vhost `/` that may publish anything on `exchange` (`*` for all).
+pub fn tenant_config(tenant: &str, exchange: &str, routing_key: &str) -> Config {
+    config(&format!(
+        "[tenants.{tenant}]\nvhost = \"/\"\n\
+         publish = [{{ exchange = \"{exchange}\", routing_key = \"{routing_key}\" }}]\n"
+    ))
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let state = App::start(config).expect("app starts");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(warren::serve(state.clone(), listener, None, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            state,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Starts and waits (with a deadline) until `/readyz` is green.
+    pub async fn start_ready(config: Config) -> Self {
+        let server = Self::start(config).await;
+        let ready = eventually(Duration::from_secs(10), || async {
+            server.get("/readyz").await.status == 200
+        })
+        .await;
+        assert!(ready, "warren did not become ready");
+        server
+    }
+
+    pub fn token(&self, tenant: &str, scope: &str) -> String {
+        self.token_with(&TokenRequest {
+            tenant,
+            subject: "tester",
+            scope,
+            ttl: Duration::from_secs(600),
+        })
+    }
+
+    pub fn token_with(&self, request: &TokenRequest<'_>) -> String {
+        mint(&self.state.config.auth, &self.state.resolved.hs256_secret, request).expect("mint")
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request");
+        into_resp(response).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Resp {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        into_resp(request.send().await.expect("request")).await
+    }
+
+    pub async fn publish(&self, token: &str, body: &Value) -> Resp {
+        self.post("/v1/publish", Some(token), body).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Triggers graceful shutdown and waits for `serve` to return.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("serve task")
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    pub async fn join(self) -> std::io::Result<()> {
+        self.task.await.expect("serve task")
+    }
+}
+
+pub async fn into_resp(response: reqwest::Response) -> Resp {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Polls `check` until it holds or `deadline` passes.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The test's own AMQP client: declares topology, reads what Warren published.
+pub struct Rabbit {
+    _connection: Connection,
+    pub channel: Channel,
+    exchanges: std::sync::Mutex<Vec<String>>,
+}
+
+impl Rabbit {
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .expect("test AMQP connection");
+        let channel = connection.create_channel().await.expect("channel");
+        Self {
+            _connection: connection,
+            channel,
+            exchanges: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A fresh topic exchange, deleted by [`Rabbit::cleanup`].
+    pub async fn topic_exchange(&self) -> String {
+        let name = unique("ex");
+        self.channel
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange_declare");
+        self.exchanges.lock().expect("lock").push(name.clone());
+        name
+    }
+
+    /// A fresh queue that expires by itself two minutes after its last use.
+    pub async fn queue(&self, mut arguments: FieldTable) -> String {
+        let name = unique("q");
+        arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
+        self.channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), arguments)
+            .await
+            .expect("queue_declare");
+        name
+    }
+
+    pub async fn bound_queue(&self, exchange: &str, binding_key: &str) -> String {
+        let queue = self.queue(FieldTable::default()).await;
+        self.bind(&queue, exchange, binding_key).await;
+        queue
+    }
+
+    pub async fn bind(&self, queue: &str, exchange: &str, binding_key: &str) {
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue_bind");
+    }
+
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get")
+    }
+
+    pub async fn count(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive queue_declare")
+            .message_count()
+    }
+
+    /// Waits until `queue` holds exactly `expected` messages (or the deadline passes).
+    pub async fn wait_count(&self, queue: &str, expected: u32) -> u32 {
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let count = self.count(queue).await;
+            if count == expected || tokio::time::Instant::now() >= end {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn cleanup(&self) {
+        let names = std::mem::take(&mut *self.exchanges.lock().expect("lock"));
+        for name in names {
+            let _ = self
+                .channel
+                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+/// A loopback port with nothing listening on it.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    port
+}
+
+/// A TCP proxy in front of RabbitMQ that tests can cut and restore (after crates.io's
+/// chaos proxy): while cut, open connections are dropped and new ones closed at once.
+pub struct ChaosProxy {
+    pub port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ChaosProxy {
+    pub async fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (up, _) = tokio::sync::watch::channel(true);
+        let upstream = upstream.to_owned();
+        let watch = up.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut rx = watch.subscribe();
+                if !*rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { port, up, task }
+    }
+
+    /// An AMQP URL that goes through this proxy.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}

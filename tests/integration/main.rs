@@ -1,0 +1,9 @@
+//! Integration tests against the real RabbitMQ on 127.0.0.1:5672 (see README).
+
+mod auth;
+mod batch;
+mod broker_faults;
+mod cli;
+mod common;
+mod publish;
+mod shutdown;

@@ -1,0 +1,366 @@
+//! `POST /v1/publish` end to end: what arrives in the queue, and every answer a user can get.
+
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn published_message_arrives_with_body_properties_and_headers() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "order.#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "order.#")).await;
+    let token = server.token(&tenant, "publish");
+
+    let response = server
+        .http
+        .post(format!("{}/v1/publish", server.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .body(
+            json!({
+                "exchange": exchange, "routing_key": "order.created",
+                "payload": {"id": 42, "items": ["a", "b"]},
+                "properties": {
+                    "message_id": "order-42", "correlation_id": "corr-1", "reply_to": "replies",
+                    "expiration_ms": 60000, "priority": 5, "type": "order.created",
+                    "app_id": "shop", "persistent": true,
+                    "headers": {"tenant-region": "eu", "attempt": 1}
+                }
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let resp = into_resp(response).await;
+    assert_eq!(resp.status, 202, "{:?}", resp.body);
+    assert_eq!(
+        resp.body,
+        json!({"message_id": "order-42", "exchange": exchange, "routing_key": "order.created", "routed": true})
+    );
+    assert!(resp.header("x-request-id").is_some_and(|id| !id.is_empty()));
+
+    let message = rabbit.get(&queue).await.expect("message in queue");
+    let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(body, json!({"id": 42, "items": ["a", "b"]}));
+    let p = &message.delivery.properties;
+    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), "order-42");
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-1");
+    assert_eq!(p.reply_to().as_ref().unwrap().as_str(), "replies");
+    assert_eq!(p.expiration().as_ref().unwrap().as_str(), "60000");
+    assert_eq!(p.priority(), &Some(5));
+    assert_eq!(p.kind().as_ref().unwrap().as_str(), "order.created");
+    assert_eq!(p.app_id().as_ref().unwrap().as_str(), "shop");
+    assert_eq!(p.delivery_mode(), &Some(2));
+    assert!(p.timestamp().is_some());
+    let headers = p.headers().as_ref().unwrap().inner();
+    assert_eq!(
+        headers.get("tenant-region"),
+        Some(&AMQPValue::LongString("eu".into()))
+    );
+    assert_eq!(headers.get("attempt"), Some(&AMQPValue::LongLongInt(1)));
+    assert_eq!(
+        headers.get("traceparent"),
+        Some(&AMQPValue::LongString(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()
+        ))
+    );
+    assert_eq!(
+        headers.get("tracestate"),
+        Some(&AMQPValue::LongString("congo=t61rcWkgMzE".into()))
+    );
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn text_and_base64_bodies_get_their_content_types() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+
+    let text = server
+        .publish(&token, &json!({"exchange": exchange, "routing_key": "a", "body": "héllo"}))
+        .await;
+    assert_eq!(text.status, 202, "{:?}", text.body);
+    let bin = server
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "b", "body_base64": "AAH/",
+                    "content_type": "application/x-thing"}),
+        )
+        .await;
+    assert_eq!(bin.status, 202, "{:?}", bin.body);
+    // A fresh UUID is the message id when the client sets none.
+    let id = text.body["message_id"].as_str().unwrap();
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+
+    let first = rabbit.get(&queue).await.unwrap();
+    assert_eq!(first.delivery.data, "héllo".as_bytes());
+    assert_eq!(
+        first.delivery.properties.content_type().as_ref().unwrap().as_str(),
+        "text/plain; charset=utf-8"
+    );
+    assert_eq!(
+        first.delivery.properties.message_id().as_ref().unwrap().as_str(),
+        id
+    );
+    let second = rabbit.get(&queue).await.unwrap();
+    assert_eq!(second.delivery.data, vec![0u8, 1, 255]);
+    assert_eq!(
+        second.delivery.properties.content_type().as_ref().unwrap().as_str(),
+        "application/x-thing"
+    );
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "bound.key").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+
+    let unroutable = server
+        .publish(&token, &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}))
+        .await;
+    assert_eq!(unroutable.status, 422, "{:?}", unroutable.body);
+    assert_eq!(unroutable.code(), "unroutable");
+    assert_eq!(
+        unroutable.header("content-type"),
+        Some("application/problem+json")
+    );
+
+    let fire_and_forget = server
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1, "mandatory": false}),
+        )
+        .await;
+    assert_eq!(fire_and_forget.status, 202, "{:?}", fire_and_forget.body);
+    assert_eq!(fire_and_forget.body["routed"], json!(false));
+
+    let routed = server
+        .publish(&token, &json!({"exchange": exchange, "routing_key": "bound.key", "payload": 1}))
+        .await;
+    assert_eq!(routed.status, 202);
+    assert_eq!(routed.body["routed"], json!(true));
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+
+    let metrics = server.metrics().await;
+    for outcome in ["acked", "unroutable"] {
+        let line = format!("warren_publish_total{{tenant=\"{tenant}\",outcome=\"{outcome}\"}}");
+        assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
+    }
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, "*", "#")).await;
+    let token = server.token(&tenant, "publish");
+
+    let missing = unique("missing");
+    let resp = server
+        .publish(&token, &json!({"exchange": missing, "routing_key": "k", "payload": 1}))
+        .await;
+    assert_eq!(resp.status, 404, "{:?}", resp.body);
+    assert_eq!(resp.code(), "exchange_not_found");
+
+    // Many publishes right after: the pool never hands out a channel the broker closed.
+    for i in 0..20 {
+        let ok = server
+            .publish(&token, &json!({"exchange": exchange, "routing_key": "k", "payload": i}))
+            .await;
+        assert_eq!(ok.status, 202, "publish {i}: {:?}", ok.body);
+    }
+    assert_eq!(rabbit.wait_count(&queue, 20).await, 20);
+
+    // The exchange appears later: no stale negative answer.
+    rabbit
+        .channel
+        .exchange_declare(
+            missing.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let late = server
+        .publish(
+            &token,
+            &json!({"exchange": missing, "routing_key": "k", "payload": 1, "mandatory": false}),
+        )
+        .await;
+    assert_eq!(late.status, 202, "{:?}", late.body);
+    rabbit
+        .channel
+        .exchange_delete(missing.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let queue = rabbit.queue(args).await;
+    rabbit.bind(&queue, &exchange, "full").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+
+    let resp = server
+        .publish(&token, &json!({"exchange": exchange, "routing_key": "full", "payload": 1}))
+        .await;
+    assert_eq!(resp.status, 503, "{:?}", resp.body);
+    assert_eq!(resp.code(), "broker_rejected");
+    assert!(resp.header("retry-after").is_some());
+    assert_eq!(rabbit.count(&queue).await, 0);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_gets_problem_json_with_codes() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    config.server.max_body_bytes = 4096;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let url = format!("{}/v1/publish", server.base);
+
+    let send = |content_type: &'static str, body: String| {
+        let request = server
+            .http
+            .post(&url)
+            .bearer_auth(&token)
+            .header("content-type", content_type)
+            .body(body);
+        async move { into_resp(request.send().await.unwrap()).await }
+    };
+
+    let r = send("text/plain", "hello".into()).await;
+    assert_eq!((r.status, r.code()), (415, "unsupported_media_type"));
+    let r = send("application/json", "{\"exchange\": ".into()).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"));
+    let r = send("application/json", json!({"routing_key": "k", "body": ""}).to_string()).await;
+    assert_eq!((r.status, r.code()), (400, "invalid_request"));
+    assert!(r.body["detail"].as_str().unwrap().contains("exchange"), "{:?}", r.body);
+    let big = json!({"exchange": exchange, "routing_key": "k", "body": "x".repeat(5000)});
+    let r = send("application/json", big.to_string()).await;
+    assert_eq!((r.status, r.code()), (413, "payload_too_large"));
+
+    let cases = [
+        json!({"exchange": exchange, "routing_key": "k".repeat(256), "body": ""}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"priority": 300}}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"headers": {"": 1}}}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"expiration_ms": -5}}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "a", "payload": {}}),
+        json!({"exchange": exchange, "routing_key": "k"}),
+        json!({"exchange": exchange, "routing_key": "k", "body_base64": "not base64!"}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "surprise": true}),
+    ];
+    for case in cases {
+        let r = send("application/json", case.to_string()).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{case}: {:?}", r.body);
+        assert!(r.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        assert!(r.header("x-request-id").is_some());
+    }
+    // Unknown routes and methods are problem+json too.
+    let r = server.get("/v1/nothing").await;
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    let r = server.get("/v1/publish").await;
+    assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
+
+    assert_eq!(rabbit.count(&queue).await, 0, "nothing invalid was published");
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "load.#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "load.#")).await;
+    let token = server.token(&tenant, "publish");
+    const TOTAL: usize = 10_000;
+    const CLIENTS: usize = 64;
+
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let http = reqwest::Client::new();
+        let url = format!("{}/v1/publish", server.base);
+        let token = token.clone();
+        let exchange = exchange.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = 0usize;
+            for i in (client..TOTAL).step_by(CLIENTS) {
+                let body = json!({"exchange": exchange, "routing_key": "load.test",
+                                  "payload": {"n": i, "pad": "x".repeat(200)}});
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202, "{:?}", response.text().await);
+                accepted += 1;
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(accepted, TOTAL);
+    assert_eq!(rabbit.wait_count(&queue, TOTAL as u32).await, TOTAL as u32);
+    println!(
+        "published {TOTAL} confirmed messages from {CLIENTS} clients in {:.2}s: {:.0} msg/s (debug build unless --release)",
+        elapsed.as_secs_f64(),
+        TOTAL as f64 / elapsed.as_secs_f64()
+    );
+    rabbit
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
