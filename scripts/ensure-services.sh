@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the services Warren and its tests talk to are up on 127.0.0.1:
-# RabbitMQ (5672). Starts a locally installed one if it is down; otherwise says
-# exactly what to install. Safe to run repeatedly.
+# RabbitMQ (5672) and Redis (6379, for the shared idempotency store). Starts locally
+# installed ones that are down; otherwise says exactly what to install. Idempotent.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -33,6 +33,22 @@ MSG
     exit 1
   fi
 fi
+if ! port_open 6379; then
+  if command -v redis-server >/dev/null 2>&1; then
+    echo "Starting a local Redis (redis-server --daemonize yes)..." >&2
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    wait_port 6379 Redis
+  else
+    cat >&2 <<'MSG'
+error: no Redis on 127.0.0.1:6379 and none installed (the tests of the shared
+idempotency store need one). Install one, for example:
+  sudo apt-get install redis-server
+  docker run -d -p 6379:6379 redis:7
+MSG
+    exit 1
+  fi
+fi
+
 if command -v rabbitmqctl >/dev/null 2>&1; then
   timeout 60 rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi

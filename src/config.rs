@@ -42,6 +42,8 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
 }
 
@@ -184,6 +186,48 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded and bounded; right for a single replica.
+    #[default]
+    Memory,
+    /// Shared by every replica pointing at the same Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdempotencyConfig {
+    pub store: StoreKind,
+    pub redis_url: String,
+    /// Prefix of every Redis key Warren writes (namespacing several deployments).
+    pub key_prefix: String,
+    pub redis_timeout_ms: u64,
+    /// How long a finished answer is kept for replay.
+    pub retention_s: u64,
+    /// How long a claim whose owner vanished (crash, lost request) blocks its key.
+    pub lock_timeout_s: u64,
+    /// Bounds of the memory store; the oldest entries are evicted first.
+    pub max_entries: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            key_prefix: "warren:idem:".to_owned(),
+            redis_timeout_ms: 1000,
+            retention_s: 86_400,
+            lock_timeout_s: 60,
+            max_entries: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -285,6 +329,7 @@ impl Config {
                 ..AuthConfig::default()
             },
             log: LogConfig::default(),
+            idempotency: IdempotencyConfig::default(),
             tenants,
         }
     }
@@ -344,6 +389,33 @@ impl Config {
             if let Some(path) = file {
                 read_file(key, path)?;
             }
+        }
+
+        let i = &self.idempotency;
+        for (key, value) in [
+            ("idempotency.retention_s", i.retention_s),
+            ("idempotency.lock_timeout_s", i.lock_timeout_s),
+            ("idempotency.redis_timeout_ms", i.redis_timeout_ms),
+            ("idempotency.max_entries", i.max_entries as u64),
+            ("idempotency.max_bytes", i.max_bytes as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        if i.lock_timeout_s * 1000 <= a.confirm_timeout_ms {
+            return Err(ConfigError::invalid(
+                "idempotency.lock_timeout_s",
+                "must be longer than amqp.confirm_timeout_ms, or a slow publish loses its claim",
+            ));
+        }
+        if i.store == StoreKind::Redis {
+            redis::Client::open(i.redis_url.as_str()).map_err(|e| {
+                ConfigError::invalid(
+                    "idempotency.redis_url",
+                    format!("not a valid Redis URL: {e}"),
+                )
+            })?;
         }
 
         let broker_urls = self.broker_urls()?;

@@ -38,6 +38,12 @@ pub enum ApiError {
     BrokerRejected(String),
     #[error("{0}")]
     ConfirmTimeout(String),
+    #[error("a request with this Idempotency-Key is still in flight; retry after it finishes")]
+    IdempotencyKeyInUse,
+    #[error("this Idempotency-Key was used with a different request (method, path or body)")]
+    IdempotencyKeyMismatch,
+    #[error("{0}; not publishing without retry protection")]
+    IdempotencyStoreUnavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -53,7 +59,8 @@ pub struct Problem {
     pub detail: String,
 }
 
-/// Seconds a client should wait before retrying after a rejected publish (nack).
+/// Seconds a client should wait before retrying after a nack, a key in use, or a store
+/// outage: short, since each of these usually clears within a request's time.
 const REJECTED_RETRY_AFTER_S: u64 = 1;
 
 impl ApiError {
@@ -71,6 +78,9 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::ConfirmTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            Self::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -89,6 +99,9 @@ impl ApiError {
             Self::BrokerUnavailable { .. } => "broker_unavailable",
             Self::BrokerRejected(_) => "broker_rejected",
             Self::ConfirmTimeout(_) => "confirm_timeout",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Self::IdempotencyKeyMismatch => "idempotency_key_mismatch",
+            Self::IdempotencyStoreUnavailable(_) => "idempotency_store_unavailable",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -107,6 +120,9 @@ impl ApiError {
             Self::BrokerUnavailable { .. } => "Broker unavailable",
             Self::BrokerRejected(_) => "Broker rejected the message",
             Self::ConfirmTimeout(_) => "Confirm timeout",
+            Self::IdempotencyKeyInUse => "Idempotency key in use",
+            Self::IdempotencyKeyMismatch => "Idempotency key mismatch",
+            Self::IdempotencyStoreUnavailable(_) => "Idempotency store unavailable",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -119,7 +135,9 @@ impl ApiError {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
                     .map(|s| s.max(1))
             }
-            Self::BrokerRejected(_) => Some(REJECTED_RETRY_AFTER_S),
+            Self::BrokerRejected(_)
+            | Self::IdempotencyKeyInUse
+            | Self::IdempotencyStoreUnavailable(_) => Some(REJECTED_RETRY_AFTER_S),
             _ => None,
         }
     }

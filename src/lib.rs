@@ -6,6 +6,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::auth::Verifier;
 use crate::config::{Config, Resolved};
+use crate::idempotency::{Idempotency, Store};
 use crate::tenancy::Tenants;
 
 /// Everything a request needs, built once at start.
@@ -31,6 +33,7 @@ pub struct App {
     pub resolved: Resolved,
     pub verifier: Verifier,
     pub tenants: Tenants,
+    pub idempotency: Idempotency,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
 }
@@ -48,17 +51,20 @@ impl Deref for AppState {
 
 impl App {
     /// Validates the config and starts connecting to the broker (in the background).
-    pub fn start(config: Config) -> anyhow::Result<AppState> {
+    pub async fn start(config: Config) -> anyhow::Result<AppState> {
         let resolved = config.resolve()?;
         telemetry::prometheus();
         let verifier = Verifier::new(&config.auth, &resolved.hs256_secret);
         let tenants = Tenants::start(resolved.tenants.values().cloned(), &config.amqp)
             .context("cannot set up the broker pools")?;
+        let store = Store::connect(&config.idempotency).await?;
+        let idempotency = Idempotency::new(store, &config.idempotency);
         Ok(AppState(Arc::new(App {
             config,
             resolved,
             verifier,
             tenants,
+            idempotency,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
         })))

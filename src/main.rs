@@ -86,7 +86,7 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     let result = runtime.block_on(async {
-        let state = warren::App::start(config)?;
+        let state = warren::App::start(config).await?;
         if dev {
             print_dev_banner(&state)?;
         }

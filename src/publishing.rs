@@ -8,6 +8,7 @@ use crate::api::model::{
 };
 use crate::broker::PublishResult;
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyKey;
 use crate::telemetry;
 use crate::tenancy::Tenant;
 
@@ -16,8 +17,11 @@ pub async fn publish_one(
     tenant: &Tenant,
     request: PublishRequest,
     trace: &TraceContext,
+    message_id: Option<String>,
 ) -> Result<PublishAccepted, ApiError> {
-    let prepared = request.prepare(trace).map_err(ApiError::InvalidRequest)?;
+    let prepared = request
+        .prepare(trace, message_id)
+        .map_err(ApiError::InvalidRequest)?;
     authorize(tenant, &prepared)?;
     let result = tenant.broker.publish(&prepared.message).await;
     accepted(tenant, prepared, result)
@@ -30,6 +34,7 @@ pub async fn publish_batch(
     request: BatchRequest,
     max_messages: usize,
     trace: &TraceContext,
+    key: Option<&IdempotencyKey>,
 ) -> Result<Vec<BatchItemResult>, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::InvalidRequest(
@@ -47,7 +52,7 @@ pub async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            m.prepare(trace)
+            m.prepare(trace, key.map(|k| k.message_id(&tenant.name, Some(i))))
                 .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -25,6 +25,10 @@ pub const AMQP_CONNECTIONS: &str = "warren_amqp_connections";
 pub const AMQP_CHANNELS: &str = "warren_amqp_channels";
 pub const AMQP_INFLIGHT: &str = "warren_amqp_inflight_confirms";
 pub const BUILD_INFO: &str = "warren_build_info";
+pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
+pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
+pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
+pub const IDEMPOTENCY_BYTES: &str = "warren_idempotency_bytes";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -96,6 +100,22 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the version label names the running build."
     );
+    describe_counter!(
+        IDEMPOTENCY,
+        "Requests with an Idempotency-Key, by result (new, replayed, in_use, mismatch)."
+    );
+    describe_counter!(
+        IDEMPOTENCY_EVICTIONS,
+        "Memory-store entries evicted before their retention ended (bounds reached)."
+    );
+    describe_gauge!(
+        IDEMPOTENCY_ENTRIES,
+        "Entries held by the memory idempotency store."
+    );
+    describe_gauge!(
+        IDEMPOTENCY_BYTES,
+        "Approximate bytes held by the memory idempotency store."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -163,4 +183,17 @@ pub fn pool_stats(vhost: &str, stats: crate::broker::PoolStats) {
     gauge!(AMQP_CHANNELS, "vhost" => v.clone(), "state" => "in_use")
         .set(stats.channels_open.saturating_sub(stats.channels_idle) as f64);
     gauge!(AMQP_INFLIGHT, "vhost" => v).set(stats.inflight_confirms as f64);
+}
+
+pub fn idempotency(result: &'static str) {
+    counter!(IDEMPOTENCY, "result" => result).increment(1);
+}
+
+pub fn idempotency_evicted(count: u64) {
+    counter!(IDEMPOTENCY_EVICTIONS).increment(count);
+}
+
+pub fn idempotency_entries(entries: usize, bytes: usize) {
+    gauge!(IDEMPOTENCY_ENTRIES).set(entries as f64);
+    gauge!(IDEMPOTENCY_BYTES).set(bytes as f64);
 }

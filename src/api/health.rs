@@ -24,9 +24,18 @@ pub async fn healthz() -> Json<Liveness> {
 pub struct Readiness {
     status: &'static str,
     brokers: Vec<HealthReport>,
+    idempotency: StoreReport,
 }
 
-/// 200 only while every broker link is up; 503 with the detail otherwise.
+#[derive(Serialize)]
+pub struct StoreReport {
+    store: &'static str,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// 200 only while every broker link is up and the idempotency store answers.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let brokers: Vec<HealthReport> = state
         .tenants
@@ -34,7 +43,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .iter()
         .map(|b| b.health().report())
         .collect();
-    let ready = !state.is_shutting_down() && brokers.iter().all(|b| b.connected);
+    let store = state.idempotency.store.ping().await;
+    let idempotency = StoreReport {
+        store: state.idempotency.store.kind(),
+        ok: store.is_ok(),
+        error: store.err().map(|e| e.to_string()),
+    };
+    let ready = !state.is_shutting_down() && idempotency.ok && brokers.iter().all(|b| b.connected);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -43,6 +58,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     let body = Readiness {
         status: if ready { "ready" } else { "not_ready" },
         brokers,
+        idempotency,
     };
     (status, Json(body))
 }

@@ -122,7 +122,13 @@ pub struct Prepared {
 
 impl PublishRequest {
     /// Validates and converts to an AMQP message. Errors name the offending field.
-    pub fn prepare(self, trace: &TraceContext) -> Result<Prepared, String> {
+    /// `message_id` is used when the client sets none (derived from an idempotency key);
+    /// without either, a fresh UUID.
+    pub fn prepare(
+        self,
+        trace: &TraceContext,
+        message_id: Option<String>,
+    ) -> Result<Prepared, String> {
         short("exchange", &self.exchange)?;
         short("routing_key", &self.routing_key)?;
         let (body, default_type) = match (self.payload, self.body, self.body_base64) {
@@ -155,7 +161,7 @@ impl PublishRequest {
                 short("properties.message_id", &id)?;
                 id
             }
-            None => uuid::Uuid::new_v4().to_string(),
+            None => message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         };
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -291,7 +297,7 @@ mod tests {
     fn prepare(json: &str) -> Result<Prepared, String> {
         parse_json::<PublishRequest>(json.as_bytes())
             .map_err(|e| e.to_string())?
-            .prepare(&TraceContext::default())
+            .prepare(&TraceContext::default(), None)
     }
 
     #[test]
@@ -372,7 +378,7 @@ mod tests {
         };
         let p = parse_json::<PublishRequest>(json.as_bytes())
             .unwrap()
-            .prepare(&trace)
+            .prepare(&trace, None)
             .unwrap();
         let props = &p.message.properties;
         assert_eq!(p.message_id, "m-1");

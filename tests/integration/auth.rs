@@ -9,7 +9,10 @@ use serde_json::{Value, json};
 use crate::common::*;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn sign(claims: &Value, secret: &[u8]) -> String {
@@ -34,26 +37,44 @@ async fn tokens_tenants_scopes_and_grants() {
     // No token at all.
     let r = server.post("/v1/publish", None, &body).await;
     assert_eq!((r.status, r.code()), (401, "unauthorized"));
-    assert!(r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")));
+    assert!(
+        r.header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Bearer"))
+    );
 
     let valid = json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() + 600});
     let mut unauthorized = vec![
         ("not a jwt".to_owned(), "garbage"),
-        (sign(&valid, b"another-secret-another-secret-another"), "wrong key"),
         (
-            sign(&json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() - 3600}), secret),
+            sign(&valid, b"another-secret-another-secret-another"),
+            "wrong key",
+        ),
+        (
+            sign(
+                &json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() - 3600}),
+                secret,
+            ),
             "expired",
         ),
         (
-            sign(&json!({"sub": "s", "tenant": tenant, "scope": "publish"}), secret),
+            sign(
+                &json!({"sub": "s", "tenant": tenant, "scope": "publish"}),
+                secret,
+            ),
             "no exp",
         ),
         (
-            sign(&json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() + 600, "nbf": now() + 3600}), secret),
+            sign(
+                &json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() + 600, "nbf": now() + 3600}),
+                secret,
+            ),
             "not yet valid",
         ),
         (
-            sign(&json!({"sub": "s", "scope": "publish", "exp": now() + 600}), secret),
+            sign(
+                &json!({"sub": "s", "scope": "publish", "exp": now() + 600}),
+                secret,
+            ),
             "no tenant claim",
         ),
     ];
@@ -62,14 +83,25 @@ async fn tokens_tenants_scopes_and_grants() {
     let parts: Vec<&str> = good.split('.').collect();
     let forged = json!({"sub": "s", "tenant": tenant, "scope": "publish subscribe admin", "exp": now() + 600});
     let forged_payload = base64_url(&forged.to_string());
-    unauthorized.push((format!("{}.{}.{}", parts[0], forged_payload, parts[2]), "tampered"));
+    unauthorized.push((
+        format!("{}.{}.{}", parts[0], forged_payload, parts[2]),
+        "tampered",
+    ));
     // alg none.
     let none_header = base64_url(r#"{"alg":"none","typ":"JWT"}"#);
-    unauthorized.push((format!("{none_header}.{}.", base64_url(&valid.to_string())), "alg none"));
+    unauthorized.push((
+        format!("{none_header}.{}.", base64_url(&valid.to_string())),
+        "alg none",
+    ));
 
     for (token, case) in &unauthorized {
         let r = server.post("/v1/publish", Some(token), &body).await;
-        assert_eq!((r.status, r.code()), (401, "unauthorized"), "{case}: {:?}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "unauthorized"),
+            "{case}: {:?}",
+            r.body
+        );
     }
 
     // Valid token, but the tenant is not configured.
@@ -82,7 +114,11 @@ async fn tokens_tenants_scopes_and_grants() {
 
     // Scope without publish.
     let r = server
-        .post("/v1/publish", Some(&server.token(&tenant, "subscribe")), &body)
+        .post(
+            "/v1/publish",
+            Some(&server.token(&tenant, "subscribe")),
+            &body,
+        )
         .await;
     assert_eq!((r.status, r.code()), (403, "forbidden"));
 
@@ -96,7 +132,11 @@ async fn tokens_tenants_scopes_and_grants() {
         let r = server.publish(&token, &denied).await;
         assert_eq!((r.status, r.code()), (403, "forbidden"), "{denied}");
     }
-    assert_eq!(rabbit.count(&queue).await, 0, "denied publishes reached the broker");
+    assert_eq!(
+        rabbit.count(&queue).await,
+        0,
+        "denied publishes reached the broker"
+    );
 
     // And the happy path with the same token.
     let r = server.publish(&token, &body).await;
@@ -114,20 +154,31 @@ async fn issuer_and_audience_are_enforced_when_configured() {
     config.auth.audience = Some("warren".into());
     let server = TestServer::start_ready(config).await;
     let secret = SECRET.as_bytes();
-    let body = json!({"exchange": "amq.topic", "routing_key": "x", "payload": 1, "mandatory": false});
-    let base = |iss: &str, aud: &str| {
-        json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() + 600, "iss": iss, "aud": aud})
-    };
+    let body =
+        json!({"exchange": "amq.topic", "routing_key": "x", "payload": 1, "mandatory": false});
+    let base = |iss: &str, aud: &str| json!({"sub": "s", "tenant": tenant, "scope": "publish", "exp": now() + 600, "iss": iss, "aud": aud});
     let r = server
-        .post("/v1/publish", Some(&sign(&base("https://evil.test", "warren"), secret)), &body)
+        .post(
+            "/v1/publish",
+            Some(&sign(&base("https://evil.test", "warren"), secret)),
+            &body,
+        )
         .await;
     assert_eq!(r.status, 401, "wrong issuer: {:?}", r.body);
     let r = server
-        .post("/v1/publish", Some(&sign(&base("https://idp.test", "other"), secret)), &body)
+        .post(
+            "/v1/publish",
+            Some(&sign(&base("https://idp.test", "other"), secret)),
+            &body,
+        )
         .await;
     assert_eq!(r.status, 401, "wrong audience: {:?}", r.body);
     let r = server
-        .post("/v1/publish", Some(&sign(&base("https://idp.test", "warren"), secret)), &body)
+        .post(
+            "/v1/publish",
+            Some(&sign(&base("https://idp.test", "warren"), secret)),
+            &body,
+        )
         .await;
     assert_eq!(r.status, 202, "right issuer and audience: {:?}", r.body);
     server.shutdown().await.unwrap();

@@ -14,11 +14,17 @@ async fn batch_all_confirmed_is_200_in_order() {
     let token = server.token(&tenant, "publish");
 
     let messages: Vec<_> = (0..50)
-        .map(|i| json!({"exchange": exchange, "routing_key": format!("k.{i}"), "payload": {"n": i},
-                        "properties": {"message_id": format!("m-{i}")}}))
+        .map(|i| {
+            json!({"exchange": exchange, "routing_key": format!("k.{i}"), "payload": {"n": i},
+                        "properties": {"message_id": format!("m-{i}")}})
+        })
         .collect();
     let r = server
-        .post("/v1/publish/batch", Some(&token), &json!({"messages": messages}))
+        .post(
+            "/v1/publish/batch",
+            Some(&token),
+            &json!({"messages": messages}),
+        )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let results = r.body["results"].as_array().unwrap();
@@ -69,7 +75,12 @@ async fn batch_with_failures_is_207_with_per_item_results() {
     let results = r.body["results"].as_array().unwrap();
     let summary: Vec<(u64, &str)> = results
         .iter()
-        .map(|r| (r["status"].as_u64().unwrap(), r["code"].as_str().unwrap_or("")))
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["code"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
@@ -108,22 +119,43 @@ async fn malformed_empty_or_oversized_batches_publish_nothing() {
                                          "body": "", "properties": {"priority": 1000}}]}),
         )
         .await;
-    assert_eq!((r.status, r.code()), (400, "invalid_request"), "{:?}", r.body);
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_request"),
+        "{:?}",
+        r.body
+    );
     assert!(
-        r.body["detail"].as_str().unwrap().starts_with("messages[1]"),
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("messages[1]"),
         "{:?}",
         r.body
     );
     let r = server
-        .post("/v1/publish/batch", Some(&token), &json!({"messages": [good, {"routing_key": "b"}]}))
+        .post(
+            "/v1/publish/batch",
+            Some(&token),
+            &json!({"messages": [good, {"routing_key": "b"}]}),
+        )
         .await;
-    assert_eq!((r.status, r.code()), (400, "invalid_request"), "{:?}", r.body);
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "invalid_request"),
+        "{:?}",
+        r.body
+    );
     let r = server
         .post("/v1/publish/batch", Some(&token), &json!({"messages": []}))
         .await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
     let r = server
-        .post("/v1/publish/batch", Some(&token), &json!({"messages": [good, good, good, good]}))
+        .post(
+            "/v1/publish/batch",
+            Some(&token),
+            &json!({"messages": [good, good, good, good]}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (413, "payload_too_large"));
 

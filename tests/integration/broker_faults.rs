@@ -25,10 +25,18 @@ async fn unreachable_broker_fails_fast_with_503_and_readyz_red() {
     for _ in 0..5 {
         let started = Instant::now();
         let r = server
-            .publish(&token, &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1}))
+            .publish(
+                &token,
+                &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1}),
+            )
             .await;
         let took = started.elapsed();
-        assert_eq!((r.status, r.code()), (503, "broker_unavailable"), "{:?}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (503, "broker_unavailable"),
+            "{:?}",
+            r.body
+        );
         let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!(retry_after >= 1);
         assert!(took < Duration::from_millis(500), "took {took:?}");
@@ -51,10 +59,7 @@ async fn several_urls_fail_over_to_one_that_works() {
     let tenant = unique("t");
     let mut config = tenant_config(&tenant, "*", "#");
     config.amqp.url = None;
-    config.amqp.urls = vec![
-        format!("amqp://guest:guest@127.0.0.1:{port}"),
-        broker_url(),
-    ];
+    config.amqp.urls = vec![format!("amqp://guest:guest@127.0.0.1:{port}"), broker_url()];
     let server = TestServer::start_ready(config).await;
     let token = server.token(&tenant, "publish");
     let r = server
@@ -90,7 +95,12 @@ async fn lost_link_answers_503_then_recovers_without_restart() {
     assert!(red, "readiness did not go red within 2s of the cut");
     let started = Instant::now();
     let r = server.publish(&token, &body).await;
-    assert_eq!((r.status, r.code()), (503, "broker_unavailable"), "{:?}", r.body);
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "broker_unavailable"),
+        "{:?}",
+        r.body
+    );
     assert!(r.header("retry-after").is_some());
     assert!(started.elapsed() < Duration::from_millis(500));
 
@@ -104,7 +114,10 @@ async fn lost_link_answers_503_then_recovers_without_restart() {
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
     let metrics = server.metrics().await;
-    assert!(metrics.contains("warren_amqp_reconnects_total{vhost=\"/\"}"), "{metrics}");
+    assert!(
+        metrics.contains("warren_amqp_reconnects_total{vhost=\"/\"}"),
+        "{metrics}"
+    );
     rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

@@ -53,12 +53,28 @@ fn wait_for_line(reader: impl std::io::Read + Send + 'static, needle: &str) -> O
 fn check_config_accepts_good_and_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_config(&dir, &valid_config("acme", "127.0.0.1:0"));
-    let out = Command::new(BIN).args(["check-config"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, valid_config("acme", "127.0.0.1:0").replace("vhost = \"/\"", "vhost = 5")).unwrap();
-    let out = Command::new(BIN).args(["check-config"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        valid_config("acme", "127.0.0.1:0").replace("vhost = \"/\"", "vhost = 5"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tenants.acme.vhost"), "{stderr}");
@@ -96,10 +112,16 @@ async fn minted_token_is_accepted_by_the_gateway() {
     let out = Command::new(BIN)
         .args(["token", "--config"])
         .arg(&path)
-        .args(["--tenant", &tenant, "--sub", "ci", "--scope", "publish", "--ttl", "5m"])
+        .args([
+            "--tenant", &tenant, "--sub", "ci", "--scope", "publish", "--ttl", "5m",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
     let server = TestServer::start_ready(tenant_config(&tenant, "*", "#")).await;
@@ -184,7 +206,10 @@ fn sigterm_exits_cleanly_within_the_grace_period() {
         if let Some(exit) = child.0.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "did not exit within the grace period");
+        assert!(
+            Instant::now() < deadline,
+            "did not exit within the grace period"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "{exit:?}");

@@ -73,7 +73,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let state = App::start(config).expect("app starts");
+        let state = App::start(config).await.expect("app starts");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -110,7 +110,12 @@ impl TestServer {
     }
 
     pub fn token_with(&self, request: &TokenRequest<'_>) -> String {
-        mint(&self.state.config.auth, &self.state.resolved.hs256_secret, request).expect("mint")
+        mint(
+            &self.state.config.auth,
+            &self.state.resolved.hs256_secret,
+            request,
+        )
+        .expect("mint")
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -240,7 +245,11 @@ impl Rabbit {
         let name = unique("q");
         arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
         self.channel
-            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), arguments)
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
             .await
             .expect("queue_declare");
         name

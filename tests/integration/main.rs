@@ -5,5 +5,6 @@ mod batch;
 mod broker_faults;
 mod cli;
 mod common;
+mod idempotency;
 mod publish;
 mod shutdown;

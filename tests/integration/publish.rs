@@ -19,7 +19,10 @@ async fn published_message_arrives_with_body_properties_and_headers() {
         .post(format!("{}/v1/publish", server.base))
         .bearer_auth(&token)
         .header("content-type", "application/json")
-        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .header("tracestate", "congo=t61rcWkgMzE")
         .body(
             json!({
@@ -49,7 +52,10 @@ async fn published_message_arrives_with_body_properties_and_headers() {
     let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).unwrap();
     assert_eq!(body, json!({"id": 42, "items": ["a", "b"]}));
     let p = &message.delivery.properties;
-    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
     assert_eq!(p.message_id().as_ref().unwrap().as_str(), "order-42");
     assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "corr-1");
     assert_eq!(p.reply_to().as_ref().unwrap().as_str(), "replies");
@@ -89,7 +95,10 @@ async fn text_and_base64_bodies_get_their_content_types() {
     let token = server.token(&tenant, "publish");
 
     let text = server
-        .publish(&token, &json!({"exchange": exchange, "routing_key": "a", "body": "héllo"}))
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "a", "body": "héllo"}),
+        )
         .await;
     assert_eq!(text.status, 202, "{:?}", text.body);
     let bin = server
@@ -107,17 +116,35 @@ async fn text_and_base64_bodies_get_their_content_types() {
     let first = rabbit.get(&queue).await.unwrap();
     assert_eq!(first.delivery.data, "héllo".as_bytes());
     assert_eq!(
-        first.delivery.properties.content_type().as_ref().unwrap().as_str(),
+        first
+            .delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .unwrap()
+            .as_str(),
         "text/plain; charset=utf-8"
     );
     assert_eq!(
-        first.delivery.properties.message_id().as_ref().unwrap().as_str(),
+        first
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
         id
     );
     let second = rabbit.get(&queue).await.unwrap();
     assert_eq!(second.delivery.data, vec![0u8, 1, 255]);
     assert_eq!(
-        second.delivery.properties.content_type().as_ref().unwrap().as_str(),
+        second
+            .delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .unwrap()
+            .as_str(),
         "application/x-thing"
     );
     rabbit.cleanup().await;
@@ -134,7 +161,10 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
     let token = server.token(&tenant, "publish");
 
     let unroutable = server
-        .publish(&token, &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}))
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}),
+        )
         .await;
     assert_eq!(unroutable.status, 422, "{:?}", unroutable.body);
     assert_eq!(unroutable.code(), "unroutable");
@@ -153,7 +183,10 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
     assert_eq!(fire_and_forget.body["routed"], json!(false));
 
     let routed = server
-        .publish(&token, &json!({"exchange": exchange, "routing_key": "bound.key", "payload": 1}))
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "bound.key", "payload": 1}),
+        )
         .await;
     assert_eq!(routed.status, 202);
     assert_eq!(routed.body["routed"], json!(true));
@@ -179,7 +212,10 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
 
     let missing = unique("missing");
     let resp = server
-        .publish(&token, &json!({"exchange": missing, "routing_key": "k", "payload": 1}))
+        .publish(
+            &token,
+            &json!({"exchange": missing, "routing_key": "k", "payload": 1}),
+        )
         .await;
     assert_eq!(resp.status, 404, "{:?}", resp.body);
     assert_eq!(resp.code(), "exchange_not_found");
@@ -187,7 +223,10 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
     // Many publishes right after: the pool never hands out a channel the broker closed.
     for i in 0..20 {
         let ok = server
-            .publish(&token, &json!({"exchange": exchange, "routing_key": "k", "payload": i}))
+            .publish(
+                &token,
+                &json!({"exchange": exchange, "routing_key": "k", "payload": i}),
+            )
             .await;
         assert_eq!(ok.status, 202, "publish {i}: {:?}", ok.body);
     }
@@ -229,7 +268,10 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
     let exchange = rabbit.topic_exchange().await;
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
     let queue = rabbit.queue(args).await;
     rabbit.bind(&queue, &exchange, "full").await;
     let tenant = unique("t");
@@ -237,7 +279,10 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
     let token = server.token(&tenant, "publish");
 
     let resp = server
-        .publish(&token, &json!({"exchange": exchange, "routing_key": "full", "payload": 1}))
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "full", "payload": 1}),
+        )
         .await;
     assert_eq!(resp.status, 503, "{:?}", resp.body);
     assert_eq!(resp.code(), "broker_rejected");
@@ -273,9 +318,17 @@ async fn bad_input_gets_problem_json_with_codes() {
     assert_eq!((r.status, r.code()), (415, "unsupported_media_type"));
     let r = send("application/json", "{\"exchange\": ".into()).await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
-    let r = send("application/json", json!({"routing_key": "k", "body": ""}).to_string()).await;
+    let r = send(
+        "application/json",
+        json!({"routing_key": "k", "body": ""}).to_string(),
+    )
+    .await;
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
-    assert!(r.body["detail"].as_str().unwrap().contains("exchange"), "{:?}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("exchange"),
+        "{:?}",
+        r.body
+    );
     let big = json!({"exchange": exchange, "routing_key": "k", "body": "x".repeat(5000)});
     let r = send("application/json", big.to_string()).await;
     assert_eq!((r.status, r.code()), (413, "payload_too_large"));
@@ -292,7 +345,12 @@ async fn bad_input_gets_problem_json_with_codes() {
     ];
     for case in cases {
         let r = send("application/json", case.to_string()).await;
-        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{case}: {:?}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_request"),
+            "{case}: {:?}",
+            r.body
+        );
         assert!(r.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
         assert!(r.header("x-request-id").is_some());
     }
@@ -302,7 +360,11 @@ async fn bad_input_gets_problem_json_with_codes() {
     let r = server.get("/v1/publish").await;
     assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
 
-    assert_eq!(rabbit.count(&queue).await, 0, "nothing invalid was published");
+    assert_eq!(
+        rabbit.count(&queue).await,
+        0,
+        "nothing invalid was published"
+    );
     rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

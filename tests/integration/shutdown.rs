@@ -16,8 +16,9 @@ async fn in_flight_publishes_finish_after_the_shutdown_signal() {
     let token = server.token(&tenant, "publish");
 
     // Requests whose bodies are still arriving when shutdown starts.
-    let body = json!({"exchange": exchange, "routing_key": "k", "payload": {"pad": "x".repeat(100)}})
-        .to_string();
+    let body =
+        json!({"exchange": exchange, "routing_key": "k", "payload": {"pad": "x".repeat(100)}})
+            .to_string();
     let (head, tail) = body.split_at(body.len() / 2);
     let mut senders = Vec::new();
     let mut requests = Vec::new();
@@ -40,7 +41,10 @@ async fn in_flight_publishes_finish_after_the_shutdown_signal() {
     let all_in = eventually(Duration::from_secs(5), || async { state.in_flight() == 10 }).await;
     assert!(all_in, "requests in flight: {}", state.in_flight());
     server.trigger_shutdown();
-    let stopping = eventually(Duration::from_secs(5), || async { state.is_shutting_down() }).await;
+    let stopping = eventually(Duration::from_secs(5), || async {
+        state.is_shutting_down()
+    })
+    .await;
     assert!(stopping);
     for tx in &senders {
         tx.send(Ok(tail.as_bytes().to_vec())).await.unwrap();
@@ -51,7 +55,10 @@ async fn in_flight_publishes_finish_after_the_shutdown_signal() {
         assert_eq!(response.status(), 202);
     }
     let result = tokio::time::timeout(Duration::from_secs(5), server.join()).await;
-    assert!(matches!(result, Ok(Ok(()))), "serve did not return: {result:?}");
+    assert!(
+        matches!(result, Ok(Ok(()))),
+        "serve did not return: {result:?}"
+    );
     assert_eq!(rabbit.wait_count(&queue, 10).await, 10);
     rabbit.cleanup().await;
 }

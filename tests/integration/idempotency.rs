@@ -1,0 +1,319 @@
+//! Idempotency keys end to end: one publish per key, replays, conflicts, mismatches,
+//! transient failures releasing the key, and several replicas sharing Redis.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn post_with_key(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: &Value,
+) -> Resp {
+    let response = server
+        .http
+        .post(format!("{}{path}", server.base))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    into_resp(response).await
+}
+
+fn redis_config(tenant: &str, exchange: &str, prefix: &str) -> warren::config::Config {
+    let mut config = tenant_config(tenant, exchange, "#");
+    config.idempotency.store = warren::config::StoreKind::Redis;
+    config.idempotency.redis_url =
+        std::env::var("WARREN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    config.idempotency.key_prefix = prefix.to_owned();
+    config
+}
+
+/// Fires `n` identical keyed publishes at `servers` (round robin) at once.
+async fn storm(
+    servers: &[&TestServer],
+    token: &str,
+    key: &str,
+    body: &Value,
+    n: usize,
+) -> Vec<Resp> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let server = servers[i % servers.len()];
+        let request = server
+            .http
+            .post(format!("{}/v1/publish", server.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body.to_string());
+        tasks.push(tokio::spawn(async move {
+            into_resp(request.send().await.unwrap()).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+fn assert_one_winner(answers: &[Resp]) -> Value {
+    let accepted: Vec<&Resp> = answers.iter().filter(|r| r.status == 202).collect();
+    assert!(!accepted.is_empty(), "no request succeeded");
+    let first = accepted[0].body.clone();
+    for r in answers {
+        match r.status {
+            202 => assert_eq!(r.body, first, "a replay differs from the original"),
+            409 => {
+                assert_eq!(r.code(), "idempotency_key_in_use");
+                assert!(r.header("retry-after").is_some());
+            }
+            other => panic!("unexpected {other}: {:?}", r.body),
+        }
+    }
+    first
+}
+
+#[tokio::test]
+async fn fifty_concurrent_duplicates_publish_exactly_once() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": {"order": 1}});
+
+    let answers = storm(&[&server], &token, "order-1", &body, 50).await;
+    let accepted = assert_one_winner(&answers);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+
+    // A later retry replays the identical answer, marked as a replay.
+    let replay = post_with_key(&server, "/v1/publish", &token, "\"order-1\"", &body).await;
+    assert_eq!(replay.status, 202);
+    assert_eq!(replay.body, accepted);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    // The message id is derived from the key, so consumers can de-duplicate too.
+    let message = rabbit.get(&queue).await.unwrap();
+    let id = message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .unwrap()
+        .as_str()
+        .to_owned();
+    assert_eq!(accepted["message_id"], id);
+    assert!(uuid::Uuid::parse_str(&id).is_ok());
+    assert_eq!(rabbit.count(&queue).await, 0);
+
+    let metrics = server.metrics().await;
+    for result in ["new", "replayed"] {
+        assert!(
+            metrics.contains(&format!(
+                "warren_idempotency_requests_total{{result=\"{result}\"}}"
+            )),
+            "{result}"
+        );
+    }
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn same_key_different_body_is_422_and_publishes_nothing_more() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+    let first = json!({"exchange": exchange, "routing_key": "k", "payload": 1});
+    let other = json!({"exchange": exchange, "routing_key": "k", "payload": 2});
+
+    assert_eq!(
+        post_with_key(&server, "/v1/publish", &token, "k1", &first)
+            .await
+            .status,
+        202
+    );
+    let r = post_with_key(&server, "/v1/publish", &token, "k1", &other).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (422, "idempotency_key_mismatch"),
+        "{:?}",
+        r.body
+    );
+    // Same key on another path is another request too.
+    let r = post_with_key(
+        &server,
+        "/v1/publish/batch",
+        &token,
+        "k1",
+        &json!({"messages": [first]}),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (422, "idempotency_key_mismatch"));
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+
+    // Keys are scoped by subject: another caller's identical key is independent.
+    let other_subject = server.token_with(&warren::auth::TokenRequest {
+        tenant: &tenant,
+        subject: "someone-else",
+        scope: "publish",
+        ttl: Duration::from_secs(60),
+    });
+    assert_eq!(
+        post_with_key(&server, "/v1/publish", &other_subject, "k1", &other)
+            .await
+            .status,
+        202
+    );
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+
+    // Malformed keys are rejected before anything happens.
+    for bad in ["", "\"unterminated", &"x".repeat(256)] {
+        let r = post_with_key(&server, "/v1/publish", &token, bad, &first).await;
+        assert_eq!((r.status, r.code()), (400, "invalid_request"), "{bad:?}");
+    }
+    assert_eq!(rabbit.count(&queue).await, 2);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_503_releases_the_key_and_the_retry_publishes_once() {
+    let proxy = ChaosProxy::start("127.0.0.1:5672").await;
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    config.amqp.url = Some(proxy.url());
+    config.amqp.reconnect_backoff_max_ms = 500;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": "retry me"});
+
+    proxy.cut();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            server.get("/readyz").await.status == 503
+        })
+        .await
+    );
+    let r = post_with_key(&server, "/v1/publish", &token, "retry-1", &body).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "broker_unavailable"),
+        "{:?}",
+        r.body
+    );
+
+    proxy.restore();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server.get("/readyz").await.status == 200
+        })
+        .await
+    );
+    let r = post_with_key(&server, "/v1/publish", &token, "retry-1", &body).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert!(r.header("idempotent-replayed").is_none());
+    let again = post_with_key(&server, "/v1/publish", &token, "retry-1", &body).await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, r.body);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn keyed_batches_replay_and_derive_one_id_per_item() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+    let body = json!({"messages": [
+        {"exchange": exchange, "routing_key": "a", "payload": 1},
+        {"exchange": exchange, "routing_key": "b", "payload": 2},
+    ]});
+    let first = post_with_key(&server, "/v1/publish/batch", &token, "batch-1", &body).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let ids: Vec<&str> = first.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap())
+        .collect();
+    assert_ne!(ids[0], ids[1]);
+    let replay = post_with_key(&server, "/v1/publish/batch", &token, "batch-1", &body).await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_replicas_sharing_redis_publish_exactly_once() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let prefix = format!("{}:", unique("idem"));
+    let a = TestServer::start_ready(redis_config(&tenant, &exchange, &prefix)).await;
+    let b = TestServer::start_ready(redis_config(&tenant, &exchange, &prefix)).await;
+    let token = a.token(&tenant, "publish");
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": {"shared": true}});
+
+    for round in 0..3 {
+        let key = format!("shared-{round}");
+        let answers = storm(&[&a, &b], &token, &key, &body, 40).await;
+        assert_one_winner(&answers);
+    }
+    assert_eq!(rabbit.wait_count(&queue, 3).await, 3);
+    let different = json!({"exchange": exchange, "routing_key": "other", "payload": 1});
+    let r = post_with_key(&b, "/v1/publish", &token, "shared-0", &different).await;
+    assert_eq!(r.code(), "idempotency_key_mismatch");
+    let ready = b.get("/readyz").await;
+    assert_eq!(ready.body["idempotency"]["store"], "redis");
+    rabbit.cleanup().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_503_with_its_own_code_and_readyz_red() {
+    let port = closed_port().await;
+    let tenant = unique("t");
+    let mut config = redis_config(&tenant, "*", "unused:");
+    config.idempotency.redis_url = format!("redis://127.0.0.1:{port}");
+    let server = TestServer::start(config).await;
+    let token = server.token(&tenant, "publish");
+    let body =
+        json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false});
+    let r = post_with_key(&server, "/v1/publish", &token, "k", &body).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "idempotency_store_unavailable"),
+        "{:?}",
+        r.body
+    );
+    assert!(r.header("retry-after").is_some());
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.body["idempotency"]["ok"], false);
+    server.shutdown().await.unwrap();
+}
