@@ -9,7 +9,7 @@
 # config Warren runs its dev mode, which listens on 127.0.0.1 only and is useless in a
 # container. Mount a config there (ConfigMap, compose bind mount) or override CMD.
 
-# ---- build -----------------------------------------------------------------------
+# ---- build ---------------------------------------------------------------------
 # Matches `rust-version` in Cargo.toml (edition 2024 needs 1.85 or later).
 FROM rust:1.88-bookworm AS builder
 WORKDIR /build
@@ -32,10 +32,10 @@ RUN find src -type f -exec touch {} + \
     && cargo build --release --locked \
     && install -m 0755 target/release/warren /warren
 
-# ---- runtime ---------------------------------------------------------------------
+# ---- runtime -------------------------------------------------------------------
 # Distroless: glibc, libgcc, CA certificates and tzdata; no shell, no package manager.
 # TLS to the broker uses rustls with the system roots, so no OpenSSL is needed.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot AS base
 
 LABEL org.opencontainers.image.title="warren" \
       org.opencontainers.image.description="HTTP/WebSocket gateway for RabbitMQ" \
@@ -51,3 +51,16 @@ EXPOSE 8080 9090
 
 ENTRYPOINT ["/usr/local/bin/warren"]
 CMD ["serve", "--config", "/etc/warren/warren.toml"]
+
+# ---- compose (local stack only) ------------------------------------------------
+# docker-compose.yml builds this target: the release image plus a static busybox
+# `wget`, because a compose healthcheck runs inside the container and distroless has
+# no HTTP client. Kubernetes probes over HTTP and uses the release image below.
+FROM busybox:1.36.1-musl AS busybox
+FROM base AS compose
+# busybox picks its applet from the name it is started by: here, wget. No shell is added
+# to the PATH.
+COPY --from=busybox /bin/busybox /usr/local/bin/wget
+
+# ---- release (default target) --------------------------------------------------
+FROM base AS release
