@@ -44,6 +44,11 @@ pub enum ApiError {
     IdempotencyKeyMismatch,
     #[error("{0}; not publishing without retry protection")]
     IdempotencyStoreUnavailable(String),
+    #[error("{detail}")]
+    RateLimited {
+        detail: String,
+        retry_after: Duration,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -81,6 +86,7 @@ impl ApiError {
             Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,6 +108,7 @@ impl ApiError {
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::IdempotencyKeyMismatch => "idempotency_key_mismatch",
             Self::IdempotencyStoreUnavailable(_) => "idempotency_store_unavailable",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -123,6 +130,7 @@ impl ApiError {
             Self::IdempotencyKeyInUse => "Idempotency key in use",
             Self::IdempotencyKeyMismatch => "Idempotency key mismatch",
             Self::IdempotencyStoreUnavailable(_) => "Idempotency store unavailable",
+            Self::RateLimited { .. } => "Rate limited",
             Self::Internal(_) => "Internal error",
         }
     }
@@ -131,7 +139,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             // Round up, and never tell a client to retry at once into a known outage.
-            Self::BrokerUnavailable { retry_after, .. } => {
+            Self::BrokerUnavailable { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
                     .map(|s| s.max(1))
             }

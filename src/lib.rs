@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
+pub mod ws;
 
 use std::future::Future;
 use std::ops::Deref;
@@ -34,6 +35,9 @@ pub struct App {
     pub verifier: Verifier,
     pub tenants: Tenants,
     pub idempotency: Idempotency,
+    pub live: ws::hub::LiveHub,
+    pub sockets: ws::Sockets,
+    shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
 }
@@ -65,6 +69,9 @@ impl App {
             verifier,
             tenants,
             idempotency,
+            live: ws::hub::LiveHub::default(),
+            sockets: ws::Sockets::default(),
+            shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
         })))
@@ -72,6 +79,11 @@ impl App {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Fires when shutdown begins (WebSocket sessions close with 1001 on it).
+    pub fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     /// HTTP requests being served right now (what a shutdown has to drain).
@@ -105,12 +117,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx = state.shutdown_receiver();
     let signal_state = state.clone();
     tokio::spawn(async move {
         shutdown.await;
         signal_state.shutting_down.store(true, Ordering::Release);
-        let _ = stop_tx.send(true);
+        signal_state.shutdown.send_replace(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -141,8 +153,18 @@ pub async fn serve(
         );
         tokio::time::sleep(grace).await;
     };
+    let sockets_state = state.clone();
+    let drained = async move {
+        let served = server.await;
+        // Upgraded WebSockets are not hyper's connections any more: wait for their
+        // sessions to close (they do so with 1001 on the shutdown signal).
+        while sockets_state.sockets.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        served
+    };
     let result = tokio::select! {
-        served = server => served,
+        served = drained => served,
         () = deadline => {
             warn!("Shutdown grace period expired with requests still in flight.");
             Ok(())

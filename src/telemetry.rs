@@ -25,6 +25,11 @@ pub const AMQP_CONNECTIONS: &str = "warren_amqp_connections";
 pub const AMQP_CHANNELS: &str = "warren_amqp_channels";
 pub const AMQP_INFLIGHT: &str = "warren_amqp_inflight_confirms";
 pub const BUILD_INFO: &str = "warren_build_info";
+pub const WS_CONNECTIONS: &str = "warren_ws_connections";
+pub const WS_SUBSCRIPTIONS: &str = "warren_ws_subscriptions";
+pub const WS_FRAMES: &str = "warren_ws_frames_total";
+pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
+pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
 pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
@@ -116,6 +121,28 @@ fn describe() {
         IDEMPOTENCY_BYTES,
         "Approximate bytes held by the memory idempotency store."
     );
+    describe_gauge!(WS_CONNECTIONS, "Open WebSocket sessions.");
+    describe_gauge!(
+        WS_SUBSCRIPTIONS,
+        "Active WebSocket subscriptions, by mode (live, durable)."
+    );
+    describe_counter!(
+        WS_FRAMES,
+        "WebSocket frames, by direction (in, out) and type."
+    );
+    describe_counter!(
+        WS_DROPPED,
+        "Live deliveries dropped for a socket whose send buffer was full (live is at-most-once)."
+    );
+    describe_counter!(
+        WS_SLOW_CLOSES,
+        "WebSockets closed with 4408 because their reader stalled."
+    );
+    gauge!(WS_CONNECTIONS).set(0.0);
+    gauge!(WS_SUBSCRIPTIONS, "mode" => "live").set(0.0);
+    gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
+    counter!(WS_SLOW_CLOSES).absolute(0);
+    counter!(WS_DROPPED).absolute(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -196,4 +223,24 @@ pub fn idempotency_evicted(count: u64) {
 pub fn idempotency_entries(entries: usize, bytes: usize) {
     gauge!(IDEMPOTENCY_ENTRIES).set(entries as f64);
     gauge!(IDEMPOTENCY_BYTES).set(bytes as f64);
+}
+
+pub fn ws_connections(delta: i64) {
+    gauge!(WS_CONNECTIONS).increment(delta as f64);
+}
+
+pub fn ws_subscriptions(mode: &'static str, delta: i64) {
+    gauge!(WS_SUBSCRIPTIONS, "mode" => mode).increment(delta as f64);
+}
+
+pub fn ws_frame(direction: &'static str, kind: &'static str) {
+    counter!(WS_FRAMES, "direction" => direction, "type" => kind).increment(1);
+}
+
+pub fn ws_dropped() {
+    counter!(WS_DROPPED).increment(1);
+}
+
+pub fn ws_slow_consumer_closed() {
+    counter!(WS_SLOW_CLOSES).increment(1);
 }

@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
     let mut routes = Router::new()
         .route("/v1/publish", post(publish::publish))
         .route("/v1/publish/batch", post(publish::publish_batch))
+        .route("/v1/ws", get(crate::ws::upgrade))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));
     if state.config.server.metrics_listen.is_none() {

@@ -169,6 +169,25 @@ impl Broker {
         self.connections.close();
     }
 
+    /// A fresh channel for consuming (not from the publish pool, not in confirm mode).
+    /// The caller owns it and closes it; closing requeues its unacked deliveries.
+    pub async fn consumer_channel(&self) -> Result<lapin::Channel, PublishError> {
+        if let Err(unavailable) = self.health.check() {
+            return Err(PublishError::unavailable(
+                unavailable.reason,
+                unavailable.retry_after,
+            ));
+        }
+        let connection = match self.connections.get().await {
+            Ok(connection) => connection,
+            Err(error) => return Err(self.acquire_failed(&BrokerError::from_pool(error))),
+        };
+        connection
+            .create_channel()
+            .await
+            .map_err(|error| self.failure(&error, ""))
+    }
+
     /// Publishes one message and waits for its confirm.
     pub async fn publish(&self, message: &OutgoingMessage) -> PublishResult {
         self.publish_all(std::slice::from_ref(message))
@@ -250,7 +269,7 @@ impl Broker {
                 Err(error) => {
                     // The frame did not go out: nothing was published. Discard the channel.
                     let _ = managed::Object::take(ch);
-                    results[index] = Some(Err(self.lost(&error, &message.exchange)));
+                    results[index] = Some(Err(self.failure(&error, &message.exchange)));
                 }
             }
         }
@@ -264,7 +283,7 @@ impl Broker {
                 let outcome = tokio::time::timeout_at(confirm_deadline, p.confirm).await;
                 let result = match outcome {
                     Ok(Ok(confirmation)) => from_confirmation(confirmation, message.mandatory),
-                    Ok(Err(error)) => Err(self.lost(&error, &message.exchange)),
+                    Ok(Err(error)) => Err(self.failure(&error, &message.exchange)),
                     Err(_) => {
                         // The channel is suspect: close it so the pool replaces it and
                         // lapin drops its bookkeeping for this message.
@@ -364,7 +383,7 @@ impl Broker {
                 cache.insert(exchange.to_owned(), Instant::now());
                 Ok(())
             }
-            Ok(Err(BrokerError::Amqp(error))) => Err(self.lost(&error, exchange)),
+            Ok(Err(BrokerError::Amqp(error))) => Err(self.failure(&error, exchange)),
             Ok(Err(error)) => Err(self.acquire_failed(&error)),
             Err(_) => Err(PublishError::unavailable(
                 "the broker did not answer an exchange check in time",
@@ -390,7 +409,9 @@ impl Broker {
         }
     }
 
-    fn lost(&self, error: &lapin::Error, exchange: &str) -> PublishError {
+    /// Maps an AMQP error seen while working with `exchange` to an outcome, and takes
+    /// the link down when the connection itself is gone.
+    pub fn failure(&self, error: &lapin::Error, exchange: &str) -> PublishError {
         match classify(error, exchange) {
             AmqpFailure::ExchangeNotFound => {
                 self.exchanges

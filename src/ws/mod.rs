@@ -1,0 +1,181 @@
+//! `GET /v1/ws`: authenticate the upgrade (header, `access_token` query parameter or
+//! `bearer.<jwt>` subprotocol), enforce origin and per-tenant socket limits, then hand
+//! the socket to a session.
+
+pub mod durable;
+pub mod hub;
+pub mod protocol;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::{AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::auth;
+use crate::error::ApiError;
+use crate::telemetry;
+use protocol::MessageFrame;
+
+pub const SUBPROTOCOL: &str = "warren.v1";
+
+/// What the rest of the gateway hands a session to write to its socket.
+pub enum Outgoing {
+    Message(Box<MessageFrame>),
+    /// A subscription ended from the broker side (consumer lost).
+    Ended {
+        subscription: String,
+        error: ApiError,
+    },
+}
+
+/// Open sockets per tenant, for `ws.max_sockets_per_tenant`.
+#[derive(Default)]
+pub struct Sockets {
+    per_tenant: Mutex<HashMap<String, usize>>,
+}
+
+/// One counted socket; uncounted on drop.
+pub struct SocketGuard {
+    state: AppState,
+    tenant: String,
+}
+
+impl Sockets {
+    fn admit(&self, state: &AppState, tenant: &str, max: usize) -> Result<SocketGuard, ApiError> {
+        let mut counts = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(tenant.to_owned()).or_default();
+        if *count >= max {
+            return Err(ApiError::RateLimited {
+                detail: format!(
+                    "tenant {tenant:?} already has {max} open WebSockets (ws.max_sockets_per_tenant)"
+                ),
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        *count += 1;
+        telemetry::ws_connections(1);
+        Ok(SocketGuard {
+            state: state.clone(),
+            tenant: tenant.to_owned(),
+        })
+    }
+
+    pub fn open(&self) -> usize {
+        self.per_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let mut counts = self
+            .state
+            .sockets
+            .per_tenant
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+        telemetry::ws_connections(-1);
+    }
+}
+
+#[derive(Deserialize)]
+pub struct WsQuery {
+    access_token: Option<String>,
+}
+
+/// Upgrade to a `warren.v1` WebSocket session.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<WsQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match admit(&state, &headers, query, upgrade) {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: WsQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let config = &state.config.ws;
+    let origin = headers.get(ORIGIN).and_then(|o| o.to_str().ok());
+    if let Some(origin) = origin
+        && !config.allowed_origins.is_empty()
+        && !config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+    {
+        return Err(ApiError::Forbidden(format!(
+            "origin {origin:?} is not in ws.allowed_origins"
+        )));
+    }
+    let token = token(headers, query.access_token.as_deref())?;
+    let principal = auth::authenticate(state, token.as_deref())?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::InvalidRequest(format!("GET /v1/ws needs a WebSocket upgrade: {e}"))
+    })?;
+    let guard =
+        state
+            .sockets
+            .admit(state, &principal.tenant.name, config.max_sockets_per_tenant)?;
+    let state = state.clone();
+    Ok(upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(config.max_message_bytes)
+        .max_frame_size(config.max_message_bytes)
+        .on_upgrade(move |socket| session::run(state, socket, principal, guard)))
+}
+
+/// The token from `Authorization: Bearer`, `?access_token=`, or a `bearer.<jwt>`
+/// subprotocol (browsers cannot set headers on WebSockets).
+fn token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
+    if let Some(value) = headers.get(AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".into()))?;
+        return match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                Ok(Some(token.trim().to_owned()))
+            }
+            _ => Err(ApiError::Unauthorized(
+                "the Authorization header must be `Bearer <token>`".into(),
+            )),
+        };
+    }
+    if let Some(token) = query {
+        return Ok(Some(token.to_owned()));
+    }
+    let from_protocol = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("bearer."))
+        .map(str::to_owned);
+    Ok(from_protocol)
+}

@@ -1,0 +1,542 @@
+//! One WebSocket session: a single `select!` over client frames, deliveries for the
+//! socket, finished publishes, token expiry, keepalive and shutdown. Writes are bounded
+//! by the slow-consumer timeout, so a stalled reader is closed (4408), never buffered.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::durable::{Durable, DurableRequest, queue_name};
+use super::hub::LiveSubscription;
+use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
+use super::{Outgoing, SocketGuard};
+use crate::AppState;
+use crate::api::model::TraceContext;
+use crate::auth::grants::GrantPattern;
+use crate::auth::{self, Principal, Scope};
+use crate::error::ApiError;
+use crate::idempotency::{Fingerprint, IdempotencyKey};
+use crate::{publishing, telemetry};
+
+pub const CLOSE_SHUTDOWN: u16 = 1001;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_LARGE: u16 = 1009;
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
+pub const CLOSE_SLOW_CONSUMER: u16 = 4408;
+const CLOSE_NORMAL: u16 = 1000;
+
+enum Kind {
+    Live(LiveSubscription),
+    Durable(Durable),
+}
+
+struct Subscription {
+    exchange: String,
+    binding_key: GrantPattern,
+    kind: Kind,
+}
+
+/// What one turn of the loop decided.
+enum Step {
+    Write(Vec<ServerFrame>),
+    Ping,
+    Close(u16, &'static str),
+    /// The peer went away; nothing more can be written.
+    Gone,
+}
+
+/// Runs the session until the socket closes; `guard` keeps it counted meanwhile.
+pub async fn run<S>(state: AppState, socket: S, principal: Principal, guard: SocketGuard)
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+{
+    let (tx, rx) = mpsc::channel(state.config.ws.send_buffer);
+    let mut session = Session {
+        state,
+        principal,
+        subscriptions: HashMap::new(),
+        tx,
+        rx,
+        publishes: JoinSet::new(),
+    };
+    session.serve(socket).await;
+    session.cleanup().await;
+    drop(guard);
+}
+
+struct Session {
+    state: AppState,
+    principal: Principal,
+    subscriptions: HashMap<String, Subscription>,
+    tx: mpsc::Sender<Outgoing>,
+    rx: mpsc::Receiver<Outgoing>,
+    publishes: JoinSet<ServerFrame>,
+}
+
+impl Session {
+    async fn serve<S>(&mut self, mut socket: S)
+    where
+        S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
+    {
+        let config = self.state.config.ws.clone();
+        let write_timeout = Duration::from_millis(config.slow_consumer_timeout_ms);
+        let idle = Duration::from_secs(config.idle_timeout_s);
+        let mut shutdown = self.state.shutdown_receiver();
+        let expiry = tokio::time::sleep_until(expiry_instant(self.principal.expires_at));
+        tokio::pin!(expiry);
+        let mut ping = tokio::time::interval(Duration::from_secs(config.ping_interval_s));
+        ping.tick().await;
+        let mut last_seen = Instant::now();
+
+        loop {
+            let step = tokio::select! {
+                _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => Step::Close(CLOSE_SHUTDOWN, "gateway shutting down"),
+                () = &mut expiry => Step::Close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a fresh token"),
+                incoming = socket.next(), if self.publishes.len() < config.max_inflight_publishes => {
+                    match incoming {
+                        None | Some(Ok(Message::Close(_))) => Step::Gone,
+                        Some(Err(error)) if too_large(&error) => {
+                            Step::Close(CLOSE_TOO_LARGE, "frame larger than ws.max_message_bytes")
+                        }
+                        Some(Err(_)) => Step::Gone,
+                        Some(Ok(Message::Text(text))) => {
+                            last_seen = Instant::now();
+                            telemetry::ws_frame("in", "text");
+                            self.handle(text.as_str(), expiry.as_mut()).await
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            last_seen = Instant::now();
+                            Step::Write(vec![ServerFrame::error(None, &ApiError::InvalidRequest(
+                                "binary frames are not part of warren.v1; send JSON text frames".into(),
+                            ))])
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                            last_seen = Instant::now();
+                            Step::Write(Vec::new())
+                        }
+                    }
+                }
+                Some(outgoing) = self.rx.recv() => Step::Write(vec![self.outgoing(outgoing)]),
+                Some(done) = self.publishes.join_next() => {
+                    Step::Write(vec![done.unwrap_or_else(|e| ServerFrame::error(None, &ApiError::Internal(e.to_string())))])
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > idle {
+                        Step::Close(CLOSE_NORMAL, "idle timeout")
+                    } else {
+                        Step::Ping
+                    }
+                }
+            };
+            match step {
+                Step::Write(frames) => {
+                    for frame in frames {
+                        if !write(&mut socket, frame, write_timeout).await {
+                            return self.slow_consumer(&mut socket).await;
+                        }
+                    }
+                }
+                Step::Ping => {
+                    let ping = Message::Ping(axum::body::Bytes::from_static(b"warren"));
+                    if !send(&mut socket, ping, write_timeout).await {
+                        return self.slow_consumer(&mut socket).await;
+                    }
+                }
+                Step::Close(code, reason) => {
+                    if code == CLOSE_SHUTDOWN {
+                        self.drain(&mut socket, write_timeout).await;
+                    }
+                    return close(&mut socket, code, reason).await;
+                }
+                Step::Gone => return,
+            }
+        }
+    }
+
+    /// On shutdown: what was already delivered to this socket, and the answers to its
+    /// publishes in flight, still go out before the close.
+    async fn drain<S>(&mut self, socket: &mut S, timeout: Duration)
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        self.stop_all().await;
+        while let Ok(outgoing) = self.rx.try_recv() {
+            let frame = self.outgoing(outgoing);
+            if !write(socket, frame, timeout).await {
+                return;
+            }
+        }
+        while let Some(done) = self.publishes.join_next().await {
+            let Ok(frame) = done else { continue };
+            if !write(socket, frame, timeout).await {
+                return;
+            }
+        }
+    }
+
+    async fn slow_consumer<S>(&mut self, socket: &mut S)
+    where
+        S: Sink<Message, Error = axum::Error> + Unpin,
+    {
+        telemetry::ws_slow_consumer_closed();
+        tracing::info!(tenant = %self.principal.tenant.name, "Closing a WebSocket whose reader stalled (4408).");
+        close(
+            socket,
+            CLOSE_SLOW_CONSUMER,
+            "slow consumer: the socket stopped reading",
+        )
+        .await;
+    }
+
+    fn outgoing(&mut self, outgoing: Outgoing) -> ServerFrame {
+        match outgoing {
+            Outgoing::Message(frame) => ServerFrame::Message(frame),
+            Outgoing::Ended {
+                subscription,
+                error,
+            } => {
+                if let Some(Subscription {
+                    kind: Kind::Durable(_),
+                    ..
+                }) = self.subscriptions.remove(&subscription)
+                {
+                    telemetry::ws_subscriptions("durable", -1);
+                }
+                ServerFrame::error(Some(subscription), &error)
+            }
+        }
+    }
+
+    async fn handle(&mut self, text: &str, expiry: std::pin::Pin<&mut tokio::time::Sleep>) -> Step {
+        let frame = match protocol::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                return Step::Write(vec![ServerFrame::error(
+                    e.id,
+                    &ApiError::InvalidRequest(e.detail),
+                )]);
+            }
+        };
+        let reply = match frame {
+            ClientFrame::Subscribe(s) => {
+                let id = s.id.clone();
+                match self.subscribe(s).await {
+                    Ok(queue) => ServerFrame::Subscribed { id, queue },
+                    Err(e) => ServerFrame::error(Some(id), &e),
+                }
+            }
+            ClientFrame::Unsubscribe(u) => match self.subscriptions.remove(&u.id) {
+                Some(subscription) => {
+                    self.stop(subscription).await;
+                    ServerFrame::Unsubscribed { id: u.id }
+                }
+                None => ServerFrame::error(Some(u.id), &unknown_subscription()),
+            },
+            ClientFrame::Ack(a) => match self.durable(&a.subscription) {
+                Ok(durable) => match durable.ack(a.delivery_tag, a.multiple).await {
+                    Ok(()) => return Step::Write(Vec::new()),
+                    Err(e) => ServerFrame::error(Some(a.subscription), &e),
+                },
+                Err(e) => ServerFrame::error(Some(a.subscription), &e),
+            },
+            ClientFrame::Nack(n) => match self.durable(&n.subscription) {
+                Ok(durable) => match durable.nack(n.delivery_tag, n.multiple, n.requeue).await {
+                    Ok(()) => return Step::Write(Vec::new()),
+                    Err(e) => ServerFrame::error(Some(n.subscription), &e),
+                },
+                Err(e) => ServerFrame::error(Some(n.subscription), &e),
+            },
+            ClientFrame::Publish(p) => match self.principal.require(Scope::Publish) {
+                Ok(()) => {
+                    let state = self.state.clone();
+                    let principal = self.principal.clone();
+                    self.publishes.spawn(publish(state, principal, *p));
+                    return Step::Write(Vec::new());
+                }
+                Err(e) => ServerFrame::error(Some(p.id), &e),
+            },
+            ClientFrame::Auth(a) => return self.reauthenticate(&a.token, expiry).await,
+        };
+        Step::Write(vec![reply])
+    }
+
+    async fn subscribe(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
+        let config = &self.state.config.ws;
+        self.principal.require(Scope::Subscribe)?;
+        if s.id.is_empty() || s.id.len() > 255 {
+            return Err(ApiError::InvalidRequest("id: must be 1-255 bytes".into()));
+        }
+        if self.subscriptions.contains_key(&s.id) {
+            return Err(ApiError::InvalidRequest(format!(
+                "id: subscription {:?} already exists on this socket",
+                s.id
+            )));
+        }
+        if self.subscriptions.len() >= config.max_subscriptions {
+            return Err(ApiError::InvalidRequest(format!(
+                "at most {} subscriptions per socket (ws.max_subscriptions)",
+                config.max_subscriptions
+            )));
+        }
+        if s.exchange.len() > 255 {
+            return Err(ApiError::InvalidRequest(
+                "exchange: must be at most 255 bytes".into(),
+            ));
+        }
+        let pattern = GrantPattern::parse(&s.binding_key)
+            .map_err(|e| ApiError::InvalidRequest(format!("binding_key: {e}")))?;
+        let tenant = self.principal.tenant.clone();
+        tenant.authorize_subscribe(&s.exchange, &pattern)?;
+        let (kind, queue) = match s.mode {
+            Mode::Live => {
+                let live = self
+                    .state
+                    .live
+                    .join(
+                        &tenant,
+                        &s.exchange,
+                        &s.binding_key,
+                        &s.id,
+                        self.tx.clone(),
+                        config.live_queue_max_length,
+                    )
+                    .await?;
+                (Kind::Live(live), None)
+            }
+            Mode::Durable => {
+                let name = s.queue.as_deref().unwrap_or_default();
+                let queue = queue_name(&tenant.name, name)?;
+                let prefetch = match s.prefetch {
+                    Some(0) => {
+                        return Err(ApiError::InvalidRequest(
+                            "prefetch: must be at least 1".into(),
+                        ));
+                    }
+                    Some(p) => p.min(config.max_prefetch),
+                    None => config.default_prefetch,
+                };
+                let request = DurableRequest {
+                    subscription: &s.id,
+                    exchange: &s.exchange,
+                    binding_key: &s.binding_key,
+                    queue,
+                    prefetch,
+                    expiry: Duration::from_secs(config.durable_queue_expiry_s),
+                    slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
+                };
+                let durable = Durable::start(&tenant, request, self.tx.clone()).await?;
+                telemetry::ws_subscriptions("durable", 1);
+                let queue = durable.queue.clone();
+                (Kind::Durable(durable), Some(queue))
+            }
+        };
+        self.subscriptions.insert(
+            s.id,
+            Subscription {
+                exchange: s.exchange,
+                binding_key: pattern,
+                kind,
+            },
+        );
+        Ok(queue)
+    }
+
+    fn durable(&self, id: &str) -> Result<&Durable, ApiError> {
+        match self.subscriptions.get(id).map(|s| &s.kind) {
+            Some(Kind::Durable(durable)) => Ok(durable),
+            Some(Kind::Live(_)) => Err(ApiError::InvalidRequest(
+                "live subscriptions are not acknowledged; only durable ones are".into(),
+            )),
+            None => Err(unknown_subscription()),
+        }
+    }
+
+    /// A fresh token extends the socket; subscriptions it no longer allows end.
+    async fn reauthenticate(
+        &mut self,
+        token: &str,
+        expiry: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Step {
+        let principal = match auth::authenticate(&self.state, Some(token)) {
+            Ok(principal) => principal,
+            Err(e) => return Step::Write(vec![ServerFrame::error(None, &e)]),
+        };
+        if principal.tenant.name != self.principal.tenant.name {
+            return Step::Close(CLOSE_POLICY, "a refreshed token must name the same tenant");
+        }
+        expiry.reset(expiry_instant(principal.expires_at));
+        self.principal = principal;
+        let revoked: Vec<String> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| {
+                self.principal.require(Scope::Subscribe).is_err()
+                    || self
+                        .principal
+                        .tenant
+                        .authorize_subscribe(&s.exchange, &s.binding_key)
+                        .is_err()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut frames = Vec::new();
+        for id in revoked {
+            if let Some(subscription) = self.subscriptions.remove(&id) {
+                self.stop(subscription).await;
+            }
+            frames.push(ServerFrame::error(
+                Some(id),
+                &ApiError::Forbidden(
+                    "the refreshed token no longer allows this subscription".into(),
+                ),
+            ));
+        }
+        Step::Write(frames)
+    }
+
+    async fn stop(&self, subscription: Subscription) {
+        match subscription.kind {
+            Kind::Live(live) => self.state.live.leave(live).await,
+            Kind::Durable(durable) => {
+                durable.stop().await;
+                telemetry::ws_subscriptions("durable", -1);
+            }
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let all: Vec<Subscription> = self.subscriptions.drain().map(|(_, s)| s).collect();
+        for subscription in all {
+            self.stop(subscription).await;
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        self.stop_all().await;
+        // Publishes already handed to the broker finish (their outcome is the broker's);
+        // nobody is left to tell.
+        while self.publishes.join_next().await.is_some() {}
+    }
+}
+
+fn unknown_subscription() -> ApiError {
+    ApiError::InvalidRequest("no subscription with this id on this socket".into())
+}
+
+/// The publish frame path: same service, same answers as `POST /v1/publish`, and the
+/// same idempotency semantics when the frame carries an `idempotency_key`.
+async fn publish(state: AppState, principal: Principal, frame: Publish) -> ServerFrame {
+    let Publish {
+        id,
+        idempotency_key,
+        request,
+        raw,
+    } = frame;
+    let key = match idempotency_key
+        .map(|k| IdempotencyKey::parse(k.as_bytes()))
+        .transpose()
+    {
+        Ok(key) => key,
+        Err(e) => return ServerFrame::error(Some(id), &e),
+    };
+    let tenant = principal.tenant.clone();
+    let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let work = || async move {
+        match publishing::publish_one(&tenant, request, &TraceContext::default(), message_id).await
+        {
+            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    };
+    let response = match key {
+        None => work().await,
+        Some(key) => {
+            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
+            let fingerprint = Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes());
+            state.idempotency.run(&scope, &key, fingerprint, work).await
+        }
+    };
+    frame_from_response(id, response).await
+}
+
+async fn frame_from_response(id: String, response: Response) -> ServerFrame {
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if status == StatusCode::ACCEPTED {
+        return ServerFrame::Confirm {
+            id,
+            message_id: body["message_id"].as_str().unwrap_or_default().to_owned(),
+            routed: body["routed"].as_bool().unwrap_or(false),
+        };
+    }
+    ServerFrame::Error {
+        id: Some(id),
+        code: body["code"].as_str().unwrap_or("internal_error").to_owned(),
+        detail: body["detail"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// When the token's `exp` (Unix seconds) falls, as a monotonic instant.
+fn expiry_instant(expires_at: u64) -> Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let remaining = (expires_at as f64 - now).max(0.0);
+    Instant::now() + Duration::from_secs_f64(remaining.min(10.0 * 365.0 * 86_400.0))
+}
+
+fn too_large(error: &axum::Error) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("too long")
+        || text.contains("too big")
+        || text.contains("capacity")
+        || text.contains("limit")
+}
+
+async fn write<S>(socket: &mut S, frame: ServerFrame, timeout: Duration) -> bool
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    telemetry::ws_frame("out", frame.kind());
+    send(
+        socket,
+        Message::Text(Utf8Bytes::from(frame.to_json())),
+        timeout,
+    )
+    .await
+}
+
+/// Sends within `timeout`; `false` when the socket did not take it in time (or failed).
+async fn send<S>(socket: &mut S, message: Message, timeout: Duration) -> bool
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(timeout, socket.send(message)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Best effort: a stalled peer may never read the close frame.
+async fn close<S>(socket: &mut S, code: u16, reason: &'static str)
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(5), socket.send(frame)).await;
+}
