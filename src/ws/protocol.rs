@@ -1,7 +1,7 @@
 //! The `warren.v1` WebSocket frame protocol: JSON text frames with a `type`, parsed
 //! into typed client frames and serialized from typed server frames. Pure; no I/O.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -88,7 +88,7 @@ pub struct Publish {
     pub id: String,
     pub idempotency_key: Option<String>,
     pub request: PublishRequest,
-    /// The publish body as received (for idempotency fingerprints).
+    /// The publish body with its members in sorted order (a stable idempotency fingerprint).
     pub raw: String,
 }
 
@@ -112,7 +112,7 @@ pub struct FrameError {
 
 /// Parses one text frame.
 pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
-    let members: HashMap<String, Box<RawValue>> =
+    let members: BTreeMap<String, Box<RawValue>> =
         serde_json::from_str(text).map_err(|e| FrameError {
             id: None,
             detail: format!("a frame must be a JSON object: {e}"),
@@ -128,7 +128,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
         .get("type")
         .and_then(|v| serde_json::from_str::<String>(v.get()).ok())
         .ok_or_else(|| fail("the frame has no string `type`".to_owned()))?;
-    let typed = |members: &HashMap<String, Box<RawValue>>| -> String {
+    let typed = |members: &BTreeMap<String, Box<RawValue>>| -> String {
         let mut out = String::from("{");
         for (i, (k, v)) in members.iter().filter(|(k, _)| *k != "type").enumerate() {
             if i > 0 {

@@ -8,3 +8,4 @@ mod common;
 mod idempotency;
 mod publish;
 mod shutdown;
+mod ws;
