@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests and integration tests against the real RabbitMQ.
-# Starts the services the tests need first.
+# Every test: unit and integration tests against the real RabbitMQ and Redis, the
+# browser end-to-end test in headless Chromium, and the static checks of deploy/.
+# Starts (or installs) what the tests need first. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+scripts/browser-test.sh
+bash deploy/check.sh

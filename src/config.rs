@@ -338,7 +338,13 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         figment
-            .merge(Env::prefixed("WARREN_").split("__"))
+            // Only `WARREN_<SECTION>__<KEY>` names are config; other WARREN_* variables
+            // (WARREN_TEST_AMQP_URL, a script's own) are none of its business.
+            .merge(
+                Env::prefixed("WARREN_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
             .extract::<Config>()
             .map_err(|e| ConfigError::Parse(figment_message(e)))
     }

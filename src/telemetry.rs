@@ -34,6 +34,7 @@ pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
 pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
 pub const IDEMPOTENCY_BYTES: &str = "warren_idempotency_bytes";
+pub const IDEMPOTENCY_STORE_UP: &str = "warren_idempotency_store_up";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -121,6 +122,10 @@ fn describe() {
         IDEMPOTENCY_BYTES,
         "Approximate bytes held by the memory idempotency store."
     );
+    describe_gauge!(
+        IDEMPOTENCY_STORE_UP,
+        "1 when the idempotency store answered its last check (at scrape and readiness)."
+    );
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket sessions.");
     describe_gauge!(
         WS_SUBSCRIPTIONS,
@@ -141,8 +146,8 @@ fn describe() {
     gauge!(WS_CONNECTIONS).set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "live").set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
-    counter!(WS_SLOW_CLOSES).absolute(0);
-    counter!(WS_DROPPED).absolute(0);
+    counter!(WS_SLOW_CLOSES).increment(0);
+    counter!(WS_DROPPED).increment(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -188,6 +193,13 @@ pub fn publish_outcome(tenant: &str, outcome: &'static str) {
 
 pub fn confirm_latency(elapsed: Duration) {
     histogram!(CONFIRM_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Every per-vhost series exists from the start (at 0), so dashboards and alerts see it.
+pub fn broker_registered(vhost: &str) {
+    broker_connected(vhost, false);
+    broker_blocked(vhost, false);
+    counter!(AMQP_RECONNECTS, "vhost" => vhost.to_owned()).increment(0);
 }
 
 pub fn broker_connected(vhost: &str, up: bool) {
@@ -243,4 +255,8 @@ pub fn ws_dropped() {
 
 pub fn ws_slow_consumer_closed() {
     counter!(WS_SLOW_CLOSES).increment(1);
+}
+
+pub fn idempotency_store_up(up: bool) {
+    gauge!(IDEMPOTENCY_STORE_UP).set(if up { 1.0 } else { 0.0 });
 }

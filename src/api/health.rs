@@ -44,6 +44,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .map(|b| b.health().report())
         .collect();
     let store = state.idempotency.store.ping().await;
+    telemetry::idempotency_store_up(store.is_ok());
     let idempotency = StoreReport {
         store: state.idempotency.store.kind(),
         ok: store.is_ok(),
@@ -68,6 +69,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for broker in state.tenants.brokers() {
         telemetry::pool_stats(broker.vhost(), broker.stats());
     }
+    telemetry::idempotency_store_up(state.idempotency.store.ping().await.is_ok());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         telemetry::prometheus().render(),

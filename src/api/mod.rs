@@ -29,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/publish", post(publish::publish))
         .route("/v1/publish/batch", post(publish::publish_batch))
         .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/demo", get(demo))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz));
     if state.config.server.metrics_listen.is_none() {
@@ -65,6 +66,17 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// A small page that connects with a token, subscribes, shows messages and publishes.
+async fn demo() -> impl IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("../../assets/demo.html"),
+    )
 }
 
 async fn not_found() -> ApiError {

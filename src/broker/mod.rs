@@ -92,6 +92,7 @@ impl Broker {
         amqp: &AmqpConfig,
     ) -> Result<Arc<Self>, BrokerError> {
         let health = Arc::new(Health::new(vhost));
+        telemetry::broker_registered(vhost);
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
         let connections =

@@ -491,4 +491,20 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_asyncapi_document_names_every_frame_type() {
+        let doc = include_str!("../../openapi/asyncapi.yaml");
+        for kind in CLIENT_FRAME_TYPES.iter().chain(SERVER_FRAME_TYPES) {
+            assert!(
+                doc.contains(&format!("type: {{ const: {kind} }}")),
+                "openapi/asyncapi.yaml lacks the {kind} frame"
+            );
+        }
+        // And every client type the list names is one the parser knows.
+        for kind in CLIENT_FRAME_TYPES {
+            let e = parse(&format!(r#"{{"type":"{kind}"}}"#)).unwrap_err();
+            assert!(!e.detail.contains("unknown frame type"), "{kind}");
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod batch;
 mod broker_faults;
 mod cli;
 mod common;
+mod deploy;
 mod idempotency;
 mod publish;
 mod shutdown;

@@ -529,3 +529,67 @@ async fn shutdown_closes_sockets_with_1001() {
     let stopped = tokio::time::timeout(Duration::from_secs(10), server.join()).await;
     assert!(matches!(stopped, Ok(Ok(()))));
 }
+
+#[tokio::test]
+async fn socket_subscription_and_origin_limits_hold() {
+    let tenant = unique("t");
+    let mut config = ws_config(&tenant, "amq.topic");
+    config.ws.max_sockets_per_tenant = 2;
+    config.ws.max_subscriptions = 1;
+    config.ws.allowed_origins = vec!["https://app.example".into()];
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "subscribe");
+
+    let mut first = connect(&server, &token).await;
+    let _second = connect(&server, &token).await;
+    let url = format!(
+        "{}/v1/ws?access_token={token}",
+        server.base.replace("http://", "ws://")
+    );
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        other => panic!("a third socket must be refused: {other:?}"),
+    }
+
+    assert_eq!(
+        subscribe(&mut first, "a", "amq.topic", "order.a").await["type"],
+        "subscribed"
+    );
+    let refused = subscribe(&mut first, "b", "amq.topic", "order.b").await;
+    assert_eq!(refused["code"], "invalid_request", "{refused}");
+    let duplicate = subscribe(&mut first, "a", "amq.topic", "order.c").await;
+    assert_eq!(duplicate["code"], "invalid_request", "{duplicate}");
+    send(&mut first, json!({"type": "unsubscribe", "id": "a"})).await;
+    assert_eq!(
+        recv(&mut first).await,
+        json!({"type": "unsubscribed", "id": "a"})
+    );
+    drop(first);
+
+    // A browser from an origin not on the list is refused; a listed one is let in.
+    let ok = eventually(Duration::from_secs(5), || async {
+        server.state.sockets.open() < 2
+    })
+    .await;
+    assert!(ok);
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        http::header::ORIGIN,
+        "https://evil.example".parse().unwrap(),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("a foreign origin must be refused: {other:?}"),
+    }
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert(http::header::ORIGIN, "https://app.example".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(request).await.is_ok());
+    server.shutdown().await.unwrap();
+}

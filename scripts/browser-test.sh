@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# End-to-end browser test: starts Warren, then drives its /demo page in headless
+# Chromium (Debian's package) with playwright-core. Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-services.sh
+
+if [[ ! -x /usr/bin/chromium ]]; then
+  echo "Installing Debian's chromium for the browser test..." >&2
+  if [[ $(id -u) -eq 0 ]]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --silent)
+
+cargo build --locked -q
+work=$(mktemp -d)
+pid=""
+cleanup() {
+  if [[ -n $pid ]]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/warren.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[amqp]
+url = "${WARREN_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"
+[auth]
+hs256_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[tenants.browser]
+vhost = "/"
+publish = [{ exchange = "amq.topic", routing_key = "demo.#" }]
+subscribe = [{ exchange = "amq.topic", routing_key = "demo.#" }]
+TOML
+target/debug/warren serve --config "$work/warren.toml" 2>"$work/warren.log" &
+pid=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/warren.log" >&2; exit 1; }
+token=$(target/debug/warren token --config "$work/warren.toml" --tenant browser --sub e2e --ttl 10m)
+
+WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" \
+  node --test tests/browser/ || { cat "$work/warren.log" >&2; exit 1; }

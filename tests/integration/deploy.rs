@@ -1,0 +1,104 @@
+//! The deploy/ artefacts against the running code: every Warren metric that an alert
+//! rule or the Grafana dashboard names is actually exported, and the shipped config
+//! passes `warren check-config`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(found) = text[i..].find("warren_") {
+        let start = i + found;
+        let preceded_by_word =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let mut end = start;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        if !preceded_by_word {
+            let name = &text[start..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            names.insert(base.to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_in_alerts_and_dashboards_is_exported() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut wanted = BTreeSet::new();
+    for file in [
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/dashboards/warren.json",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let names = metric_names(&text);
+        assert!(!names.is_empty(), "{file} names no warren_ metric");
+        wanted.extend(names);
+    }
+
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let _queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
+    let token = server.token(&tenant, "publish");
+    // Exercise the paths whose series appear on first use.
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": 1});
+    assert_eq!(server.publish(&token, &body).await.status, 202);
+    let keyed = server
+        .http
+        .post(format!("{}/v1/publish", server.base))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("idempotency-key", unique("k"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 202);
+    let exported = metric_names(&server.metrics().await);
+    let missing: Vec<&String> = wanted.difference(&exported).collect();
+    assert!(
+        missing.is_empty(),
+        "named in deploy/ but not exported: {missing:?}"
+    );
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
+
+#[test]
+fn the_shipped_configs_pass_check_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let secrets = root.join("deploy/warren/dev-secrets");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .current_dir(root)
+        .args(["check-config", "deploy/warren/warren.toml"])
+        .env(
+            "WARREN_AUTH__HS256_SECRET_FILE",
+            secrets.join("warren_hs256"),
+        )
+        .env("WARREN_AMQP__URL_FILE", secrets.join("warren_amqp_url"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
