@@ -6,15 +6,17 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use lapin::Channel;
 use lapin::options::ConfirmSelectOptions;
 
+use std::sync::Arc;
+
 use super::BrokerError;
-use super::ConnectionPool;
+use super::connection::Connections;
 
 pub struct ChannelManager {
-    connections: ConnectionPool,
+    connections: Arc<Connections>,
 }
 
 impl ChannelManager {
-    pub fn new(connections: ConnectionPool) -> Self {
+    pub fn new(connections: Arc<Connections>) -> Self {
         Self { connections }
     }
 }
@@ -24,11 +26,7 @@ impl managed::Manager for ChannelManager {
     type Error = BrokerError;
 
     async fn create(&self) -> Result<Channel, BrokerError> {
-        let connection = self
-            .connections
-            .get()
-            .await
-            .map_err(BrokerError::from_pool)?;
+        let connection = self.connections.pick().ok_or(BrokerError::NotConnected)?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

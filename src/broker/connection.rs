@@ -1,11 +1,13 @@
 //! AMQP connections for one vhost: URL failover, TLS, heartbeats, and a watcher that
 //! feeds `connection.blocked` and connection errors into the vhost's [`Health`].
+//!
+//! Connections are multiplexed, so they are shared, never checked out: channel opens,
+//! consumers and exchange checks all run on whichever live connection comes next.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use futures::StreamExt;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
@@ -17,7 +19,7 @@ use super::health::Health;
 use crate::config::{AmqpConfig, TlsConfig};
 
 /// Everything needed to open a connection to one vhost.
-pub struct ConnectionManager {
+pub struct Connector {
     uris: Vec<AMQPUri>,
     /// Where the next connection attempt starts, so a dead URL is not retried first forever.
     next: AtomicUsize,
@@ -27,7 +29,7 @@ pub struct ConnectionManager {
     health: Arc<Health>,
 }
 
-impl ConnectionManager {
+impl Connector {
     pub fn new(
         urls: &[String],
         vhost: &str,
@@ -97,11 +99,9 @@ impl ConnectionManager {
     }
 }
 
-impl managed::Manager for ConnectionManager {
-    type Type = Connection;
-    type Error = BrokerError;
-
-    async fn create(&self) -> Result<Connection, BrokerError> {
+impl Connector {
+    /// Opens one connection, trying each URL in turn from where the last success was.
+    pub async fn connect(&self) -> Result<Connection, BrokerError> {
         let start = self.next.load(Ordering::Relaxed);
         let mut last_error = BrokerError::Config("no broker URL configured".to_owned());
         for offset in 0..self.uris.len() {
@@ -135,17 +135,61 @@ impl managed::Manager for ConnectionManager {
             .store((start + 1) % self.uris.len(), Ordering::Relaxed);
         Err(last_error)
     }
+}
 
-    async fn recycle(
-        &self,
-        connection: &mut Connection,
-        _: &Metrics,
-    ) -> RecycleResult<BrokerError> {
-        if connection.status().connected() {
-            Ok(())
-        } else {
-            Err(RecycleError::message("connection is closed"))
+/// The live connections of one vhost, filled and pruned by the broker's supervisor.
+pub struct Connections {
+    live: RwLock<Vec<Arc<Connection>>>,
+    next: AtomicUsize,
+    pub target: usize,
+}
+
+impl Connections {
+    pub fn new(target: usize) -> Self {
+        Self {
+            live: RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            target,
         }
+    }
+
+    /// The next connected connection, round robin; `None` when none is up.
+    pub fn pick(&self) -> Option<Arc<Connection>> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        let n = live.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &live[(start + i) % n])
+            .find(|c| c.status().connected())
+            .cloned()
+    }
+
+    /// Drops closed connections; returns how many connected ones remain.
+    pub fn prune(&self) -> usize {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        live.retain(|c| c.status().connected());
+        live.len()
+    }
+
+    pub fn add(&self, connection: Connection) {
+        self.live
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(connection));
+    }
+
+    pub fn len(&self) -> usize {
+        self.live
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|c| c.status().connected())
+            .count()
+    }
+
+    /// Takes every connection out (for closing them).
+    pub fn drain(&self) -> Vec<Arc<Connection>> {
+        std::mem::take(&mut *self.live.write().unwrap_or_else(|e| e.into_inner()))
     }
 }
 

@@ -22,12 +22,11 @@ use tracing::{debug, warn};
 use crate::config::AmqpConfig;
 use crate::telemetry;
 use channel::ChannelManager;
-use connection::ConnectionManager;
+use connection::{Connections, Connector};
 pub use health::{Health, HealthReport};
 use publish::{AmqpFailure, classify, from_confirmation};
 pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
 
-pub type ConnectionPool = managed::Pool<ConnectionManager>;
 pub type ChannelPool = managed::Pool<ChannelManager>;
 
 /// Internal broker-layer failures; never shown to clients as such.
@@ -41,13 +40,18 @@ pub enum BrokerError {
     Config(String),
     #[error("{0}")]
     Pool(String),
+    #[error("no open connection to the broker")]
+    NotConnected,
+    #[error("every pooled channel stayed busy")]
+    PoolExhausted,
 }
 
 impl BrokerError {
     fn from_pool(error: PoolError<BrokerError>) -> Self {
         match error {
             PoolError::Backend(e) => e,
-            PoolError::Timeout(_) => Self::Timeout("waiting for a pooled broker connection"),
+            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => Self::PoolExhausted,
+            PoolError::Timeout(_) => Self::Timeout("opening a channel"),
             other => Self::Pool(other.to_string()),
         }
     }
@@ -61,7 +65,8 @@ const EXCHANGE_CACHE_MAX: usize = 10_000;
 pub struct Broker {
     vhost: String,
     health: Arc<Health>,
-    connections: ConnectionPool,
+    connector: Connector,
+    connections: Arc<Connections>,
     channels: ChannelPool,
     inflight: Arc<Semaphore>,
     max_inflight: usize,
@@ -95,17 +100,8 @@ impl Broker {
         telemetry::broker_registered(vhost);
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
-        let connections =
-            managed::Pool::builder(ConnectionManager::new(urls, vhost, amqp, health.clone())?)
-                .max_size(amqp.connections_per_vhost)
-                .timeouts(Timeouts {
-                    wait: Some(acquire_timeout),
-                    create: Some(connect_timeout),
-                    recycle: Some(connect_timeout),
-                })
-                .runtime(deadpool::Runtime::Tokio1)
-                .build()
-                .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let connector = Connector::new(urls, vhost, amqp, health.clone())?;
+        let connections = Arc::new(Connections::new(amqp.connections_per_vhost));
         let channels = managed::Pool::builder(ChannelManager::new(connections.clone()))
             .max_size(amqp.channels_per_vhost)
             .timeouts(Timeouts {
@@ -119,6 +115,7 @@ impl Broker {
         let broker = Arc::new(Self {
             vhost: vhost.to_owned(),
             health,
+            connector,
             connections,
             channels,
             inflight: Arc::new(Semaphore::new(amqp.max_inflight_confirms)),
@@ -147,7 +144,7 @@ impl Broker {
     pub fn stats(&self) -> PoolStats {
         let channels = self.channels.status();
         PoolStats {
-            connections: self.connections.status().size,
+            connections: self.connections.len(),
             channels_open: channels.size,
             channels_idle: channels.available,
             inflight_confirms: self
@@ -167,7 +164,11 @@ impl Broker {
             handle.abort();
         }
         self.channels.close();
-        self.connections.close();
+        for connection in self.connections.drain() {
+            tokio::spawn(async move {
+                let _ = connection.close(200, "warren shutting down".into()).await;
+            });
+        }
     }
 
     /// A fresh channel for consuming (not from the publish pool, not in confirm mode).
@@ -179,9 +180,8 @@ impl Broker {
                 unavailable.retry_after,
             ));
         }
-        let connection = match self.connections.get().await {
-            Ok(connection) => connection,
-            Err(error) => return Err(self.acquire_failed(&BrokerError::from_pool(error))),
+        let Some(connection) = self.connections.pick() else {
+            return Err(self.acquire_failed(&BrokerError::NotConnected));
         };
         connection
             .create_channel()
@@ -208,7 +208,7 @@ impl Broker {
         self.check_exchanges(messages, &mut results).await;
 
         let acquire_deadline = tokio::time::Instant::now() + self.acquire_timeout;
-        let mut pending: Vec<Pending> = Vec::with_capacity(messages.len());
+        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(messages.len());
         let mut channel: Option<managed::Object<ChannelManager>> = None;
         for (index, message) in messages.iter().enumerate() {
             if results[index].is_some() {
@@ -244,44 +244,67 @@ impl Broker {
                 },
             };
             let started = Instant::now();
-            let sent = ch
-                .basic_publish(
-                    message.exchange.as_str().into(),
-                    message.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: message.mandatory,
-                        immediate: false,
-                    },
-                    &message.body,
-                    message.properties.clone(),
-                )
-                .await;
-            match sent {
-                Ok(confirm) => {
+            // basic_publish registers the confirm and queues the frames on its first
+            // poll; only the write itself is awaited after that. So the pooled channel
+            // is needed for one poll, not for the round trip through lapin's I/O loop.
+            let lapin_channel: lapin::Channel = (*ch).clone();
+            let on_channel = lapin_channel.clone();
+            let mut write: WriteFuture<'_> = Box::pin(async move {
+                on_channel
+                    .basic_publish(
+                        message.exchange.as_str().into(),
+                        message.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: message.mandatory,
+                            immediate: false,
+                        },
+                        &message.body,
+                        message.properties.clone(),
+                    )
+                    .await
+            });
+            match futures::poll!(write.as_mut()) {
+                std::task::Poll::Ready(Err(error)) => {
+                    // Refused before anything was queued: nothing was published.
+                    let _ = managed::Object::take(ch);
+                    results[index] = Some(Err(self.failure(&error, &message.exchange)));
+                }
+                std::task::Poll::Ready(Ok(confirm)) => {
                     pending.push(Pending {
                         index,
-                        confirm,
+                        write: Box::pin(std::future::ready(Ok(confirm))),
                         _permit: permit,
-                        channel: (*ch).clone(),
+                        channel: lapin_channel,
                         started,
                     });
                     channel = Some(ch);
                 }
-                Err(error) => {
-                    // The frame did not go out: nothing was published. Discard the channel.
-                    let _ = managed::Object::take(ch);
-                    results[index] = Some(Err(self.failure(&error, &message.exchange)));
+                std::task::Poll::Pending => {
+                    pending.push(Pending {
+                        index,
+                        write,
+                        _permit: permit,
+                        channel: lapin_channel,
+                        started,
+                    });
+                    channel = Some(ch);
                 }
             }
         }
-        // Back to the pool before awaiting confirms: others publish on it meanwhile.
+        // Back to the pool before awaiting writes and confirms: others publish on it.
         drop(channel);
 
         let confirm_deadline = tokio::time::Instant::now() + self.confirm_timeout;
         let confirmed = join_all(pending.into_iter().map(|p| {
             let message = &messages[p.index];
             async move {
-                let outcome = tokio::time::timeout_at(confirm_deadline, p.confirm).await;
+                let outcome = tokio::time::timeout_at(confirm_deadline, async {
+                    match p.write.await {
+                        Ok(confirm) => confirm.await,
+                        Err(error) => Err(error),
+                    }
+                })
+                .await;
                 let result = match outcome {
                     Ok(Ok(confirmation)) => from_confirmation(confirmation, message.mandatory),
                     Ok(Err(error)) => Err(self.failure(&error, &message.exchange)),
@@ -346,11 +369,7 @@ impl Broker {
             }
         }
         let check = async {
-            let connection = self
-                .connections
-                .get()
-                .await
-                .map_err(BrokerError::from_pool)?;
+            let connection = self.connections.pick().ok_or(BrokerError::NotConnected)?;
             let channel = connection.create_channel().await?;
             drop(connection);
             let declared = channel
@@ -396,7 +415,7 @@ impl Broker {
     /// No channel could be had: the link is down (or the pool is exhausted).
     fn acquire_failed(&self, error: &BrokerError) -> PublishError {
         match error {
-            BrokerError::Timeout(what) if what.contains("pooled") => PublishError::unavailable(
+            BrokerError::PoolExhausted => PublishError::unavailable(
                 "all broker channels are busy (amqp.channels_per_vhost)",
                 Duration::from_secs(1),
             ),
@@ -431,13 +450,28 @@ impl Broker {
         }
     }
 
-    /// One reconnect probe: get (or open) a pooled connection.
+    /// One probe: drop dead connections and open missing ones. Up while at least one
+    /// connection is; the error of the last failed attempt otherwise.
     async fn probe(&self) -> Result<(), BrokerError> {
-        self.connections
-            .get()
-            .await
-            .map(drop)
-            .map_err(BrokerError::from_pool)
+        let mut live = self.connections.prune();
+        let mut last_error = None;
+        while live < self.connections.target {
+            match self.connector.connect().await {
+                Ok(connection) => {
+                    self.connections.add(connection);
+                    live += 1;
+                }
+                Err(error) => {
+                    last_error = Some(error);
+                    break;
+                }
+            }
+        }
+        match (live, last_error) {
+            (0, Some(error)) => Err(error),
+            (0, None) => Err(BrokerError::NotConnected),
+            _ => Ok(()),
+        }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -451,9 +485,13 @@ impl Broker {
     }
 }
 
-struct Pending {
+/// Writing a publish's frames, then its confirm.
+type WriteFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'a>>;
+
+struct Pending<'a> {
     index: usize,
-    confirm: PublisherConfirm,
+    write: WriteFuture<'a>,
     _permit: OwnedSemaphorePermit,
     channel: lapin::Channel,
     started: Instant,
