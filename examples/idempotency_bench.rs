@@ -17,6 +17,10 @@ use tokio::net::TcpListener;
 use warren::auth::{TokenRequest, mint};
 use warren::config::{Config, StoreKind};
 
+/// The same allocator as the `warren` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SECRET: &str = "benchmark-secret-benchmark-secret-0123";
 
 async fn start(store: StoreKind, exchange: &str) -> anyhow::Result<(String, String)> {
