@@ -46,6 +46,8 @@ pub struct Config {
     #[serde(default)]
     pub ws: WsConfig,
     #[serde(default)]
+    pub dynamic_tenants: DynamicTenantsConfig,
+    #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
 }
 
@@ -277,6 +279,57 @@ impl Default for WsConfig {
     }
 }
 
+/// Per-tenant quotas; unset means unlimited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages per second (token bucket; bursts up to one second's worth).
+    pub publish_rate: Option<f64>,
+    /// Message body bytes per second (token bucket, same burst rule).
+    pub publish_bytes_rate: Option<f64>,
+    /// Publishes awaiting their confirm at once.
+    pub max_inflight_publishes: Option<usize>,
+    /// Open WebSockets; overrides ws.max_sockets_per_tenant for this tenant.
+    pub max_websockets: Option<usize>,
+}
+
+/// Tenants that are not listed under [tenants], for SaaS with many customers: any
+/// tenant id in a valid token maps to `vhost_template` with the default grants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamicTenantsConfig {
+    pub enabled: bool,
+    /// `{tenant}` is replaced by the tenant id, e.g. `t-{tenant}`.
+    pub vhost_template: String,
+    /// Broker URL with the credentials used for dynamic vhosts (else the shared ones).
+    pub amqp_url: Option<String>,
+    pub amqp_url_file: Option<PathBuf>,
+    pub publish: Vec<GrantConfig>,
+    pub subscribe: Vec<GrantConfig>,
+    pub limits: LimitsConfig,
+    /// Open pools (one per dynamic vhost) at most; the least recently used idle one is
+    /// closed to make room.
+    pub max_pools: usize,
+    /// A dynamic tenant's pool with no traffic for this long is closed.
+    pub pool_idle_s: u64,
+}
+
+impl Default for DynamicTenantsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            vhost_template: "t-{tenant}".to_owned(),
+            amqp_url: None,
+            amqp_url_file: None,
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            limits: LimitsConfig::default(),
+            max_pools: 1000,
+            pool_idle_s: 300,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -288,6 +341,8 @@ pub struct TenantConfig {
     pub publish: Vec<GrantConfig>,
     #[serde(default)]
     pub subscribe: Vec<GrantConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -305,6 +360,19 @@ pub struct Resolved {
     pub hs256_secret: Vec<u8>,
     pub broker_urls: Vec<String>,
     pub tenants: BTreeMap<String, ResolvedTenant>,
+    pub dynamic: Option<ResolvedDynamic>,
+}
+
+/// The template every dynamic tenant is made from.
+#[derive(Debug, Clone)]
+pub struct ResolvedDynamic {
+    pub vhost_template: String,
+    pub urls: Vec<String>,
+    pub publish: Vec<Grant>,
+    pub subscribe: Vec<Grant>,
+    pub limits: LimitsConfig,
+    pub max_pools: usize,
+    pub pool_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +383,7 @@ pub struct ResolvedTenant {
     pub urls: Vec<String>,
     pub publish: Vec<Grant>,
     pub subscribe: Vec<Grant>,
+    pub limits: LimitsConfig,
 }
 
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
@@ -368,6 +437,7 @@ impl Config {
                 amqp_url_file: None,
                 publish: full(),
                 subscribe: full(),
+                limits: LimitsConfig::default(),
             },
         );
         Self {
@@ -386,6 +456,7 @@ impl Config {
             log: LogConfig::default(),
             idempotency: IdempotencyConfig::default(),
             ws: WsConfig::default(),
+            dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
         }
     }
@@ -537,10 +608,10 @@ impl Config {
             ));
         }
 
-        if self.tenants.is_empty() {
+        if self.tenants.is_empty() && !self.dynamic_tenants.enabled {
             return Err(ConfigError::invalid(
                 "tenants",
-                "at least one [tenants.<name>] table is required",
+                "at least one [tenants.<name>] table is required (or [dynamic_tenants] enabled)",
             ));
         }
         let mut tenants = BTreeMap::new();
@@ -575,14 +646,62 @@ impl Config {
                     urls,
                     publish: compile_grants(&format!("{prefix}.publish"), &t.publish)?,
                     subscribe: compile_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
+                    limits: check_limits(&format!("{prefix}.limits"), &t.limits)?,
                 },
             );
         }
+        let dynamic = self.resolve_dynamic(&broker_urls)?;
         Ok(Resolved {
             hs256_secret,
             broker_urls,
             tenants,
+            dynamic,
         })
+    }
+
+    fn resolve_dynamic(
+        &self,
+        broker_urls: &[String],
+    ) -> Result<Option<ResolvedDynamic>, ConfigError> {
+        let d = &self.dynamic_tenants;
+        if !d.enabled {
+            return Ok(None);
+        }
+        if !d.vhost_template.contains("{tenant}") {
+            return Err(ConfigError::invalid(
+                "dynamic_tenants.vhost_template",
+                "must contain {tenant}, or every dynamic tenant would share one vhost",
+            ));
+        }
+        if d.max_pools == 0 || d.pool_idle_s == 0 {
+            return Err(ConfigError::invalid(
+                "dynamic_tenants.max_pools",
+                "max_pools and pool_idle_s must be greater than 0",
+            ));
+        }
+        let urls = match (&d.amqp_url, &d.amqp_url_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "dynamic_tenants.amqp_url_file",
+                    "set either amqp_url or amqp_url_file, not both",
+                ));
+            }
+            (Some(url), None) => vec![check_url("dynamic_tenants.amqp_url", url)?],
+            (None, Some(path)) => {
+                let url = read_file("dynamic_tenants.amqp_url_file", path)?;
+                vec![check_url("dynamic_tenants.amqp_url_file", url.trim())?]
+            }
+            (None, None) => broker_urls.to_vec(),
+        };
+        Ok(Some(ResolvedDynamic {
+            vhost_template: d.vhost_template.clone(),
+            urls,
+            publish: compile_grants("dynamic_tenants.publish", &d.publish)?,
+            subscribe: compile_grants("dynamic_tenants.subscribe", &d.subscribe)?,
+            limits: check_limits("dynamic_tenants.limits", &d.limits)?,
+            max_pools: d.max_pools,
+            pool_idle: Duration::from_secs(d.pool_idle_s),
+        }))
     }
 
     fn broker_urls(&self) -> Result<Vec<String>, ConfigError> {
@@ -632,6 +751,32 @@ fn compile_grants(key: &str, grants: &[GrantConfig]) -> Result<Vec<Grant>, Confi
             Ok(Grant::new(g.exchange.clone(), pattern))
         })
         .collect()
+}
+
+fn check_limits(key: &str, limits: &LimitsConfig) -> Result<LimitsConfig, ConfigError> {
+    for (name, rate) in [
+        ("publish_rate", limits.publish_rate),
+        ("publish_bytes_rate", limits.publish_bytes_rate),
+    ] {
+        if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(ConfigError::invalid(
+                format!("{key}.{name}"),
+                "must be a positive number",
+            ));
+        }
+    }
+    for (name, max) in [
+        ("max_inflight_publishes", limits.max_inflight_publishes),
+        ("max_websockets", limits.max_websockets),
+    ] {
+        if max == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{key}.{name}"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    Ok(limits.clone())
 }
 
 fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {

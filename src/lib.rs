@@ -59,8 +59,11 @@ impl App {
         let resolved = config.resolve()?;
         telemetry::prometheus();
         let verifier = Verifier::new(&config.auth, &resolved.hs256_secret);
-        let tenants = Tenants::start(resolved.tenants.values().cloned(), &config.amqp)
-            .context("cannot set up the broker pools")?;
+        let tenants =
+            Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;
+        if let Some(dynamic) = &resolved.dynamic {
+            spawn_idle_pool_closer(&tenants, dynamic.pool_idle);
+        }
         let store = Store::connect(&config.idempotency).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
         Ok(AppState(Arc::new(App {
@@ -96,6 +99,22 @@ impl App {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
+}
+
+/// Closes idle dynamic-tenant pools in the background, until the app is gone.
+fn spawn_idle_pool_closer(tenants: &Tenants, idle: Duration) {
+    let pools = Arc::downgrade(tenants.pools_handle());
+    let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            match pools.upgrade() {
+                Some(pools) => pools.close_idle(),
+                None => return,
+            }
+        }
+    });
 }
 
 /// Marks one request in flight; see [`App::track_request`].

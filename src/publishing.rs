@@ -11,6 +11,7 @@ use crate::error::ApiError;
 use crate::idempotency::IdempotencyKey;
 use crate::telemetry;
 use crate::tenancy::Tenant;
+use crate::tenancy::quota::Admitted;
 
 /// Publishes one message; `Ok` only once the broker confirmed it.
 pub async fn publish_one(
@@ -23,7 +24,9 @@ pub async fn publish_one(
         .prepare(trace, message_id)
         .map_err(ApiError::InvalidRequest)?;
     authorize(tenant, &prepared)?;
-    let result = tenant.broker.publish(&prepared.message).await;
+    let _admitted = admit(tenant, 1, prepared.message.body.len())?;
+    let broker = tenant.broker().await?;
+    let result = broker.publish(&prepared.message).await;
     accepted(tenant, prepared, result)
 }
 
@@ -66,7 +69,10 @@ pub async fn publish_batch(
         }
     }
     let messages: Vec<_> = allowed.iter().map(|(_, p)| p.message.clone()).collect();
-    let outcomes = tenant.broker.publish_all(&messages).await;
+    let bytes = messages.iter().map(|m| m.body.len()).sum();
+    let _admitted = admit(tenant, messages.len(), bytes)?;
+    let broker = tenant.broker().await?;
+    let outcomes = broker.publish_all(&messages).await;
     for ((index, item), outcome) in allowed.into_iter().zip(outcomes) {
         let message_id = item.message_id.clone();
         results[index] = Some(match accepted(tenant, item, outcome) {
@@ -92,7 +98,15 @@ fn authorize(tenant: &Tenant, prepared: &Prepared) -> Result<(), ApiError> {
     let m = &prepared.message;
     tenant
         .authorize_publish(&m.exchange, &m.routing_key)
-        .inspect_err(|_| telemetry::publish_outcome(&tenant.name, "forbidden"))
+        .inspect_err(|_| telemetry::publish_outcome(&tenant.metrics_label, "forbidden"))
+}
+
+/// The tenant's quotas, checked after validation and grants and before the broker.
+fn admit(tenant: &Tenant, messages: usize, bytes: usize) -> Result<Admitted, ApiError> {
+    tenant
+        .quota
+        .admit(&tenant.name, messages, bytes)
+        .inspect_err(|_| telemetry::publish_outcome(&tenant.metrics_label, "rate_limited"))
 }
 
 fn accepted(
@@ -102,7 +116,7 @@ fn accepted(
 ) -> Result<PublishAccepted, ApiError> {
     match result {
         Ok(published) => {
-            telemetry::publish_outcome(&tenant.name, "acked");
+            telemetry::publish_outcome(&tenant.metrics_label, "acked");
             Ok(PublishAccepted {
                 message_id: prepared.message_id,
                 exchange: prepared.message.exchange,
@@ -111,7 +125,7 @@ fn accepted(
             })
         }
         Err(error) => {
-            telemetry::publish_outcome(&tenant.name, error.outcome());
+            telemetry::publish_outcome(&tenant.metrics_label, error.outcome());
             Err(error.into())
         }
     }

@@ -25,6 +25,12 @@ pub const AMQP_CONNECTIONS: &str = "warren_amqp_connections";
 pub const AMQP_CHANNELS: &str = "warren_amqp_channels";
 pub const AMQP_INFLIGHT: &str = "warren_amqp_inflight_confirms";
 pub const BUILD_INFO: &str = "warren_build_info";
+pub const AMQP_POOLS: &str = "warren_amqp_dynamic_pools";
+pub const AMQP_POOLS_OPENED: &str = "warren_amqp_dynamic_pools_opened_total";
+pub const AMQP_POOLS_CLOSED: &str = "warren_amqp_dynamic_pools_closed_total";
+pub const RATE_LIMITED: &str = "warren_rate_limited_total";
+/// The `tenant` label of tenants that are not configured (bounded cardinality).
+pub const DYNAMIC_TENANT_LABEL: &str = "_dynamic";
 pub const WS_CONNECTIONS: &str = "warren_ws_connections";
 pub const WS_SUBSCRIPTIONS: &str = "warren_ws_subscriptions";
 pub const WS_FRAMES: &str = "warren_ws_frames_total";
@@ -126,6 +132,25 @@ fn describe() {
         IDEMPOTENCY_STORE_UP,
         "1 when the idempotency store answered its last check (at scrape and readiness)."
     );
+    describe_gauge!(
+        AMQP_POOLS,
+        "Open broker pools of dynamic tenants (one per vhost)."
+    );
+    describe_counter!(
+        AMQP_POOLS_OPENED,
+        "Dynamic tenant pools opened on first use."
+    );
+    describe_counter!(
+        AMQP_POOLS_CLOSED,
+        "Dynamic tenant pools closed (idle, or to make room under max_pools)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a tenant quota, by tenant and limit."
+    );
+    gauge!(AMQP_POOLS).set(0.0);
+    counter!(AMQP_POOLS_OPENED).increment(0);
+    counter!(AMQP_POOLS_CLOSED).increment(0);
     describe_gauge!(WS_CONNECTIONS, "Open WebSocket sessions.");
     describe_gauge!(
         WS_SUBSCRIPTIONS,

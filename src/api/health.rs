@@ -66,7 +66,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 
 /// Prometheus text; pool gauges are refreshed now, at scrape time.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    for broker in state.tenants.brokers() {
+    for broker in state.tenants.brokers().iter().filter(|b| b.has_metrics()) {
         telemetry::pool_stats(broker.vhost(), broker.stats());
     }
     telemetry::idempotency_store_up(state.idempotency.store.ping().await.is_ok());

@@ -187,9 +187,7 @@ pub fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, 
     let token =
         token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
     let claims = state.verifier.verify(token)?;
-    let tenant = state.tenants.get(&claims.tenant).ok_or_else(|| {
-        ApiError::Forbidden(format!("tenant {:?} is not configured", claims.tenant))
-    })?;
+    let tenant = state.tenants.get(&claims.tenant)?;
     Ok(Principal {
         tenant,
         subject: claims.subject,

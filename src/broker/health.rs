@@ -19,6 +19,10 @@ pub struct Health {
     detail: Mutex<Detail>,
     /// Wakes the supervisor when a publish path notices the link is gone.
     pub(super) kick: Notify,
+    /// Follows `connected`, for callers that wait for a fresh pool to come up.
+    up: tokio::sync::watch::Sender<bool>,
+    /// Per-vhost gauges only for vhosts with a bounded label (configured tenants).
+    metrics: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +54,7 @@ pub struct HealthReport {
 const BLOCKED_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 impl Health {
-    pub fn new(vhost: &str) -> Self {
+    pub fn new(vhost: &str, metrics: bool) -> Self {
         Self {
             vhost: vhost.to_owned(),
             connected: AtomicBool::new(false),
@@ -61,7 +65,18 @@ impl Health {
                 next_attempt: Instant::now(),
             }),
             kick: Notify::new(),
+            up: tokio::sync::watch::channel(false).0,
+            metrics,
         }
+    }
+
+    /// Waits until the link is up, at most `timeout`; says whether it is.
+    pub async fn wait_up(&self, timeout: Duration) -> bool {
+        let mut up = self.up.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, up.wait_for(|up| *up)).await,
+            Ok(Ok(_))
+        )
     }
 
     pub fn vhost(&self) -> &str {
@@ -110,7 +125,10 @@ impl Health {
         }
         if self.connected.swap(false, Ordering::AcqRel) {
             warn!(vhost = %self.vhost, %reason, "Broker link down; publishes answer 503 until it is back.");
-            telemetry::broker_connected(&self.vhost, false);
+            self.up.send_replace(false);
+            if self.metrics {
+                telemetry::broker_connected(&self.vhost, false);
+            }
         }
         self.blocked.store(false, Ordering::Release);
         self.kick.notify_one();
@@ -123,7 +141,10 @@ impl Health {
         }
         if !self.connected.swap(true, Ordering::AcqRel) {
             info!(vhost = %self.vhost, "Broker link up.");
-            telemetry::broker_connected(&self.vhost, true);
+            self.up.send_replace(true);
+            if self.metrics {
+                telemetry::broker_connected(&self.vhost, true);
+            }
         }
     }
 
@@ -135,7 +156,9 @@ impl Health {
         let blocked = reason.is_some();
         self.detail().blocked_reason = reason;
         self.blocked.store(blocked, Ordering::Release);
-        telemetry::broker_blocked(&self.vhost, blocked);
+        if self.metrics {
+            telemetry::broker_blocked(&self.vhost, blocked);
+        }
     }
 
     pub fn report(&self) -> HealthReport {

@@ -77,6 +77,18 @@ pub struct Broker {
     exchange_ttl: Duration,
     exchanges: Mutex<HashMap<String, Instant>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
+    /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
+    holds: Arc<std::sync::atomic::AtomicUsize>,
+    metrics: bool,
+}
+
+/// Keeps a broker pool open while held; see [`Broker::hold`].
+pub struct BrokerHold(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BrokerHold {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Pool sizes and use, read at scrape time.
@@ -91,13 +103,18 @@ pub struct PoolStats {
 impl Broker {
     /// Builds the pools for `vhost` and starts the supervisor, which connects in the
     /// background; until then publishes answer 503.
+    /// `metrics`: export per-vhost series (only for configured tenants' vhosts, so the
+    /// label set stays bounded).
     pub fn start(
         urls: &[String],
         vhost: &str,
         amqp: &AmqpConfig,
+        metrics: bool,
     ) -> Result<Arc<Self>, BrokerError> {
-        let health = Arc::new(Health::new(vhost));
-        telemetry::broker_registered(vhost);
+        let health = Arc::new(Health::new(vhost, metrics));
+        if metrics {
+            telemetry::broker_registered(vhost);
+        }
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
         let connector = Connector::new(urls, vhost, amqp, health.clone())?;
@@ -127,6 +144,8 @@ impl Broker {
             exchange_ttl: Duration::from_secs(amqp.exchange_cache_ttl_s),
             exchanges: Mutex::new(HashMap::new()),
             supervisor: Mutex::new(None),
+            holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            metrics,
         });
         let handle = tokio::spawn(supervise(Arc::downgrade(&broker)));
         *broker.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
@@ -139,6 +158,23 @@ impl Broker {
 
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// Marks a long-lived user of this pool (a consumer) until the guard drops.
+    pub fn hold(&self) -> BrokerHold {
+        self.holds.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        BrokerHold(self.holds.clone())
+    }
+
+    /// Nothing in flight and nobody holding it: safe to close.
+    pub fn is_idle(&self) -> bool {
+        self.holds.load(std::sync::atomic::Ordering::Acquire) == 0
+            && self.inflight.available_permits() == self.max_inflight
+    }
+
+    /// Whether this pool exports per-vhost metrics.
+    pub fn has_metrics(&self) -> bool {
+        self.metrics
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -505,7 +541,7 @@ async fn supervise(broker: Weak<Broker>) {
         let Some(b) = broker.upgrade() else { return };
         match b.probe().await {
             Ok(()) => {
-                if ever_connected && !b.health.is_connected() {
+                if ever_connected && !b.health.is_connected() && b.metrics {
                     telemetry::broker_reconnected(&b.vhost);
                 }
                 ever_connected = true;

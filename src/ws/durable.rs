@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::Outgoing;
 use super::protocol::MessageFrame;
+use crate::broker::{Broker, BrokerHold};
 use crate::error::ApiError;
 use crate::tenancy::Tenant;
 
@@ -22,6 +23,7 @@ pub struct Durable {
     channel: lapin::Channel,
     task: JoinHandle<()>,
     pub queue: String,
+    _hold: BrokerHold,
 }
 
 /// The broker queue behind a durable subscription name: scoped by tenant, so two
@@ -57,9 +59,10 @@ impl Durable {
         request: DurableRequest<'_>,
         sink: mpsc::Sender<Outgoing>,
     ) -> Result<Self, ApiError> {
-        let broker = &tenant.broker;
+        let broker = tenant.broker().await?;
+        let hold = broker.hold();
         let channel = broker.consumer_channel().await?;
-        let result = Self::setup(tenant, &channel, &request).await;
+        let result = Self::setup(&broker, &channel, &request).await;
         let consumer = match result {
             Ok(consumer) => consumer,
             Err(e) => {
@@ -74,15 +77,16 @@ impl Durable {
             channel,
             task,
             queue: request.queue,
+            _hold: hold,
         })
     }
 
     async fn setup(
-        tenant: &Tenant,
+        broker: &Broker,
         channel: &lapin::Channel,
         request: &DurableRequest<'_>,
     ) -> Result<lapin::Consumer, ApiError> {
-        let fail = |e: lapin::Error| ApiError::from(tenant.broker.failure(&e, request.exchange));
+        let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, request.exchange));
         channel
             .basic_qos(request.prefetch, BasicQosOptions::default())
             .await

@@ -31,6 +31,8 @@ struct Topic {
     channel: lapin::Channel,
     consumer_tag: String,
     subscribers: std::sync::Mutex<HashMap<u64, Subscriber>>,
+    /// Keeps a lazily opened pool from being closed under the consumer.
+    _hold: crate::broker::BrokerHold,
 }
 
 #[derive(Clone)]
@@ -145,7 +147,7 @@ async fn create(
     binding_key: &str,
     max_queue_length: u32,
 ) -> Result<(Topic, lapin::Consumer), ApiError> {
-    let broker = &tenant.broker;
+    let broker = tenant.broker().await?;
     let channel = broker.consumer_channel().await?;
     let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, exchange));
     let mut arguments = FieldTable::default();
@@ -199,6 +201,7 @@ async fn create(
         channel,
         consumer_tag,
         subscribers: std::sync::Mutex::new(HashMap::new()),
+        _hold: broker.hold(),
     };
     Ok((topic, consumer))
 }

@@ -56,7 +56,7 @@ impl Sockets {
         if *count >= max {
             return Err(ApiError::RateLimited {
                 detail: format!(
-                    "tenant {tenant:?} already has {max} open WebSockets (ws.max_sockets_per_tenant)"
+                    "tenant {tenant:?} already has {max} open WebSockets (limits.max_websockets or ws.max_sockets_per_tenant)"
                 ),
                 retry_after: Duration::from_secs(5),
             });
@@ -138,10 +138,12 @@ fn admit(
     let upgrade = upgrade.map_err(|e| {
         ApiError::InvalidRequest(format!("GET /v1/ws needs a WebSocket upgrade: {e}"))
     })?;
-    let guard =
-        state
-            .sockets
-            .admit(state, &principal.tenant.name, config.max_sockets_per_tenant)?;
+    let max = principal
+        .tenant
+        .quota
+        .max_websockets
+        .unwrap_or(config.max_sockets_per_tenant);
+    let guard = state.sockets.admit(state, &principal.tenant.name, max)?;
     let state = state.clone();
     Ok(upgrade
         .protocols([SUBPROTOCOL])

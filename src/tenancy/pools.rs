@@ -1,0 +1,138 @@
+//! Lazily opened broker pools for dynamic tenants: one per vhost, opened on first use,
+//! closed when idle for `dynamic_tenants.pool_idle_s`, at most `max_pools` at once.
+//! Opening one never holds up other tenants: the registry lock covers map updates only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge};
+use tracing::info;
+
+use crate::broker::Broker;
+use crate::config::AmqpConfig;
+use crate::error::ApiError;
+use crate::telemetry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub urls: Vec<String>,
+    pub vhost: String,
+}
+
+struct Entry {
+    broker: Arc<Broker>,
+    last_used: Instant,
+}
+
+pub struct Pools {
+    amqp: AmqpConfig,
+    max: usize,
+    idle: Duration,
+    open: Mutex<HashMap<PoolKey, Entry>>,
+}
+
+impl Pools {
+    pub fn new(amqp: &AmqpConfig, max: usize, idle: Duration) -> Self {
+        Self {
+            amqp: amqp.clone(),
+            max,
+            idle,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Entry>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pool for `key`, opened if needed; a fresh pool is waited for (at most the
+    /// connect timeout) so the first request does not fail while it connects.
+    pub async fn get(&self, key: &PoolKey) -> Result<Arc<Broker>, ApiError> {
+        let (broker, fresh) = {
+            let mut open = self.lock();
+            if let Some(entry) = open.get_mut(key) {
+                entry.last_used = Instant::now();
+                (entry.broker.clone(), false)
+            } else {
+                if open.len() >= self.max && !evict_lru(&mut open) {
+                    return Err(ApiError::BrokerUnavailable {
+                        detail: format!(
+                            "all {} dynamic tenant pools are busy (dynamic_tenants.max_pools)",
+                            self.max
+                        ),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+                let broker = Broker::start(&key.urls, &key.vhost, &self.amqp, false)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                open.insert(
+                    key.clone(),
+                    Entry {
+                        broker: broker.clone(),
+                        last_used: Instant::now(),
+                    },
+                );
+                counter!(telemetry::AMQP_POOLS_OPENED).increment(1);
+                gauge!(telemetry::AMQP_POOLS).set(open.len() as f64);
+                (broker, true)
+            }
+        };
+        if fresh {
+            let timeout = Duration::from_millis(self.amqp.connect_timeout_ms);
+            broker.health().wait_up(timeout).await;
+        }
+        Ok(broker)
+    }
+
+    /// Closes pools idle for longer than the idle time. Called periodically.
+    pub fn close_idle(&self) {
+        let mut open = self.lock();
+        let idle = self.idle;
+        let before = open.len();
+        open.retain(|key, entry| {
+            let keep = entry.last_used.elapsed() < idle || !entry.broker.is_idle();
+            if !keep {
+                info!(vhost = %key.vhost, "Closing an idle dynamic tenant pool.");
+                entry.broker.close();
+            }
+            keep
+        });
+        let closed = before - open.len();
+        if closed > 0 {
+            counter!(telemetry::AMQP_POOLS_CLOSED).increment(closed as u64);
+        }
+        gauge!(telemetry::AMQP_POOLS).set(open.len() as f64);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn close_all(&self) {
+        for (_, entry) in self.lock().drain() {
+            entry.broker.close();
+        }
+    }
+}
+
+/// Closes the least recently used idle pool; `false` if every pool is busy.
+fn evict_lru(open: &mut HashMap<PoolKey, Entry>) -> bool {
+    let victim = open
+        .iter()
+        .filter(|(_, e)| e.broker.is_idle())
+        .min_by_key(|(_, e)| e.last_used)
+        .map(|(k, _)| k.clone());
+    match victim.and_then(|key| open.remove(&key)) {
+        Some(entry) => {
+            entry.broker.close();
+            counter!(telemetry::AMQP_POOLS_CLOSED).increment(1);
+            true
+        }
+        None => false,
+    }
+}
