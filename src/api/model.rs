@@ -215,7 +215,7 @@ impl PublishRequest {
             message: OutgoingMessage {
                 exchange: self.exchange,
                 routing_key: self.routing_key,
-                body,
+                body: body.into(),
                 properties,
                 mandatory: self.mandatory.unwrap_or(true),
             },
@@ -303,7 +303,7 @@ mod tests {
     #[test]
     fn json_payload_is_published_verbatim() {
         let p = prepare(r#"{"exchange":"e","routing_key":"k","payload": {"id": 42 }}"#).unwrap();
-        assert_eq!(p.message.body, br#"{"id": 42 }"#);
+        assert_eq!(&p.message.body[..], br#"{"id": 42 }"#);
         assert_eq!(
             p.message
                 .properties
@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn body_kinds_and_exclusivity() {
         let p = prepare(r#"{"exchange":"e","routing_key":"k","body":"hi"}"#).unwrap();
-        assert_eq!(p.message.body, b"hi");
+        assert_eq!(&p.message.body[..], b"hi");
         let p = prepare(r#"{"exchange":"e","routing_key":"k","body_base64":"AAEC"}"#).unwrap();
         assert_eq!(p.message.body, vec![0, 1, 2]);
         assert!(prepare(r#"{"exchange":"e","routing_key":"k"}"#).is_err());

@@ -1,15 +1,69 @@
-//! Pool of confirm-mode channels over a vhost's connections. A channel is borrowed
-//! only while a publish frame is written; confirms are awaited after it is returned,
-//! so many publishes are in flight on each channel at once.
+//! Pool of confirm-mode channels over a vhost's connections, each with a confirm
+//! sequencer. A channel is borrowed only to queue a publish; its confirms are then
+//! tracked in publish order by the channel's sequencer, which also attributes
+//! `basic.return`s to the message they belong to.
+//!
+//! Why the sequencer: lapin hands a returned message to whichever confirm resolves
+//! next, not to the message it returns. With many publishes in flight per channel, an
+//! ack for an earlier routed message (or a multiple-ack) can carry a later message's
+//! return, so "unroutable" would land on the wrong request. The broker always sends a
+//! message's return before its ack, so by the time a message's confirm resolves, its
+//! return has been attached to some confirm that is already resolved: the sequencer
+//! looks at all of those and matches returns by (message id, exchange, routing key).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use lapin::Channel;
+use futures::FutureExt;
 use lapin::options::ConfirmSelectOptions;
-
-use std::sync::Arc;
+use lapin::{Channel, Confirmation, PublisherConfirm};
+use tokio::sync::{mpsc, oneshot};
 
 use super::BrokerError;
 use super::connection::Connections;
+
+/// What identifies a returned message: equal keys route alike, so a mix-up between
+/// two messages with the same key cannot change any answer.
+pub type ReturnKey = (String, String, String);
+
+pub fn return_key(message_id: &str, exchange: &str, routing_key: &str) -> ReturnKey {
+    (
+        message_id.to_owned(),
+        exchange.to_owned(),
+        routing_key.to_owned(),
+    )
+}
+
+/// Writing a publish's frames, then awaiting its confirm.
+pub type ConfirmFuture = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send>>;
+
+/// The outcome of one publish as the sequencer saw it.
+#[derive(Debug)]
+pub enum Outcome {
+    Acked,
+    /// Acked, but the broker returned it (mandatory and unroutable).
+    Returned(String),
+    Nacked,
+    NotConfirmed,
+    Failed(lapin::Error),
+}
+
+/// One publish handed to a channel's sequencer, in publish order.
+pub struct Tracked {
+    pub key: ReturnKey,
+    pub confirm: ConfirmFuture,
+    pub reply: oneshot::Sender<(Outcome, Instant)>,
+}
+
+/// A pooled channel and the sender to its sequencer.
+pub struct PublishChannel {
+    pub channel: Channel,
+    pub sequencer: mpsc::UnboundedSender<Tracked>,
+}
 
 pub struct ChannelManager {
     connections: Arc<Connections>,
@@ -22,25 +76,143 @@ impl ChannelManager {
 }
 
 impl managed::Manager for ChannelManager {
-    type Type = Channel;
+    type Type = PublishChannel;
     type Error = BrokerError;
 
-    async fn create(&self) -> Result<Channel, BrokerError> {
+    async fn create(&self) -> Result<PublishChannel, BrokerError> {
         let connection = self.connections.pick().ok_or(BrokerError::NotConnected)?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(channel)
+        let (sequencer, tracked) = mpsc::unbounded_channel();
+        tokio::spawn(sequence(tracked));
+        Ok(PublishChannel { channel, sequencer })
     }
 
     /// A channel the broker closed (404, access refused) or whose connection died is
     /// replaced, never handed out again.
-    async fn recycle(&self, channel: &mut Channel, _: &Metrics) -> RecycleResult<BrokerError> {
-        if channel.status().connected() {
+    async fn recycle(
+        &self,
+        publish: &mut PublishChannel,
+        _: &Metrics,
+    ) -> RecycleResult<BrokerError> {
+        if publish.channel.status().connected() && !publish.sequencer.is_closed() {
             Ok(())
         } else {
             Err(RecycleError::message("channel is closed"))
         }
     }
+}
+
+enum State {
+    Waiting(ConfirmFuture),
+    Done(Box<lapin::Result<Confirmation>>, Instant),
+}
+
+struct Entry {
+    key: ReturnKey,
+    state: State,
+    reply: oneshot::Sender<(Outcome, Instant)>,
+}
+
+/// Resolves a channel's confirms in publish order and pairs returns with their
+/// messages. Ends when the pool drops the channel and nothing is left in flight.
+async fn sequence(mut incoming: mpsc::UnboundedReceiver<Tracked>) {
+    let mut queue: VecDeque<Entry> = VecDeque::new();
+    // Returns seen but not yet matched to their message's confirm, by key (a count,
+    // since equal keys may be in flight more than once).
+    let mut returned: HashMap<ReturnKey, (usize, String)> = HashMap::new();
+    loop {
+        if queue.is_empty() {
+            match incoming.recv().await {
+                Some(tracked) => queue.push_back(entry(tracked)),
+                None => return,
+            }
+        }
+        let Some(front) = queue.front_mut() else {
+            continue;
+        };
+        if let State::Waiting(confirm) = &mut front.state {
+            let result = confirm.await;
+            front.state = State::Done(Box::new(result), Instant::now());
+        }
+        // Whatever arrived meanwhile may hold this message's return: look at every
+        // confirm already resolved behind it.
+        while let Ok(tracked) = incoming.try_recv() {
+            queue.push_back(entry(tracked));
+        }
+        for later in queue.iter_mut() {
+            if let State::Waiting(confirm) = &mut later.state
+                && let Some(result) = confirm.as_mut().now_or_never()
+            {
+                later.state = State::Done(Box::new(result), Instant::now());
+            }
+        }
+        for done in queue.iter_mut() {
+            if let State::Done(result, _) = &mut done.state
+                && let Ok(
+                    Confirmation::Ack(returned_message) | Confirmation::Nack(returned_message),
+                ) = result.as_mut()
+                && let Some(message) = returned_message.take()
+            {
+                let props = &message.delivery.properties;
+                let key = return_key(
+                    props
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str())
+                        .unwrap_or_default(),
+                    message.delivery.exchange.as_str(),
+                    message.delivery.routing_key.as_str(),
+                );
+                let slot = returned
+                    .entry(key)
+                    .or_insert_with(|| (0, message.reply_text.to_string()));
+                slot.0 += 1;
+            }
+        }
+        let Some(front) = queue.pop_front() else {
+            continue;
+        };
+        let State::Done(result, at) = front.state else {
+            continue;
+        };
+        let outcome = match *result {
+            Ok(Confirmation::Ack(_)) => match returned.get_mut(&front.key) {
+                Some((count, reply_text)) => {
+                    let reply_text = reply_text.clone();
+                    *count -= 1;
+                    if *count == 0 {
+                        returned.remove(&front.key);
+                    }
+                    Outcome::Returned(reply_text)
+                }
+                None => Outcome::Acked,
+            },
+            Ok(Confirmation::Nack(_)) => Outcome::Nacked,
+            Ok(Confirmation::NotRequested) => Outcome::NotConfirmed,
+            Err(error) => Outcome::Failed(error),
+        };
+        // The caller may have given up (timeout); nobody to tell then.
+        let _ = front.reply.send((outcome, at));
+    }
+}
+
+fn entry(tracked: Tracked) -> Entry {
+    Entry {
+        key: tracked.key,
+        state: State::Waiting(tracked.confirm),
+        reply: tracked.reply,
+    }
+}
+
+/// Turns the write-then-confirm of one publish into the sequencer's future.
+pub fn confirm_future(
+    write: impl Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static,
+) -> ConfirmFuture {
+    Box::pin(async move {
+        let confirm = write.await?;
+        confirm.await
+    })
 }

@@ -27,6 +27,10 @@ pub struct Connector {
     connect_timeout: Duration,
     connection_name: String,
     health: Arc<Health>,
+    /// The set new connections join; a connection's death only takes the link down
+    /// when none of its siblings is alive (a late error from a replaced connection
+    /// must not mark a healthy link down).
+    connections: Arc<Connections>,
 }
 
 impl Connector {
@@ -35,6 +39,7 @@ impl Connector {
         vhost: &str,
         amqp: &AmqpConfig,
         health: Arc<Health>,
+        connections: Arc<Connections>,
     ) -> Result<Self, BrokerError> {
         let uris = urls
             .iter()
@@ -55,6 +60,7 @@ impl Connector {
             connect_timeout: Duration::from_millis(amqp.connect_timeout_ms),
             connection_name: format!("warren vhost={vhost}"),
             health,
+            connections,
         })
     }
 
@@ -74,6 +80,7 @@ impl Connector {
         let events = connection.events_listener();
         let mut events = Box::pin(events);
         let health = self.health.clone();
+        let siblings = Arc::downgrade(&self.connections);
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 match event {
@@ -89,7 +96,12 @@ impl Connector {
                     // replaces; only a connection-level error takes the link down.
                     Event::Error(error) if error.is_amqp_soft_error() => {}
                     Event::Error(error) => {
-                        health.mark_down(&format!("connection lost: {error}"));
+                        let alive = siblings.upgrade().map_or(0, |c| c.len());
+                        if alive == 0 {
+                            health.mark_down(&format!("connection lost: {error}"));
+                        } else {
+                            health.kick.notify_one(); // re-probe: replace the lost one
+                        }
                         break;
                     }
                     _ => {}

@@ -12,19 +12,19 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, PoolError, Timeouts};
 use futures::future::join_all;
+use lapin::ExchangeKind;
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{ExchangeKind, PublisherConfirm};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::config::AmqpConfig;
 use crate::telemetry;
-use channel::ChannelManager;
+use channel::{ChannelManager, Outcome, Tracked, confirm_future, return_key};
 use connection::{Connections, Connector};
 pub use health::{Health, HealthReport};
-use publish::{AmqpFailure, classify, from_confirmation};
+use publish::{AmqpFailure, classify};
 pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
 
 pub type ChannelPool = managed::Pool<ChannelManager>;
@@ -57,6 +57,16 @@ impl BrokerError {
     }
 }
 
+/// The `message_id` a publish carries (Warren always sets one).
+fn message_id(message: &OutgoingMessage) -> &str {
+    message
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str())
+        .unwrap_or_default()
+}
+
 /// How often a healthy link is re-checked, so readiness follows reality even when idle.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Bound on the exchange-existence cache; beyond it the cache starts afresh.
@@ -80,6 +90,29 @@ pub struct Broker {
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
     holds: Arc<std::sync::atomic::AtomicUsize>,
     metrics: bool,
+}
+
+/// A pool in use: derefs to the [`Broker`] and keeps it from being closed as idle.
+pub struct BrokerLease {
+    broker: Arc<Broker>,
+    _hold: BrokerHold,
+}
+
+impl BrokerLease {
+    pub fn new(broker: Arc<Broker>) -> Self {
+        let hold = broker.hold();
+        Self {
+            broker,
+            _hold: hold,
+        }
+    }
+}
+
+impl std::ops::Deref for BrokerLease {
+    type Target = Broker;
+    fn deref(&self) -> &Broker {
+        &self.broker
+    }
 }
 
 /// Keeps a broker pool open while held; see [`Broker::hold`].
@@ -117,8 +150,8 @@ impl Broker {
         }
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
-        let connector = Connector::new(urls, vhost, amqp, health.clone())?;
         let connections = Arc::new(Connections::new(amqp.connections_per_vhost));
+        let connector = Connector::new(urls, vhost, amqp, health.clone(), connections.clone())?;
         let channels = managed::Pool::builder(ChannelManager::new(connections.clone()))
             .max_size(amqp.channels_per_vhost)
             .timeouts(Timeouts {
@@ -244,7 +277,7 @@ impl Broker {
         self.check_exchanges(messages, &mut results).await;
 
         let acquire_deadline = tokio::time::Instant::now() + self.acquire_timeout;
-        let mut pending: Vec<Pending<'_>> = Vec::with_capacity(messages.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(messages.len());
         let mut channel: Option<managed::Object<ChannelManager>> = None;
         for (index, message) in messages.iter().enumerate() {
             if results[index].is_some() {
@@ -282,50 +315,65 @@ impl Broker {
             let started = Instant::now();
             // basic_publish registers the confirm and queues the frames on its first
             // poll; only the write itself is awaited after that. So the pooled channel
-            // is needed for one poll, not for the round trip through lapin's I/O loop.
-            let lapin_channel: lapin::Channel = (*ch).clone();
+            // is needed for one poll, and the confirm goes to the channel's sequencer
+            // (in publish order, which is why the channel is still held while sending).
+            let lapin_channel = ch.channel.clone();
             let on_channel = lapin_channel.clone();
-            let mut write: WriteFuture<'_> = Box::pin(async move {
+            let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+            let (body, properties) = (message.body.clone(), message.properties.clone());
+            let options = BasicPublishOptions {
+                mandatory: message.mandatory,
+                immediate: false,
+            };
+            let mut write = Box::pin(async move {
                 on_channel
                     .basic_publish(
-                        message.exchange.as_str().into(),
-                        message.routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: message.mandatory,
-                            immediate: false,
-                        },
-                        &message.body,
-                        message.properties.clone(),
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        options,
+                        &body,
+                        properties,
                     )
                     .await
             });
-            match futures::poll!(write.as_mut()) {
+            let first = futures::poll!(write.as_mut());
+            let confirm = match first {
                 std::task::Poll::Ready(Err(error)) => {
                     // Refused before anything was queued: nothing was published.
                     let _ = managed::Object::take(ch);
                     results[index] = Some(Err(self.failure(&error, &message.exchange)));
+                    continue;
                 }
                 std::task::Poll::Ready(Ok(confirm)) => {
-                    pending.push(Pending {
-                        index,
-                        write: Box::pin(std::future::ready(Ok(confirm))),
-                        _permit: permit,
-                        channel: lapin_channel,
-                        started,
-                    });
-                    channel = Some(ch);
+                    confirm_future(std::future::ready(Ok(confirm)))
                 }
-                std::task::Poll::Pending => {
-                    pending.push(Pending {
-                        index,
-                        write,
-                        _permit: permit,
-                        channel: lapin_channel,
-                        started,
-                    });
-                    channel = Some(ch);
-                }
+                std::task::Poll::Pending => confirm_future(write),
+            };
+            let (reply, outcome) = oneshot::channel();
+            let key = return_key(message_id(message), &message.exchange, &message.routing_key);
+            if ch
+                .sequencer
+                .send(Tracked {
+                    key,
+                    confirm,
+                    reply,
+                })
+                .is_err()
+            {
+                let _ = managed::Object::take(ch);
+                results[index] = Some(Err(PublishError::LostBeforeConfirm(
+                    "the channel's confirm tracking stopped".to_owned(),
+                )));
+                continue;
             }
+            pending.push(Pending {
+                index,
+                outcome,
+                _permit: permit,
+                channel: lapin_channel,
+                started,
+            });
+            channel = Some(ch);
         }
         // Back to the pool before awaiting writes and confirms: others publish on it.
         drop(channel);
@@ -334,16 +382,11 @@ impl Broker {
         let confirmed = join_all(pending.into_iter().map(|p| {
             let message = &messages[p.index];
             async move {
-                let outcome = tokio::time::timeout_at(confirm_deadline, async {
-                    match p.write.await {
-                        Ok(confirm) => confirm.await,
-                        Err(error) => Err(error),
-                    }
-                })
-                .await;
-                let result = match outcome {
-                    Ok(Ok(confirmation)) => from_confirmation(confirmation, message.mandatory),
-                    Ok(Err(error)) => Err(self.failure(&error, &message.exchange)),
+                let result = match tokio::time::timeout_at(confirm_deadline, p.outcome).await {
+                    Ok(Ok((outcome, _))) => self.judge(outcome, message),
+                    Ok(Err(_)) => Err(PublishError::LostBeforeConfirm(
+                        "the channel's confirm tracking stopped".to_owned(),
+                    )),
                     Err(_) => {
                         // The channel is suspect: close it so the pool replaces it and
                         // lapin drops its bookkeeping for this message.
@@ -368,6 +411,21 @@ impl Broker {
                 r.unwrap_or_else(|| Err(PublishError::LostBeforeConfirm("not attempted".into())))
             })
             .collect()
+    }
+
+    /// The answer for one message from what its channel's sequencer saw.
+    fn judge(&self, outcome: Outcome, message: &OutgoingMessage) -> PublishResult {
+        match outcome {
+            Outcome::Acked => Ok(Published {
+                routed: message.mandatory,
+            }),
+            Outcome::Returned(reply_text) => Err(PublishError::Unroutable(reply_text)),
+            Outcome::Nacked => Err(PublishError::Rejected),
+            Outcome::NotConfirmed => Err(PublishError::LostBeforeConfirm(
+                "channel was not in confirm mode".to_owned(),
+            )),
+            Outcome::Failed(error) => Err(self.failure(&error, &message.exchange)),
+        }
     }
 
     /// Makes sure each exchange exists before publishing, so a typo costs a cached
@@ -521,13 +579,9 @@ impl Broker {
     }
 }
 
-/// Writing a publish's frames, then its confirm.
-type WriteFuture<'a> =
-    std::pin::Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'a>>;
-
-struct Pending<'a> {
+struct Pending {
     index: usize,
-    write: WriteFuture<'a>,
+    outcome: oneshot::Receiver<(Outcome, Instant)>,
     _permit: OwnedSemaphorePermit,
     channel: lapin::Channel,
     started: Instant,

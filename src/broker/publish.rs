@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use lapin::protocol::AMQPErrorKind;
-use lapin::{BasicProperties, Confirmation, ErrorKind};
+use lapin::{BasicProperties, ErrorKind};
 
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
     pub exchange: String,
     pub routing_key: String,
-    pub body: Vec<u8>,
+    /// Cheap to clone: the publish future owns a handle to it.
+    pub body: bytes::Bytes,
     pub properties: BasicProperties,
     pub mandatory: bool,
 }
@@ -75,20 +76,6 @@ impl PublishError {
 }
 
 pub type PublishResult = Result<Published, PublishError>;
-
-/// Turns the broker's confirm into an outcome.
-pub(super) fn from_confirmation(confirmation: Confirmation, mandatory: bool) -> PublishResult {
-    match confirmation {
-        Confirmation::Ack(None) => Ok(Published { routed: mandatory }),
-        Confirmation::Ack(Some(returned)) => {
-            Err(PublishError::Unroutable(returned.reply_text.to_string()))
-        }
-        Confirmation::Nack(_) => Err(PublishError::Rejected),
-        Confirmation::NotRequested => Err(PublishError::LostBeforeConfirm(
-            "channel was not in confirm mode".to_owned(),
-        )),
-    }
-}
 
 /// How an AMQP error relates to the message that saw it.
 pub(super) enum AmqpFailure {

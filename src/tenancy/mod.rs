@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::auth::grants::{self, Grant, GrantPattern};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, BrokerLease};
 use crate::config::{AmqpConfig, Resolved, ResolvedDynamic};
 use crate::error::ApiError;
 use crate::telemetry;
@@ -38,9 +38,9 @@ pub struct Tenant {
 
 impl Tenant {
     /// The broker pool of this tenant's vhost (opened if it is a lazy one).
-    pub async fn broker(&self) -> Result<Arc<Broker>, ApiError> {
+    pub async fn broker(&self) -> Result<BrokerLease, ApiError> {
         match &self.pool {
-            Pool::Pinned(broker) => Ok(broker.clone()),
+            Pool::Pinned(broker) => Ok(BrokerLease::new(broker.clone())),
             Pool::Lazy(key) => self.pools.get(key).await,
         }
     }

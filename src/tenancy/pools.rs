@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge};
 use tracing::info;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerLease};
 use crate::config::AmqpConfig;
 use crate::error::ApiError;
 use crate::telemetry;
@@ -30,6 +30,7 @@ pub struct Pools {
     max: usize,
     idle: Duration,
     open: Mutex<HashMap<PoolKey, Entry>>,
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl Pools {
@@ -39,6 +40,7 @@ impl Pools {
             max,
             idle,
             open: Mutex::new(HashMap::new()),
+            opened: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -48,12 +50,14 @@ impl Pools {
 
     /// The pool for `key`, opened if needed; a fresh pool is waited for (at most the
     /// connect timeout) so the first request does not fail while it connects.
-    pub async fn get(&self, key: &PoolKey) -> Result<Arc<Broker>, ApiError> {
+    /// The lease is taken under the registry lock, so the idle closer cannot close the
+    /// pool between lookup and use.
+    pub async fn get(&self, key: &PoolKey) -> Result<BrokerLease, ApiError> {
         let (broker, fresh) = {
             let mut open = self.lock();
             if let Some(entry) = open.get_mut(key) {
                 entry.last_used = Instant::now();
-                (entry.broker.clone(), false)
+                (BrokerLease::new(entry.broker.clone()), false)
             } else {
                 if open.len() >= self.max && !evict_lru(&mut open) {
                     return Err(ApiError::BrokerUnavailable {
@@ -74,8 +78,10 @@ impl Pools {
                     },
                 );
                 counter!(telemetry::AMQP_POOLS_OPENED).increment(1);
+                self.opened
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 gauge!(telemetry::AMQP_POOLS).set(open.len() as f64);
-                (broker, true)
+                (BrokerLease::new(broker), true)
             }
         };
         if fresh {
@@ -103,6 +109,11 @@ impl Pools {
             counter!(telemetry::AMQP_POOLS_CLOSED).increment(closed as u64);
         }
         gauge!(telemetry::AMQP_POOLS).set(open.len() as f64);
+    }
+
+    /// Pools opened since start (each open of a closed pool counts again).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn len(&self) -> usize {

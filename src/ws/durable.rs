@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::Outgoing;
 use super::protocol::MessageFrame;
-use crate::broker::{Broker, BrokerHold};
+use crate::broker::{Broker, BrokerLease};
 use crate::error::ApiError;
 use crate::tenancy::Tenant;
 
@@ -23,7 +23,8 @@ pub struct Durable {
     channel: lapin::Channel,
     task: JoinHandle<()>,
     pub queue: String,
-    _hold: BrokerHold,
+    /// Keeps a lazily opened pool from being closed under the consumer.
+    _lease: BrokerLease,
 }
 
 /// The broker queue behind a durable subscription name: scoped by tenant, so two
@@ -60,7 +61,6 @@ impl Durable {
         sink: mpsc::Sender<Outgoing>,
     ) -> Result<Self, ApiError> {
         let broker = tenant.broker().await?;
-        let hold = broker.hold();
         let channel = broker.consumer_channel().await?;
         let result = Self::setup(&broker, &channel, &request).await;
         let consumer = match result {
@@ -77,7 +77,7 @@ impl Durable {
             channel,
             task,
             queue: request.queue,
-            _hold: hold,
+            _lease: broker,
         })
     }
 

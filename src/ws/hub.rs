@@ -32,7 +32,7 @@ struct Topic {
     consumer_tag: String,
     subscribers: std::sync::Mutex<HashMap<u64, Subscriber>>,
     /// Keeps a lazily opened pool from being closed under the consumer.
-    _hold: crate::broker::BrokerHold,
+    _lease: crate::broker::BrokerLease,
 }
 
 #[derive(Clone)]
@@ -201,7 +201,7 @@ async fn create(
         channel,
         consumer_tag,
         subscribers: std::sync::Mutex::new(HashMap::new()),
-        _hold: broker.hold(),
+        _lease: broker,
     };
     Ok((topic, consumer))
 }

@@ -217,6 +217,10 @@ impl Rabbit {
             .await
             .expect("test AMQP connection");
         let channel = connection.create_channel().await.expect("channel");
+        Self::from_parts(connection, channel)
+    }
+
+    pub fn from_parts(connection: Connection, channel: Channel) -> Self {
         Self {
             _connection: connection,
             channel,
@@ -386,4 +390,84 @@ impl Drop for ChaosProxy {
         self.cut();
         self.task.abort();
     }
+}
+
+/// The broker's management API, for topology the AMQP protocol cannot create (vhosts).
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    vhosts: std::sync::Mutex<Vec<String>>,
+}
+
+impl Admin {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: std::env::var("WARREN_TEST_MANAGEMENT_URL")
+                .unwrap_or_else(|_| "http://127.0.0.1:15672".into()),
+            vhosts: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Creates a vhost that guest may use fully; deleted by [`Admin::cleanup`].
+    pub async fn vhost(&self, name: &str) {
+        let vhost = name.replace('/', "%2F");
+        let put = |path: String, body: serde_json::Value| {
+            self.http
+                .put(format!("{}/api/{path}", self.base))
+                .basic_auth("guest", Some("guest"))
+                .json(&body)
+                .send()
+        };
+        let r = put(format!("vhosts/{vhost}"), serde_json::json!({}))
+            .await
+            .expect("management API");
+        assert!(
+            r.status().is_success(),
+            "create vhost {name}: {}",
+            r.status()
+        );
+        let r = put(
+            format!("permissions/{vhost}/guest"),
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
+        .await
+        .expect("management API");
+        assert!(
+            r.status().is_success(),
+            "permissions on {name}: {}",
+            r.status()
+        );
+        self.vhosts.lock().expect("lock").push(name.to_owned());
+    }
+
+    pub async fn cleanup(&self) {
+        let names = std::mem::take(&mut *self.vhosts.lock().expect("lock"));
+        for name in names {
+            let _ = self
+                .http
+                .delete(format!(
+                    "{}/api/vhosts/{}",
+                    self.base,
+                    name.replace('/', "%2F")
+                ))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await;
+        }
+    }
+}
+
+/// An AMQP connection to another vhost, for the test's own topology there.
+pub async fn rabbit_in(vhost: &str) -> Rabbit {
+    let url = format!(
+        "{}/{}",
+        broker_url().trim_end_matches('/'),
+        vhost.replace('/', "%2F")
+    );
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("test AMQP connection to vhost");
+    let channel = connection.create_channel().await.expect("channel");
+    Rabbit::from_parts(connection, channel)
 }

@@ -9,4 +9,5 @@ mod deploy;
 mod idempotency;
 mod publish;
 mod shutdown;
+mod tenancy;
 mod ws;
