@@ -6,5 +6,6 @@ mod broker_faults;
 mod cli;
 mod common;
 mod idempotency;
+mod openapi;
 mod publish;
 mod shutdown;
