@@ -99,9 +99,10 @@ fn header_table_schema() -> utoipa::openapi::schema::Object {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
         .description(Some(
-            "AMQP headers. Strings, booleans, integers (64-bit signed), floats, arrays and \
-             objects map to AMQP field values, nested at most 8 deep; `null` maps to void. \
-             Names are at most 255 bytes of UTF-8.",
+            "AMQP headers. Strings, booleans, arrays and objects map to AMQP field values, \
+             nested at most 8 deep; integers in the signed 64-bit range to long-long \
+             integers, every other number to a double; `null` to void. Names are at most \
+             255 bytes of UTF-8.",
         ))
         .property_names(Some(
             ObjectBuilder::new()
@@ -401,15 +402,12 @@ fn amqp_value(path: &str, value: Value, depth: usize) -> Result<AMQPValue, Strin
     Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(b),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                AMQPValue::LongLongInt(i)
-            } else if n.is_u64() {
-                return Err(format!("{path}: integer out of range for an AMQP header"));
-            } else {
-                AMQPValue::Double(n.as_f64().unwrap_or_default())
-            }
-        }
+        // Integers beyond the signed 64-bit range become doubles, as every other number
+        // (serde_json already reads those beyond u64 as floats; one rule for all).
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
         Value::String(s) => AMQPValue::LongString(s.into()),
         Value::Array(items) => {
             if depth >= MAX_HEADER_DEPTH {
@@ -527,11 +525,15 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.starts_with("properties.headers."), "{err}");
-        let err = prepare(
-            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"big":18446744073709551615}}}"#,
+        let p = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"big":9223372036854775808}}}"#,
         )
-        .unwrap_err();
-        assert!(err.starts_with("properties.headers.big:"), "{err}");
+        .unwrap();
+        let headers = p.message.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            headers.get("big"),
+            Some(&AMQPValue::Double(9_223_372_036_854_775_808.0))
+        );
         let err =
             prepare(r#"{"exchange":"e","routing_key":"k","body":"","properties":{"colour":1}}"#)
                 .unwrap_err();
