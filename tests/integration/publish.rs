@@ -352,8 +352,9 @@ async fn bad_input_gets_problem_json_with_codes() {
     let cases = [
         json!({"exchange": exchange, "routing_key": "k".repeat(256), "body": ""}),
         json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"priority": 300}}),
-        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"headers": {"": 1}}}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"headers": {"h".repeat(256): 1}}}),
         json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"expiration_ms": -5}}),
+        json!({"exchange": exchange, "routing_key": "k", "body": "", "properties": {"expiration_ms": 315_360_000_001_u64}}),
         json!({"exchange": exchange, "routing_key": "k", "body": "a", "payload": {}}),
         json!({"exchange": exchange, "routing_key": "k"}),
         json!({"exchange": exchange, "routing_key": "k", "body_base64": "not base64!"}),
