@@ -205,6 +205,9 @@ fn add_request_id_headers(doc: &mut Value) {
     }
 }
 
+const REPLAYED: &str = "`true` when this is the stored answer to an earlier request with \
+                        the same `Idempotency-Key`; absent otherwise.";
+
 /// A problem+json response whose examples are real answers (built from [`ApiError`]s, so
 /// they cannot drift from what the gateway sends).
 fn problem(description: &str, examples: &[(&str, ApiError)]) -> Response {
@@ -228,6 +231,18 @@ fn problem(description: &str, examples: &[(&str, ApiError)]) -> Response {
             .description(Some("Seconds to wait before retrying (at least 1)."))
             .build();
         response = response.header("Retry-After", retry_after);
+    }
+    // Final answers are stored under an Idempotency-Key and replayed (see
+    // `idempotency::is_final`): among problems, 404 and 422 `unroutable`.
+    if examples
+        .iter()
+        .any(|(_, e)| matches!(e, ApiError::ExchangeNotFound(_) | ApiError::Unroutable(_)))
+    {
+        let replayed = HeaderBuilder::new()
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .description(Some(REPLAYED))
+            .build();
+        response = response.header("Idempotent-Replayed", replayed);
     }
     if examples
         .iter()
