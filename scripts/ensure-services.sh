@@ -52,3 +52,11 @@ fi
 if command -v rabbitmqctl >/dev/null 2>&1; then
   timeout 60 rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
+
+# The management API (15672): tests create vhosts through it (rabbitmqctl takes
+# seconds per call) and benchmarks compare against its publish endpoint.
+if ! port_open 15672 && command -v rabbitmq-plugins >/dev/null 2>&1; then
+  echo "Enabling rabbitmq_management..." >&2
+  rabbitmq-plugins enable rabbitmq_management >/dev/null
+  wait_port 15672 "RabbitMQ management API"
+fi

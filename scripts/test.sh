@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every test: unit and integration tests against the real RabbitMQ and Redis, the
-# browser end-to-end test in headless Chromium, and the static checks of deploy/.
-# Starts (or installs) what the tests need first. Extra arguments go to `cargo test`.
+# browser end-to-end test in headless Chromium, the API contract proofs (a generated
+# Python client and schemathesis against a running Warren), and the static checks of
+# deploy/. Starts (or installs) what the tests need first. Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 cargo test --locked "$@"
 scripts/browser-test.sh
+scripts/api-contract.sh
 bash deploy/check.sh

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::broker::PublishError;
 
@@ -53,15 +54,97 @@ pub enum ApiError {
     Internal(String),
 }
 
-/// The problem+json body. `code` is the stable, machine-readable member.
-#[derive(Debug, Clone, Serialize)]
+/// An RFC 9457 problem (`application/problem+json`). Branch on `code`, which is stable;
+/// `title` and `detail` are for people and may change.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({
+    "type": "https://warren.dev/problems/unroutable",
+    "title": "Unroutable",
+    "status": 422,
+    "code": "unroutable",
+    "detail": "the broker returned the message as unroutable (NO_ROUTE): no queue is bound for this routing key"
+}))]
 pub struct Problem {
+    /// A URI naming the problem type: `https://warren.dev/problems/{code}`.
     #[serde(rename = "type")]
+    #[schema(format = "uri")]
     pub kind: String,
+    /// Short, human-readable summary of the problem type.
     pub title: &'static str,
+    /// The HTTP status code of this answer.
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
-    pub code: &'static str,
+    pub code: ProblemCode,
+    /// Human-readable explanation of this occurrence; names the JSON path when a field is
+    /// at fault.
     pub detail: String,
+}
+
+/// The stable, machine-readable error code of a problem (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemCode {
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    ExchangeNotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Unroutable,
+    BrokerUnavailable,
+    BrokerRejected,
+    ConfirmTimeout,
+    IdempotencyKeyInUse,
+    IdempotencyKeyMismatch,
+    IdempotencyStoreUnavailable,
+    RateLimited,
+    InternalError,
+}
+
+impl ProblemCode {
+    pub const ALL: [Self; 17] = [
+        Self::InvalidRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::ExchangeNotFound,
+        Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
+        Self::Unroutable,
+        Self::BrokerUnavailable,
+        Self::BrokerRejected,
+        Self::ConfirmTimeout,
+        Self::IdempotencyKeyInUse,
+        Self::IdempotencyKeyMismatch,
+        Self::IdempotencyStoreUnavailable,
+        Self::RateLimited,
+        Self::InternalError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::ExchangeNotFound => "exchange_not_found",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Unroutable => "unroutable",
+            Self::BrokerUnavailable => "broker_unavailable",
+            Self::BrokerRejected => "broker_rejected",
+            Self::ConfirmTimeout => "confirm_timeout",
+            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
+            Self::IdempotencyKeyMismatch => "idempotency_key_mismatch",
+            Self::IdempotencyStoreUnavailable => "idempotency_store_unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::InternalError => "internal_error",
+        }
+    }
 }
 
 /// Seconds a client should wait before retrying after a nack, a key in use, or a store
@@ -92,24 +175,28 @@ impl ApiError {
     }
 
     pub fn code(&self) -> &'static str {
+        self.problem_code().as_str()
+    }
+
+    pub fn problem_code(&self) -> ProblemCode {
         match self {
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::Unauthorized(_) => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
-            Self::NotFound(_) => "not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::ExchangeNotFound(_) => "exchange_not_found",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::Unroutable(_) => "unroutable",
-            Self::BrokerUnavailable { .. } => "broker_unavailable",
-            Self::BrokerRejected(_) => "broker_rejected",
-            Self::ConfirmTimeout(_) => "confirm_timeout",
-            Self::IdempotencyKeyInUse => "idempotency_key_in_use",
-            Self::IdempotencyKeyMismatch => "idempotency_key_mismatch",
-            Self::IdempotencyStoreUnavailable(_) => "idempotency_store_unavailable",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::Internal(_) => "internal_error",
+            Self::InvalidRequest(_) => ProblemCode::InvalidRequest,
+            Self::Unauthorized(_) => ProblemCode::Unauthorized,
+            Self::Forbidden(_) => ProblemCode::Forbidden,
+            Self::NotFound(_) => ProblemCode::NotFound,
+            Self::MethodNotAllowed(_) => ProblemCode::MethodNotAllowed,
+            Self::ExchangeNotFound(_) => ProblemCode::ExchangeNotFound,
+            Self::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
+            Self::UnsupportedMediaType(_) => ProblemCode::UnsupportedMediaType,
+            Self::Unroutable(_) => ProblemCode::Unroutable,
+            Self::BrokerUnavailable { .. } => ProblemCode::BrokerUnavailable,
+            Self::BrokerRejected(_) => ProblemCode::BrokerRejected,
+            Self::ConfirmTimeout(_) => ProblemCode::ConfirmTimeout,
+            Self::IdempotencyKeyInUse => ProblemCode::IdempotencyKeyInUse,
+            Self::IdempotencyKeyMismatch => ProblemCode::IdempotencyKeyMismatch,
+            Self::IdempotencyStoreUnavailable(_) => ProblemCode::IdempotencyStoreUnavailable,
+            Self::RateLimited { .. } => ProblemCode::RateLimited,
+            Self::Internal(_) => ProblemCode::InternalError,
         }
     }
 
@@ -159,7 +246,7 @@ impl ApiError {
             kind: format!("https://warren.dev/problems/{}", self.code()),
             title: self.title(),
             status: self.status().as_u16(),
-            code: self.code(),
+            code: self.problem_code(),
             detail,
         }
     }
@@ -211,5 +298,20 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_codes_serialize_as_their_names() {
+        for code in ProblemCode::ALL {
+            assert_eq!(
+                serde_json::to_value(code).unwrap(),
+                serde_json::Value::from(code.as_str())
+            );
+        }
     }
 }

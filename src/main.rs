@@ -1,4 +1,4 @@
-//! The `warren` command line: serve, token, check-config.
+//! The `warren` command line: serve, token, check-config, openapi.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +52,8 @@ enum Command {
     },
     /// Validate a config file; exits non-zero with a message naming the bad key.
     CheckConfig { file: PathBuf },
+    /// Print the OpenAPI 3.1 document (what openapi/openapi.json holds and /openapi.json serves).
+    Openapi,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +68,10 @@ fn main() -> ExitCode {
             ttl,
         } => token(config, &tenant, &sub, &scope, ttl),
         Command::CheckConfig { file } => check_config(file),
+        Command::Openapi => {
+            print!("{}", warren::api::openapi::to_pretty_json());
+            ExitCode::SUCCESS
+        }
     }
 }
 

@@ -139,7 +139,7 @@ fn item_error(error: &ApiError, message_id: Option<String>) -> BatchItemResult {
         status: problem.status,
         message_id,
         routed: None,
-        code: Some(problem.code.to_owned()),
+        code: Some(problem.code),
         detail: Some(problem.detail),
     }
 }

@@ -5,37 +5,83 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::AppState;
 use crate::broker::HealthReport;
 use crate::telemetry;
 
-#[derive(Serialize)]
+/// `GET /healthz` body.
+#[derive(Serialize, ToSchema)]
 pub struct Liveness {
-    status: &'static str,
+    status: LiveStatus,
 }
 
-/// The process is alive (says nothing about the broker).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveStatus {
+    Ok,
+}
+
+/// Liveness: the process is alive.
+///
+/// Says nothing about the broker; use `/readyz` for that.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process is alive.", body = Liveness))
+)]
 pub async fn healthz() -> Json<Liveness> {
-    Json(Liveness { status: "ok" })
+    Json(Liveness {
+        status: LiveStatus::Ok,
+    })
 }
 
-#[derive(Serialize)]
+/// `GET /readyz` body.
+#[derive(Serialize, ToSchema)]
 pub struct Readiness {
-    status: &'static str,
+    status: ReadyStatus,
+    /// One entry per vhost the configured tenants use.
     brokers: Vec<HealthReport>,
     idempotency: StoreReport,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyStatus {
+    Ready,
+    NotReady,
+}
+
+/// The idempotency store's health.
+#[derive(Serialize, ToSchema)]
 pub struct StoreReport {
+    /// `memory` or `redis` (`idempotency.store`).
+    #[schema(example = "memory")]
     store: &'static str,
     ok: bool,
+    /// Why the store does not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     error: Option<String>,
 }
 
-/// 200 only while every broker link is up and the idempotency store answers.
+/// Readiness: broker links and idempotency store.
+///
+/// 200 only while every broker link is up and the idempotency store answers; 503 otherwise
+/// and during shutdown. The body says which part is down either way.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready: every broker link is up and the idempotency store answers.", body = Readiness),
+        (status = 503, description = "Not ready: a broker link is down, the store does not answer, or the gateway is shutting down.", body = Readiness),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let brokers: Vec<HealthReport> = state
         .tenants
@@ -57,14 +103,34 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = Readiness {
-        status: if ready { "ready" } else { "not_ready" },
+        status: if ready {
+            ReadyStatus::Ready
+        } else {
+            ReadyStatus::NotReady
+        },
         brokers,
         idempotency,
     };
     (status, Json(body))
 }
 
-/// Prometheus text; pool gauges are refreshed now, at scrape time.
+/// Prometheus metrics.
+///
+/// Text exposition format; pool gauges are refreshed at scrape time. Served here unless
+/// `server.metrics_listen` moves it to a listener of its own.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    operation_id = "metrics",
+    responses((
+        status = 200,
+        description = "Every `warren_*` metric in the Prometheus text format.",
+        body = String,
+        content_type = "text/plain; version=0.0.4",
+        example = "# TYPE warren_amqp_connected gauge\nwarren_amqp_connected{vhost=\"/\"} 1\n"
+    ))
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for broker in state.tenants.brokers().iter().filter(|b| b.has_metrics()) {
         telemetry::pool_stats(broker.vhost(), broker.stats());

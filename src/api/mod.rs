@@ -3,6 +3,7 @@
 pub mod body;
 pub mod health;
 pub mod model;
+pub mod openapi;
 pub mod publish;
 
 use std::any::Any;
@@ -11,11 +12,15 @@ use axum::Router;
 use axum::http::{HeaderName, Response};
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::get;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -23,20 +28,37 @@ use crate::telemetry;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The whole HTTP application. `/metrics` is included unless it has its own listener.
-pub fn router(state: AppState) -> Router {
-    let mut routes = Router::new()
-        .route("/v1/publish", post(publish::publish))
-        .route("/v1/publish/batch", post(publish::publish_batch))
-        .route("/v1/ws", get(crate::ws::upgrade))
-        .route("/demo", get(demo))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz));
-    if state.config.server.metrics_listen.is_none() {
-        routes = routes.route("/metrics", get(health::metrics));
+/// The routes the OpenAPI document describes, each declared once by its handler's
+/// `#[utoipa::path]`. `/metrics` only when it is served on this listener.
+pub(crate) fn documented_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
+    let routes = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(publish::publish))
+        .routes(routes!(publish::publish_batch))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz));
+    if with_metrics {
+        routes.routes(routes!(health::metrics))
+    } else {
+        routes
     }
+}
+
+/// The whole HTTP application: the documented routes, `/openapi.json` and `/docs`
+/// (Swagger UI, served from the binary). `/metrics` is included unless it has its own
+/// listener.
+pub fn router(state: AppState) -> Router {
+    let (routes, _) =
+        documented_routes(state.config.server.metrics_listen.is_none()).split_for_parts();
+    // The WebSocket protocol is described by openapi/asyncapi.yaml, not OpenAPI.
+    let routes = routes
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/demo", get(demo));
+    let docs = SwaggerUi::new("/docs")
+        .external_url_unchecked("/openapi.json", openapi::document())
+        .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none"));
     let max_concurrent = state.config.server.max_concurrent_requests;
     routes
+        .merge(docs)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             telemetry::track_http,

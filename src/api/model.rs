@@ -10,80 +10,213 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
 
 use crate::broker::OutgoingMessage;
+use crate::error::ProblemCode;
 
-/// `POST /v1/publish`, and one item of a batch.
-#[derive(Debug, Deserialize)]
+/// One message to publish: `POST /v1/publish`, and each item of a batch. Exactly one of
+/// `payload`, `body` and `body_base64` carries the message body (`null` counts as absent).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "exchange": "amq.topic",
+    "routing_key": "demo.hello",
+    "payload": {"hello": "world"},
+    "mandatory": false
+}))]
 pub struct PublishRequest {
+    /// Exchange in the tenant's vhost (`""` is the default exchange). At most 255 bytes
+    /// of UTF-8; 404 `exchange_not_found` when it does not exist.
+    #[schema(max_length = 255, example = "amq.topic")]
     pub exchange: String,
+    /// Routing key, at most 255 bytes of UTF-8 (an AMQP short string).
+    #[schema(max_length = 255, example = "demo.hello")]
     pub routing_key: String,
-    /// Any JSON; published verbatim as `application/json`.
+    /// Any JSON value; published byte for byte as sent, as `application/json`.
     #[serde(default)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub payload: Option<Box<RawValue>>,
     /// UTF-8 text, published as `text/plain; charset=utf-8`.
     #[serde(default)]
     pub body: Option<String>,
-    /// Arbitrary bytes, published as `application/octet-stream`.
+    /// Arbitrary bytes as standard, padded base64 (RFC 4648 §4), published as
+    /// `application/octet-stream`.
     #[serde(default)]
+    #[schema(
+        pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$",
+        content_encoding = "base64",
+        example = "AAH/"
+    )]
     pub body_base64: Option<String>,
+    /// AMQP content type; defaults to the body kind's (see `payload`, `body`,
+    /// `body_base64`). At most 255 bytes.
     #[serde(default)]
+    #[schema(max_length = 255)]
     pub content_type: Option<String>,
     #[serde(default)]
     pub properties: MessageProperties,
-    /// Defaults to `true`: an unroutable message is answered 422, never dropped silently.
+    /// Defaults to `true`: a message no queue takes is answered 422 `unroutable`, never
+    /// dropped silently. With `false`, the broker drops it and `routed` is `false`.
     #[serde(default)]
     pub mandatory: Option<bool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// AMQP basic properties. Every string is an AMQP short string: at most 255 bytes of
+/// UTF-8.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageProperties {
+    /// Defaults to the id derived from the `Idempotency-Key` (a UUIDv5, stable across
+    /// retries), else a fresh UUID.
+    #[schema(min_length = 1, max_length = 255)]
     pub message_id: Option<String>,
+    #[schema(max_length = 255)]
     pub correlation_id: Option<String>,
+    #[schema(max_length = 255)]
     pub reply_to: Option<String>,
+    /// Per-message TTL in milliseconds, at most ten years (RabbitMQ's own bound).
+    #[serde(default, deserialize_with = "whole::u64")]
+    #[schema(minimum = 0, maximum = 315_360_000_000_u64)]
     pub expiration_ms: Option<u64>,
+    #[serde(default, deserialize_with = "whole::i64")]
+    #[schema(minimum = 0, maximum = 255)]
     pub priority: Option<i64>,
+    /// The AMQP `type` property.
     #[serde(rename = "type")]
+    #[schema(max_length = 255)]
     pub kind: Option<String>,
+    #[schema(max_length = 255)]
     pub app_id: Option<String>,
     /// Defaults to `true` (delivery mode 2).
     pub persistent: Option<bool>,
+    #[schema(schema_with = header_table_schema)]
     pub headers: Option<serde_json::Map<String, Value>>,
 }
 
-#[derive(Debug, Deserialize)]
+fn header_table_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .description(Some(
+            "AMQP headers. Strings, booleans, arrays and objects map to AMQP field values, \
+             nested at most 8 deep; integers in the signed 64-bit range to long-long \
+             integers, every other number to a double; `null` to void. Names are at most \
+             255 bytes of UTF-8.",
+        ))
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(255)),
+        ))
+        .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+        .build()
+}
+
+/// Whole numbers. JSON Schema counts `5.0` as an integer, and clients whose numbers are
+/// all floats (JavaScript, a Python `float`) send it that way: accept any number without
+/// a fractional part that fits.
+mod whole {
+    use serde::Deserialize;
+    use serde::de::{Deserializer, Error};
+    use serde_json::Number;
+
+    /// 2^63 and 2^64 as floats: the first values out of range.
+    const I64_END: f64 = 9_223_372_036_854_775_808.0;
+    const U64_END: f64 = 18_446_744_073_709_551_616.0;
+
+    fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Number>, D::Error> {
+        Option::<Number>::deserialize(d)
+    }
+
+    fn float<E: Error>(n: &Number, min: f64, end: f64) -> Result<f64, E> {
+        match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f >= min && f < end => Ok(f),
+            _ => Err(E::custom(format!(
+                "expected a whole number in range, got {n}"
+            ))),
+        }
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        number(d)?
+            .map(|n| match n.as_u64() {
+                Some(v) => Ok(v),
+                None => float(&n, 0.0, U64_END).map(|f| f as u64),
+            })
+            .transpose()
+    }
+
+    pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        number(d)?
+            .map(|n| match n.as_i64() {
+                Some(v) => Ok(v),
+                None => float(&n, -I64_END, I64_END).map(|f| f as i64),
+            })
+            .transpose()
+    }
+}
+
+/// `POST /v1/publish/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"messages": [
+    {"exchange": "amq.topic", "routing_key": "demo.a", "payload": 1, "mandatory": false},
+    {"exchange": "amq.topic", "routing_key": "demo.b", "body": "two", "mandatory": false}
+]}))]
 pub struct BatchRequest {
+    /// At least one message, at most `server.max_batch_messages` (413 above it).
+    #[schema(min_items = 1)]
     pub messages: Vec<PublishRequest>,
 }
 
 /// `202` body of a confirmed publish.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[schema(example = json!({
+    "message_id": "7355677e-d5de-4446-bb05-86497f6b8155",
+    "exchange": "amq.topic",
+    "routing_key": "demo.hello",
+    "routed": false
+}))]
 pub struct PublishAccepted {
+    /// The `message_id` the AMQP message carries.
     pub message_id: String,
     pub exchange: String,
     pub routing_key: String,
+    /// `true` only for a mandatory publish (the broker confirmed and returned nothing, so
+    /// a queue took it); always `false` for `mandatory: false`.
     pub routed: bool,
 }
 
 /// One entry of a batch answer, in request order.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct BatchItemResult {
+    /// `202` when confirmed; otherwise the status a single publish would have answered.
+    #[schema(minimum = 200, maximum = 599)]
     pub status: u16,
+    /// The message's `message_id` (kept on failures: after a timeout the message may
+    /// still have landed).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub message_id: Option<String>,
+    /// Set on success; see `PublishAccepted.routed`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub routed: Option<bool>,
+    /// Set on failure.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub code: Option<String>,
+    #[schema(nullable = false)]
+    pub code: Option<ProblemCode>,
+    /// Set on failure.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// `200`/`207` body of a batch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct BatchResponse {
+    /// One result per message, in request order.
     pub results: Vec<BatchItemResult>,
 }
 
@@ -109,6 +242,10 @@ impl TraceContext {
         }
     }
 }
+
+/// RabbitMQ's bound on per-message TTL (ten years). Above it the broker closes the
+/// publishing channel (406 PRECONDITION_FAILED) instead of answering the publish.
+pub const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
 
 /// Nesting bound for header tables, so a hostile body cannot recurse deeply.
 const MAX_HEADER_DEPTH: usize = 8;
@@ -185,6 +322,11 @@ impl PublishRequest {
             properties = properties.with_app_id(short("properties.app_id", &v)?);
         }
         if let Some(ms) = p.expiration_ms {
+            if ms > MAX_EXPIRATION_MS {
+                return Err(format!(
+                    "properties.expiration_ms: must be at most {MAX_EXPIRATION_MS} (ten years)"
+                ));
+            }
             properties = properties.with_expiration(ms.to_string().into());
         }
         if let Some(priority) = p.priority {
@@ -247,10 +389,8 @@ fn table(
         ));
     }
     let mut table = FieldTable::default();
+    // An empty name is allowed: RabbitMQ stores and delivers it like any other.
     for (key, value) in map {
-        if key.is_empty() {
-            return Err(format!("{path}: header names must not be empty"));
-        }
         let name = short(&format!("{path}.{key}"), &key)?;
         let value = amqp_value(&format!("{path}.{key}"), value, depth)?;
         table.insert(name, value);
@@ -262,15 +402,12 @@ fn amqp_value(path: &str, value: Value, depth: usize) -> Result<AMQPValue, Strin
     Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(b),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                AMQPValue::LongLongInt(i)
-            } else if n.is_u64() {
-                return Err(format!("{path}: integer out of range for an AMQP header"));
-            } else {
-                AMQPValue::Double(n.as_f64().unwrap_or_default())
-            }
-        }
+        // Integers beyond the signed 64-bit range become doubles, as every other number
+        // (serde_json already reads those beyond u64 as floats; one rule for all).
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
         Value::String(s) => AMQPValue::LongString(s.into()),
         Value::Array(items) => {
             if depth >= MAX_HEADER_DEPTH {
@@ -346,15 +483,57 @@ mod tests {
                 .unwrap_err();
         assert!(err.starts_with("properties.priority:"), "{err}");
         let err = prepare(
-            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"":1}}}"#,
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"expiration_ms":315360000001}}"#,
         )
         .unwrap_err();
-        assert!(err.starts_with("properties.headers:"), "{err}");
-        let err = prepare(
-            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"big":18446744073709551615}}}"#,
+        assert!(err.starts_with("properties.expiration_ms:"), "{err}");
+        let p = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"expiration_ms":6e4,"priority":5.0}}"#,
         )
+        .unwrap();
+        assert_eq!(
+            p.message.properties.expiration().as_ref().unwrap().as_str(),
+            "60000"
+        );
+        assert_eq!(p.message.properties.priority(), &Some(5));
+        for bad in [
+            r#""expiration_ms":1.5"#,
+            r#""expiration_ms":-1"#,
+            r#""priority":"5""#,
+        ] {
+            let err = prepare(&format!(
+                r#"{{"exchange":"e","routing_key":"k","body":"","properties":{{{bad}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(err.starts_with("properties."), "{err}");
+        }
+        assert!(
+            prepare(
+                r#"{"exchange":"e","routing_key":"k","body":"","properties":{"expiration_ms":315360000000}}"#
+            )
+            .is_ok()
+        );
+        assert!(
+            prepare(
+                r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"":{"":1}}}}"#,
+            )
+            .is_ok()
+        );
+        let err = prepare(&format!(
+            r#"{{"exchange":"e","routing_key":"k","body":"","properties":{{"headers":{{"{}":1}}}}}}"#,
+            "n".repeat(256)
+        ))
         .unwrap_err();
-        assert!(err.starts_with("properties.headers.big:"), "{err}");
+        assert!(err.starts_with("properties.headers."), "{err}");
+        let p = prepare(
+            r#"{"exchange":"e","routing_key":"k","body":"","properties":{"headers":{"big":9223372036854775808}}}"#,
+        )
+        .unwrap();
+        let headers = p.message.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            headers.get("big"),
+            Some(&AMQPValue::Double(9_223_372_036_854_775_808.0))
+        );
         let err =
             prepare(r#"{"exchange":"e","routing_key":"k","body":"","properties":{"colour":1}}"#)
                 .unwrap_err();

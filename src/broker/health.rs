@@ -40,12 +40,16 @@ pub struct Unavailable {
 }
 
 /// What `/readyz` reports per vhost.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HealthReport {
     pub vhost: String,
+    /// The broker link is up.
     pub connected: bool,
+    /// The broker is blocking publishers (memory or disk alarm).
     pub blocked: bool,
+    /// The last connection error or the alarm's reason, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub error: Option<String>,
 }
 

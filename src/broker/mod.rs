@@ -497,6 +497,9 @@ impl Broker {
                 cache.insert(exchange.to_owned(), Instant::now());
                 Ok(())
             }
+            Ok(Err(BrokerError::Amqp(error))) if publish::is_not_found(&error) => {
+                Err(PublishError::ExchangeNotFound(exchange.to_owned()))
+            }
             Ok(Err(BrokerError::Amqp(error))) => Err(self.failure(&error, exchange)),
             Ok(Err(error)) => Err(self.acquire_failed(&error)),
             Err(_) => Err(PublishError::unavailable(

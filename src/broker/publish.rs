@@ -90,6 +90,13 @@ pub(super) enum AmqpFailure {
 }
 
 /// Classifies an error seen while publishing to `exchange` or awaiting its confirm.
+/// `NOT_FOUND` from the broker. On a channel that did nothing but declare one exchange
+/// passively, that can only be about that exchange. (The reply text is no proof: RabbitMQ
+/// drops control characters such as CR and LF from the name it quotes.)
+pub(super) fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
 pub(super) fn classify(error: &lapin::Error, exchange: &str) -> AmqpFailure {
     if let ErrorKind::ProtocolError(amqp) = error.kind() {
         let message = amqp.get_message().as_str();

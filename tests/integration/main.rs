@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod deploy;
 mod idempotency;
+mod openapi;
 mod publish;
 mod shutdown;
 mod tenancy;

@@ -1,0 +1,452 @@
+//! The OpenAPI 3.1 document: the handlers' `#[utoipa::path]` annotations and the model's
+//! schemas, plus what they share (problem responses, headers, the bearer scheme). One
+//! document, printed by `warren openapi` and served at `/openapi.json` and `/docs`.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use utoipa::openapi::example::ExampleBuilder;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{
+    ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Type,
+};
+use utoipa::{IntoParams, Modify, OpenApi, ToResponse};
+
+use crate::broker::PublishError;
+use crate::error::{ApiError, Problem, ProblemCode};
+
+/// The name of the bearer JWT scheme that `/v1` operations require.
+pub const BEARER: &str = "bearerAuth";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Warren",
+        description = "HTTP gateway in front of RabbitMQ. A `2xx` from a publish means the broker \
+confirmed the message (publisher confirm); publishes are `mandatory` by default, so an \
+unroutable message is a `422`, never a silent drop.\n\n\
+Every `/v1` call needs `Authorization: Bearer <jwt>`: an HS256 token with `exp`, the tenant \
+claim and `scope` (`publish`). The tenant selects the RabbitMQ vhost and the grants \
+(exchange + routing-key patterns) that allow a publish.\n\n\
+Errors are RFC 9457 `application/problem+json` with a stable `code`. Send an \
+`Idempotency-Key` to make retries safe: while the key is retained, a retried request never \
+publishes twice and gets the first answer again with `Idempotent-Replayed: true`.\n\n\
+Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    tags(
+        (name = "publish", description = "Publish messages with publisher confirms."),
+        (name = "operations", description = "Liveness, readiness and metrics (no token needed)."),
+    ),
+    components(
+        schemas(Problem, ProblemCode),
+        responses(
+            problems::InvalidRequest,
+            problems::Unauthorized,
+            problems::Forbidden,
+            problems::ExchangeNotFound,
+            problems::IdempotencyKeyInUse,
+            problems::RateLimited,
+            problems::PayloadTooLarge,
+            problems::UnsupportedMediaType,
+            problems::PublishUnprocessable,
+            problems::IdempotencyKeyMismatch,
+            problems::PublishUnavailable,
+            problems::IdempotencyStoreUnavailable,
+            problems::ConfirmTimeout,
+        ),
+    ),
+    modifiers(&BearerScheme),
+)]
+pub struct ApiDoc;
+
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .description(Some(
+                "An HS256 JWT with `exp`, the tenant claim (`auth.tenant_claim`, default \
+                 `tenant`) and `scope` containing `publish`. `warren token` mints one; dev \
+                 mode (`warren serve`) prints one.",
+            ))
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(BEARER, SecurityScheme::Http(scheme));
+    }
+}
+
+/// The request headers both publish operations read. Documentation only: the handlers
+/// read them through [`crate::idempotency::IdempotencyKey`] and
+/// [`crate::api::model::TraceContext`].
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct PublishHeaders {
+    /// Makes retries safe (SPEC §5): 1-255 printable ASCII characters, as a bare token or
+    /// a quoted structured-field string (`"abc"` and `abc` are the same key). Scoped by
+    /// tenant and token subject. Same key and same request: the stored answer is replayed
+    /// with `Idempotent-Replayed: true`; still in flight: `409`; different request: `422`.
+    /// `503` and `504` answers release the key, and the AMQP `message_id` derived from it
+    /// stays the same on every attempt.
+    #[serde(rename = "Idempotency-Key")]
+    #[param(
+        pattern = r#"^(?:[!#-~](?:[ -~]{0,253}[!-~])?|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#,
+        example = "order-42",
+        nullable = false
+    )]
+    idempotency_key: Option<String>,
+    /// W3C trace context; copied into the AMQP message headers (when 1-512 characters).
+    #[param(
+        example = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        nullable = false
+    )]
+    traceparent: Option<String>,
+    /// W3C trace context vendor state; copied like `traceparent`.
+    #[param(example = "congo=t61rcWkgMzE", nullable = false)]
+    tracestate: Option<String>,
+    /// Echoed in the response's `X-Request-Id` and logged; a fresh UUID when absent.
+    #[serde(rename = "X-Request-Id")]
+    #[param(nullable = false)]
+    x_request_id: Option<String>,
+}
+
+/// The document as served and printed: utoipa's output plus what utoipa cannot say.
+pub fn document() -> Value {
+    let (_, openapi) = super::documented_routes(true).split_for_parts();
+    let mut doc = serde_json::to_value(&openapi).unwrap_or_else(|_| json!({}));
+    require_exactly_one_body(&mut doc);
+    add_request_id_headers(&mut doc);
+    doc
+}
+
+/// `warren openapi`: pretty JSON with a trailing newline (what `openapi/openapi.json` holds).
+pub fn to_pretty_json() -> String {
+    let mut text = serde_json::to_string_pretty(&document()).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// A publish carries exactly one of `payload`, `body` and `body_base64` (`null` counts as
+/// absent). utoipa's derive cannot say so; it is said here as `not` (none, or two of
+/// them), which validators and test generators honour and client generators leave alone
+/// (a `oneOf` would make them split the model into one class per body kind).
+fn require_exactly_one_body(doc: &mut Value) {
+    let Some(schema) = doc.pointer_mut("/components/schemas/PublishRequest") else {
+        return;
+    };
+    let set = || json!({ "not": { "type": "null" } });
+    let both =
+        |a: &str, b: &str| json!({ "required": [a, b], "properties": { a: set(), b: set() } });
+    let none = json!({ "properties": {
+        "payload": { "type": "null" },
+        "body": { "type": "null" },
+        "body_base64": { "type": "null" }
+    } });
+    schema["not"] = json!({ "anyOf": [
+        none,
+        both("payload", "body"),
+        both("payload", "body_base64"),
+        both("body", "body_base64")
+    ] });
+}
+
+/// Every response carries `X-Request-Id`, and every documented response header is always
+/// sent except `Idempotent-Replayed`. utoipa's `Header` has no `required` member (OpenAPI
+/// 3.1 §4.8.21), so it is set here.
+fn add_request_id_headers(doc: &mut Value) {
+    let request_id = json!({
+        "description": "The request's `X-Request-Id`, or a fresh UUID when it sent none.",
+        "required": true,
+        "schema": { "type": "string" }
+    });
+    let Value::Object(root) = doc else {
+        return;
+    };
+    let mut responses: Vec<&mut Value> = Vec::new();
+    for (key, value) in root.iter_mut() {
+        match (key.as_str(), value) {
+            ("components", components) => {
+                if let Some(Value::Object(map)) = components.get_mut("responses") {
+                    responses.extend(map.values_mut());
+                }
+            }
+            ("paths", Value::Object(paths)) => {
+                for operation in paths.values_mut().filter_map(Value::as_object_mut) {
+                    for operation in operation.values_mut() {
+                        if let Some(Value::Object(map)) = operation.get_mut("responses") {
+                            // References get the header where they are defined.
+                            responses.extend(map.values_mut().filter(|r| r.get("$ref").is_none()));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for response in responses {
+        let Value::Object(response) = response else {
+            continue;
+        };
+        let headers = response
+            .entry("headers")
+            .or_insert_with(|| Value::Object(Default::default()));
+        let Value::Object(headers) = headers else {
+            continue;
+        };
+        for (name, header) in headers.iter_mut() {
+            if name != "Idempotent-Replayed" {
+                header["required"] = Value::Bool(true);
+            }
+        }
+        headers.insert("X-Request-Id".to_owned(), request_id.clone());
+    }
+}
+
+const REPLAYED: &str = "`true` when this is the stored answer to an earlier request with \
+                        the same `Idempotency-Key`; absent otherwise.";
+
+/// A problem+json response whose examples are real answers (built from [`ApiError`]s, so
+/// they cannot drift from what the gateway sends).
+fn problem(description: &str, examples: &[(&str, ApiError)]) -> Response {
+    let content = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("Problem")))
+        .examples_from_iter(examples.iter().map(|(name, error)| {
+            let value = serde_json::to_value(error.problem()).ok();
+            (*name, ExampleBuilder::new().value(value).build())
+        }))
+        .build();
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .content("application/problem+json", content);
+    if examples.iter().any(|(_, e)| e.retry_after().is_some()) {
+        let retry_after = HeaderBuilder::new()
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            ))
+            .description(Some("Seconds to wait before retrying (at least 1)."))
+            .build();
+        response = response.header("Retry-After", retry_after);
+    }
+    // Final answers are stored under an Idempotency-Key and replayed (see
+    // `idempotency::is_final`): among problems, 404 and 422 `unroutable`.
+    if examples
+        .iter()
+        .any(|(_, e)| matches!(e, ApiError::ExchangeNotFound(_) | ApiError::Unroutable(_)))
+    {
+        let replayed = HeaderBuilder::new()
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .description(Some(REPLAYED))
+            .build();
+        response = response.header("Idempotent-Replayed", replayed);
+    }
+    if examples
+        .iter()
+        .any(|(_, e)| matches!(e, ApiError::Unauthorized(_)))
+    {
+        let challenge = HeaderBuilder::new()
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .description(Some("The bearer challenge (RFC 6750)."))
+            .example(Some(json!(
+                "Bearer realm=\"warren\", error=\"invalid_token\""
+            )))
+            .build();
+        response = response.header("WWW-Authenticate", challenge);
+    }
+    response.build()
+}
+
+/// The reusable problem responses, one per status and meaning, under
+/// `#/components/responses`.
+pub mod problems {
+    use super::*;
+
+    macro_rules! problem_response {
+        ($(#[doc = $doc:literal])+ $name:ident => [$(($example:literal, $error:expr)),+ $(,)?]) => {
+            $(#[doc = $doc])+
+            pub struct $name;
+
+            impl<'s> ToResponse<'s> for $name {
+                fn response() -> (&'s str, RefOr<Response>) {
+                    let description = [$($doc),+].map(str::trim).join(" ");
+                    let examples = [$(($example, $error)),+];
+                    (stringify!($name), problem(&description, &examples).into())
+                }
+            }
+        };
+    }
+
+    problem_response! {
+        /// `invalid_request`: bad JSON, a missing, unknown or invalid field (the detail
+        /// names its JSON path), not exactly one of `payload`/`body`/`body_base64`, or a bad
+        /// `Idempotency-Key`. Nothing was published.
+        InvalidRequest => [
+            ("field", ApiError::InvalidRequest(
+                "routing_key: must be at most 255 bytes, got 300".to_owned())),
+            ("body_kind", ApiError::InvalidRequest(
+                "one of payload, body or body_base64 is required".to_owned())),
+            ("idempotency_key", ApiError::InvalidRequest(
+                "Idempotency-Key: must be 1-255 characters".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `unauthorized`: the bearer token is missing, malformed, badly signed, expired or
+        /// not yet valid, has the wrong issuer or audience, or names no tenant.
+        Unauthorized => [
+            ("missing", ApiError::Unauthorized("a bearer token is required".to_owned())),
+            ("expired", ApiError::Unauthorized("the token has expired".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `forbidden`: the token's tenant is not configured, its scope lacks `publish`, no
+        /// grant allows this exchange and routing key, or the broker refused access.
+        /// Nothing reached the broker.
+        Forbidden => [
+            ("scope", ApiError::Forbidden(
+                "the token's scope does not include \"publish\"".to_owned())),
+            ("grant", ApiError::Forbidden(
+                "tenant \"acme\" may not publish to exchange \"events\" with routing key \"audit.x\""
+                    .to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `exchange_not_found`: the exchange does not exist in the tenant's vhost.
+        ExchangeNotFound => [
+            ("exchange_not_found", ApiError::ExchangeNotFound("events".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `idempotency_key_in_use`: a request with this `Idempotency-Key` is still in
+        /// flight; retry after `Retry-After` seconds.
+        IdempotencyKeyInUse => [
+            ("idempotency_key_in_use", ApiError::IdempotencyKeyInUse),
+        ]
+    }
+
+    problem_response! {
+        /// `rate_limited`: the tenant is over a quota (`limits.publish_rate`,
+        /// `limits.publish_bytes_rate`, `limits.max_inflight_publishes`); nothing was
+        /// published. Retry after `Retry-After` seconds.
+        RateLimited => [
+            ("rate_limited", ApiError::RateLimited {
+                detail: "tenant \"acme\" is over its rate of 100 messages per second (limits.publish_rate)"
+                    .to_owned(),
+                retry_after: std::time::Duration::from_secs(1),
+            }),
+        ]
+    }
+
+    problem_response! {
+        /// `payload_too_large`: the body is over `server.max_body_bytes`, or the batch over
+        /// `server.max_batch_messages`.
+        PayloadTooLarge => [
+            ("body", ApiError::PayloadTooLarge(
+                "the request body exceeds server.max_body_bytes (1048576 bytes)".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `unsupported_media_type`: the request body is not `application/json` (or
+        /// `application/*+json`).
+        UnsupportedMediaType => [
+            ("unsupported_media_type", ApiError::UnsupportedMediaType(
+                "the request body must be JSON (Content-Type: application/json)".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `unroutable`: the publish was mandatory and the broker returned it (no queue is
+        /// bound for the routing key); or `idempotency_key_mismatch`: this
+        /// `Idempotency-Key` was used with a different request, and nothing was published.
+        PublishUnprocessable => [
+            ("unroutable", ApiError::from(PublishError::Unroutable("NO_ROUTE".to_owned()))),
+            ("idempotency_key_mismatch", ApiError::IdempotencyKeyMismatch),
+        ]
+    }
+
+    problem_response! {
+        /// `idempotency_key_mismatch`: this `Idempotency-Key` was used with a different
+        /// request; nothing was published.
+        IdempotencyKeyMismatch => [
+            ("idempotency_key_mismatch", ApiError::IdempotencyKeyMismatch),
+        ]
+    }
+
+    problem_response! {
+        /// `broker_unavailable` (no broker link, the broker blocks publishers, the channel
+        /// was lost before the confirm, or every channel is busy), `broker_rejected`
+        /// (`basic.nack`) or `idempotency_store_unavailable`. Retry after `Retry-After`
+        /// seconds, with the same `Idempotency-Key`.
+        PublishUnavailable => [
+            ("broker_unavailable", ApiError::from(PublishError::Unavailable {
+                reason: "no connection to the broker for vhost \"/\" (reconnecting)".to_owned(),
+                retry_after: std::time::Duration::from_secs(2),
+            })),
+            ("broker_rejected", ApiError::from(PublishError::Rejected)),
+            ("idempotency_store_unavailable", ApiError::IdempotencyStoreUnavailable(
+                "idempotency store unavailable: connection refused".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `idempotency_store_unavailable`: an `Idempotency-Key` was sent and the store does
+        /// not answer; nothing was published. Retry after `Retry-After` seconds.
+        IdempotencyStoreUnavailable => [
+            ("idempotency_store_unavailable", ApiError::IdempotencyStoreUnavailable(
+                "idempotency store unavailable: connection refused".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `confirm_timeout`: no publisher confirm within `amqp.confirm_timeout_ms`. The
+        /// outcome is unknown: retry with the same `Idempotency-Key` (consumers can
+        /// de-duplicate on the derived `message_id`).
+        ConfirmTimeout => [
+            ("confirm_timeout", ApiError::from(PublishError::ConfirmTimeout(
+                std::time::Duration::from_secs(5)))),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openapi/openapi.json` is what `warren openapi` prints. Regenerate it with
+    /// `cargo run -q -- openapi > openapi/openapi.json`.
+    #[test]
+    fn committed_spec_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == to_pretty_json(),
+            "openapi/openapi.json is stale: run `cargo run -q -- openapi > openapi/openapi.json`"
+        );
+    }
+
+    #[test]
+    fn document_is_deterministic() {
+        assert_eq!(to_pretty_json(), to_pretty_json());
+    }
+
+    #[test]
+    fn problem_code_enum_lists_every_code() {
+        let doc = document();
+        let listed = doc
+            .pointer("/components/schemas/ProblemCode/enum")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let expected: Vec<Value> = ProblemCode::ALL.iter().map(|c| c.as_str().into()).collect();
+        assert_eq!(listed, expected);
+    }
+}
