@@ -13,7 +13,7 @@ use serde::Deserialize;
 use jsonwebtoken::{Algorithm, AlgorithmFamily};
 
 use crate::auth::grants::{Grant, GrantPattern};
-use crate::auth::keys::{HmacSecret, KeyFile, KeySources, parse_algorithm};
+use crate::auth::keys::{HmacSecret, KeyFile, KeySources, is_loopback_host, parse_algorithm};
 
 /// A configuration problem, always naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -811,14 +811,7 @@ fn check_jwks_url(url: &str) -> Result<String, ConfigError> {
     let key = "auth.jwks_url";
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| ConfigError::invalid(key, format!("not a valid URL: {e}")))?;
-    let loopback = parsed.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
+    let loopback = is_loopback_host(parsed.host_str());
     match parsed.scheme() {
         "https" => Ok(url.to_owned()),
         "http" if loopback => Ok(url.to_owned()),

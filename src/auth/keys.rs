@@ -473,6 +473,18 @@ impl RemoteJwks {
     }
 }
 
+/// `localhost` or a loopback address: where plain http cannot be intercepted.
+pub fn is_loopback_host(host: Option<&str>) -> bool {
+    host.is_some_and(|host| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -592,6 +604,18 @@ impl KeyStore {
                     .timeout(sources.fetch_timeout)
                     .connect_timeout(sources.fetch_timeout)
                     .user_agent(concat!("warren/", env!("CARGO_PKG_VERSION")))
+                    .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                        // The https rule of auth.jwks_url holds for redirects too.
+                        if attempt.previous().len() >= 5 {
+                            attempt.error("too many redirects")
+                        } else if attempt.url().scheme() == "https"
+                            || is_loopback_host(attempt.url().host_str())
+                        {
+                            attempt.follow()
+                        } else {
+                            attempt.error("redirected away from https")
+                        }
+                    }))
                     .build()
                     .map_err(|e| anyhow::anyhow!("cannot build the JWKS client: {e}"))?,
                 keys: Vec::new(),

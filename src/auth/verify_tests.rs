@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 use super::Verifier;
-use super::keys::{KeyMiss, parse_jwks};
+use super::keys::{KeyMiss, KeySources, KeyStore, parse_jwks};
 use crate::config::{Config, HsSecretConfig};
 use crate::error::ApiError;
 
@@ -594,4 +594,48 @@ async fn key_selection_follows_kid_then_alg() {
         pick(None, Algorithm::PS512),
         Ok(vec![Some("rsa-a-ps512".to_owned())])
     );
+}
+
+/// This machine's address on its default route, if it has one (no packet is sent).
+fn non_loopback_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:80").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn a_jwks_url_redirect_away_from_https_is_not_followed() {
+    use axum::response::Redirect;
+    use axum::routing::get;
+
+    let Some(ip) = non_loopback_ip() else {
+        eprintln!("no non-loopback address: skipped");
+        return;
+    };
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let jwks: Value = serde_json::from_slice(&read("jwks.json")).unwrap();
+    let app = axum::Router::new()
+        // Plain http on a non-loopback address: reachable, but not to be trusted.
+        .route(
+            "/downgrade",
+            get(move || async move { Redirect::temporary(&format!("http://{ip}:{port}/jwks")) }),
+        )
+        .route("/moved", get(|| async { Redirect::temporary("/jwks") }))
+        .route("/jwks", get(move || async move { axum::Json(jwks) }));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let sources = |path: &str| KeySources {
+        hmac: Vec::new(),
+        files: Vec::new(),
+        jwks_url: Some(format!("http://127.0.0.1:{port}{path}")),
+        refresh_every: std::time::Duration::from_secs(3600),
+        min_refetch: std::time::Duration::from_secs(3600),
+        fetch_timeout: std::time::Duration::from_secs(2),
+    };
+    let store = KeyStore::start(&sources("/downgrade")).await.unwrap();
+    assert!(store.keys().is_empty(), "followed a redirect to plain http");
+    let store = KeyStore::start(&sources("/moved")).await.unwrap();
+    assert_eq!(store.keys().len(), 5, "a loopback redirect is followed");
+    server.abort();
 }
