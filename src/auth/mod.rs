@@ -133,10 +133,9 @@ impl Verifier {
                         .join(", "),
                     header.alg
                 ),
-                KeyMiss::NoKeyForAlgorithm => format!(
-                    "no key without a kid accepts {:?} tokens; the token needs a kid",
-                    header.alg
-                ),
+                KeyMiss::NoKeyForAlgorithm => {
+                    format!("no key accepts {:?} tokens", header.alg)
+                }
             })
         })?;
         let validation = self.validations.get(&header.alg).ok_or_else(|| {
