@@ -31,9 +31,14 @@ async fn start(store: StoreKind, exchange: &str) -> anyhow::Result<(String, Stri
     config.idempotency.store = store;
     config.idempotency.key_prefix = format!("warren-bench:{}:", uuid::Uuid::new_v4().simple());
     let state = warren::App::start(config).await?;
+    let secret = state
+        .resolved
+        .signing_secret
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the bench config has an HS256 secret"))?;
     let token = mint(
         &state.config.auth,
-        &state.resolved.hs256_secret,
+        secret,
         &TokenRequest {
             tenant: "bench",
             subject: "bench",

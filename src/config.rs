@@ -10,7 +10,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
+
 use crate::auth::grants::{Grant, GrantPattern};
+use crate::auth::keys::{HmacSecret, KeyFile, KeySources, is_loopback_host, parse_algorithm};
 
 /// A configuration problem, always naming the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -141,11 +144,30 @@ pub struct TlsConfig {
     pub client_key_file: Option<PathBuf>,
 }
 
+/// Token verification (SPEC §3). At least one key source is required: an HS256 secret,
+/// `hs_secrets`, `public_key_files`, `jwks_file` or `jwks_url`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub hs256_secret: Option<String>,
     pub hs256_secret_file: Option<PathBuf>,
+    /// `kid` of the HS256 secret. When set, tokens must name it, and `warren token`
+    /// puts it in the header; when unset, the secret verifies tokens without a `kid`.
+    pub hs256_kid: Option<String>,
+    /// More HMAC keys, each with its own `kid` and algorithm (rotation of shared secrets).
+    pub hs_secrets: Vec<HsSecretConfig>,
+    /// PEM public keys (RS*, PS*, ES256/384, EdDSA), each pinned to a `kid` and algorithm.
+    pub public_key_files: Vec<PublicKeyFileConfig>,
+    /// A JWKS document on disk, re-read when it changes.
+    pub jwks_file: Option<PathBuf>,
+    /// An identity provider's JWKS endpoint (https; http only on loopback).
+    pub jwks_url: Option<String>,
+    /// How often key files are checked for changes and `jwks_url` is fetched.
+    pub jwks_refresh_s: u64,
+    /// The least time between two refreshes caused by a token with an unknown `kid`.
+    pub jwks_min_refetch_s: u64,
+    /// Bound of one `jwks_url` fetch, including the first one at start.
+    pub jwks_timeout_ms: u64,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub tenant_claim: String,
@@ -157,12 +179,45 @@ impl Default for AuthConfig {
         Self {
             hs256_secret: None,
             hs256_secret_file: None,
+            hs256_kid: None,
+            hs_secrets: Vec::new(),
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh_s: 300,
+            jwks_min_refetch_s: 30,
+            jwks_timeout_ms: 5000,
             issuer: None,
             audience: None,
             tenant_claim: "tenant".to_owned(),
             leeway_s: 30,
         }
     }
+}
+
+/// `[[auth.hs_secrets]]`: an HMAC key with its `kid`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsSecretConfig {
+    pub kid: String,
+    /// HS256 (default), HS384 or HS512.
+    #[serde(default = "default_hs_alg")]
+    pub alg: String,
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+}
+
+fn default_hs_alg() -> String {
+    "HS256".to_owned()
+}
+
+/// `[[auth.public_key_files]]`: a PEM public key with its `kid` and algorithm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyFileConfig {
+    pub kid: String,
+    pub alg: String,
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -357,7 +412,11 @@ pub struct GrantConfig {
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    pub hs256_secret: Vec<u8>,
+    /// Every token key source, checked, with its files read.
+    pub token_keys: KeySources,
+    /// What `warren token` and dev mode sign with: the HS256 secret, else the first of
+    /// `auth.hs_secrets`; `None` when only public keys are configured.
+    pub signing_secret: Option<HmacSecret>,
     pub broker_urls: Vec<String>,
     pub tenants: BTreeMap<String, ResolvedTenant>,
     pub dynamic: Option<ResolvedDynamic>,
@@ -576,37 +635,7 @@ impl Config {
 
         let broker_urls = self.broker_urls()?;
 
-        let hs256_secret = match (&self.auth.hs256_secret, &self.auth.hs256_secret_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "auth.hs256_secret_file",
-                    "set either auth.hs256_secret or auth.hs256_secret_file, not both",
-                ));
-            }
-            (Some(secret), None) => secret.as_bytes().to_vec(),
-            (None, Some(path)) => read_file("auth.hs256_secret_file", path)?
-                .trim_end()
-                .as_bytes()
-                .to_vec(),
-            (None, None) => {
-                return Err(ConfigError::invalid(
-                    "auth.hs256_secret",
-                    "a token key is required: set auth.hs256_secret or auth.hs256_secret_file",
-                ));
-            }
-        };
-        if hs256_secret.len() < 32 {
-            return Err(ConfigError::invalid(
-                "auth.hs256_secret",
-                "must be at least 32 bytes (256 bits) long",
-            ));
-        }
-        if self.auth.tenant_claim.is_empty() {
-            return Err(ConfigError::invalid(
-                "auth.tenant_claim",
-                "must not be empty",
-            ));
-        }
+        let (token_keys, signing_secret) = self.resolve_auth()?;
 
         if self.tenants.is_empty() && !self.dynamic_tenants.enabled {
             return Err(ConfigError::invalid(
@@ -652,7 +681,8 @@ impl Config {
         }
         let dynamic = self.resolve_dynamic(&broker_urls)?;
         Ok(Resolved {
-            hs256_secret,
+            token_keys,
+            signing_secret,
             broker_urls,
             tenants,
             dynamic,
@@ -702,6 +732,147 @@ impl Config {
             max_pools: d.max_pools,
             pool_idle: Duration::from_secs(d.pool_idle_s),
         }))
+    }
+
+    fn resolve_auth(&self) -> Result<(KeySources, Option<HmacSecret>), ConfigError> {
+        let auth = &self.auth;
+        if auth.tenant_claim.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.tenant_claim",
+                "must not be empty",
+            ));
+        }
+        for (key, value) in [
+            ("auth.jwks_refresh_s", auth.jwks_refresh_s),
+            ("auth.jwks_min_refetch_s", auth.jwks_min_refetch_s),
+            ("auth.jwks_timeout_ms", auth.jwks_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        // A kid names one key: the same kid twice in the config is a mistake.
+        let mut kids: BTreeMap<String, String> = BTreeMap::new();
+        let mut claim_kid = |key: &str, kid: &str| {
+            if kid.is_empty() {
+                return Err(ConfigError::invalid(key, "must not be empty"));
+            }
+            match kids.insert(kid.to_owned(), key.to_owned()) {
+                Some(other) => Err(ConfigError::invalid(
+                    key,
+                    format!("kid {kid:?} is already used by {other}"),
+                )),
+                None => Ok(()),
+            }
+        };
+
+        let mut hmac = Vec::new();
+        let hs256 = match (&auth.hs256_secret, &auth.hs256_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "auth.hs256_secret_file",
+                    "set either auth.hs256_secret or auth.hs256_secret_file, not both",
+                ));
+            }
+            (Some(secret), None) => Some(secret.as_bytes().to_vec()),
+            (None, Some(path)) => Some(
+                read_file("auth.hs256_secret_file", path)?
+                    .trim_end()
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            (None, None) => None,
+        };
+        match hs256 {
+            Some(secret) => {
+                if let Some(kid) = &auth.hs256_kid {
+                    claim_kid("auth.hs256_kid", kid)?;
+                }
+                let secret = HmacSecret::new(auth.hs256_kid.clone(), Algorithm::HS256, secret)
+                    .map_err(|m| ConfigError::invalid("auth.hs256_secret", m))?;
+                hmac.push(secret);
+            }
+            None if auth.hs256_kid.is_some() => {
+                return Err(ConfigError::invalid(
+                    "auth.hs256_kid",
+                    "is set, but neither auth.hs256_secret nor auth.hs256_secret_file is",
+                ));
+            }
+            None => {}
+        }
+        for (i, entry) in auth.hs_secrets.iter().enumerate() {
+            let prefix = format!("auth.hs_secrets[{i}]");
+            claim_kid(&format!("{prefix}.kid"), &entry.kid)?;
+            let alg = parse_algorithm(&entry.alg)
+                .map_err(|m| ConfigError::invalid(format!("{prefix}.alg"), m))?;
+            let secret = match (&entry.secret, &entry.secret_file) {
+                (Some(secret), None) => secret.as_bytes().to_vec(),
+                (None, Some(path)) => read_file(&format!("{prefix}.secret_file"), path)?
+                    .trim_end()
+                    .as_bytes()
+                    .to_vec(),
+                _ => {
+                    return Err(ConfigError::invalid(
+                        format!("{prefix}.secret"),
+                        "set exactly one of secret and secret_file",
+                    ));
+                }
+            };
+            let secret = HmacSecret::new(Some(entry.kid.clone()), alg, secret).map_err(|m| {
+                let field = if alg.family() == AlgorithmFamily::Hmac {
+                    "secret"
+                } else {
+                    "alg"
+                };
+                ConfigError::invalid(format!("{prefix}.{field}"), m)
+            })?;
+            hmac.push(secret);
+        }
+
+        let mut files = Vec::new();
+        for (i, entry) in auth.public_key_files.iter().enumerate() {
+            let prefix = format!("auth.public_key_files[{i}]");
+            claim_kid(&format!("{prefix}.kid"), &entry.kid)?;
+            let alg = parse_algorithm(&entry.alg)
+                .map_err(|m| ConfigError::invalid(format!("{prefix}.alg"), m))?;
+            if alg.family() == AlgorithmFamily::Hmac {
+                return Err(ConfigError::invalid(
+                    format!("{prefix}.alg"),
+                    format!("{alg:?} is an HMAC algorithm; HMAC secrets belong in auth.hs_secrets"),
+                ));
+            }
+            let file = KeyFile::pem(&prefix, &entry.file, &entry.kid, alg)
+                .map_err(|m| ConfigError::invalid(format!("{prefix}.file"), m))?;
+            files.push(file);
+        }
+        if let Some(path) = &auth.jwks_file {
+            let file = KeyFile::jwks("auth.jwks_file", path)
+                .map_err(|m| ConfigError::invalid("auth.jwks_file", m))?;
+            files.push(file);
+        }
+        let jwks_url = match &auth.jwks_url {
+            Some(url) => Some(check_jwks_url(url)?),
+            None => None,
+        };
+        if hmac.is_empty() && files.is_empty() && jwks_url.is_none() {
+            return Err(ConfigError::invalid(
+                "auth",
+                "a token key is required: set auth.hs256_secret (or auth.hs256_secret_file), \
+                 auth.hs_secrets, auth.public_key_files, auth.jwks_file or auth.jwks_url",
+            ));
+        }
+        let signing_secret = hmac.first().cloned();
+        Ok((
+            KeySources {
+                hmac,
+                files,
+                jwks_url,
+                refresh_every: Duration::from_secs(auth.jwks_refresh_s),
+                min_refetch: Duration::from_secs(auth.jwks_min_refetch_s),
+                fetch_timeout: Duration::from_millis(auth.jwks_timeout_ms),
+            },
+            signing_secret,
+        ))
     }
 
     fn broker_urls(&self) -> Result<Vec<String>, ConfigError> {
@@ -777,6 +948,23 @@ fn check_limits(key: &str, limits: &LimitsConfig) -> Result<LimitsConfig, Config
         }
     }
     Ok(limits.clone())
+}
+
+/// A JWKS URL must be https: over plain http anyone on the path could hand Warren their
+/// own keys. Plain http is allowed for loopback addresses (a local sidecar, tests).
+fn check_jwks_url(url: &str) -> Result<String, ConfigError> {
+    let key = "auth.jwks_url";
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ConfigError::invalid(key, format!("not a valid URL: {e}")))?;
+    let loopback = is_loopback_host(parsed.host_str());
+    match parsed.scheme() {
+        "https" => Ok(url.to_owned()),
+        "http" if loopback => Ok(url.to_owned()),
+        _ => Err(ConfigError::invalid(
+            key,
+            "must be an https:// URL (http:// only for a loopback address)",
+        )),
+    }
 }
 
 fn check_url(key: &str, url: &str) -> Result<String, ConfigError> {
@@ -872,7 +1060,10 @@ mod tests {
             .unwrap()
             .resolve()
             .unwrap_err();
-        assert!(err.to_string().starts_with("auth.hs256_secret:"), "{err}");
+        assert!(
+            err.to_string().starts_with("auth: a token key is required"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -896,7 +1087,8 @@ mod tests {
             url, secret
         );
         let resolved = Config::from_toml(&text).unwrap().resolve().unwrap();
-        assert_eq!(resolved.hs256_secret, SECRET.as_bytes());
+        let signing = resolved.signing_secret.unwrap();
+        assert_eq!(signing.secret(), SECRET.as_bytes());
         assert_eq!(resolved.broker_urls, vec!["amqp://u:p@127.0.0.1:5672"]);
         let missing = text.replace("secret\"", "nope\"");
         let err = Config::from_toml(&missing).unwrap().resolve().unwrap_err();
@@ -904,6 +1096,169 @@ mod tests {
             err.to_string().starts_with("auth.hs256_secret_file:"),
             "{err}"
         );
+    }
+
+    fn keys_dir() -> String {
+        format!("{}/tests/keys", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// `[auth]` with `auth` as its body, and one tenant.
+    fn resolve_auth(auth: &str) -> Result<Resolved, ConfigError> {
+        let text = format!("[auth]\n{auth}\n[tenants.a]\nvhost = \"a\"\n");
+        Config::from_toml(&text)?.resolve()
+    }
+
+    #[track_caller]
+    fn assert_names(auth: &str, key: &str) {
+        let err = resolve_auth(auth).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{key}:")), "{auth}\n=> {err}");
+    }
+
+    #[test]
+    fn public_keys_and_jwks_resolve_without_an_hmac_secret() {
+        let dir = keys_dir();
+        let resolved = resolve_auth(&format!(
+            "public_key_files = [{{ kid = \"a\", alg = \"RS256\", file = \"{dir}/rsa-a.pub.pem\" }},\n\
+             {{ kid = \"e\", alg = \"EdDSA\", file = \"{dir}/ed25519.pub.pem\" }}]\n\
+             jwks_file = \"{dir}/jwks.json\"\n\
+             jwks_url = \"https://idp.example/.well-known/jwks.json\"\n"
+        ))
+        .unwrap();
+        assert!(resolved.signing_secret.is_none());
+        assert_eq!(resolved.token_keys.files.len(), 3);
+        assert_eq!(resolved.token_keys.refresh_every, Duration::from_secs(300));
+        assert_eq!(resolved.token_keys.min_refetch, Duration::from_secs(30));
+        // The HS256 secret signs when there is one; else the first hs_secrets entry.
+        let resolved = resolve_auth(&format!(
+            "hs_secrets = [{{ kid = \"h\", alg = \"HS384\", secret = \"{SECRET}{SECRET}\" }}]\n"
+        ))
+        .unwrap();
+        let signing = resolved.signing_secret.unwrap();
+        assert_eq!(
+            (signing.kid.as_deref(), signing.alg),
+            (Some("h"), Algorithm::HS384)
+        );
+    }
+
+    #[test]
+    fn bad_key_settings_name_the_key() {
+        let dir = keys_dir();
+        let pem = |kid: &str, alg: &str, file: &str| {
+            format!("{{ kid = \"{kid}\", alg = \"{alg}\", file = \"{dir}/{file}\" }}")
+        };
+        let files = |entries: &[String]| format!("public_key_files = [{}]\n", entries.join(", "));
+        for (auth, key) in [
+            (
+                files(&[pem("a", "RS999", "rsa-a.pub.pem")]),
+                "auth.public_key_files[0].alg",
+            ),
+            (
+                files(&[pem("a", "HS256", "rsa-a.pub.pem")]),
+                "auth.public_key_files[0].alg",
+            ),
+            (
+                files(&[pem("a", "RS256", "missing.pem")]),
+                "auth.public_key_files[0].file",
+            ),
+            (
+                files(&[pem("a", "RS256", "rsa-a.key.pem")]),
+                "auth.public_key_files[0].file",
+            ),
+            (
+                files(&[pem("a", "RS256", "rsa-1024.pub.pem")]),
+                "auth.public_key_files[0].file",
+            ),
+            (
+                files(&[pem("a", "ES256", "ec-p384.pub.pem")]),
+                "auth.public_key_files[0].file",
+            ),
+            (
+                files(&[pem("a", "ES256", "rsa-a.pub.pem")]),
+                "auth.public_key_files[0].file",
+            ),
+            (
+                files(&[pem("", "RS256", "rsa-a.pub.pem")]),
+                "auth.public_key_files[0].kid",
+            ),
+            (
+                files(&[
+                    pem("a", "RS256", "rsa-a.pub.pem"),
+                    pem("a", "EdDSA", "ed25519.pub.pem"),
+                ]),
+                "auth.public_key_files[1].kid",
+            ),
+            (
+                format!(
+                    "hs256_secret = \"{SECRET}\"\nhs256_kid = \"a\"\n{}",
+                    files(&[pem("a", "RS256", "rsa-a.pub.pem")])
+                ),
+                "auth.public_key_files[0].kid",
+            ),
+            (
+                format!("hs_secrets = [{{ kid = \"h\", alg = \"HS512\", secret = \"{SECRET}\" }}]"),
+                "auth.hs_secrets[0].secret",
+            ),
+            (
+                format!("hs_secrets = [{{ kid = \"h\", alg = \"RS256\", secret = \"{SECRET}\" }}]"),
+                "auth.hs_secrets[0].alg",
+            ),
+            (
+                "hs_secrets = [{ kid = \"h\" }]".to_owned(),
+                "auth.hs_secrets[0].secret",
+            ),
+            (
+                format!("hs_secrets = [{{ kid = \"h\", secret_file = \"{dir}/nope\" }}]"),
+                "auth.hs_secrets[0].secret_file",
+            ),
+            (
+                "hs256_kid = \"k\"\njwks_url = \"https://idp.test/jwks\"".to_owned(),
+                "auth.hs256_kid",
+            ),
+            (
+                format!("jwks_file = \"{dir}/rsa-a.pub.pem\""),
+                "auth.jwks_file",
+            ),
+            (
+                "jwks_file = \"/nonexistent/jwks.json\"".to_owned(),
+                "auth.jwks_file",
+            ),
+            (
+                "jwks_url = \"http://idp.example/jwks\"".to_owned(),
+                "auth.jwks_url",
+            ),
+            (
+                "jwks_url = \"ftp://127.0.0.1/jwks\"".to_owned(),
+                "auth.jwks_url",
+            ),
+            ("jwks_url = \"not a url\"".to_owned(), "auth.jwks_url"),
+            (
+                "jwks_url = \"https://idp.test/jwks\"\njwks_refresh_s = 0".to_owned(),
+                "auth.jwks_refresh_s",
+            ),
+            (
+                "jwks_url = \"https://idp.test/jwks\"\njwks_min_refetch_s = 0".to_owned(),
+                "auth.jwks_min_refetch_s",
+            ),
+            ("issuer = \"https://idp.test\"".to_owned(), "auth"),
+        ] {
+            assert_names(&auth, key);
+        }
+        // An empty JWKS file is named too (it has no usable key).
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            tmp.path(),
+            r#"{"keys": [{"kty": "RSA", "use": "enc", "n": "AQAB", "e": "AQAB"}]}"#,
+        )
+        .unwrap();
+        assert_names(&format!("jwks_file = {:?}", tmp.path()), "auth.jwks_file");
+        // http is fine on loopback (a sidecar, tests).
+        for url in [
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:1/jwks",
+        ] {
+            resolve_auth(&format!("jwks_url = \"{url}\"")).unwrap();
+        }
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<AppState> {
         let resolved = config.resolve()?;
         telemetry::prometheus();
-        let verifier = Verifier::new(&config.auth, &resolved.hs256_secret);
+        let verifier = Verifier::start(&config.auth, &resolved.token_keys).await?;
         let tenants =
             Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;
         if let Some(dynamic) = &resolved.dynamic {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// glibc's allocator fragments under the gateway's mix of short-lived request buffers and
@@ -36,7 +37,8 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Mint an HS256 token from the configured secret (for development and tests).
+    /// Mint a token signed with the configured HMAC secret (auth.hs256_secret, else the
+    /// first auth.hs_secrets entry), for development and tests.
     Token {
         #[arg(long, short)]
         config: PathBuf,
@@ -111,9 +113,14 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
 }
 
 fn print_dev_banner(state: &warren::AppState) -> anyhow::Result<()> {
+    let secret = state
+        .resolved
+        .signing_secret
+        .as_ref()
+        .context("dev mode has no token secret")?;
     let token = mint(
         &state.config.auth,
-        &state.resolved.hs256_secret,
+        secret,
         &TokenRequest {
             tenant: "default",
             subject: "dev",
@@ -162,7 +169,16 @@ fn token(path: PathBuf, tenant: &str, sub: &str, scope: &str, ttl: Duration) -> 
         scope,
         ttl,
     };
-    match mint(&config.auth, &resolved.hs256_secret, &request) {
+    let Some(secret) = &resolved.signing_secret else {
+        return fail(format!(
+            "{} has no HMAC secret to sign with: `warren token` needs auth.hs256_secret, \
+             auth.hs256_secret_file or auth.hs_secrets. Tokens for public keys \
+             (auth.public_key_files, auth.jwks_file, auth.jwks_url) come from the identity \
+             provider that holds the private key.",
+            path.display()
+        ));
+    };
+    match mint(&config.auth, secret, &request) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

@@ -24,6 +24,8 @@ pub const AMQP_RECONNECTS: &str = "warren_amqp_reconnects_total";
 pub const AMQP_CONNECTIONS: &str = "warren_amqp_connections";
 pub const AMQP_CHANNELS: &str = "warren_amqp_channels";
 pub const AMQP_INFLIGHT: &str = "warren_amqp_inflight_confirms";
+pub const AUTH_KEY_RELOADS: &str = "warren_auth_key_reloads_total";
+pub const AUTH_KEYS: &str = "warren_auth_keys";
 pub const BUILD_INFO: &str = "warren_build_info";
 pub const AMQP_POOLS: &str = "warren_amqp_dynamic_pools";
 pub const AMQP_POOLS_OPENED: &str = "warren_amqp_dynamic_pools_opened_total";
@@ -168,6 +170,11 @@ fn describe() {
         WS_SLOW_CLOSES,
         "WebSockets closed with 4408 because their reader stalled."
     );
+    describe_counter!(
+        AUTH_KEY_RELOADS,
+        "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
+    );
+    describe_gauge!(AUTH_KEYS, "Token verification keys in force.");
     gauge!(WS_CONNECTIONS).set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "live").set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
@@ -260,6 +267,16 @@ pub fn idempotency_evicted(count: u64) {
 pub fn idempotency_entries(entries: usize, bytes: usize) {
     gauge!(IDEMPOTENCY_ENTRIES).set(entries as f64);
     gauge!(IDEMPOTENCY_BYTES).set(bytes as f64);
+}
+
+/// `source` is `file` or `url`.
+pub fn auth_key_reload(source: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!(AUTH_KEY_RELOADS, "source" => source, "outcome" => outcome).increment(1);
+}
+
+pub fn auth_keys(count: usize) {
+    gauge!(AUTH_KEYS).set(count as f64);
 }
 
 pub fn ws_connections(delta: i64) {

@@ -2,7 +2,11 @@
 //! tenant, with which scopes. Invalid tokens are 401, unknown tenants 403.
 
 pub mod grants;
+pub mod keys;
+#[cfg(test)]
+mod verify_tests;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -10,13 +14,15 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde_json::{Map, Value};
+use tokio::task::AbortHandle;
 
 use crate::AppState;
 use crate::config::AuthConfig;
 use crate::error::ApiError;
 use crate::tenancy::Tenant;
+use keys::{HmacSecret, KeyMiss, KeySources, KeyStore};
 
 /// What a token may do (the `scope` claim, space-separated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,39 +50,113 @@ pub struct Claims {
     pub expires_at: u64,
 }
 
-/// Verifies tokens against the configured key, algorithm pinned by the key.
+/// Verifies tokens against the key store. The algorithm is pinned by the key: a token is
+/// only ever checked with a key whose algorithm equals the token's `alg`, so `none`,
+/// HS/RS confusion and a `kid` of another algorithm all fail.
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Arc<KeyStore>,
+    /// One validation per algorithm, each allowing only that algorithm.
+    validations: HashMap<Algorithm, Validation>,
     tenant_claim: String,
+    refresher: Option<AbortHandle>,
 }
 
-impl Verifier {
-    pub fn new(config: &AuthConfig, hs256_secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = config.leeway_s;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
-        match &config.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
-            None => validation.iss = None,
-        }
-        match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
-        }
-        Self {
-            key: DecodingKey::from_secret(hs256_secret),
-            validation,
-            tenant_claim: config.tenant_claim.clone(),
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        if let Some(refresher) = &self.refresher {
+            refresher.abort();
         }
     }
+}
 
-    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(|e| ApiError::Unauthorized(describe_jwt_error(e.kind())))?;
-        let claims = data.claims;
+const ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+impl Verifier {
+    /// Loads the keys (fetching a JWKS URL once, bounded by its timeout) and starts
+    /// their periodic refresh.
+    pub async fn start(config: &AuthConfig, sources: &KeySources) -> anyhow::Result<Self> {
+        let keys = KeyStore::start(sources).await?;
+        let refresher = keys.spawn_refresher();
+        Ok(Self {
+            keys,
+            validations: ALGORITHMS
+                .iter()
+                .map(|alg| (*alg, validation(config, *alg)))
+                .collect(),
+            tenant_claim: config.tenant_claim.clone(),
+            refresher,
+        })
+    }
+
+    /// The key store (tests and diagnostics).
+    pub fn keys(&self) -> &KeyStore {
+        &self.keys
+    }
+
+    /// Checks the signature with the keys the token's header selects (see
+    /// [`keys::KeySet::select`]), then `exp`, `nbf`, `iss`, `aud` and the tenant claim.
+    pub async fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            ApiError::Unauthorized(
+                "the token is malformed or its header names an algorithm Warren does not accept"
+                    .to_owned(),
+            )
+        })?;
+        let kid = header.kid.as_deref();
+        let mut selected = self.keys.keys().select(kid, header.alg);
+        if matches!(selected, Err(KeyMiss::UnknownKid)) && self.keys.refresh_for_unknown_kid().await
+        {
+            selected = self.keys.keys().select(kid, header.alg);
+        }
+        let candidates = selected.map_err(|miss| {
+            ApiError::Unauthorized(match miss {
+                KeyMiss::UnknownKid => format!("no key has the token's kid {}", quoted(kid)),
+                KeyMiss::OtherAlgorithm(algs) => format!(
+                    "the key {} is for {}, not the token's {:?}",
+                    quoted(kid),
+                    algs.iter()
+                        .map(|alg| format!("{alg:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    header.alg
+                ),
+                KeyMiss::NoKeyForAlgorithm => {
+                    format!("no key accepts {:?} tokens", header.alg)
+                }
+            })
+        })?;
+        let validation = self.validations.get(&header.alg).ok_or_else(|| {
+            ApiError::Unauthorized("the token's algorithm is not accepted".to_owned())
+        })?;
+        for key in &candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, key.decoding_key(), validation)
+            {
+                Ok(data) => return self.claims(data.claims),
+                // Another candidate (same kid, or no kid) may have signed it.
+                Err(e) if signature_mismatch(e.kind()) => {}
+                // The signature held: what failed is the token itself.
+                Err(e) => return Err(ApiError::Unauthorized(describe_jwt_error(e.kind()))),
+            }
+        }
+        Err(ApiError::Unauthorized(
+            "the token's signature is invalid".to_owned(),
+        ))
+    }
+
+    fn claims(&self, claims: Map<String, Value>) -> Result<Claims, ApiError> {
         let tenant = match claims.get(&self.tenant_claim) {
             Some(Value::String(t)) if !t.is_empty() => t.clone(),
             _ => {
@@ -108,6 +188,53 @@ impl Verifier {
     }
 }
 
+/// The claim checks, allowing exactly `alg`. `iss` and `aud` are required when
+/// configured (a token without them is refused, not waved through).
+fn validation(config: &AuthConfig, alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = config.leeway_s;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    match &config.issuer {
+        Some(issuer) => {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match &config.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// Errors that mean "not this key": the next candidate may still verify the token.
+fn signature_mismatch(kind: &JwtErrorKind) -> bool {
+    matches!(
+        kind,
+        JwtErrorKind::InvalidSignature
+            | JwtErrorKind::InvalidKeyFormat
+            | JwtErrorKind::InvalidRsaKey(_)
+            | JwtErrorKind::InvalidEcdsaKey
+            | JwtErrorKind::InvalidEddsaKey
+    )
+}
+
+/// A `kid` from a token for a message: quoted, and cut short (it is the caller's text).
+fn quoted(kid: Option<&str>) -> String {
+    let kid = kid.unwrap_or_default();
+    match kid.char_indices().nth(64) {
+        Some((end, _)) => format!("{:?}...", &kid[..end]),
+        None => format!("{kid:?}"),
+    }
+}
+
 fn describe_jwt_error(kind: &JwtErrorKind) -> String {
     match kind {
         JwtErrorKind::ExpiredSignature => "the token has expired".to_owned(),
@@ -131,10 +258,11 @@ pub struct TokenRequest<'a> {
     pub ttl: std::time::Duration,
 }
 
-/// Signs an HS256 token carrying the claims Warren reads.
+/// Signs a token carrying the claims Warren reads with an HMAC secret from the config
+/// (its algorithm, and its `kid` in the header when it has one).
 pub fn mint(
     config: &AuthConfig,
-    hs256_secret: &[u8],
+    secret: &HmacSecret,
     request: &TokenRequest<'_>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let now = SystemTime::now()
@@ -153,11 +281,9 @@ pub fn mint(
     if let Some(audience) = &config.audience {
         claims.insert("aud".into(), audience.as_str().into());
     }
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(hs256_secret),
-    )
+    let mut header = Header::new(secret.alg);
+    header.kid = secret.kid.clone();
+    jsonwebtoken::encode(&header, &claims, &secret.encoding_key())
 }
 
 /// The authenticated caller of a `/v1` request.
@@ -182,11 +308,11 @@ impl Principal {
     }
 }
 
-/// Reads `Authorization: Bearer <jwt>` and resolves the tenant.
-pub fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, ApiError> {
+/// Verifies the bearer token and resolves the tenant.
+pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, ApiError> {
     let token =
         token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
-    let claims = state.verifier.verify(token)?;
+    let claims = state.verifier.verify(token).await?;
     let tenant = state.tenants.get(&claims.tenant)?;
     Ok(Principal {
         tenant,
@@ -216,6 +342,6 @@ impl FromRequestParts<AppState> for Principal {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?;
-        authenticate(state, token)
+        authenticate(state, token).await
     }
 }

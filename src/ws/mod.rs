@@ -108,13 +108,13 @@ pub async fn upgrade(
     Query(query): Query<WsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match admit(&state, &headers, query, upgrade) {
+    match admit(&state, &headers, query, upgrade).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-fn admit(
+async fn admit(
     state: &AppState,
     headers: &HeaderMap,
     query: WsQuery,
@@ -134,7 +134,7 @@ fn admit(
         )));
     }
     let token = token(headers, query.access_token.as_deref())?;
-    let principal = auth::authenticate(state, token.as_deref())?;
+    let principal = auth::authenticate(state, token.as_deref()).await?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::InvalidRequest(format!("GET /v1/ws needs a WebSocket upgrade: {e}"))
     })?;

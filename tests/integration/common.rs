@@ -110,9 +110,10 @@ impl TestServer {
     }
 
     pub fn token_with(&self, request: &TokenRequest<'_>) -> String {
+        let secret = self.state.resolved.signing_secret.as_ref();
         mint(
             &self.state.config.auth,
-            &self.state.resolved.hs256_secret,
+            secret.expect("the config has an HMAC secret"),
             request,
         )
         .expect("mint")

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod deploy;
 mod idempotency;
+mod keys;
 mod openapi;
 mod publish;
 mod shutdown;
