@@ -30,7 +30,6 @@ pub const BUILD_INFO: &str = "warren_build_info";
 pub const AMQP_POOLS: &str = "warren_amqp_dynamic_pools";
 pub const AMQP_POOLS_OPENED: &str = "warren_amqp_dynamic_pools_opened_total";
 pub const AMQP_POOLS_CLOSED: &str = "warren_amqp_dynamic_pools_closed_total";
-pub const RATE_LIMITED: &str = "warren_rate_limited_total";
 /// The `tenant` label of tenants that are not configured (bounded cardinality).
 pub const DYNAMIC_TENANT_LABEL: &str = "_dynamic";
 pub const WS_CONNECTIONS: &str = "warren_ws_connections";
@@ -83,7 +82,7 @@ fn describe() {
     );
     describe_counter!(
         PUBLISH,
-        "Messages published, by tenant and outcome (acked, unroutable, nacked, timeout, unavailable, exchange_not_found, forbidden)."
+        "Messages published, by tenant and outcome (acked, unroutable, nacked, timeout, unavailable, exchange_not_found, forbidden, rate_limited)."
     );
     describe_histogram!(
         CONFIRM_DURATION,
@@ -145,10 +144,6 @@ fn describe() {
     describe_counter!(
         AMQP_POOLS_CLOSED,
         "Dynamic tenant pools closed (idle, or to make room under max_pools)."
-    );
-    describe_counter!(
-        RATE_LIMITED,
-        "Requests refused by a tenant quota, by tenant and limit."
     );
     gauge!(AMQP_POOLS).set(0.0);
     counter!(AMQP_POOLS_OPENED).increment(0);
@@ -220,6 +215,7 @@ pub async fn track_http(State(state): State<AppState>, request: Request, next: N
 }
 
 pub fn publish_outcome(tenant: &str, outcome: &'static str) {
+    tracing::Span::current().record("outcome", outcome);
     counter!(PUBLISH, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
 }
 

@@ -314,6 +314,7 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
         token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
     let claims = state.verifier.verify(token).await?;
     let tenant = state.tenants.get(&claims.tenant)?;
+    tracing::Span::current().record("tenant", tenant.name.as_str());
     Ok(Principal {
         tenant,
         subject: claims.subject,

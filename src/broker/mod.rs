@@ -268,6 +268,7 @@ impl Broker {
 
     /// Publishes `messages` pipelined on one pooled channel, then waits for all
     /// confirms together. Results are in input order.
+    #[tracing::instrument(name = "publish", skip_all, fields(vhost = %self.vhost, messages = messages.len()))]
     pub async fn publish_all(&self, messages: &[OutgoingMessage]) -> Vec<PublishResult> {
         if let Err(unavailable) = self.health.check() {
             let error = PublishError::unavailable(unavailable.reason, unavailable.retry_after);

@@ -215,3 +215,106 @@ fn sigterm_exits_cleanly_within_the_grace_period() {
     assert!(exit.success(), "{exit:?}");
     assert!(started.elapsed() < Duration::from_secs(6));
 }
+
+#[tokio::test]
+async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_own_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics_port) = (closed_port().await, closed_port().await);
+    let tenant = unique("t");
+    let config = format!(
+        "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        valid_config(&tenant, &format!("127.0.0.1:{port}")).replace(
+            "shutdown_grace_s = 5\n",
+            &format!("shutdown_grace_s = 5\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
+        )
+    );
+    let path = write_config(&dir, &config);
+    let log = dir.path().join("warren.log");
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Guard(child);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await
+    );
+    let token = Command::new(BIN)
+        .args(["token", "--config"])
+        .arg(&path)
+        .args(["--tenant", &tenant, "--sub", "logs", "--scope", "publish"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let response = http
+        .post(format!("{base}/v1/publish"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-for-the-log-test")
+        .body(
+            r#"{"exchange":"amq.topic","routing_key":"nobody","payload":{"secret":"do-not-log"}}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+
+    // Metrics on their own listener, not on the API one.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(
+        metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("warren_publish_total")
+    );
+    assert_eq!(
+        http.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    let found = eventually(Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .any(|line| line.contains("req-for-the-log-test") && line.contains("\"status\":422"))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(found, "no response log line for the request:\n{text}");
+    for line in text.lines() {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(value.get("level").is_some(), "{line}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("req-for-the-log-test") && l.contains("\"status\":422"))
+        .unwrap();
+    assert!(line.contains(&format!("\"tenant\":\"{tenant}\"")), "{line}");
+    assert!(line.contains("\"outcome\":\"unroutable\""), "{line}");
+    assert!(
+        !text.contains("do-not-log"),
+        "a message body reached the log"
+    );
+    assert!(!text.contains(&token), "a token reached the log");
+}
