@@ -66,6 +66,42 @@ pub struct ServerConfig {
     pub shutdown_grace_s: u64,
     /// Upper bound on concurrently served HTTP requests; excess requests wait.
     pub max_concurrent_requests: usize,
+    /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
+    pub tls: Option<ListenerTls>,
+    pub cors: CorsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often the files are checked for a renewed certificate.
+    #[serde(default = "default_tls_reload_s")]
+    pub reload_s: u64,
+}
+
+fn default_tls_reload_s() -> u64 {
+    60
+}
+
+/// Cross-origin requests from browsers (REST; WebSockets use ws.allowed_origins).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the API, e.g. `https://app.example`; `*` for any. Empty:
+    /// no CORS headers at all (browsers then refuse cross-origin calls).
+    pub allowed_origins: Vec<String>,
+    pub max_age_s: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age_s: 600,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -77,6 +113,8 @@ impl Default for ServerConfig {
             max_batch_messages: 1000,
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
+            tls: None,
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -540,6 +578,28 @@ impl Config {
                 "server.max_concurrent_requests",
                 "must be greater than 0",
             ));
+        }
+        if let Some(tls) = &s.tls {
+            if tls.reload_s == 0 {
+                return Err(ConfigError::invalid(
+                    "server.tls.reload_s",
+                    "must be greater than 0",
+                ));
+            }
+            crate::tls::load(&tls.cert_file, &tls.key_file)
+                .map_err(|m| ConfigError::invalid("server.tls", m))?;
+        }
+        for (i, origin) in s.cors.allowed_origins.iter().enumerate() {
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && axum::http::HeaderValue::from_str(origin).is_ok());
+            if !valid {
+                return Err(ConfigError::invalid(
+                    format!("server.cors.allowed_origins[{i}]"),
+                    "must be `*` or an origin like https://app.example (scheme, host, optional port; no path)",
+                ));
+            }
         }
         let a = &self.amqp;
         for (key, value) in [

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;
@@ -161,7 +162,28 @@ pub async fn serve(
     }
 
     let app = api::router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match &state.config.server.tls {
+            Some(tls) => {
+                let listener = tls::TlsListener::start(
+                    listener,
+                    tls.cert_file.clone(),
+                    tls.key_file.clone(),
+                    Duration::from_secs(tls.reload_s),
+                )
+                .map_err(std::io::Error::other)?;
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped(stop_rx.clone()))
+                        .into_future(),
+                )
+            }
+            None => Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            ),
+        };
     let deadline_state = state.clone();
     let deadline = async {
         stopped(stop_rx.clone()).await;

@@ -12,4 +12,5 @@ mod openapi;
 mod publish;
 mod shutdown;
 mod tenancy;
+mod transport;
 mod ws;
