@@ -121,3 +121,97 @@ async fn lost_link_answers_503_then_recovers_without_restart() {
     rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
+
+/// A TCP proxy that can stall: bytes are held (the TCP connections stay open) until
+/// it is released — a broker that stopped answering, not one that went away.
+async fn stalling_proxy(
+    upstream: &'static str,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                ),
+                (Box::new(sr), Box::new(cw)),
+            ] {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = from.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        while flag.load(Ordering::Acquire) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (port, stalled)
+}
+
+#[tokio::test]
+async fn no_confirm_in_time_is_504_and_the_gateway_carries_on() {
+    use std::sync::atomic::Ordering;
+    let (port, stalled) = stalling_proxy("127.0.0.1:5672").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, "*", "#");
+    config.amqp.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}"));
+    config.amqp.confirm_timeout_ms = 800;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let body =
+        json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false});
+    assert_eq!(server.publish(&token, &body).await.status, 202);
+
+    stalled.store(true, Ordering::Release);
+    let started = Instant::now();
+    let r = server.publish(&token, &body).await;
+    let took = started.elapsed();
+    assert_eq!(
+        (r.status, r.code()),
+        (504, "confirm_timeout"),
+        "{:?}",
+        r.body
+    );
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown")
+    );
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    stalled.store(false, Ordering::Release);
+    let recovered = eventually(Duration::from_secs(5), || async {
+        server.publish(&token, &body).await.status == 202
+    })
+    .await;
+    assert!(recovered, "publishing works again once the broker answers");
+    server.shutdown().await.unwrap();
+}

@@ -268,3 +268,83 @@ async fn cors_allows_configured_origins_only() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Terminates TLS with `cert`/`key` and forwards plaintext to RabbitMQ: an amqps://
+/// broker for the test without reconfiguring the real one.
+async fn tls_terminating_proxy(cert: &Path, key: &Path) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn amqps_urls_work_with_a_configured_ca_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca_pem) = make_cert(dir.path(), "broker");
+    let ca = dir.path().join("ca-bundle.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let port = tls_terminating_proxy(&cert, &key).await;
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    config.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
+    config.amqp.tls.ca_file = Some(ca.clone());
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let r = server
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "tls", "payload": {"over": "amqps"}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+    server.shutdown().await.unwrap();
+
+    // Without the CA the broker's certificate is not trusted: never ready, 503.
+    let mut untrusted = tenant_config(&tenant, &exchange, "#");
+    untrusted.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
+    let server = TestServer::start(untrusted).await;
+    let r = server
+        .publish(
+            &server.token(&tenant, "publish"),
+            &json!({"exchange": exchange, "routing_key": "tls", "payload": 1}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (503, "broker_unavailable"));
+    assert_eq!(server.get("/readyz").await.status, 503);
+    server.shutdown().await.unwrap();
+    rabbit.cleanup().await;
+}

@@ -394,24 +394,43 @@ async fn a_stalled_reader_is_closed_with_4408_while_a_healthy_one_keeps_receivin
         }
         received
     });
-    for _ in 0..100 {
-        let r = server
-            .publish(
-                &token,
-                &json!({"exchange": exchange, "routing_key": "order.big", "body": big}),
-            )
-            .await;
-        assert_eq!(r.status, 202);
-    }
+    let closes_before = slow_closes(&server).await;
+    let publisher = {
+        let (http, url, token, exchange) = (
+            server.http.clone(),
+            format!("{}/v1/publish", server.base),
+            token.clone(),
+            exchange.clone(),
+        );
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"exchange": exchange, "routing_key": "order.big", "body": big}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+            }
+        })
+    };
+    // Warren gives up on the stalled socket while the healthy one keeps receiving.
+    let cut_off = eventually(Duration::from_secs(30), || async {
+        slow_closes(&server).await > closes_before
+    })
+    .await;
+    assert!(cut_off, "the stalled socket was not closed for being slow");
+    // The stalled socket reads again only now: past what was buffered, a 4408 close.
+    assert_eq!(
+        close_code(&mut stalled, Duration::from_secs(15)).await,
+        4408
+    );
+    publisher.await.unwrap();
     assert_eq!(
         reader.await.unwrap(),
         100,
         "the healthy socket got everything"
-    );
-    // The stalled socket starts reading again only now: it finds a 4408 close.
-    assert_eq!(
-        close_code(&mut stalled, Duration::from_secs(15)).await,
-        4408
     );
     assert!(
         server
@@ -592,4 +611,91 @@ async fn socket_subscription_and_origin_limits_hold() {
         .insert(http::header::ORIGIN, "https://app.example".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(request).await.is_ok());
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refreshed_token_ends_the_subscriptions_it_no_longer_allows() {
+    let tenant = unique("t");
+    let server = TestServer::start_ready(ws_config(&tenant, "amq.topic")).await;
+    let mut ws = connect(&server, &server.token(&tenant, "publish subscribe")).await;
+    assert_eq!(
+        subscribe(&mut ws, "s1", "amq.topic", "order.*").await["type"],
+        "subscribed"
+    );
+    // The fresh token lacks `subscribe`: s1 ends with a 403 error frame, the socket stays.
+    send(
+        &mut ws,
+        json!({"type": "auth", "token": server.token(&tenant, "publish")}),
+    )
+    .await;
+    let ended = recv(&mut ws).await;
+    assert_eq!(
+        (
+            ended["type"].as_str(),
+            ended["id"].as_str(),
+            ended["code"].as_str()
+        ),
+        (Some("error"), Some("s1"), Some("forbidden"))
+    );
+    send(&mut ws, json!({"type": "unsubscribe", "id": "s1"})).await;
+    assert_eq!(recv(&mut ws).await["code"], "invalid_request", "s1 is gone");
+    // A token for a tenant that is not configured: an error frame, the socket stays.
+    let foreign = server.token_with(&warren::auth::TokenRequest {
+        tenant: "nobody-configured",
+        subject: "x",
+        scope: "subscribe",
+        ttl: Duration::from_secs(60),
+    });
+    send(&mut ws, json!({"type": "auth", "token": foreign})).await;
+    assert_eq!(recv(&mut ws).await["code"], "forbidden");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_socket_is_reaped_after_the_idle_timeout() {
+    let tenant = unique("t");
+    let mut config = ws_config(&tenant, "amq.topic");
+    config.ws.ping_interval_s = 1;
+    config.ws.idle_timeout_s = 1;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "subscribe");
+    let mut ws = connect(&server, &token).await;
+    // Not reading means not answering pings: the server closes within a few ticks.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, 1000);
+    let gone = eventually(Duration::from_secs(5), || async {
+        server.state.sockets.open() == 0
+    })
+    .await;
+    assert!(gone);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refreshed_token_for_another_tenant_closes_with_1008() {
+    let (a, b) = (unique("a"), unique("b"));
+    let server = TestServer::start_ready(config(&format!(
+        "[tenants.{a}]\nvhost = \"/\"\n[tenants.{b}]\nvhost = \"/\"\n"
+    )))
+    .await;
+    let mut ws = connect(&server, &server.token(&a, "subscribe")).await;
+    send(
+        &mut ws,
+        json!({"type": "auth", "token": server.token(&b, "subscribe")}),
+    )
+    .await;
+    assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, 1008);
+    server.shutdown().await.unwrap();
+}
+
+/// `warren_ws_slow_consumer_closes_total` as scraped now (the only test that makes it
+/// move is the stalled-reader one).
+async fn slow_closes(server: &TestServer) -> u64 {
+    server
+        .metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_ws_slow_consumer_closes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
