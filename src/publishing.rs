@@ -143,3 +143,25 @@ fn item_error(error: &ApiError, message_id: Option<String>) -> BatchItemResult {
         detail: Some(problem.detail),
     }
 }
+
+/// Runs `work` under the caller's `Idempotency-Key`, if any; keys are scoped by tenant
+/// and token subject. Shared by the REST handlers and WebSocket publish frames.
+pub async fn idempotent<F, Fut>(
+    state: &crate::AppState,
+    principal: &crate::auth::Principal,
+    key: Option<&IdempotencyKey>,
+    fingerprint: crate::idempotency::Fingerprint,
+    work: F,
+) -> axum::response::Response
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = axum::response::Response>,
+{
+    match key {
+        None => work().await,
+        Some(key) => {
+            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
+            state.idempotency.run(&scope, key, fingerprint, work).await
+        }
+    }
+}

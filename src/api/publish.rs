@@ -66,7 +66,7 @@ pub async fn publish(
             Err(error) => error.into_response(),
         }
     };
-    idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
+    publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
 }
 
 /// Publish a batch of messages.
@@ -135,32 +135,11 @@ pub async fn publish_batch(
             Err(error) => error.into_response(),
         }
     };
-    idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
+    publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
 }
 
 /// Scope first, then a well-formed key (if any).
 fn checks(principal: &Principal, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     principal.require(Scope::Publish)?;
     IdempotencyKey::from_headers(headers)
-}
-
-/// Keys are scoped by tenant and token subject.
-async fn idempotent<F, Fut>(
-    state: &AppState,
-    principal: &Principal,
-    key: Option<&IdempotencyKey>,
-    fingerprint: Fingerprint,
-    work: F,
-) -> Response
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Response>,
-{
-    match key {
-        None => work().await,
-        Some(key) => {
-            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
-            state.idempotency.run(&scope, key, fingerprint, work).await
-        }
-    }
 }

@@ -456,14 +456,9 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
             Err(e) => e.into_response(),
         }
     };
-    let response = match key {
-        None => work().await,
-        Some(key) => {
-            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
-            let fingerprint = Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes());
-            state.idempotency.run(&scope, &key, fingerprint, work).await
-        }
-    };
+    let fingerprint = Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes());
+    let response =
+        publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await;
     frame_from_response(id, response).await
 }
 
