@@ -28,6 +28,8 @@ RUN mkdir src \
 # instead of shipping the placeholder binary. If the crate ever reads files outside
 # src/ at compile time (build.rs, include_str!), copy them here too.
 COPY src ./src
+# assets/demo.html is compiled in (include_str! in src/api/mod.rs).
+COPY assets ./assets
 RUN find src -type f -exec touch {} + \
     && cargo build --release --locked \
     && install -m 0755 target/release/warren /warren

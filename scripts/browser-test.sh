@@ -13,7 +13,8 @@ if [[ ! -x /usr/bin/chromium ]]; then
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 
-cargo build --locked -q
+cargo build --locked -q --bin warren
+BIN="${CARGO_TARGET_DIR:-target}/debug/warren"
 work=$(mktemp -d)
 pid=""
 cleanup() {
@@ -35,14 +36,14 @@ vhost = "/"
 publish = [{ exchange = "amq.topic", routing_key = "demo.#" }]
 subscribe = [{ exchange = "amq.topic", routing_key = "demo.#" }]
 TOML
-target/debug/warren serve --config "$work/warren.toml" 2>"$work/warren.log" &
+"$BIN" serve --config "$work/warren.toml" 2>"$work/warren.log" &
 pid=$!
 for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/warren.log" >&2; exit 1; }
-token=$(target/debug/warren token --config "$work/warren.toml" --tenant browser --sub e2e --ttl 10m)
+token=$("$BIN" token --config "$work/warren.toml" --tenant browser --sub e2e --ttl 10m)
 
 WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" \
   node --test tests/browser/ || { cat "$work/warren.log" >&2; exit 1; }
