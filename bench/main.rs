@@ -65,9 +65,9 @@ struct Args {
     /// Sockets in the fan-out test.
     #[arg(long, default_value_t = 1000)]
     fanout_sockets: usize,
-    /// Messages per second published in the fan-out test.
-    #[arg(long, default_value_t = 100)]
-    fanout_rate: u64,
+    /// Messages per second published in the fan-out test (one run per rate).
+    #[arg(long, value_delimiter = ',', default_value = "20,100")]
+    fanout_rate: Vec<u64>,
     /// Idle sockets in the memory test.
     #[arg(long, default_value_t = 10_000)]
     idle_sockets: usize,
@@ -198,10 +198,26 @@ fn find_pid(comm: &str) -> Option<String> {
     })
 }
 
-/// CPU used by the load generator, Warren and RabbitMQ over an interval.
+/// Busy clock ticks of the whole machine (all CPUs; not idle, not iowait).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0)
+}
+
+/// CPU used by the load generator, Warren, RabbitMQ and everything else over an interval.
 struct CpuProbe {
     pids: [String; 3],
     start: [u64; 3],
+    machine: u64,
     t0: Instant,
 }
 
@@ -220,17 +236,20 @@ impl CpuProbe {
         CpuProbe {
             pids,
             start,
+            machine: machine_busy_ticks(),
             t0: Instant::now(),
         }
     }
-    /// Percent of one core for (generator, warren, rabbitmq).
-    fn stop(&self) -> [f64; 3] {
+    /// Percent of one core for (generator, warren, rabbitmq, other processes).
+    fn stop(&self) -> [f64; 4] {
         let secs = self.t0.elapsed().as_secs_f64();
-        let hz = 100.0; // USER_HZ on Linux
-        let mut out = [0.0; 3];
-        for i in 0..3 {
-            out[i] = (cpu_ticks(&self.pids[i]) - self.start[i]) as f64 / hz / secs * 100.0;
+        let pct = |ticks: u64| ticks as f64 / 100.0 / secs * 100.0; // USER_HZ = 100
+        let mut out = [0.0; 4];
+        for (o, (pid, start)) in out.iter_mut().zip(self.pids.iter().zip(self.start)) {
+            *o = pct(cpu_ticks(pid).saturating_sub(start));
         }
+        let all = pct(machine_busy_ticks().saturating_sub(self.machine));
+        out[3] = (all - out[0] - out[1] - out[2]).max(0.0);
         out
     }
 }
@@ -621,7 +640,7 @@ struct Fanout {
     p50: f64,
     p99: f64,
     p999: f64,
-    cpu: [f64; 3],
+    cpu: [f64; 4],
 }
 
 async fn fanout(
@@ -811,8 +830,11 @@ fn plot(
 
 // ---------------------------------------------------------------- main
 
-fn fmt_cpu(c: [f64; 3]) -> String {
-    format!("{:>4.0}% {:>4.0}% {:>4.0}%", c[0], c[1], c[2])
+fn fmt_cpu(c: [f64; 4]) -> String {
+    format!(
+        "{:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%",
+        c[0], c[1], c[2], c[3]
+    )
 }
 
 #[tokio::main]
@@ -871,10 +893,15 @@ async fn main() -> anyhow::Result<()> {
          mandatory; {:.1} s measured per point after 0.5 s warm-up; batch = {BATCH} msgs/request",
         args.seconds
     );
-    println!("CPU columns: percent of one core used by load generator / warren / RabbitMQ\n");
     println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>17}",
-        "path", "conc", "msg/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq"
+        "CPU columns: percent of one core (the machine has {} cores) used by load generator / \
+         warren / RabbitMQ / all other processes",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}",
+        "path", "conc", "msg/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq/other"
     );
     let names = [
         "1 direct AMQP",
@@ -967,7 +994,7 @@ async fn main() -> anyhow::Result<()> {
         "\nopen loop at half of Warren's max single-publish rate ({max:.0} msg/s): \
          {half:.0} msg/s from {paced_n} paced publishers"
     );
-    for k in 0..2 {
+    for (k, name) in names.iter().enumerate().take(2) {
         let probe = CpuProbe::start(warren.pid());
         let s = if k == 0 {
             direct(
@@ -994,7 +1021,7 @@ async fn main() -> anyhow::Result<()> {
         let cpu = probe.stop();
         println!(
             "{:<22} {:>10.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms   CPU {}",
-            names[k],
+            name,
             s.rate,
             s.p50,
             s.p99,
@@ -1007,23 +1034,25 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // WebSocket live fan-out.
-    let f = fanout(&warren, &conn, args.fanout_sockets, args.fanout_rate, 3.0).await?;
-    println!(
-        "\nWebSocket live fan-out: {} sockets on one binding key, one AMQP publisher at {} msg/s\n  \
+    for &rate in &args.fanout_rate {
+        let f = fanout(&warren, &conn, args.fanout_sockets, rate, 3.0).await?;
+        println!(
+            "\nWebSocket live fan-out: {} sockets on one binding key, one AMQP publisher at {} msg/s\n  \
          published {} -> delivered {} of {} ({:.1}%), {:.0} deliveries/s, \
          publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}",
-        f.sockets,
-        args.fanout_rate,
-        f.published,
-        f.delivered,
-        f.published * f.sockets as u64,
-        f.delivered as f64 * 100.0 / (f.published * f.sockets as u64).max(1) as f64,
-        f.deliveries_per_s,
-        f.p50,
-        f.p99,
-        f.p999,
-        fmt_cpu(f.cpu)
-    );
+            f.sockets,
+            rate,
+            f.published,
+            f.delivered,
+            f.published * f.sockets as u64,
+            f.delivered as f64 * 100.0 / (f.published * f.sockets as u64).max(1) as f64,
+            f.deliveries_per_s,
+            f.p50,
+            f.p99,
+            f.p999,
+            fmt_cpu(f.cpu)
+        );
+    }
     warren.stop();
 
     // Memory: a fresh Warren, RSS before and with N idle subscribed sockets.
