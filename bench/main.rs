@@ -259,6 +259,9 @@ impl CpuProbe {
 /// One keep-alive HTTP/1.1 connection; the cheapest client, so the generator's CPU goes
 /// to the measurement, not to a client library.
 struct Http {
+    addr: String,
+    /// The server said `Connection: close` (cowboy does after `max_keepalive` requests).
+    closing: bool,
     stream: TcpStream,
     buf: Vec<u8>,
     body: std::ops::Range<usize>,
@@ -269,6 +272,8 @@ impl Http {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Http {
+            addr: addr.to_owned(),
+            closing: false,
             stream,
             buf: Vec::with_capacity(8192),
             body: 0..0,
@@ -279,6 +284,9 @@ impl Http {
     async fn call(&mut self, request: &[u8]) -> anyhow::Result<u16> {
         self.buf.drain(..self.body.end);
         self.body = 0..0;
+        if self.closing {
+            *self = Http::connect(&self.addr).await?;
+        }
         self.stream.write_all(request).await?;
         loop {
             if let Some(head_end) = find(&self.buf, b"\r\n\r\n") {
@@ -289,6 +297,8 @@ impl Http {
                     if let Some((k, v)) = line.split_once(':') {
                         if k.eq_ignore_ascii_case("content-length") {
                             length = Some(v.trim().parse::<usize>()?);
+                        } else if k.eq_ignore_ascii_case("connection") {
+                            self.closing |= v.trim().eq_ignore_ascii_case("close");
                         } else if k.eq_ignore_ascii_case("transfer-encoding") {
                             bail!("chunked responses are not supported by the bench client");
                         }
