@@ -17,6 +17,8 @@ WORKDIR /build
 # Dependency layer: build every dependency against placeholder sources so that this
 # slow layer is reused until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
+# Cargo.toml names the load generator's source (an example); it must exist to parse.
+COPY bench/main.rs ./bench/main.rs
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

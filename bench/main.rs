@@ -1,0 +1,1111 @@
+//! Warren load generator: one run, one broker, one message (256-byte JSON, persistent,
+//! durable queue), the same concurrency for every path. See BENCHMARKS.md.
+//!
+//!     bench/run.sh            # builds in release and runs everything (about 3 minutes)
+//!
+//! Measures, against a `warren` release binary started as a separate process:
+//! 1. direct AMQP publish with confirms (lapin): N publishers, each awaiting its confirm;
+//! 2. `POST /v1/publish`, one keep-alive HTTP/1.1 connection per publisher;
+//! 3. `POST /v1/publish/batch`, 100 messages per request;
+//! 4. the RabbitMQ management API publish endpoint;
+//! 5. WebSocket live fan-out to many sockets on one binding key;
+//! 6. Warren's RSS per idle authenticated socket holding one live subscription.
+//!
+//! Not a test: it never runs under `cargo test`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The same allocator as the `warren` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
+const MGMT_ADDR: &str = "127.0.0.1:15672";
+const EXCHANGE: &str = "warren-bench";
+const QUEUE: &str = "warren-bench-q";
+const ROUTING_KEY: &str = "bench.msg";
+const FAN_KEY: &str = "fan.live";
+const SECRET: &str = "warren-bench-secret-warren-bench-secret-0123";
+const BODY_BYTES: usize = 256;
+const BATCH: usize = 100;
+
+#[derive(Parser, Debug)]
+#[command(about = "Warren load generator (see BENCHMARKS.md)")]
+struct Args {
+    /// The `warren` release binary to start as a separate process.
+    #[arg(long, default_value = "target/release/warren")]
+    warren: PathBuf,
+    /// Concurrency levels (publishers in flight) for items 1-4.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64")]
+    levels: Vec<usize>,
+    /// Measured seconds per point (after a warm-up of 0.5 s).
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// AMQP channels for the direct publishers (publishers share them round-robin).
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Sockets in the fan-out test.
+    #[arg(long, default_value_t = 1000)]
+    fanout_sockets: usize,
+    /// Messages per second published in the fan-out test (one run per rate).
+    #[arg(long, value_delimiter = ',', default_value = "20,100")]
+    fanout_rate: Vec<u64>,
+    /// Idle sockets in the memory test.
+    #[arg(long, default_value_t = 10_000)]
+    idle_sockets: usize,
+    /// Font for the plot's text (not committed; from fonts-dejavu-core).
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+    /// Where the plot goes.
+    #[arg(long, default_value = "bench/results.png")]
+    plot: PathBuf,
+}
+
+// ---------------------------------------------------------------- measurement window
+
+/// Latencies (µs) of operations that started after the warm-up and ended before the end.
+struct Recorder {
+    warm_end: Instant,
+    end: Instant,
+    lat: Vec<u32>,
+    msgs: u64,
+    /// Open-loop pacing: the next send time and the interval between sends.
+    pace: Option<(Instant, Duration)>,
+}
+
+impl Recorder {
+    fn new(w: Window, pace: Option<(Instant, Duration)>) -> Self {
+        Recorder {
+            warm_end: w.warm_end,
+            end: w.end,
+            lat: Vec::with_capacity(4096),
+            msgs: 0,
+            pace,
+        }
+    }
+    /// Waits for the next paced send time, if paced.
+    async fn wait_turn(&mut self) {
+        if let Some((next, period)) = self.pace.as_mut() {
+            tokio::time::sleep_until((*next).into()).await;
+            *next += *period;
+        }
+    }
+    /// Records one operation started at `t0` carrying `msgs` messages; false once over.
+    fn record(&mut self, t0: Instant, msgs: u64) -> bool {
+        let now = Instant::now();
+        if t0 >= self.warm_end && now <= self.end {
+            self.lat
+                .push((now - t0).as_micros().min(u32::MAX as u128) as u32);
+            self.msgs += msgs;
+        }
+        now < self.end
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Window {
+    warm_end: Instant,
+    end: Instant,
+    measured: Duration,
+}
+
+impl Window {
+    fn new(seconds: f64) -> Self {
+        let warm_end = Instant::now() + Duration::from_millis(500);
+        let measured = Duration::from_secs_f64(seconds);
+        Window {
+            warm_end,
+            end: warm_end + measured,
+            measured,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+struct Stat {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i] as f64 / 1000.0
+}
+
+fn summarize(recs: Vec<Recorder>, measured: Duration) -> Stat {
+    let msgs: u64 = recs.iter().map(|r| r.msgs).sum();
+    let mut lat: Vec<u32> = recs.into_iter().flat_map(|r| r.lat).collect();
+    lat.sort_unstable();
+    Stat {
+        rate: msgs as f64 / measured.as_secs_f64(),
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        p999: percentile(&lat, 0.999),
+    }
+}
+
+// ---------------------------------------------------------------- CPU per process
+
+/// utime + stime (clock ticks) of a process.
+fn cpu_ticks(pid: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the `(comm)`, which may contain spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime 15.
+    let get = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    get(14) + get(15)
+}
+
+fn find_pid(comm: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.parse::<u32>().ok()?;
+        let c = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (c.trim() == comm).then_some(name)
+    })
+}
+
+/// Busy clock ticks of the whole machine (all CPUs; not idle, not iowait).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0)
+}
+
+/// CPU used by the load generator, Warren, RabbitMQ and everything else over an interval.
+struct CpuProbe {
+    pids: [String; 3],
+    start: [u64; 3],
+    machine: u64,
+    t0: Instant,
+}
+
+impl CpuProbe {
+    fn start(warren_pid: u32) -> Self {
+        let pids = [
+            "self".to_owned(),
+            warren_pid.to_string(),
+            find_pid("beam.smp").unwrap_or_else(|| "0".to_owned()),
+        ];
+        let start = [
+            cpu_ticks(&pids[0]),
+            cpu_ticks(&pids[1]),
+            cpu_ticks(&pids[2]),
+        ];
+        CpuProbe {
+            pids,
+            start,
+            machine: machine_busy_ticks(),
+            t0: Instant::now(),
+        }
+    }
+    /// Percent of one core for (generator, warren, rabbitmq, other processes).
+    fn stop(&self) -> [f64; 4] {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let pct = |ticks: u64| ticks as f64 / 100.0 / secs * 100.0; // USER_HZ = 100
+        let mut out = [0.0; 4];
+        for (o, (pid, start)) in out.iter_mut().zip(self.pids.iter().zip(self.start)) {
+            *o = pct(cpu_ticks(pid).saturating_sub(start));
+        }
+        let all = pct(machine_busy_ticks().saturating_sub(self.machine));
+        out[3] = (all - out[0] - out[1] - out[2]).max(0.0);
+        out
+    }
+}
+
+// ---------------------------------------------------------------- tiny HTTP/1.1 client
+
+/// One keep-alive HTTP/1.1 connection; the cheapest client, so the generator's CPU goes
+/// to the measurement, not to a client library.
+struct Http {
+    addr: String,
+    /// The server said `Connection: close` (cowboy does after `max_keepalive` requests).
+    closing: bool,
+    stream: TcpStream,
+    buf: Vec<u8>,
+    body: std::ops::Range<usize>,
+}
+
+impl Http {
+    async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Http {
+            addr: addr.to_owned(),
+            closing: false,
+            stream,
+            buf: Vec::with_capacity(8192),
+            body: 0..0,
+        })
+    }
+
+    /// Sends a complete request and reads one response; returns the status.
+    async fn call(&mut self, request: &[u8]) -> anyhow::Result<u16> {
+        self.buf.drain(..self.body.end);
+        self.body = 0..0;
+        if self.closing {
+            *self = Http::connect(&self.addr).await?;
+        }
+        self.stream.write_all(request).await?;
+        loop {
+            if let Some(head_end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..head_end])?;
+                let status: u16 = head.get(9..12).context("status line")?.parse()?;
+                let mut length = None;
+                for line in head.split("\r\n").skip(1) {
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = Some(v.trim().parse::<usize>()?);
+                        } else if k.eq_ignore_ascii_case("connection") {
+                            self.closing |= v.trim().eq_ignore_ascii_case("close");
+                        } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                            bail!("chunked responses are not supported by the bench client");
+                        }
+                    }
+                }
+                let start = head_end + 4;
+                let end = start + length.context("no content-length")?;
+                while self.buf.len() < end {
+                    self.read_more().await?;
+                }
+                self.body = start..end;
+                return Ok(status);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    async fn read_more(&mut self) -> anyhow::Result<()> {
+        let len = self.buf.len();
+        self.buf.resize(len + 8192, 0);
+        let n = self.stream.read(&mut self.buf[len..]).await?;
+        self.buf.truncate(len + n);
+        ensure!(n > 0, "connection closed");
+        Ok(())
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.buf[self.body.clone()]
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn post(addr: &str, path: &str, auth: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {auth}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+// ---------------------------------------------------------------- the message
+
+/// A compact JSON object of exactly BODY_BYTES bytes, starting with `prefix` members.
+fn message_json(prefix: &str) -> String {
+    let head = format!("{{{prefix}\"pad\":\"");
+    let pad = BODY_BYTES - head.len() - 2;
+    let s = format!("{head}{}\"}}", "x".repeat(pad));
+    assert_eq!(s.len(), BODY_BYTES);
+    s
+}
+
+fn props() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+// ---------------------------------------------------------------- the four publish paths
+
+async fn direct(
+    conn: &Connection,
+    n: usize,
+    channels: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> anyhow::Result<Stat> {
+    let mut chans = Vec::new();
+    for _ in 0..channels.min(n).max(1) {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        chans.push(ch);
+    }
+    let body = Arc::new(message_json("\"id\":\"bench\",").into_bytes());
+    let w = Window::new(seconds);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let ch = chans[i % chans.len()].clone();
+        let body = body.clone();
+        let pace = pacing(rate, n, i);
+        tasks.push(tokio::spawn(async move {
+            let mut rec = Recorder::new(w, pace);
+            loop {
+                rec.wait_turn().await;
+                let t0 = Instant::now();
+                let confirm = ch
+                    .basic_publish(
+                        EXCHANGE.into(),
+                        ROUTING_KEY.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        props(),
+                    )
+                    .await?
+                    .await?;
+                ensure!(
+                    matches!(confirm, lapin::Confirmation::Ack(None)),
+                    "not acked: {confirm:?}"
+                );
+                if !rec.record(t0, 1) {
+                    break;
+                }
+            }
+            anyhow::Ok(rec)
+        }));
+    }
+    let stat = collect(tasks, w).await?;
+    for ch in chans {
+        let _ = ch.close(200, "bye".into()).await;
+    }
+    Ok(stat)
+}
+
+fn pacing(rate: Option<f64>, n: usize, i: usize) -> Option<(Instant, Duration)> {
+    rate.map(|r| {
+        let period = Duration::from_secs_f64(n as f64 / r);
+        (Instant::now() + period.mul_f64(i as f64 / n as f64), period)
+    })
+}
+
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Recorder>>>,
+    w: Window,
+) -> anyhow::Result<Stat> {
+    let mut recs = Vec::new();
+    for t in tasks {
+        recs.push(t.await??);
+    }
+    Ok(summarize(recs, w.measured))
+}
+
+/// Closed (or paced) loop of HTTP requests, one connection per publisher.
+#[allow(clippy::too_many_arguments)]
+async fn http_loop(
+    addr: &str,
+    request: Vec<u8>,
+    expect: u16,
+    msgs_per_request: u64,
+    check: Option<&'static [u8]>,
+    n: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> anyhow::Result<Stat> {
+    let request = Arc::new(request);
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(Http::connect(addr).await?);
+    }
+    let w = Window::new(seconds);
+    let mut tasks = Vec::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let request = request.clone();
+        let pace = pacing(rate.map(|r| r / msgs_per_request as f64), n, i);
+        tasks.push(tokio::spawn(async move {
+            let mut rec = Recorder::new(w, pace);
+            loop {
+                rec.wait_turn().await;
+                let t0 = Instant::now();
+                let status = conn.call(&request).await?;
+                if status != expect || check.is_some_and(|c| find(conn.body(), c).is_none()) {
+                    bail!("status {status}: {}", String::from_utf8_lossy(conn.body()));
+                }
+                if !rec.record(t0, msgs_per_request) {
+                    break;
+                }
+            }
+            anyhow::Ok(rec)
+        }));
+    }
+    collect(tasks, w).await
+}
+
+fn publish_body() -> String {
+    format!(
+        "{{\"exchange\":\"{EXCHANGE}\",\"routing_key\":\"{ROUTING_KEY}\",\
+         \"payload\":{},\"properties\":{{\"persistent\":true}}}}",
+        message_json("\"id\":\"bench\",")
+    )
+}
+
+fn batch_body() -> String {
+    let one = publish_body();
+    let items = vec![one; BATCH].join(",");
+    format!("{{\"messages\":[{items}]}}")
+}
+
+fn mgmt_body() -> String {
+    let payload =
+        serde_json::to_string(&message_json("\"id\":\"bench\",")).expect("a string serializes");
+    format!(
+        "{{\"properties\":{{\"delivery_mode\":2,\"content_type\":\"application/json\"}},\
+         \"routing_key\":\"{ROUTING_KEY}\",\"payload\":{payload},\"payload_encoding\":\"string\"}}"
+    )
+}
+
+// ---------------------------------------------------------------- Warren as a process
+
+struct Warren {
+    child: Child,
+    addr: String,
+    token: String,
+    log: PathBuf,
+}
+
+impl Warren {
+    async fn start(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"{addr}\"\nmax_concurrent_requests = 100000\n\
+                 [amqp]\nurl = \"{AMQP_URL}\"\n\
+                 [auth]\nhs256_secret = \"{SECRET}\"\n\
+                 [log]\nlevel = \"warn\"\n\
+                 [ws]\nmax_sockets_per_tenant = 100000\n\
+                 [tenants.bench]\nvhost = \"/\"\n\
+                 publish = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n\
+                 subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n"
+            ),
+        )?;
+        let out = Command::new(bin)
+            .args(["token", "--config"])
+            .arg(&config)
+            .args(["--tenant", "bench", "--sub", "bench", "--scope"])
+            .arg("publish subscribe")
+            .args(["--ttl", "2h"])
+            .output()
+            .with_context(|| format!("running {} token", bin.display()))?;
+        ensure!(
+            out.status.success(),
+            "warren token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err")))?)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut warren = Warren {
+            child,
+            addr,
+            token,
+            log,
+        };
+        let ready = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n";
+        for _ in 0..200 {
+            if let Ok(mut c) = Http::connect(&warren.addr).await
+                && c.call(ready).await.ok() == Some(200)
+            {
+                return Ok(warren);
+            }
+            if let Some(status) = warren.child.try_wait()? {
+                bail!("warren exited with {status}; see {}", warren.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("warren did not become ready; see {}", warren.log.display())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        Ok(line.split_whitespace().nth(1).context("VmRSS")?.parse()?)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- WebSocket
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn ws_subscribe(addr: &str, token: &str) -> anyhow::Result<Ws> {
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request()?;
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "warren.v1".parse()?);
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    ws.send(Message::text(format!(
+        "{{\"type\":\"subscribe\",\"id\":\"s1\",\"exchange\":\"{EXCHANGE}\",\
+         \"binding_key\":\"{FAN_KEY}\",\"mode\":\"live\"}}"
+    )))
+    .await?;
+    while let Some(frame) = ws.next().await {
+        if let Message::Text(t) = frame? {
+            ensure!(t.contains("\"subscribed\""), "subscribe answered {t}");
+            return Ok(ws);
+        }
+    }
+    bail!("socket closed before subscribed")
+}
+
+async fn open_sockets(addr: &str, token: &str, n: usize) -> anyhow::Result<Vec<Ws>> {
+    let results: Vec<anyhow::Result<Ws>> = futures::stream::iter(0..n)
+        .map(|_| ws_subscribe(addr, token))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+struct Fanout {
+    sockets: usize,
+    published: u64,
+    delivered: u64,
+    deliveries_per_s: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    cpu: [f64; 4],
+}
+
+async fn fanout(
+    warren: &Warren,
+    conn: &Connection,
+    sockets: usize,
+    rate: u64,
+    seconds: f64,
+) -> anyhow::Result<Fanout> {
+    let wss = open_sockets(&warren.addr, &warren.token, sockets).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for mut ws in wss {
+        let delivered = delivered.clone();
+        let last = last.clone();
+        let mut done = done_rx.clone();
+        readers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let frame = tokio::select! {
+                    f = ws.next() => f,
+                    _ = done.changed() => break,
+                };
+                let Some(Ok(frame)) = frame else { break };
+                if let Message::Text(t) = frame {
+                    let now = now_us();
+                    if let Some(i) = t.find("\"t\":") {
+                        let digits: String = t[i + 4..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_digit())
+                            .collect();
+                        if let Ok(sent) = digits.parse::<u64>() {
+                            lat.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            last.fetch_max(now, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    // Let the subscriptions' shared broker queue settle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = CpuProbe::start(warren.pid());
+    let total = (rate as f64 * seconds) as u64;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let first = now_us();
+    let start = Instant::now();
+    for k in 0..total {
+        tokio::time::sleep_until((start + period.mul_f64(k as f64)).into()).await;
+        let body = message_json(&format!("\"t\":{},", now_us()));
+        ch.basic_publish(
+            EXCHANGE.into(),
+            FAN_KEY.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props(),
+        )
+        .await?
+        .await?;
+    }
+    // Wait until deliveries stop arriving.
+    let mut seen = u64::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = delivered.load(Ordering::Relaxed);
+        if now == seen || now == total * sockets as u64 {
+            break;
+        }
+        seen = now;
+    }
+    let cpu = probe.stop();
+    let _ = ch.close(200, "bye".into()).await;
+    let _ = done_tx.send(true);
+    let mut lat = Vec::new();
+    for r in readers {
+        lat.extend(r.await?);
+    }
+    let delivered = delivered.load(Ordering::Relaxed);
+    let span = (last.load(Ordering::Relaxed).saturating_sub(first)) as f64 / 1e6;
+    lat.sort_unstable();
+    Ok(Fanout {
+        sockets,
+        published: total,
+        delivered,
+        deliveries_per_s: delivered as f64 / span.max(1e-9),
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        p999: percentile(&lat, 0.999),
+        cpu,
+    })
+}
+
+// ---------------------------------------------------------------- plot
+
+fn plot(
+    path: &Path,
+    font: &Path,
+    levels: &[usize],
+    series: &[(&str, Vec<Stat>)],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let bytes: &'static [u8] = Box::leak(
+        std::fs::read(font)
+            .with_context(|| format!("reading font {}", font.display()))?
+            .into_boxed_slice(),
+    );
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a usable font", font.display()))?;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let xmax = *levels.iter().max().unwrap_or(&64) as f64;
+    let colors = [RED, BLUE, GREEN, MAGENTA];
+    for (area, title, is_rate) in [
+        (&left, "throughput (msg/s)", true),
+        (&right, "p99 latency (ms)", false),
+    ] {
+        let value = |s: &Stat| if is_rate { s.rate } else { s.p99 };
+        let all: Vec<f64> = series
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(value))
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .collect();
+        let lo = all.iter().cloned().fold(f64::MAX, f64::min) / 1.5;
+        let hi = all.iter().cloned().fold(0.0, f64::max) * 1.5;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{title} vs concurrency"),
+                ("sans-serif", 22).into_font(),
+            )
+            .margin(15)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0.8..xmax * 1.25).log_scale(), (lo..hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .light_line_style(WHITE)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| {
+                if *y >= 10.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.1}")
+                }
+            })
+            .x_desc("concurrent publishers")
+            .y_desc(title)
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (i, (name, stats)) in series.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let points: Vec<(f64, f64)> = levels
+                .iter()
+                .zip(stats)
+                .map(|(l, s)| (*l as f64, value(s)))
+                .filter(|(_, v)| v.is_finite() && *v > 0.0)
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(if is_rate {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperLeft
+            })
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- main
+
+fn fmt_cpu(c: [f64; 4]) -> String {
+    format!(
+        "{:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%",
+        c[0], c[1], c[2], c[3]
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
+    let admin = conn.create_channel().await?;
+    admin
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    admin
+        .queue_declare(
+            QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    admin
+        .queue_bind(
+            QUEUE.into(),
+            EXCHANGE.into(),
+            "bench.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    admin
+        .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+        .await?;
+
+    let warren = Warren::start(&args.warren, dir.path(), "warren").await?;
+    let bearer = format!("Bearer {}", warren.token);
+    let single = post(&warren.addr, "/v1/publish", &bearer, &publish_body());
+    let batch = post(&warren.addr, "/v1/publish/batch", &bearer, &batch_body());
+    let mgmt = post(
+        MGMT_ADDR,
+        &format!("/api/exchanges/%2F/{EXCHANGE}/publish"),
+        "Basic Z3Vlc3Q6Z3Vlc3Q=",
+        &mgmt_body(),
+    );
+
+    println!(
+        "Warren load generator: {BODY_BYTES}-byte JSON, persistent, durable queue, \
+         mandatory; {:.1} s measured per point after 0.5 s warm-up; batch = {BATCH} msgs/request",
+        args.seconds
+    );
+    println!(
+        "CPU columns: percent of one core (the machine has {} cores) used by load generator / \
+         warren / RabbitMQ / all other processes",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}",
+        "path", "conc", "msg/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq/other"
+    );
+    let names = [
+        "1 direct AMQP",
+        "2 warren publish",
+        "3 warren batch",
+        "4 management API",
+    ];
+    let mut results: Vec<Vec<Stat>> = vec![Vec::new(); 4];
+    for &n in &args.levels {
+        for (k, name) in names.iter().enumerate() {
+            let probe = CpuProbe::start(warren.pid());
+            let s = match k {
+                0 => direct(&conn, n, args.channels, args.seconds, None).await,
+                1 => {
+                    http_loop(
+                        &warren.addr,
+                        single.clone(),
+                        202,
+                        1,
+                        None,
+                        n,
+                        args.seconds,
+                        None,
+                    )
+                    .await
+                }
+                2 => {
+                    http_loop(
+                        &warren.addr,
+                        batch.clone(),
+                        200,
+                        BATCH as u64,
+                        None,
+                        n,
+                        args.seconds,
+                        None,
+                    )
+                    .await
+                }
+                _ => {
+                    http_loop(
+                        MGMT_ADDR,
+                        mgmt.clone(),
+                        200,
+                        1,
+                        Some(b"\"routed\":true"),
+                        n,
+                        args.seconds,
+                        None,
+                    )
+                    .await
+                }
+            }
+            .with_context(|| format!("{name} at {n}"))?;
+            let cpu = probe.stop();
+            println!(
+                "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}",
+                s.rate,
+                s.p50,
+                s.p99,
+                s.p999,
+                fmt_cpu(cpu)
+            );
+            results[k].push(s);
+            admin
+                .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+                .await?;
+        }
+    }
+
+    println!("\nratios at equal concurrency");
+    println!(
+        "{:>5} {:>12} {:>12} {:>12}",
+        "conc", "2/1 http", "3/1 batch", "2/4 vs mgmt"
+    );
+    for (i, n) in args.levels.iter().enumerate() {
+        println!(
+            "{n:>5} {:>12.2} {:>12.2} {:>12.1}",
+            results[1][i].rate / results[0][i].rate,
+            results[2][i].rate / results[0][i].rate,
+            results[1][i].rate / results[3][i].rate
+        );
+    }
+
+    // Open loop at half of Warren's best single-publish throughput, same rate for both.
+    let max = results[1].iter().map(|s| s.rate).fold(0.0, f64::max);
+    let half = max / 2.0;
+    let paced_n = 64;
+    println!(
+        "\nopen loop at half of Warren's max single-publish rate ({max:.0} msg/s): \
+         {half:.0} msg/s from {paced_n} paced publishers"
+    );
+    for (k, name) in names.iter().enumerate().take(2) {
+        let probe = CpuProbe::start(warren.pid());
+        let s = if k == 0 {
+            direct(
+                &conn,
+                paced_n,
+                args.channels,
+                args.seconds * 1.5,
+                Some(half),
+            )
+            .await?
+        } else {
+            http_loop(
+                &warren.addr,
+                single.clone(),
+                202,
+                1,
+                None,
+                paced_n,
+                args.seconds * 1.5,
+                Some(half),
+            )
+            .await?
+        };
+        let cpu = probe.stop();
+        println!(
+            "{:<22} {:>10.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms   CPU {}",
+            name,
+            s.rate,
+            s.p50,
+            s.p99,
+            s.p999,
+            fmt_cpu(cpu)
+        );
+        admin
+            .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+            .await?;
+    }
+
+    // WebSocket live fan-out.
+    for &rate in &args.fanout_rate {
+        let f = fanout(&warren, &conn, args.fanout_sockets, rate, 3.0).await?;
+        println!(
+            "\nWebSocket live fan-out: {} sockets on one binding key, one AMQP publisher at {} msg/s\n  \
+         published {} -> delivered {} of {} ({:.1}%), {:.0} deliveries/s, \
+         publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}",
+            f.sockets,
+            rate,
+            f.published,
+            f.delivered,
+            f.published * f.sockets as u64,
+            f.delivered as f64 * 100.0 / (f.published * f.sockets as u64).max(1) as f64,
+            f.deliveries_per_s,
+            f.p50,
+            f.p99,
+            f.p999,
+            fmt_cpu(f.cpu)
+        );
+    }
+    warren.stop();
+
+    // Memory: a fresh Warren, RSS before and with N idle subscribed sockets.
+    let warren = Warren::start(&args.warren, dir.path(), "warren-mem").await?;
+    // One socket first so the vhost pool and the live topic exist in the baseline too.
+    let first = open_sockets(&warren.addr, &warren.token, 1).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = warren.rss_kib()?;
+    let t = Instant::now();
+    let sockets = open_sockets(&warren.addr, &warren.token, args.idle_sockets).await?;
+    let opened = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let with = warren.rss_kib()?;
+    println!(
+        "\nidle sockets: {} authenticated sockets each with one live subscription (opened in {:.1} s)\n  \
+         Warren RSS {} KiB before, {} KiB with them: {:.1} KiB per socket",
+        sockets.len(),
+        opened.as_secs_f64(),
+        before,
+        with,
+        (with as f64 - before as f64) / sockets.len() as f64
+    );
+    drop(sockets);
+    drop(first);
+    warren.stop();
+
+    admin
+        .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await?;
+    admin
+        .exchange_delete(EXCHANGE.into(), ExchangeDeleteOptions::default())
+        .await?;
+
+    plot(
+        &args.plot,
+        &args.font,
+        &args.levels,
+        &[
+            ("1 direct AMQP + confirms", results[0].clone()),
+            ("2 Warren POST /v1/publish", results[1].clone()),
+            ("4 management API", results[3].clone()),
+        ],
+    )?;
+    println!("\nplot: {}", args.plot.display());
+    Ok(())
+}
