@@ -192,6 +192,9 @@ async fn broker_link_cut_under_load_loses_no_acknowledged_message_and_recovers()
     config.amqp.confirm_timeout_ms = 2000;
     config.amqp.connect_timeout_ms = 1000;
     config.amqp.reconnect_backoff_max_ms = 500;
+    // A publish waits at most acquire + confirm timeout; the acquisition share is kept
+    // under the 1 s margin the test allows above the confirm timeout.
+    config.amqp.acquire_timeout_ms = 500;
     let confirm_timeout = Duration::from_millis(config.amqp.confirm_timeout_ms);
     let server = TestServer::start_ready(config).await;
     let token = server.token(&tenant, "publish");
