@@ -66,6 +66,10 @@ pub struct ServerConfig {
     pub shutdown_grace_s: u64,
     /// Upper bound on concurrently served HTTP requests; excess requests wait.
     pub max_concurrent_requests: usize,
+    /// Once a request's first byte has arrived, its whole header section must arrive
+    /// within this many seconds, else the connection is closed: slow-header
+    /// (slowloris) clients do not hold a connection forever.
+    pub header_read_timeout_s: u64,
     /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
     pub tls: Option<ListenerTls>,
     pub cors: CorsConfig,
@@ -113,6 +117,7 @@ impl Default for ServerConfig {
             max_batch_messages: 1000,
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
+            header_read_timeout_s: 30,
             tls: None,
             cors: CorsConfig::default(),
         }
@@ -576,6 +581,12 @@ impl Config {
         if s.max_concurrent_requests == 0 {
             return Err(ConfigError::invalid(
                 "server.max_concurrent_requests",
+                "must be greater than 0",
+            ));
+        }
+        if s.header_read_timeout_s == 0 {
+            return Err(ConfigError::invalid(
+                "server.header_read_timeout_s",
                 "must be greater than 0",
             ));
         }

@@ -162,6 +162,7 @@ pub async fn serve(
     }
 
     let app = api::router(state.clone());
+    let header_read_timeout = Duration::from_secs(state.config.server.header_read_timeout_s);
     let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
         match &state.config.server.tls {
             Some(tls) => {
@@ -172,17 +173,19 @@ pub async fn serve(
                     Duration::from_secs(tls.reload_s),
                 )
                 .map_err(std::io::Error::other)?;
-                Box::pin(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped(stop_rx.clone()))
-                        .into_future(),
-                )
+                Box::pin(serve_http(
+                    listener,
+                    app,
+                    stopped(stop_rx.clone()),
+                    header_read_timeout,
+                ))
             }
-            None => Box::pin(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .into_future(),
-            ),
+            None => Box::pin(serve_http(
+                listener,
+                app,
+                stopped(stop_rx.clone()),
+                header_read_timeout,
+            )),
         };
     let deadline_state = state.clone();
     let deadline = async {
@@ -214,6 +217,86 @@ pub async fn serve(
     state.tenants.close();
     info!("Stopped.");
     result
+}
+
+/// How long open connections keep serving after the listener closed on shutdown.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
+
+/// Serves `app` on `listener` like `axum::serve(..).with_graceful_shutdown(..)`, plus
+/// an HTTP/1 header read timeout, which `axum::serve` does not expose (hyper only
+/// applies one when a timer is set): a connection that does not deliver a request's
+/// headers in time (slowloris, or idle keep-alive) is closed instead of held forever.
+/// On `stop` the listener closes, each connection finishes its request and closes,
+/// and this returns once all have.
+async fn serve_http<L>(
+    mut listener: L,
+    app: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+    header_read_timeout: Duration,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+{
+    use axum::extract::Request;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    // `stopping` tells connections to wind down; every connection task holds a
+    // `done` receiver, so `done_tx.closed()` resolves when the last one has ended.
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(());
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let service = app
+            .clone()
+            .map_request(|request: Request<hyper::body::Incoming>| {
+                request.map(axum::body::Body::new)
+            });
+        let mut stopping = stopping_rx.clone();
+        let done = done_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let mut connection = std::pin::pin!(builder.serve_connection_with_upgrades(
+                TokioIo::new(io),
+                TowerToHyperService::new(service),
+            ));
+            let mut signalled = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::trace!(%error, "Connection ended with an error.");
+                        }
+                        break;
+                    }
+                    _ = stopping.wait_for(|stop| *stop), if !signalled => {
+                        signalled = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    // Keep-alive connections go on serving for a moment first: a request a client sent
+    // just before the signal may still be on the wire, and closing its idle-looking
+    // connection now would lose it (the client sees the connection close, no answer).
+    tokio::time::sleep(SHUTDOWN_LINGER).await;
+    stopping_tx.send_replace(true);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
 }
 
 /// Binds the configured listeners and serves until SIGTERM or Ctrl-C.

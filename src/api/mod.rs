@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(GlobalConcurrencyLimitLayer::new(max_concurrent))
+        .layer(middleware::from_fn(limit_header_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -151,6 +152,30 @@ async fn demo() -> impl IntoResponse {
         ],
         include_str!("../../assets/demo.html"),
     )
+}
+
+/// Upper bound on a request's header section (names and values together). hyper
+/// itself only refuses about 400 KB; a token and the usual headers need a few KB.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] with `400`, before any
+/// authentication or body work.
+async fn limit_header_bytes(
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return ApiError::InvalidRequest(format!(
+            "the request headers take {size} bytes; at most {MAX_HEADER_BYTES} are accepted"
+        ))
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

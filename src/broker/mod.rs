@@ -302,16 +302,28 @@ impl Broker {
                     continue;
                 }
             };
+            // The in-flight slot and the channel share one acquisition deadline, so a
+            // publish waits at most acquire_timeout_ms + confirm_timeout_ms in all
+            // (the pool's own wait and create timeouts would otherwise add up).
             let ch = match channel.take() {
                 Some(ch) => ch,
-                None => match self.channels.get().await {
-                    Ok(ch) => ch,
-                    Err(error) => {
-                        let error = BrokerError::from_pool(error);
-                        results[index] = Some(Err(self.acquire_failed(&error)));
-                        continue;
+                None => {
+                    match tokio::time::timeout_at(acquire_deadline, self.channels.get()).await {
+                        Ok(Ok(ch)) => ch,
+                        Ok(Err(error)) => {
+                            let error = BrokerError::from_pool(error);
+                            results[index] = Some(Err(self.acquire_failed(&error)));
+                            continue;
+                        }
+                        Err(_) => {
+                            results[index] = Some(Err(PublishError::unavailable(
+                                "no broker channel became available within amqp.acquire_timeout_ms",
+                                Duration::from_secs(1),
+                            )));
+                            continue;
+                        }
                     }
-                },
+                }
             };
             let started = Instant::now();
             // basic_publish registers the confirm and queues the frames on its first
