@@ -323,8 +323,9 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     })
 }
 
-fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
-    let Some(value) = parts.headers.get(AUTHORIZATION) else {
+/// The token of an `Authorization: Bearer <jwt>` header, if there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value
@@ -342,7 +343,7 @@ impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)?;
+        let token = bearer(&parts.headers)?;
         authenticate(state, token).await
     }
 }

@@ -15,7 +15,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::http::header::{AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use axum::http::header::{ORIGIN, SEC_WEBSOCKET_PROTOCOL};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -159,18 +159,8 @@ async fn admit(
 /// The token from `Authorization: Bearer`, `?access_token=`, or a `bearer.<jwt>`
 /// subprotocol (browsers cannot set headers on WebSockets).
 fn token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
-    if let Some(value) = headers.get(AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".into()))?;
-        return match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                Ok(Some(token.trim().to_owned()))
-            }
-            _ => Err(ApiError::Unauthorized(
-                "the Authorization header must be `Bearer <token>`".into(),
-            )),
-        };
+    if let Some(token) = auth::bearer(headers)? {
+        return Ok(Some(token.to_owned()));
     }
     if let Some(token) = query {
         return Ok(Some(token.to_owned()));
