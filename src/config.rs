@@ -146,6 +146,8 @@ pub struct AmqpConfig {
     pub reconnect_backoff_max_ms: u64,
     /// How long a positive exchange-existence check is trusted.
     pub exchange_cache_ttl_s: u64,
+    /// Exchanges remembered per vhost; beyond it the cache starts afresh.
+    pub exchange_cache_max_entries: usize,
     pub tls: TlsConfig,
 }
 
@@ -165,6 +167,7 @@ impl Default for AmqpConfig {
             reconnect_backoff_min_ms: 100,
             reconnect_backoff_max_ms: 10_000,
             exchange_cache_ttl_s: 30,
+            exchange_cache_max_entries: 10_000,
             tls: TlsConfig::default(),
         }
     }
@@ -410,6 +413,8 @@ pub struct DynamicTenantsConfig {
     pub max_pools: usize,
     /// A dynamic tenant's pool with no traffic for this long is closed.
     pub pool_idle_s: u64,
+    /// Dynamic tenants remembered at once (cheap to make again; beyond it, forgotten).
+    pub max_tenants: usize,
 }
 
 impl Default for DynamicTenantsConfig {
@@ -424,6 +429,7 @@ impl Default for DynamicTenantsConfig {
             limits: LimitsConfig::default(),
             max_pools: 1000,
             pool_idle_s: 300,
+            max_tenants: 100_000,
         }
     }
 }
@@ -475,6 +481,7 @@ pub struct ResolvedDynamic {
     pub limits: LimitsConfig,
     pub max_pools: usize,
     pub pool_idle: Duration,
+    pub max_tenants: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -620,6 +627,10 @@ impl Config {
             ("amqp.connections_per_vhost", a.connections_per_vhost as u64),
             ("amqp.channels_per_vhost", a.channels_per_vhost as u64),
             ("amqp.max_inflight_confirms", a.max_inflight_confirms as u64),
+            (
+                "amqp.exchange_cache_max_entries",
+                a.exchange_cache_max_entries as u64,
+            ),
             ("amqp.reconnect_backoff_min_ms", a.reconnect_backoff_min_ms),
         ] {
             if value == 0 {
@@ -774,10 +785,10 @@ impl Config {
                 "must contain {tenant}, or every dynamic tenant would share one vhost",
             ));
         }
-        if d.max_pools == 0 || d.pool_idle_s == 0 {
+        if d.max_pools == 0 || d.pool_idle_s == 0 || d.max_tenants == 0 {
             return Err(ConfigError::invalid(
                 "dynamic_tenants.max_pools",
-                "max_pools and pool_idle_s must be greater than 0",
+                "max_pools, pool_idle_s and max_tenants must be greater than 0",
             ));
         }
         let urls = match (&d.amqp_url, &d.amqp_url_file) {
@@ -802,6 +813,7 @@ impl Config {
             limits: check_limits("dynamic_tenants.limits", &d.limits)?,
             max_pools: d.max_pools,
             pool_idle: Duration::from_secs(d.pool_idle_s),
+            max_tenants: d.max_tenants,
         }))
     }
 

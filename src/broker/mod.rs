@@ -69,8 +69,6 @@ fn message_id(message: &OutgoingMessage) -> &str {
 
 /// How often a healthy link is re-checked, so readiness follows reality even when idle.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Bound on the exchange-existence cache; beyond it the cache starts afresh.
-const EXCHANGE_CACHE_MAX: usize = 10_000;
 
 pub struct Broker {
     vhost: String,
@@ -85,6 +83,7 @@ pub struct Broker {
     backoff_min: Duration,
     backoff_max: Duration,
     exchange_ttl: Duration,
+    exchange_cache_max: usize,
     exchanges: Mutex<HashMap<String, Instant>>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
@@ -175,6 +174,7 @@ impl Broker {
             backoff_min: Duration::from_millis(amqp.reconnect_backoff_min_ms),
             backoff_max: Duration::from_millis(amqp.reconnect_backoff_max_ms),
             exchange_ttl: Duration::from_secs(amqp.exchange_cache_ttl_s),
+            exchange_cache_max: amqp.exchange_cache_max_entries,
             exchanges: Mutex::new(HashMap::new()),
             supervisor: Mutex::new(None),
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -500,10 +500,10 @@ impl Broker {
         match tokio::time::timeout(self.confirm_timeout, check).await {
             Ok(Ok(())) => {
                 let mut cache = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= EXCHANGE_CACHE_MAX {
+                if cache.len() >= self.exchange_cache_max {
                     let ttl = self.exchange_ttl;
                     cache.retain(|_, checked| checked.elapsed() < ttl);
-                    if cache.len() >= EXCHANGE_CACHE_MAX {
+                    if cache.len() >= self.exchange_cache_max {
                         cache.clear();
                     }
                 }

@@ -82,9 +82,6 @@ pub struct Tenants {
     pools: Arc<Pools>,
 }
 
-/// Dynamic tenant objects kept at most (they are cheap to make again).
-const MAX_DYNAMIC_TENANTS: usize = 100_000;
-
 impl Tenants {
     /// Opens one pinned pool per distinct (broker URLs, vhost) of the configured tenants.
     pub fn start(resolved: &Resolved, amqp: &AmqpConfig) -> Result<Self, BrokerError> {
@@ -144,7 +141,7 @@ impl Tenants {
         if let Some(tenant) = made.get(name) {
             return Ok(tenant.clone());
         }
-        if made.len() >= MAX_DYNAMIC_TENANTS {
+        if made.len() >= dynamic.max_tenants {
             made.clear();
         }
         let vhost = dynamic.vhost_template.replace("{tenant}", name);
