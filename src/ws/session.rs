@@ -492,12 +492,13 @@ fn expiry_instant(expires_at: u64) -> Instant {
     Instant::now() + Duration::from_secs_f64(remaining.min(10.0 * 365.0 * 86_400.0))
 }
 
+/// A frame over `ws.max_message_bytes`: tungstenite reports it as a capacity error.
 fn too_large(error: &axum::Error) -> bool {
-    let text = error.to_string().to_ascii_lowercase();
-    text.contains("too long")
-        || text.contains("too big")
-        || text.contains("capacity")
-        || text.contains("limit")
+    use std::error::Error as _;
+    error
+        .source()
+        .and_then(|e| e.downcast_ref::<tokio_tungstenite::tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)))
 }
 
 async fn write<S>(socket: &mut S, frame: ServerFrame, timeout: Duration) -> bool
