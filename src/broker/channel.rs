@@ -137,65 +137,76 @@ async fn sequence(mut incoming: mpsc::UnboundedReceiver<Tracked>) {
             let result = confirm.await;
             front.state = State::Done(Box::new(result), Instant::now());
         }
-        // Whatever arrived meanwhile may hold this message's return: look at every
-        // confirm already resolved behind it.
+        // Whatever arrived meanwhile may hold a return: take it in, and look at every
+        // confirm already resolved. Entries resolved by the end of the first pass have
+        // their returns on confirms resolved no later than theirs, so the second pass
+        // has seen all of them, and those entries can all be answered now. (One pass
+        // would not do: a confirm can resolve after the pass looked at it and before
+        // the pass reached a later one it carries the return for.)
         while let Ok(tracked) = incoming.try_recv() {
             queue.push_back(entry(tracked));
         }
-        for later in queue.iter_mut() {
-            if let State::Waiting(confirm) = &mut later.state
-                && let Some(result) = confirm.as_mut().now_or_never()
-            {
-                later.state = State::Done(Box::new(result), Instant::now());
-            }
-        }
-        for done in queue.iter_mut() {
-            if let State::Done(result, _) = &mut done.state
-                && let Ok(
-                    Confirmation::Ack(returned_message) | Confirmation::Nack(returned_message),
-                ) = result.as_mut()
-                && let Some(message) = returned_message.take()
-            {
-                let props = &message.delivery.properties;
-                let key = return_key(
-                    props
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.as_str())
-                        .unwrap_or_default(),
-                    message.delivery.exchange.as_str(),
-                    message.delivery.routing_key.as_str(),
-                );
-                let slot = returned
-                    .entry(key)
-                    .or_insert_with(|| (0, message.reply_text.to_string()));
-                slot.0 += 1;
-            }
-        }
-        let Some(front) = queue.pop_front() else {
-            continue;
-        };
-        let State::Done(result, at) = front.state else {
-            continue;
-        };
-        let outcome = match *result {
-            Ok(Confirmation::Ack(_)) => match returned.get_mut(&front.key) {
-                Some((count, reply_text)) => {
-                    let reply_text = reply_text.clone();
-                    *count -= 1;
-                    if *count == 0 {
-                        returned.remove(&front.key);
+        collect(&mut queue, &mut returned);
+        let ready = queue
+            .iter()
+            .take_while(|e| matches!(e.state, State::Done(..)))
+            .count();
+        collect(&mut queue, &mut returned);
+        for front in queue.drain(..ready) {
+            let State::Done(result, at) = front.state else {
+                continue;
+            };
+            let outcome = match *result {
+                Ok(Confirmation::Ack(_)) => match returned.get_mut(&front.key) {
+                    Some((count, reply_text)) => {
+                        let reply_text = reply_text.clone();
+                        *count -= 1;
+                        if *count == 0 {
+                            returned.remove(&front.key);
+                        }
+                        Outcome::Returned(reply_text)
                     }
-                    Outcome::Returned(reply_text)
-                }
-                None => Outcome::Acked,
-            },
-            Ok(Confirmation::Nack(_)) => Outcome::Nacked,
-            Ok(Confirmation::NotRequested) => Outcome::NotConfirmed,
-            Err(error) => Outcome::Failed(error),
-        };
-        // The caller may have given up (timeout); nobody to tell then.
-        let _ = front.reply.send((outcome, at));
+                    None => Outcome::Acked,
+                },
+                Ok(Confirmation::Nack(_)) => Outcome::Nacked,
+                Ok(Confirmation::NotRequested) => Outcome::NotConfirmed,
+                Err(error) => Outcome::Failed(error),
+            };
+            // The caller may have given up (timeout); nobody to tell then.
+            let _ = front.reply.send((outcome, at));
+        }
+    }
+}
+
+/// Polls every unresolved confirm once and files the returned messages that resolved
+/// confirms carry, by key.
+fn collect(queue: &mut VecDeque<Entry>, returned: &mut HashMap<ReturnKey, (usize, String)>) {
+    for entry in queue.iter_mut() {
+        if let State::Waiting(confirm) = &mut entry.state
+            && let Some(result) = confirm.as_mut().now_or_never()
+        {
+            entry.state = State::Done(Box::new(result), Instant::now());
+        }
+        if let State::Done(result, _) = &mut entry.state
+            && let Ok(Confirmation::Ack(returned_message) | Confirmation::Nack(returned_message)) =
+                result.as_mut()
+            && let Some(message) = returned_message.take()
+        {
+            let props = &message.delivery.properties;
+            let key = return_key(
+                props
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str())
+                    .unwrap_or_default(),
+                message.delivery.exchange.as_str(),
+                message.delivery.routing_key.as_str(),
+            );
+            let slot = returned
+                .entry(key)
+                .or_insert_with(|| (0, message.reply_text.to_string()));
+            slot.0 += 1;
+        }
     }
 }
 
