@@ -153,10 +153,16 @@ impl Durable {
     }
 }
 
+/// An ack or nack fails at once only when the subscription's channel is gone (a bad
+/// delivery tag is refused by the broker later, by closing the channel): the broker
+/// side is unavailable, not the client's frame wrong.
 fn ack_error(error: &lapin::Error) -> ApiError {
-    ApiError::InvalidRequest(format!(
-        "the broker refused the acknowledgement ({error}); the subscription's unacked messages will be redelivered"
-    ))
+    ApiError::BrokerUnavailable {
+        detail: format!(
+            "the acknowledgement could not reach the broker ({error}); the subscription's unacked messages will be redelivered"
+        ),
+        retry_after: Duration::from_secs(1),
+    }
 }
 
 /// Moves deliveries to the socket, waiting for room (the prefetch bounds how many are
