@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 cargo test --locked "$@"
-# The broker memory alarm test changes the shared broker (every publisher is blocked
-# while it runs), so the run above skips it (#[ignore]) and it runs alone here.
-cargo test --locked --test alarm -- --ignored --test-threads=1
+# The memory alarm and broker restart tests change the shared broker (every publisher
+# is blocked, every connection dropped), so the run above skips them (#[ignore]) and
+# they run here, alone and one at a time.
+cargo test --locked --test solo -- --ignored --test-threads=1
 scripts/browser-test.sh
 scripts/api-contract.sh
 bash deploy/check.sh

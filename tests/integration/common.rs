@@ -214,11 +214,23 @@ pub struct Rabbit {
 
 impl Rabbit {
     pub async fn connect() -> Self {
+        let (connection, channel) = Self::open().await;
+        Self::from_parts(connection, channel)
+    }
+
+    async fn open() -> (Connection, Channel) {
         let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
             .await
             .expect("test AMQP connection");
         let channel = connection.create_channel().await.expect("channel");
-        Self::from_parts(connection, channel)
+        (connection, channel)
+    }
+
+    /// A new connection after the broker restarted; what this client created is still
+    /// cleaned up by [`Rabbit::cleanup`]. (Only tests/solo restarts the broker.)
+    #[allow(dead_code)]
+    pub async fn reconnect(&mut self) {
+        (self._connection, self.channel) = Self::open().await;
     }
 
     pub fn from_parts(connection: Connection, channel: Channel) -> Self {
@@ -231,12 +243,25 @@ impl Rabbit {
 
     /// A fresh topic exchange, deleted by [`Rabbit::cleanup`].
     pub async fn topic_exchange(&self) -> String {
+        self.declare_topic_exchange(false).await
+    }
+
+    /// A fresh topic exchange that survives a broker restart, deleted by
+    /// [`Rabbit::cleanup`].
+    pub async fn durable_topic_exchange(&self) -> String {
+        self.declare_topic_exchange(true).await
+    }
+
+    async fn declare_topic_exchange(&self, durable: bool) -> String {
         let name = unique("ex");
         self.channel
             .exchange_declare(
                 name.as_str().into(),
                 ExchangeKind::Topic,
-                ExchangeDeclareOptions::default(),
+                ExchangeDeclareOptions {
+                    durable,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -471,4 +496,32 @@ pub async fn rabbit_in(vhost: &str) -> Rabbit {
         .expect("test AMQP connection to vhost");
     let channel = connection.create_channel().await.expect("channel");
     Rabbit::from_parts(connection, channel)
+}
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to Warren at `base` (`http://…`), authenticated by header, speaking
+/// `warren.v1` (checked in the handshake answer).
+pub async fn ws_connect(base: &str, token: &str) -> WsStream {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::header;
+    let url = format!("{}/v1/ws", base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().expect("a WebSocket URL");
+    let headers = request.headers_mut();
+    let bearer = format!("Bearer {token}").parse().expect("a header value");
+    headers.insert(header::AUTHORIZATION, bearer);
+    headers.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        "warren.v1".parse().expect("a header value"),
+    );
+    let (ws, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("ws connect");
+    assert_eq!(
+        response.headers().get(header::SEC_WEBSOCKET_PROTOCOL),
+        Some(&"warren.v1".parse().expect("a header value")),
+        "the server speaks warren.v1"
+    );
+    ws
 }

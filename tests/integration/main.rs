@@ -9,6 +9,7 @@ mod deploy;
 mod faults;
 mod idempotency;
 mod keys;
+mod load;
 mod openapi;
 mod properties;
 mod publish;

@@ -5,38 +5,16 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, http};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::common::*;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WsStream;
 
 async fn connect(server: &TestServer, token: &str) -> Ws {
-    let url = format!("{}/v1/ws", server.base.replace("http://", "ws://"));
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        http::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    request.headers_mut().insert(
-        http::header::SEC_WEBSOCKET_PROTOCOL,
-        "warren.v1".parse().unwrap(),
-    );
-    let (ws, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .expect("ws connect");
-    assert_eq!(
-        response
-            .headers()
-            .get(http::header::SEC_WEBSOCKET_PROTOCOL)
-            .unwrap(),
-        "warren.v1"
-    );
-    ws
+    ws_connect(&server.base, token).await
 }
 
 async fn send(ws: &mut Ws, frame: Value) {

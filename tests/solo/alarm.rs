@@ -1,34 +1,17 @@
 //! The broker's memory alarm (connection.blocked) under publish load.
 //!
 //! This test sets the shared broker's memory watermark so low that RabbitMQ blocks every
-//! publisher, which would break any other test publishing at the same time. So it is
-//! `#[ignore]`d in the normal `cargo test` run and scripts/test.sh runs it alone
-//! afterwards: `cargo test --locked --test alarm -- --ignored --test-threads=1`.
-//! The original watermark is restored by a guard, also when the test fails.
+//! publisher, which would break any other test publishing at the same time (see
+//! `main.rs` for how it runs). The original watermark is restored by a guard, also
+//! when the test fails.
 
-#[allow(dead_code)]
-#[path = "integration/common.rs"]
-mod common;
-
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::json;
 
-/// Runs `rabbitmqctl` with `args`; its stdout.
-fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
+use crate::common::*;
+use crate::{rabbitmqctl, require_rabbitmqctl};
 
 /// Sets the memory watermark for its lifetime; the original comes back on drop.
 struct Watermark {
@@ -83,10 +66,7 @@ fn rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "changes the shared broker (memory alarm); scripts/test.sh runs it alone"]
 async fn memory_alarm_blocks_publishes_fast_without_growth_then_recovers() {
-    if rabbitmqctl(&["status"]).is_err() {
-        eprintln!("SKIPPED: rabbitmqctl cannot reach the broker (run as a user that can)");
-        return;
-    }
+    require_rabbitmqctl();
     let rabbit = Rabbit::connect().await;
     let exchange = rabbit.topic_exchange().await;
     let queue = rabbit.bound_queue(&exchange, "#").await;

@@ -1,0 +1,368 @@
+//! Publish load while the broker link breaks, and the checks that follow it: every
+//! 2xx is in the durable queue (by a `message_id` ledger), no request outlived the
+//! confirm timeout by more than 1 s, faults were answered 503/504 with their codes,
+//! readiness went red within 2 s and green within 5 s, and throughput came back
+//! without a restart. Shared by the link-cut test (`faults.rs`) and the broker
+//! restart test (`tests/solo`), which differ only in how they break the link.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+/// A durable queue bound to `exchange` with `#`, expiring two minutes after last use.
+pub async fn durable_queue(rabbit: &Rabbit, exchange: &str, mut arguments: FieldTable) -> String {
+    let name = unique("dq");
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
+    rabbit
+        .channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("queue_declare");
+    rabbit
+        .channel
+        .queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue_bind");
+    name
+}
+
+/// Empties `queue` with basic.get and returns the message ids it held (with repeats
+/// counted once; `duplicates` says how many ids came more than once).
+pub async fn drain(rabbit: &Rabbit, queue: &str) -> (HashSet<String>, usize) {
+    let mut ids = HashSet::new();
+    let mut duplicates = 0;
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        let got = rabbit
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get");
+        let Some(message) = got else { break };
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        if !ids.insert(id) {
+            duplicates += 1;
+        }
+    }
+    (ids, duplicates)
+}
+
+/// One request's fate, as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub started: Instant,
+    pub took: Duration,
+    /// 0: no HTTP answer (transport error).
+    pub status: u16,
+    pub code: String,
+    pub retry_after: bool,
+    pub message_id: String,
+    pub error: Option<String>,
+}
+
+/// A publish body with a client-chosen message id, persistent.
+pub fn load_body(exchange: &str, message_id: &str, n: u64) -> Value {
+    json!({
+        "exchange": exchange,
+        "routing_key": "load.item",
+        "payload": {"n": n, "pad": "x".repeat(64)},
+        "properties": {"message_id": message_id, "persistent": true},
+    })
+}
+
+/// `clients` tasks publishing (each with an Idempotency-Key) until `stop`, every
+/// outcome logged.
+pub fn spawn_load(
+    base: &str,
+    token: &str,
+    exchange: &str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Outcome>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|_| {
+            let (base, token, exchange) = (base.to_owned(), token.to_owned(), exchange.to_owned());
+            let (stop, log) = (stop.clone(), log.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(15))
+                    .build()
+                    .unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    n += 1;
+                    let message_id = unique("m");
+                    let started = Instant::now();
+                    let sent = http
+                        .post(format!("{base}/v1/publish"))
+                        .bearer_auth(&token)
+                        .header("content-type", "application/json")
+                        .header("idempotency-key", unique("k"))
+                        .body(load_body(&exchange, &message_id, n).to_string())
+                        .send()
+                        .await;
+                    let outcome = match sent {
+                        Ok(response) => {
+                            let r = into_resp(response).await;
+                            Outcome {
+                                started,
+                                took: started.elapsed(),
+                                status: r.status,
+                                code: r.code().to_owned(),
+                                retry_after: r.header("retry-after").is_some(),
+                                message_id,
+                                error: None,
+                            }
+                        }
+                        Err(error) => Outcome {
+                            started,
+                            took: started.elapsed(),
+                            status: 0,
+                            code: String::new(),
+                            retry_after: false,
+                            message_id,
+                            error: Some(format!("{error:?}")),
+                        },
+                    };
+                    let failed = outcome.status != 202;
+                    log.lock().unwrap().push(outcome);
+                    if failed {
+                        // Fast 503s would otherwise spin; a real client backs off too.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+pub fn count_ok_since(log: &Mutex<Vec<Outcome>>, since: Instant) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|o| o.status == 202 && o.started >= since)
+        .count()
+}
+
+/// 20 clients publishing through a Warren whose broker link the test breaks:
+/// [`FaultRun::broken`] once the broker is certainly unreachable,
+/// [`FaultRun::healing`] right before it is given back, [`FaultRun::healed`] once it
+/// is, then [`FaultRun::check`].
+pub struct FaultRun {
+    pub rabbit: Rabbit,
+    pub server: TestServer,
+    queue: String,
+    confirm_timeout: Duration,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Outcome>>>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    broken_at: Option<Instant>,
+    red_after: Duration,
+    healing_at: Option<Instant>,
+    green_after: Duration,
+    back_after: Duration,
+}
+
+impl FaultRun {
+    /// Starts Warren (against `amqp_url`, or the test broker) and the load, and waits
+    /// for it to be steady. The exchange and queue are durable, so they outlive a
+    /// broker restart.
+    pub async fn start(amqp_url: Option<String>) -> Self {
+        let rabbit = Rabbit::connect().await;
+        let exchange = rabbit.durable_topic_exchange().await;
+        let queue = durable_queue(&rabbit, &exchange, FieldTable::default()).await;
+        let tenant = unique("t");
+        let mut config = tenant_config(&tenant, &exchange, "#");
+        if let Some(url) = amqp_url {
+            config.amqp.url = Some(url);
+        }
+        config.amqp.confirm_timeout_ms = 2000;
+        config.amqp.connect_timeout_ms = 1000;
+        config.amqp.reconnect_backoff_max_ms = 500;
+        // A publish waits at most acquire + confirm timeout; the acquisition share is
+        // kept under the 1 s margin the test allows above the confirm timeout.
+        config.amqp.acquire_timeout_ms = 500;
+        let confirm_timeout = Duration::from_millis(config.amqp.confirm_timeout_ms);
+        let server = TestServer::start_ready(config).await;
+        let token = server.token(&tenant, "publish");
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let clients = spawn_load(
+            &server.base,
+            &token,
+            &exchange,
+            20,
+            stop.clone(),
+            log.clone(),
+        );
+        let warm = eventually(Duration::from_secs(10), || async {
+            count_ok_since(&log, started) >= 100
+        })
+        .await;
+        assert!(warm, "no steady load before the fault");
+        Self {
+            rabbit,
+            server,
+            queue,
+            confirm_timeout,
+            stop,
+            log,
+            clients,
+            broken_at: None,
+            red_after: Duration::ZERO,
+            healing_at: None,
+            green_after: Duration::ZERO,
+            back_after: Duration::ZERO,
+        }
+    }
+
+    /// The link is broken (from `at` at the latest): readiness must go red within 2 s.
+    pub async fn broken(&mut self, at: Instant) {
+        let server = &self.server;
+        let red = eventually(Duration::from_secs(2), || async {
+            server.get("/readyz").await.status == 503
+        })
+        .await;
+        self.broken_at = Some(at);
+        self.red_after = at.elapsed();
+        assert!(red, "readiness did not go red within 2s of the fault");
+    }
+
+    /// The fault is about to end: publishes started before this had no broker.
+    pub fn healing(&mut self) {
+        self.healing_at = Some(Instant::now());
+    }
+
+    /// The broker is reachable again (from `at`): readiness must go green within 5 s,
+    /// and 100 publishes succeed within 10 s more, with the same Warren.
+    pub async fn healed(&mut self, at: Instant) {
+        let server = &self.server;
+        let green = eventually(Duration::from_secs(5), || async {
+            server.get("/readyz").await.status == 200
+        })
+        .await;
+        self.green_after = at.elapsed();
+        assert!(green, "readiness did not go green within 5s of recovery");
+        let green_at = Instant::now();
+        let log = &self.log;
+        let back = eventually(Duration::from_secs(10), || async {
+            count_ok_since(log, green_at) >= 100
+        })
+        .await;
+        self.back_after = green_at.elapsed();
+        assert!(back, "throughput did not come back without a restart");
+    }
+
+    /// Stops the load and checks the ledger against the queue; prints the figures
+    /// under `name`.
+    pub async fn check(self, name: &str) {
+        let (Some(broken_at), Some(healing_at)) = (self.broken_at, self.healing_at) else {
+            panic!("FaultRun::check before broken() and healing()");
+        };
+        self.stop.store(true, Ordering::Release);
+        for client in self.clients {
+            tokio::time::timeout(Duration::from_secs(20), client)
+                .await
+                .expect("a client stopped in time")
+                .unwrap();
+        }
+        let log = self.log.lock().unwrap().clone();
+        let (in_queue, duplicates) = drain(&self.rabbit, &self.queue).await;
+        let acked: HashSet<&str> = log
+            .iter()
+            .filter(|o| o.status == 202)
+            .map(|o| o.message_id.as_str())
+            .collect();
+        let lost: Vec<&&str> = acked.iter().filter(|id| !in_queue.contains(**id)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} acknowledged messages are not in the queue: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+        let sent: HashSet<&str> = log.iter().map(|o| o.message_id.as_str()).collect();
+        assert!(
+            in_queue.iter().all(|id| sent.contains(id.as_str())),
+            "the queue holds a message nobody sent"
+        );
+
+        let limit = self.confirm_timeout + Duration::from_secs(1);
+        let slowest = log.iter().map(|o| o.took).max().unwrap_or_default();
+        assert!(slowest <= limit, "a request took {slowest:?} (> {limit:?})");
+        for o in &log {
+            match (o.status, o.code.as_str()) {
+                (202, _) => {}
+                (503, "broker_unavailable") | (504, "confirm_timeout") => {}
+                other => panic!("unexpected answer {other:?} ({:?}): {o:?}", o.error),
+            }
+            if o.status == 503 {
+                assert!(o.retry_after, "503 without Retry-After: {o:?}");
+            }
+            if o.started >= broken_at && o.started < healing_at {
+                assert_ne!(o.status, 202, "a publish during the fault was acked: {o:?}");
+            }
+        }
+        // Once readiness is red, publishes fail fast (not after a confirm timeout).
+        let red_at = broken_at + self.red_after;
+        let fast_fail = log
+            .iter()
+            .filter(|o| o.started >= red_at && o.started < healing_at)
+            .map(|o| o.took)
+            .max()
+            .unwrap_or_default();
+        assert!(
+            fast_fail < Duration::from_millis(500),
+            "a publish during the fault took {fast_fail:?}"
+        );
+        let count = |f: &dyn Fn(&Outcome) -> bool| log.iter().filter(|o| f(o)).count();
+        eprintln!(
+            "{name} figures: requests={} acked={} 503={} 504={} in_queue={} duplicates={} \
+             readyz_red_after={:?} readyz_green_after={:?} 100_acks_after_green={:?} \
+             slowest={slowest:?} fault_slowest={fast_fail:?}",
+            log.len(),
+            acked.len(),
+            count(&|o| o.status == 503),
+            count(&|o| o.status == 504),
+            in_queue.len(),
+            duplicates,
+            self.red_after,
+            self.green_after,
+            self.back_after,
+        );
+        let _ = self
+            .rabbit
+            .channel
+            .queue_delete(self.queue.as_str().into(), Default::default())
+            .await;
+        self.rabbit.cleanup().await;
+        self.server.shutdown().await.unwrap();
+    }
+}
