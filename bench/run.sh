@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds Warren and the load generator in release and runs every measurement once
-# (see BENCHMARKS.md). Needs RabbitMQ with the management plugin on 127.0.0.1
-# (5672, 15672; guest/guest). Extra arguments go to the load generator, e.g.
+# (see BENCHMARKS.md) against RabbitMQ on 127.0.0.1 (5672, 15672; guest/guest), which
+# scripts/ensure-services.sh starts and gives its management plugin. Extra arguments
+# go to the load generator, e.g.
 #   bench/run.sh --levels 1,16,64 --seconds 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
+scripts/ensure-services.sh   # RabbitMQ up, management plugin enabled
 cargo build --release --bin warren --example warren-bench
 # 10,000 sockets on each side of the memory test: raise the descriptor limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
