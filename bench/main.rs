@@ -80,6 +80,17 @@ struct Args {
     /// Where the plot goes.
     #[arg(long, default_value = "bench/results.png")]
     plot: PathBuf,
+    /// Publish transient messages (delivery mode 1: no disk write before the
+    /// confirm) instead of persistent ones; a diagnostic, not the benchmark.
+    #[arg(long)]
+    transient: bool,
+}
+
+/// AMQP delivery mode of every message: 2 (persistent) unless `--transient`.
+static DELIVERY_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+fn delivery_mode() -> u8 {
+    DELIVERY_MODE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 // ---------------------------------------------------------------- measurement window
@@ -360,7 +371,7 @@ fn message_json(prefix: &str) -> String {
 
 fn props() -> BasicProperties {
     BasicProperties::default()
-        .with_delivery_mode(2)
+        .with_delivery_mode(delivery_mode())
         .with_content_type("application/json".into())
 }
 
@@ -491,8 +502,9 @@ async fn http_loop(
 fn publish_body() -> String {
     format!(
         "{{\"exchange\":\"{EXCHANGE}\",\"routing_key\":\"{ROUTING_KEY}\",\
-         \"payload\":{},\"properties\":{{\"persistent\":true}}}}",
-        message_json("\"id\":\"bench\",")
+         \"payload\":{},\"properties\":{{\"persistent\":{}}}}}",
+        message_json("\"id\":\"bench\","),
+        delivery_mode() == 2
     )
 }
 
@@ -506,8 +518,9 @@ fn mgmt_body() -> String {
     let payload =
         serde_json::to_string(&message_json("\"id\":\"bench\",")).expect("a string serializes");
     format!(
-        "{{\"properties\":{{\"delivery_mode\":2,\"content_type\":\"application/json\"}},\
-         \"routing_key\":\"{ROUTING_KEY}\",\"payload\":{payload},\"payload_encoding\":\"string\"}}"
+        "{{\"properties\":{{\"delivery_mode\":{},\"content_type\":\"application/json\"}},\
+         \"routing_key\":\"{ROUTING_KEY}\",\"payload\":{payload},\"payload_encoding\":\"string\"}}",
+        delivery_mode()
     )
 }
 
@@ -865,6 +878,9 @@ fn fmt_cpu(c: [f64; 4]) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.transient {
+        DELIVERY_MODE.store(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let dir = tempfile::tempdir()?;
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let admin = conn.create_channel().await?;
@@ -914,8 +930,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     println!(
-        "Warren load generator: {BODY_BYTES}-byte JSON, persistent, durable queue, \
+        "Warren load generator: {BODY_BYTES}-byte JSON, {}, durable queue, \
          mandatory; {:.1} s measured per point after 0.5 s warm-up; batch = {BATCH} msgs/request",
+        if args.transient {
+            "transient"
+        } else {
+            "persistent"
+        },
         args.seconds
     );
     println!(
