@@ -92,6 +92,13 @@ pub fn router(state: AppState) -> Router {
                     tower_http::trace::DefaultOnResponse::new()
                         .level(tracing::Level::INFO)
                         .latency_unit(tower_http::LatencyUnit::Micros),
+                )
+                // Not a second line at ERROR for every 5xx: during a broker outage
+                // that is one line per request (thousands a second) for one event,
+                // which the broker supervisor already logs once. The response line
+                // above has the status; unexpected failures log at ERROR themselves.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
                 ),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

@@ -228,38 +228,11 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
             &format!("shutdown_grace_s = 5\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
         )
     );
-    let path = write_config(&dir, &config);
-    let log = dir.path().join("warren.log");
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _child = Guard(child);
-    let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            http.get(format!("{base}/readyz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await
-    );
-    let token = Command::new(BIN)
-        .args(["token", "--config"])
-        .arg(&path)
-        .args(["--tenant", &tenant, "--sub", "logs", "--scope", "publish"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let logged = Logged::start(&dir, &config, &tenant, port, 200).await;
+    let (http, base, token, log) = (&logged.http, &logged.base, &logged.token, &logged.log);
     let response = http
         .post(format!("{base}/v1/publish"))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .header("content-type", "application/json")
         .header("x-request-id", "req-for-the-log-test")
         .body(
@@ -294,12 +267,12 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
     );
 
     let found = eventually(Duration::from_secs(5), || async {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
         text.lines()
             .any(|line| line.contains("req-for-the-log-test") && line.contains("\"status\":422"))
     })
     .await;
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(log).unwrap();
     assert!(found, "no response log line for the request:\n{text}");
     for line in text.lines() {
         let value: serde_json::Value =
@@ -316,5 +289,109 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
         !text.contains("do-not-log"),
         "a message body reached the log"
     );
-    assert!(!text.contains(&token), "a token reached the log");
+    assert!(!text.contains(token.as_str()), "a token reached the log");
+}
+
+/// A `warren serve` process logging to a file, answering `/readyz` with
+/// `ready_status`, and a token for `tenant`.
+struct Logged {
+    _child: Guard,
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    log: std::path::PathBuf,
+}
+
+impl Logged {
+    async fn start(
+        dir: &tempfile::TempDir,
+        config: &str,
+        tenant: &str,
+        port: u16,
+        ready_status: u16,
+    ) -> Self {
+        let path = write_config(dir, config);
+        let log = dir.path().join("warren.log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let child = Guard(child);
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                http.get(format!("{base}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == ready_status)
+            })
+            .await,
+            "/readyz never answered {ready_status}"
+        );
+        let token = Command::new(BIN)
+            .args(["token", "--config"])
+            .arg(&path)
+            .args(["--tenant", tenant, "--sub", "logs", "--scope", "publish"])
+            .output()
+            .unwrap();
+        let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+        Self {
+            _child: child,
+            http,
+            base,
+            token,
+            log,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_logs_one_line_per_request_not_an_error_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port().await;
+    let tenant = unique("t");
+    let unreachable = format!("amqp://guest:guest@127.0.0.1:{}", closed_port().await);
+    let config = format!(
+        "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        valid_config(&tenant, &format!("127.0.0.1:{port}")).replace(&broker_url(), &unreachable)
+    );
+    let logged = Logged::start(&dir, &config, &tenant, port, 503).await;
+    for n in 0..20 {
+        let response = logged
+            .http
+            .post(format!("{}/v1/publish", logged.base))
+            .bearer_auth(&logged.token)
+            .header("content-type", "application/json")
+            .header("x-request-id", format!("outage-{n}"))
+            .body(r#"{"exchange":"amq.topic","routing_key":"k","payload":1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+    }
+    let answered = eventually(Duration::from_secs(5), || async {
+        let text = std::fs::read_to_string(&logged.log).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("outage-") && l.contains("\"status\":503"))
+            .count()
+            == 20
+    })
+    .await;
+    let text = std::fs::read_to_string(&logged.log).unwrap();
+    assert!(answered, "one response line per request:\n{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("outage-") && l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} of 20 503s during an outage logged at ERROR, e.g. {}",
+        errors.len(),
+        errors[0]
+    );
 }
