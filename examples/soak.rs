@@ -182,7 +182,7 @@ async fn subscriber(
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let seconds: u64 = args.get(1).map_or(Ok(600), |s| s.parse())?;
-    let rate: u64 = args.get(2).map_or(Ok(200), |s| s.parse())?;
+    let rate: u64 = args.get(2).map_or(Ok(1200), |s| s.parse())?;
     let base = std::env::var("WARREN_URL").unwrap_or_else(|_| "http://127.0.0.1:8080".into());
     let token = std::env::var("WARREN_TOKEN")?;
     let pid = std::env::var("WARREN_PID").unwrap_or_default();

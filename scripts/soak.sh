@@ -5,12 +5,15 @@
 # WebSocket live subscribers (examples/soak.rs). Prints a line every REPORT seconds
 # with the errors so far (must stay 0) and Warren's RSS; exits non-zero on any error.
 #
-#   scripts/soak.sh                          # 10 minutes at 200 req/s, release build
+#   scripts/soak.sh                          # 10 minutes at 1,200 req/s, release build
+#
+# 1,200 req/s is about 2,800 msg/s (2.35 messages per request), half of Warren's best
+# single-publish rate on the 2-core machine of BENCHMARKS.md; set RATE for yours.
 #   DURATION=60 RATE=100 PROFILE=debug scripts/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-600}
-RATE=${RATE:-200}
+RATE=${RATE:-1200}
 REPORT=${REPORT:-10}
 PROFILE=${PROFILE:-release}
 PORT=${PORT:-18080}

@@ -67,8 +67,30 @@ pub fn prometheus() -> &'static PrometheusHandle {
             tracing::warn!("A metrics recorder was already installed; /metrics may be empty.");
         }
         describe();
+        spawn_upkeep(handle.clone());
         handle
     })
+}
+
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until something folds them into the
+/// buckets: a scrape does, and so does this thread, so memory stays flat when nothing
+/// scrapes (no Prometheus yet, or Prometheus down). Without it a soak at 1,200
+/// requests/s grew by ~60 KB/s until the next scrape.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = started {
+        tracing::warn!(%error, "Cannot start the metrics upkeep thread; histograms are folded only at scrape.");
+    }
 }
 
 fn describe() {
