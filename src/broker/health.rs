@@ -16,6 +16,9 @@ pub struct Health {
     vhost: String,
     connected: AtomicBool,
     blocked: AtomicBool,
+    /// Warren closed the pool itself (shutdown, an idle dynamic tenant): the link
+    /// going away then is not news for the log.
+    closed: AtomicBool,
     detail: Mutex<Detail>,
     /// Wakes the supervisor when a publish path notices the link is gone.
     pub(super) kick: Notify,
@@ -63,6 +66,7 @@ impl Health {
             vhost: vhost.to_owned(),
             connected: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             detail: Mutex::new(Detail {
                 last_error: Some("not connected yet".to_owned()),
                 blocked_reason: None,
@@ -122,7 +126,24 @@ impl Health {
         Ok(())
     }
 
+    /// Warren is closing this vhost's pool on purpose: not ready from now on, logged
+    /// once at info, and the connection errors the close causes are not a link loss.
+    pub(super) fn mark_closed(&self, why: &str) {
+        self.closed.store(true, Ordering::Release);
+        self.detail().last_error = Some(why.to_owned());
+        if self.connected.swap(false, Ordering::AcqRel) {
+            info!(vhost = %self.vhost, why, "Broker link closed by Warren.");
+            self.up.send_replace(false);
+            if self.metrics {
+                telemetry::broker_connected(&self.vhost, false);
+            }
+        }
+    }
+
     pub fn mark_down(&self, reason: &str) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         {
             let mut detail = self.detail();
             detail.last_error = Some(reason.to_owned());
@@ -139,6 +160,9 @@ impl Health {
     }
 
     pub(super) fn mark_up(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         {
             let mut detail = self.detail();
             detail.last_error = None;

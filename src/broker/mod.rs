@@ -224,6 +224,8 @@ impl Broker {
 
     /// Stops reconnecting and closes every pooled channel and connection.
     pub fn close(&self) {
+        self.health
+            .mark_closed("the pool was closed (shutdown, or an idle dynamic tenant)");
         if let Some(handle) = self
             .supervisor
             .lock()

@@ -290,12 +290,26 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
         "a message body reached the log"
     );
     assert!(!text.contains(token.as_str()), "a token reached the log");
+
+    // Shutting down closes the broker link on purpose: said once at info, not
+    // reported as a link loss.
+    let mut logged = logged;
+    assert!(logged.terminate().success());
+    let text = std::fs::read_to_string(&logged.log).unwrap();
+    assert!(
+        text.contains("Broker link closed by Warren"),
+        "the close is not logged:\n{text}"
+    );
+    assert!(
+        !text.contains("Broker link down"),
+        "a shutdown was logged as a lost link:\n{text}"
+    );
 }
 
 /// A `warren serve` process logging to a file, answering `/readyz` with
 /// `ready_status`, and a token for `tenant`.
 struct Logged {
-    _child: Guard,
+    child: Guard,
     http: reqwest::Client,
     base: String,
     token: String,
@@ -341,11 +355,31 @@ impl Logged {
             .unwrap();
         let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
         Self {
-            _child: child,
+            child,
             http,
             base,
             token,
             log,
+        }
+    }
+}
+
+impl Logged {
+    /// SIGTERM, then waits for the exit (within the 5 s grace period and a margin).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = &mut self.child.0;
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(7);
+        loop {
+            if let Some(exit) = child.try_wait().unwrap() {
+                return exit;
+            }
+            assert!(Instant::now() < deadline, "no exit within the grace period");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
