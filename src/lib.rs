@@ -7,6 +7,7 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+mod idle;
 pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
@@ -225,7 +226,8 @@ const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
 /// Serves `app` on `listener` like `axum::serve(..).with_graceful_shutdown(..)`, plus
 /// an HTTP/1 header read timeout, which `axum::serve` does not expose (hyper only
 /// applies one when a timer is set): a connection that does not deliver a request's
-/// headers in time (slowloris, or idle keep-alive) is closed instead of held forever.
+/// headers in time (slowloris) is closed instead of held forever, and so is one that
+/// is idle that long (nothing in flight, no byte moved; see [`idle`]).
 /// On `stop` the listener closes, each connection finishes its request and closes,
 /// and this returns once all have.
 async fn serve_http<L>(
@@ -253,10 +255,20 @@ where
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
+        let activity = idle::Activity::new();
+        let requests = activity.clone();
         let service = app
             .clone()
             .map_request(|request: Request<hyper::body::Incoming>| {
                 request.map(axum::body::Body::new)
+            })
+            .map_future(move |answer| {
+                let in_flight = requests.request();
+                async move {
+                    let answer = answer.await;
+                    drop(in_flight);
+                    answer
+                }
             });
         let mut stopping = stopping_rx.clone();
         let done = done_rx.clone();
@@ -267,10 +279,12 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
             let mut connection = std::pin::pin!(builder.serve_connection_with_upgrades(
-                TokioIo::new(io),
+                TokioIo::new(idle::Watched::new(io, activity.clone())),
                 TowerToHyperService::new(service),
             ));
             let mut signalled = false;
+            let check = tokio::time::sleep(header_read_timeout);
+            let mut check = std::pin::pin!(check);
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -282,6 +296,19 @@ where
                     _ = stopping.wait_for(|stop| *stop), if !signalled => {
                         signalled = true;
                         connection.as_mut().graceful_shutdown();
+                    }
+                    () = check.as_mut() => {
+                        // Idle: nothing in flight and no byte for the timeout (a new
+                        // connection that never sends, or a keep-alive one nobody uses).
+                        let now = tokio::time::Instant::now();
+                        match activity.idle_deadline(header_read_timeout) {
+                            Some(deadline) if deadline <= now => {
+                                tracing::debug!("Closing an idle connection.");
+                                break;
+                            }
+                            Some(deadline) => check.as_mut().reset(deadline),
+                            None => check.as_mut().reset(now + header_read_timeout),
+                        }
                     }
                 }
             }

@@ -461,9 +461,8 @@ async fn slow_and_hostile_clients_do_not_stop_others_being_served() {
     );
 
     // Headers that never finish are cut off after server.header_read_timeout_s (2 s
-    // here) instead of holding the connection forever. (hyper starts that clock at a
-    // request's first byte: a connection that sends nothing is bounded only by the
-    // open-files limit; see the 10,000-connection test.)
+    // here) instead of holding the connection forever (hyper's clock, which starts at
+    // a request's first byte; the idle connections below are Warren's own timer).
     let opened = Instant::now();
     let mut dribbler = TcpStream::connect(&addr).await.unwrap();
     let mut closed_by_server = false;
@@ -493,6 +492,35 @@ async fn slow_and_hostile_clients_do_not_stop_others_being_served() {
         "a slow header was cut off only after {dribbler_closed_after:?}"
     );
     eprintln!("header-timeout figures: slow header cut off after {dribbler_closed_after:?}");
+
+    // A connection that never sends a byte, and a keep-alive one left idle after its
+    // answer, are closed after the same timeout (2 s here), not held forever.
+    let silent_at = Instant::now();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let mut keep_alive = TcpStream::connect(&addr).await.unwrap();
+    let health = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    keep_alive.write_all(health.as_bytes()).await.unwrap();
+    assert_eq!(
+        read_status(&mut keep_alive, Duration::from_secs(5)).await,
+        200
+    );
+    let answered_at = Instant::now();
+    for (name, stream, since) in [
+        ("silent", &mut silent, silent_at),
+        ("idle keep-alive", &mut keep_alive, answered_at),
+    ] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(6), stream.read_to_end(&mut rest))
+            .await
+            .is_ok();
+        let after = since.elapsed();
+        assert!(closed, "a {name} connection was still open after 6 s");
+        assert!(
+            after >= Duration::from_millis(1500) && after < Duration::from_millis(4500),
+            "a {name} connection closed after {after:?} (timeout 2 s)"
+        );
+        eprintln!("idle-timeout figures: {name} connection closed after {after:?}");
+    }
 
     // Still alive and serving.
     let r = server.publish(&token, &publish).await;
