@@ -271,13 +271,30 @@ impl Rabbit {
     }
 
     /// A fresh queue that expires by itself two minutes after its last use.
-    pub async fn queue(&self, mut arguments: FieldTable) -> String {
-        let name = unique("q");
+    pub async fn queue(&self, arguments: FieldTable) -> String {
+        self.declare_queue("q", false, arguments).await
+    }
+
+    /// Like [`Rabbit::queue`], but durable: it survives a broker restart.
+    pub async fn durable_queue(&self, arguments: FieldTable) -> String {
+        self.declare_queue("dq", true, arguments).await
+    }
+
+    async fn declare_queue(
+        &self,
+        prefix: &str,
+        durable: bool,
+        mut arguments: FieldTable,
+    ) -> String {
+        let name = unique(prefix);
         arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
         self.channel
             .queue_declare(
                 name.as_str().into(),
-                QueueDeclareOptions::default(),
+                QueueDeclareOptions {
+                    durable,
+                    ..QueueDeclareOptions::default()
+                },
                 arguments,
             )
             .await

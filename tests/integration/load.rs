@@ -10,39 +10,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicGetOptions;
+use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::common::*;
 
 /// A durable queue bound to `exchange` with `#`, expiring two minutes after last use.
-pub async fn durable_queue(rabbit: &Rabbit, exchange: &str, mut arguments: FieldTable) -> String {
-    let name = unique("dq");
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
-    rabbit
-        .channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("queue_declare");
-    rabbit
-        .channel
-        .queue_bind(
-            name.as_str().into(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue_bind");
+pub async fn durable_queue(rabbit: &Rabbit, exchange: &str, arguments: FieldTable) -> String {
+    let name = rabbit.durable_queue(arguments).await;
+    rabbit.bind(&name, exchange, "#").await;
     name
 }
 

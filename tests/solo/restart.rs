@@ -98,6 +98,13 @@ struct Seen {
     resumed_at: Option<Instant>,
 }
 
+/// What the socket gave the client next.
+enum Next {
+    Frame(Value),
+    /// Its close code (0: it ended without a close frame).
+    Closed(u16),
+}
+
 /// A durable WebSocket subscriber that acks every message and, when told its
 /// subscription ended (an `error` frame with `broker_unavailable`) or its socket
 /// closed, subscribes again with the same queue name, as a client following the
@@ -125,21 +132,22 @@ async fn durable_client(
             let _ = ws.close(None).await;
             return seen;
         }
-        let frame = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
-            Err(_) => continue,
+        let next = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Err(_) | Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(Some(Ok(Message::Text(text)))) => {
-                serde_json::from_str::<Value>(text.as_str()).expect("a JSON frame")
+                Next::Frame(serde_json::from_str(text.as_str()).expect("a JSON frame"))
             }
             Ok(Some(Ok(Message::Close(close)))) => {
-                seen.closes
-                    .push(close.map_or(0, |CloseFrame { code, .. }| code.into()));
-                ws = ws_connect(&base, &token).await;
-                current = subscribe_until_ok(&mut ws, &exchange, &queue, &mut seen, until).await;
-                continue;
+                Next::Closed(close.map_or(0, |CloseFrame { code, .. }| code.into()))
             }
-            Ok(Some(Ok(_))) => continue,
-            Ok(None | Some(Err(_))) => {
-                seen.closes.push(0);
+            Ok(Some(Ok(other))) => panic!("unexpected message {other:?}"),
+            Ok(None | Some(Err(_))) => Next::Closed(0),
+        };
+        let frame = match next {
+            Next::Frame(frame) => frame,
+            Next::Closed(code) => {
+                // The socket is gone: a new one, subscribed again.
+                seen.closes.push(code);
                 ws = ws_connect(&base, &token).await;
                 current = subscribe_until_ok(&mut ws, &exchange, &queue, &mut seen, until).await;
                 continue;
