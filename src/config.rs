@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub max_batch_messages: usize,
+    /// Bound on a message's encoded AMQP header table (`properties.headers`, plus CC,
+    /// BCC and trace context). Must stay well below the broker's frame size: a content
+    /// header larger than a frame makes the broker close the whole shared connection.
+    pub max_headers_bytes: usize,
     /// How long a SIGTERM waits for in-flight requests before the process exits anyway.
     pub shutdown_grace_s: u64,
     /// Upper bound on concurrently served HTTP requests; excess requests wait.
@@ -115,6 +119,7 @@ impl Default for ServerConfig {
             metrics_listen: None,
             max_body_bytes: 1024 * 1024,
             max_batch_messages: 1000,
+            max_headers_bytes: 16 * 1024,
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
             header_read_timeout_s: 30,
@@ -148,6 +153,11 @@ pub struct AmqpConfig {
     pub exchange_cache_ttl_s: u64,
     /// Exchanges remembered per vhost; beyond it the cache starts afresh.
     pub exchange_cache_max_entries: usize,
+    /// Consumer channels (live topics and durable subscriptions, of every tenant on
+    /// the vhost) one vhost pool may open; past it a subscribe answers 503. Kept well
+    /// below connections_per_vhost x the broker's channel_max (2047), so the publish
+    /// pool's channels can always be opened.
+    pub max_consumer_channels: usize,
     pub tls: TlsConfig,
 }
 
@@ -168,6 +178,7 @@ impl Default for AmqpConfig {
             reconnect_backoff_max_ms: 10_000,
             exchange_cache_ttl_s: 30,
             exchange_cache_max_entries: 10_000,
+            max_consumer_channels: 1024,
             tls: TlsConfig::default(),
         }
     }
@@ -341,6 +352,10 @@ pub struct WsConfig {
     pub max_message_bytes: usize,
     /// Frames queued for one socket; live deliveries beyond it are dropped (at-most-once).
     pub send_buffer: usize,
+    /// Bytes of message frames queued for one socket (on top of `send_buffer` frames):
+    /// a live delivery that does not fit is dropped, a durable one waits (and a reader
+    /// that stays that slow is closed with 4408).
+    pub max_buffered_bytes: usize,
     /// A socket that cannot take a frame for this long is closed with 4408.
     pub slow_consumer_timeout_ms: u64,
     pub max_subscriptions: usize,
@@ -365,6 +380,7 @@ impl Default for WsConfig {
         Self {
             max_message_bytes: 256 * 1024,
             send_buffer: 256,
+            max_buffered_bytes: 8 * 1024 * 1024,
             slow_consumer_timeout_ms: 5000,
             max_subscriptions: 100,
             max_sockets_per_tenant: 10_000,
@@ -392,6 +408,10 @@ pub struct LimitsConfig {
     pub max_inflight_publishes: Option<usize>,
     /// Open WebSockets; overrides ws.max_sockets_per_tenant for this tenant.
     pub max_websockets: Option<usize>,
+    /// Broker consumers (each a channel and a queue: one per live topic, one per
+    /// durable subscription) the tenant may hold at once; default 256. Bounds what one
+    /// tenant can take of a shared vhost's channels (see amqp.max_consumer_channels).
+    pub max_consumers: Option<usize>,
 }
 
 /// Tenants that are not listed under [tenants], for SaaS with many customers: any
@@ -585,6 +605,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if s.max_headers_bytes == 0 || s.max_headers_bytes > 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "server.max_headers_bytes",
+                "must be from 1 to 65536 (the broker's frame size bounds a header frame)",
+            ));
+        }
         if s.max_concurrent_requests == 0 {
             return Err(ConfigError::invalid(
                 "server.max_concurrent_requests",
@@ -632,10 +658,19 @@ impl Config {
                 a.exchange_cache_max_entries as u64,
             ),
             ("amqp.reconnect_backoff_min_ms", a.reconnect_backoff_min_ms),
+            ("amqp.max_consumer_channels", a.max_consumer_channels as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
             }
+        }
+        // RabbitMQ's default channel_max is 2047 per connection; leave the publish pool
+        // room on every connection whatever the consumers take.
+        if a.max_consumer_channels + a.channels_per_vhost > a.connections_per_vhost * 2000 {
+            return Err(ConfigError::invalid(
+                "amqp.max_consumer_channels",
+                "with amqp.channels_per_vhost must fit in amqp.connections_per_vhost x 2000 channels",
+            ));
         }
         if a.reconnect_backoff_max_ms < a.reconnect_backoff_min_ms {
             return Err(ConfigError::invalid(
@@ -687,9 +722,16 @@ impl Config {
         }
 
         let w = &self.ws;
+        if w.max_buffered_bytes > u32::MAX as usize {
+            return Err(ConfigError::invalid(
+                "ws.max_buffered_bytes",
+                "must be at most 4294967295",
+            ));
+        }
         for (key, value) in [
             ("ws.max_message_bytes", w.max_message_bytes as u64),
             ("ws.send_buffer", w.send_buffer as u64),
+            ("ws.max_buffered_bytes", w.max_buffered_bytes as u64),
             ("ws.slow_consumer_timeout_ms", w.slow_consumer_timeout_ms),
             ("ws.max_subscriptions", w.max_subscriptions as u64),
             ("ws.max_sockets_per_tenant", w.max_sockets_per_tenant as u64),
@@ -1022,6 +1064,7 @@ fn check_limits(key: &str, limits: &LimitsConfig) -> Result<LimitsConfig, Config
     for (name, max) in [
         ("max_inflight_publishes", limits.max_inflight_publishes),
         ("max_websockets", limits.max_websockets),
+        ("max_consumers", limits.max_consumers),
     ] {
         if max == Some(0) {
             return Err(ConfigError::invalid(

@@ -19,9 +19,10 @@ pub async fn publish_one(
     request: PublishRequest,
     trace: &TraceContext,
     message_id: Option<String>,
+    max_headers_bytes: usize,
 ) -> Result<PublishAccepted, ApiError> {
     let prepared = request
-        .prepare(trace, message_id)
+        .prepare(trace, message_id, max_headers_bytes)
         .map_err(ApiError::InvalidRequest)?;
     authorize(tenant, &prepared)?;
     let _admitted = admit(tenant, 1, prepared.message.body.len())?;
@@ -36,6 +37,7 @@ pub async fn publish_batch(
     tenant: &Tenant,
     request: BatchRequest,
     max_messages: usize,
+    max_headers_bytes: usize,
     trace: &TraceContext,
     key: Option<&IdempotencyKey>,
 ) -> Result<Vec<BatchItemResult>, ApiError> {
@@ -55,8 +57,12 @@ pub async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            m.prepare(trace, key.map(|k| k.message_id(&tenant.name, Some(i))))
-                .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
+            m.prepare(
+                trace,
+                key.map(|k| k.message_id(&tenant.name, Some(i))),
+                max_headers_bytes,
+            )
+            .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -94,10 +100,13 @@ pub async fn publish_batch(
         .collect())
 }
 
+/// Every routing key the message can take must be granted: its own and each one its
+/// `CC` and `BCC` headers name (RabbitMQ routes to those too).
 fn authorize(tenant: &Tenant, prepared: &Prepared) -> Result<(), ApiError> {
     let m = &prepared.message;
-    tenant
-        .authorize_publish(&m.exchange, &m.routing_key)
+    std::iter::once(&m.routing_key)
+        .chain(&prepared.extra_routing_keys)
+        .try_for_each(|key| tenant.authorize_publish(&m.exchange, key))
         .inspect_err(|_| telemetry::publish_outcome(&tenant.metrics_label, "forbidden"))
 }
 

@@ -37,6 +37,7 @@ pub const WS_SUBSCRIPTIONS: &str = "warren_ws_subscriptions";
 pub const WS_FRAMES: &str = "warren_ws_frames_total";
 pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
 pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
+pub const WS_FILTERED: &str = "warren_ws_deliveries_filtered_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
 pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
@@ -188,6 +189,10 @@ fn describe() {
         "WebSockets closed with 4408 because their reader stalled."
     );
     describe_counter!(
+        WS_FILTERED,
+        "Deliveries not passed to subscribers because their routing key is outside the subscription's binding key or grants (exchanges that ignore binding keys), by mode."
+    );
+    describe_counter!(
         AUTH_KEY_RELOADS,
         "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
     );
@@ -197,17 +202,22 @@ fn describe() {
     gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
     counter!(WS_SLOW_CLOSES).increment(0);
     counter!(WS_DROPPED).increment(0);
+    counter!(WS_FILTERED, "mode" => "live").increment(0);
+    counter!(WS_FILTERED, "mode" => "durable").increment(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Installs the `tracing` subscriber: human text or JSON lines. `RUST_LOG` wins over config.
 pub fn init_tracing(config: &LogConfig) {
     // lapin logs a returned message with its body at WARN; bodies are never logged.
-    const QUIET: &str = "lapin::returned_messages=off";
+    // It also logs every channel the broker closes at ERROR, including those a client
+    // causes (a missing exchange); Warren logs those itself, at the level they deserve.
+    const QUIET: &str = "lapin::returned_messages=off,lapin::channel=off";
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{},{QUIET}", config.level)))
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")))
-        .add_directive(QUIET.parse().unwrap_or_default());
+        .add_directive("lapin::returned_messages=off".parse().unwrap_or_default())
+        .add_directive("lapin::channel=off".parse().unwrap_or_default());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -311,6 +321,11 @@ pub fn ws_frame(direction: &'static str, kind: &'static str) {
 
 pub fn ws_dropped() {
     counter!(WS_DROPPED).increment(1);
+}
+
+/// `mode`: `live` or `durable`.
+pub fn ws_filtered(mode: &'static str) {
+    counter!(WS_FILTERED, "mode" => mode).increment(1);
 }
 
 pub fn ws_slow_consumer_closed() {

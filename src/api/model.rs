@@ -255,16 +255,29 @@ const MAX_HEADER_DEPTH: usize = 8;
 pub struct Prepared {
     pub message: OutgoingMessage,
     pub message_id: String,
+    /// The routing keys of the `CC` and `BCC` headers: RabbitMQ routes the message with
+    /// each of them too (sender-selected distribution), so each must be granted.
+    pub extra_routing_keys: Vec<String>,
 }
+
+/// The headers RabbitMQ reads as more routing keys (sender-selected distribution).
+const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+
+/// At most this many routing keys in `CC` and `BCC` together.
+pub const MAX_EXTRA_ROUTING_KEYS: usize = 64;
 
 impl PublishRequest {
     /// Validates and converts to an AMQP message. Errors name the offending field.
     /// `message_id` is used when the client sets none (derived from an idempotency key);
     /// without either, a fresh UUID.
+    /// `max_headers_bytes` bounds the encoded header table (`server.max_headers_bytes`):
+    /// a header frame larger than the broker's frame size would close the shared
+    /// connection.
     pub fn prepare(
         self,
         trace: &TraceContext,
         message_id: Option<String>,
+        max_headers_bytes: usize,
     ) -> Result<Prepared, String> {
         short("exchange", &self.exchange)?;
         short("routing_key", &self.routing_key)?;
@@ -338,6 +351,7 @@ impl PublishRequest {
             Some(map) => table("properties.headers", map, 0)?,
             None => FieldTable::default(),
         };
+        let extra_routing_keys = routing_headers(&headers)?;
         if let Some(tp) = &trace.traceparent {
             headers.insert(
                 "traceparent".into(),
@@ -349,6 +363,12 @@ impl PublishRequest {
                 "tracestate".into(),
                 AMQPValue::LongString(ts.as_str().into()),
             );
+        }
+        let headers_bytes = table_len(&headers);
+        if headers_bytes > max_headers_bytes {
+            return Err(format!(
+                "properties.headers: {headers_bytes} bytes encoded; at most {max_headers_bytes} are accepted (server.max_headers_bytes)"
+            ));
         }
         if !headers.inner().is_empty() {
             properties = properties.with_headers(headers);
@@ -362,7 +382,68 @@ impl PublishRequest {
                 mandatory: self.mandatory.unwrap_or(true),
             },
             message_id,
+            extra_routing_keys,
         })
+    }
+}
+
+/// The routing keys of the `CC` and `BCC` headers. RabbitMQ takes them only as arrays
+/// of strings and closes the channel on any other type, so anything else is refused
+/// here, before it can break a pooled channel.
+fn routing_headers(headers: &FieldTable) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    for name in ROUTING_HEADERS {
+        let Some(value) = headers.inner().get(name) else {
+            continue;
+        };
+        let AMQPValue::FieldArray(items) = value else {
+            return Err(format!(
+                "properties.headers.{name}: must be an array of routing keys (strings)"
+            ));
+        };
+        for item in items.as_slice() {
+            let AMQPValue::LongString(key) = item else {
+                return Err(format!(
+                    "properties.headers.{name}: must be an array of routing keys (strings)"
+                ));
+            };
+            let key = String::from_utf8_lossy(key.as_bytes()).into_owned();
+            short(&format!("properties.headers.{name}[]"), &key)?;
+            keys.push(key);
+        }
+    }
+    if keys.len() > MAX_EXTRA_ROUTING_KEYS {
+        return Err(format!(
+            "properties.headers: at most {MAX_EXTRA_ROUTING_KEYS} routing keys in CC and BCC together"
+        ));
+    }
+    Ok(keys)
+}
+
+/// The encoded size of a header table in an AMQP content header frame.
+pub fn table_len(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(name, value)| 1 + name.as_str().len() + value_len(value))
+        .sum::<usize>()
+}
+
+/// The encoded size of one field value, its type tag included. Values Warren builds
+/// nest at most [`MAX_HEADER_DEPTH`] deep, so the recursion is bounded.
+fn value_len(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(items) => 4 + items.as_slice().iter().map(value_len).sum::<usize>(),
+        AMQPValue::FieldTable(table) => table_len(table),
+        AMQPValue::Void => 0,
     }
 }
 
@@ -434,7 +515,7 @@ mod tests {
     fn prepare(json: &str) -> Result<Prepared, String> {
         parse_json::<PublishRequest>(json.as_bytes())
             .map_err(|e| e.to_string())?
-            .prepare(&TraceContext::default(), None)
+            .prepare(&TraceContext::default(), None, 16 * 1024)
     }
 
     #[test]
@@ -557,7 +638,7 @@ mod tests {
         };
         let p = parse_json::<PublishRequest>(json.as_bytes())
             .unwrap()
-            .prepare(&trace, None)
+            .prepare(&trace, None, 16 * 1024)
             .unwrap();
         let props = &p.message.properties;
         assert_eq!(p.message_id, "m-1");

@@ -60,8 +60,9 @@ pub async fn publish(
     let fingerprint = Fingerprint::of("POST", "/v1/publish", &body.raw);
     let tenant = principal.tenant.clone();
     let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let max_headers = state.config.server.max_headers_bytes;
     let work = || async move {
-        match publishing::publish_one(&tenant, body.value, &trace, message_id).await {
+        match publishing::publish_one(&tenant, body.value, &trace, message_id, max_headers).await {
             Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
             Err(error) => error.into_response(),
         }
@@ -116,10 +117,18 @@ pub async fn publish_batch(
     let fingerprint = Fingerprint::of("POST", "/v1/publish/batch", &body.raw);
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
+    let max_headers = state.config.server.max_headers_bytes;
     let item_key = key.clone();
     let work = || async move {
-        let results =
-            publishing::publish_batch(&tenant, body.value, max, &trace, item_key.as_ref()).await;
+        let results = publishing::publish_batch(
+            &tenant,
+            body.value,
+            max,
+            max_headers,
+            &trace,
+            item_key.as_ref(),
+        )
+        .await;
         match results {
             Ok(results) => {
                 let all_ok = results

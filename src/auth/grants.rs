@@ -1,7 +1,7 @@
 //! Grants: (exchange, routing-key pattern) pairs with AMQP topic semantics, matched
 //! against publish routing keys and checked for coverage of subscription binding keys.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fmt;
 
 /// Splits a key into dot-separated words; as in RabbitMQ, `""` has no words at all.
@@ -59,98 +59,181 @@ impl GrantPattern {
         &self.source
     }
 
-    /// Does this pattern match the concrete routing key?
+    /// `#`: every routing key.
+    pub fn every_key() -> Self {
+        Self {
+            source: "#".to_owned(),
+            words: vec![Word::Any],
+        }
+    }
+
+    /// Matches every routing key (`#`, `#.#`, ...).
+    pub fn matches_every_key(&self) -> bool {
+        !self.words.is_empty() && self.words.iter().all(|w| *w == Word::Any)
+    }
+
+    /// Does this pattern match the concrete routing key? Linear in the key's words.
     pub fn matches(&self, routing_key: &str) -> bool {
-        let mut states = self.closure_of_start();
+        let mut set = self.close(States::single(0));
         for word in split_words(routing_key) {
-            states = self.step(&states, Some(word));
-            if states.is_empty() {
+            set = self.advance(set, Some(word));
+            if set.is_empty() {
                 return false;
             }
         }
-        states.contains(&self.words.len())
+        set.has(self.words.len())
     }
 
     /// Does this pattern match every routing key that `binding` matches? A binding
     /// `order.*` is covered by `order.#`; `#` is not covered by `order.#`.
     ///
-    /// Decided exactly as regular-language inclusion over an alphabet of the literals
-    /// in both patterns plus one word that is in neither (every such word behaves alike).
-    pub fn covers(&self, binding: &GrantPattern) -> bool {
-        let mut alphabet: Vec<Option<&str>> = self
-            .literals()
-            .chain(binding.literals())
-            .map(Some)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        alphabet.push(None);
-
-        let start = (binding.closure_of_start(), self.closure_of_start());
-        let mut seen: HashSet<(Vec<usize>, Vec<usize>)> = HashSet::new();
-        let mut queue = VecDeque::from([start]);
-        // Patterns are at most 255 bytes, so this is generous; past it we deny.
-        const LIMIT: usize = 100_000;
-        while let Some((b, g)) = queue.pop_front() {
-            if b.contains(&binding.words.len()) && !g.contains(&self.words.len()) {
-                return false;
-            }
-            if !seen.insert((b.clone(), g.clone())) {
-                continue;
-            }
-            if seen.len() > LIMIT {
-                return false;
-            }
-            for symbol in &alphabet {
-                let next_b = binding.step(&b, *symbol);
-                if next_b.is_empty() {
-                    continue;
+    /// `None` when the binding has too many wildcard combinations to decide within
+    /// [`MAX_COVERAGE_SETS`] (the caller refuses it as too complex, never allows it).
+    ///
+    /// Decided exactly, in time and memory polynomial in the pattern sizes: a word that
+    /// is in no literal of this pattern (`z`) is matched by fewer of its positions than
+    /// any other word, so the binding's `*` can stand for `z` and its `#` for `z`-runs
+    /// of every length; the runs are walked until the grant's state sets repeat. Each
+    /// state set is pruned to what decides acceptance (positions before an active `#`
+    /// and supersets of another set never do), and their number is capped.
+    pub fn covers(&self, binding: &GrantPattern) -> Option<bool> {
+        if self.matches_every_key() {
+            return Some(true);
+        }
+        let accept = self.words.len();
+        let mut frontier = vec![self.close(States::single(0))];
+        for token in &binding.words {
+            let mut next: HashSet<States> = HashSet::new();
+            for &set in &frontier {
+                match token {
+                    Word::Literal(word) => {
+                        next.insert(self.advance(set, Some(word)));
+                    }
+                    Word::One => {
+                        next.insert(self.advance(set, None));
+                    }
+                    // Every run length: the z-steps from `set` are deterministic, so
+                    // the walk stops at the first set already seen.
+                    Word::Any => {
+                        let mut run = set;
+                        while next.insert(run) {
+                            if next.len() > MAX_COVERAGE_SETS {
+                                return None;
+                            }
+                            run = self.advance(run, None);
+                        }
+                    }
                 }
-                queue.push_back((next_b, self.step(&g, *symbol)));
+                if next.len() > MAX_COVERAGE_SETS {
+                    return None;
+                }
+            }
+            // An expansion of the binding that no continuation can match.
+            if next.iter().any(States::is_empty) {
+                return Some(false);
+            }
+            frontier = minimal(next);
+        }
+        Some(frontier.iter().all(|set| set.has(accept)))
+    }
+
+    /// Adds the positions after each `#` (which may match nothing), then drops every
+    /// position before the last active `#`: whatever matches from an earlier position
+    /// also matches from that `#`, which absorbs the difference.
+    fn close(&self, mut set: States) -> States {
+        for (i, word) in self.words.iter().enumerate() {
+            if *word == Word::Any && set.has(i) {
+                set.insert(i + 1);
             }
         }
-        true
-    }
-
-    fn literals(&self) -> impl Iterator<Item = &str> {
-        self.words.iter().filter_map(|w| match w {
-            Word::Literal(s) => Some(s.as_str()),
-            _ => None,
-        })
-    }
-
-    /// NFA states are word positions; position `len` accepts. A `#` at `i` may be skipped.
-    fn closure(&self, mut states: Vec<usize>) -> Vec<usize> {
-        let mut i = 0;
-        while i < states.len() {
-            let s = states[i];
-            if matches!(self.words.get(s), Some(Word::Any)) && !states.contains(&(s + 1)) {
-                states.push(s + 1);
-            }
-            i += 1;
+        if let Some(last) = (0..self.words.len())
+            .rev()
+            .find(|&i| set.has(i) && self.words[i] == Word::Any)
+        {
+            set.clear_below(last);
         }
-        states.sort_unstable();
-        states.dedup();
-        states
-    }
-
-    fn closure_of_start(&self) -> Vec<usize> {
-        self.closure(vec![0])
+        set
     }
 
     /// Consumes one word; `None` is a word that equals no literal of this pattern.
-    fn step(&self, states: &[usize], word: Option<&str>) -> Vec<usize> {
-        let mut next = Vec::new();
-        for &s in states {
-            match self.words.get(s) {
-                Some(Word::Any) => next.push(s),
-                Some(Word::One) => next.push(s + 1),
-                Some(Word::Literal(l)) if Some(l.as_str()) == word => next.push(s + 1),
-                _ => {}
+    fn advance(&self, set: States, word: Option<&str>) -> States {
+        let mut next = States::default();
+        for (i, w) in self.words.iter().enumerate() {
+            if !set.has(i) {
+                continue;
+            }
+            match w {
+                Word::Any => next.insert(i),
+                Word::One => next.insert(i + 1),
+                Word::Literal(l) if Some(l.as_str()) == word => next.insert(i + 1),
+                Word::Literal(_) => {}
             }
         }
-        self.closure(next)
+        self.close(next)
     }
+}
+
+/// At most this many grant state sets are tracked while checking one coverage; past it
+/// the binding is refused as too complex. Bounds the time (sets × words² per word of the
+/// binding) and memory of a check whatever a client sends.
+pub const MAX_COVERAGE_SETS: usize = 256;
+
+/// A set of positions in a pattern of at most 256 words (a 255-byte pattern has at most
+/// 256, all empty), plus the accepting position after the last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct States([u64; 5]);
+
+impl States {
+    fn single(i: usize) -> Self {
+        let mut set = Self::default();
+        set.insert(i);
+        set
+    }
+
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+
+    fn has(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    fn clear_below(&mut self, i: usize) {
+        for (index, word) in self.0.iter_mut().enumerate() {
+            let start = index * 64;
+            if start + 64 <= i {
+                *word = 0;
+            } else if start < i {
+                *word &= !((1u64 << (i - start)) - 1);
+            }
+        }
+    }
+
+    fn is_subset(&self, other: &Self) -> bool {
+        self.0.iter().zip(other.0).all(|(a, b)| a & !b == 0)
+    }
+
+    fn len(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+}
+
+/// Keeps the sets no other set is contained in: a superset accepts whatever its subset
+/// accepts, so only the smallest sets can fail a coverage check.
+fn minimal(sets: HashSet<States>) -> Vec<States> {
+    let mut sets: Vec<States> = sets.into_iter().collect();
+    sets.sort_by_key(States::len);
+    let mut kept: Vec<States> = Vec::with_capacity(sets.len());
+    for set in sets {
+        if !kept.iter().any(|k| k.is_subset(&set)) {
+            kept.push(set);
+        }
+    }
+    kept
 }
 
 impl fmt::Display for GrantPattern {
@@ -198,11 +281,59 @@ pub fn allows_publish(grants: &[Grant], exchange: &str, routing_key: &str) -> bo
         .any(|g| g.exchange_matches(exchange) && g.pattern.matches(routing_key))
 }
 
+/// The exchanges whose type is known from their name to route without looking at the
+/// binding key (`amq.fanout`; headers exchanges match on headers). A binding there
+/// receives every key, so only a grant covering every key (`#`) allows it. Exchanges of
+/// such types with other names are covered by Warren filtering each delivery by the
+/// subscription's binding key.
+pub fn ignores_binding_key(exchange: &str) -> bool {
+    matches!(exchange, "amq.fanout" | "amq.headers" | "amq.match")
+}
+
+/// A binding key whose wildcard combinations are too many to check (see
+/// [`GrantPattern::covers`]); refused, never allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooComplex;
+
 /// Is binding `binding_key` on `exchange` covered by any of `grants`?
-pub fn allows_subscribe(grants: &[Grant], exchange: &str, binding_key: &GrantPattern) -> bool {
-    grants
-        .iter()
-        .any(|g| g.exchange_matches(exchange) && g.pattern.covers(binding_key))
+pub fn allows_subscribe(
+    grants: &[Grant],
+    exchange: &str,
+    binding_key: &GrantPattern,
+) -> Result<bool, TooComplex> {
+    let every_key;
+    let binding_key = if ignores_binding_key(exchange) {
+        every_key = GrantPattern::every_key();
+        &every_key
+    } else {
+        binding_key
+    };
+    let mut too_complex = false;
+    for grant in grants.iter().filter(|g| g.exchange_matches(exchange)) {
+        match grant.pattern.covers(binding_key) {
+            Some(true) => return Ok(true),
+            Some(false) => {}
+            None => too_complex = true,
+        }
+    }
+    if too_complex {
+        Err(TooComplex)
+    } else {
+        Ok(false)
+    }
+}
+
+/// May a subscriber holding `grants` see a message routed through `exchange` with
+/// `routing_key`? Checked on deliveries from queues that other bindings may feed.
+pub fn allows_delivery(grants: &[Grant], exchange: &str, routing_key: &str) -> bool {
+    grants.iter().any(|g| {
+        g.exchange_matches(exchange)
+            && if ignores_binding_key(exchange) {
+                g.pattern.matches_every_key()
+            } else {
+                g.pattern.matches(routing_key)
+            }
+    })
 }
 
 #[cfg(test)]
@@ -289,7 +420,7 @@ mod tests {
         for (grant, binding, expected) in table {
             assert_eq!(
                 p(grant).covers(&p(binding)),
-                *expected,
+                Some(*expected),
                 "grant {grant:?} binding {binding:?}"
             );
         }
@@ -322,8 +453,72 @@ mod tests {
         assert!(allows_publish(&grants, "billing", "public.news"));
         assert!(allows_publish(&grants, "", "public.news"));
         assert!(!allows_publish(&[], "events", "order.created"));
-        assert!(allows_subscribe(&grants, "events", &p("order.*")));
-        assert!(!allows_subscribe(&grants, "events", &p("#")));
-        assert!(!allows_subscribe(&grants, "other", &p("order.*")));
+        assert_eq!(allows_subscribe(&grants, "events", &p("order.*")), Ok(true));
+        assert_eq!(allows_subscribe(&grants, "events", &p("#")), Ok(false));
+        assert_eq!(allows_subscribe(&grants, "other", &p("order.*")), Ok(false));
+    }
+
+    /// The shape of the reported attack (`#`, many `*` and literals mixed, ~160 bytes)
+    /// against several grants: answered at once, and right where the answer is known.
+    #[test]
+    fn adversarial_bindings_are_decided_fast() {
+        let attack: String = (0..20)
+            .map(|i| format!("#.*.w{i}"))
+            .collect::<Vec<_>>()
+            .join(".");
+        let nasty = [
+            "#.*.*.#.a.*.#.b.*.*.#",
+            "*.#.*.#.*.#.*",
+            "a.#.*.*.*.*.*.*.#.b",
+            "#",
+        ];
+        let started = std::time::Instant::now();
+        for binding in [
+            attack.as_str(),
+            "#.*.#.*.#.*.#.*.#.*.#.*.#.*.#.*.#.*.#.*.#.*",
+        ] {
+            let b = p(binding);
+            assert_eq!(p("#").covers(&b), Some(true), "# covers {binding}");
+            assert_eq!(p("#.#").covers(&b), Some(true));
+            for grant in nasty {
+                let _ = p(grant).covers(&b);
+            }
+            assert_eq!(p("w0.#").covers(&b), Some(false));
+        }
+        // Too many partial matches to track: refused (None), within the same bound.
+        let offsets: String = vec!["a.#.*"; 50].join(".");
+        let grant = format!("#.a.{}.#", vec!["*"; 18].join("."));
+        assert_eq!(p(&grant).covers(&p(&offsets[..255])), None);
+        let long_stars = vec!["*"; 120].join(".");
+        assert_eq!(p(&long_stars).covers(&p(&long_stars)), Some(true));
+        assert_eq!(p("#.*").covers(&p(&format!("{long_stars}.#"))), Some(true));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn exhaustive_grants_against_mixed_bindings() {
+        // `*.#` = at least one word; `#.*.*` = at least two.
+        assert_eq!(p("#.*.*").covers(&p("*.#.*")), Some(true));
+        assert_eq!(p("#.*.*.*").covers(&p("*.#.*")), Some(false));
+        assert_eq!(p("#.a.#").covers(&p("*.#.a.*")), Some(true));
+        assert_eq!(p("#.a.*.#").covers(&p("#.a.#")), Some(false));
+    }
+
+    #[test]
+    fn non_filtering_exchanges_need_a_grant_for_every_key() {
+        let narrow = vec![Grant::new("*".into(), p("eu.*"))];
+        let wide = vec![Grant::new("amq.fanout".into(), p("#"))];
+        for exchange in ["amq.fanout", "amq.headers", "amq.match"] {
+            assert_eq!(allows_subscribe(&narrow, exchange, &p("eu.x")), Ok(false));
+            assert!(!allows_delivery(&narrow, exchange, "eu.x"));
+        }
+        assert_eq!(allows_subscribe(&wide, "amq.fanout", &p("eu.x")), Ok(true));
+        assert!(allows_delivery(&wide, "amq.fanout", "us.secret"));
+        assert!(allows_delivery(&narrow, "events", "eu.x"));
+        assert!(!allows_delivery(&narrow, "events", "us.secret"));
     }
 }

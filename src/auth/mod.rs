@@ -178,7 +178,15 @@ impl Verifier {
                 .collect(),
             _ => Vec::new(),
         };
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // `exp` is a NumericDate: JSON numbers, fractions allowed (jsonwebtoken checks it
+        // as such); the whole second it falls in bounds the WebSocket's life.
+        let expires_at = claims
+            .get("exp")
+            .and_then(|exp| {
+                exp.as_u64()
+                    .or_else(|| exp.as_f64().map(|f| f.max(0.0) as u64))
+            })
+            .unwrap_or(0);
         Ok(Claims {
             subject,
             tenant,

@@ -107,19 +107,16 @@ impl Health {
             let wait = detail
                 .next_attempt
                 .saturating_duration_since(Instant::now());
+            // The cause (which can quote the broker) is in the log and on /readyz,
+            // never in a client's answer.
             return Err(Unavailable {
-                reason: format!(
-                    "no connection to the broker for vhost {:?}: {}",
-                    self.vhost,
-                    detail.last_error.as_deref().unwrap_or("reconnecting")
-                ),
+                reason: "no connection to the broker; reconnecting".to_owned(),
                 retry_after: wait,
             });
         }
         if self.blocked.load(Ordering::Acquire) {
-            let reason = self.detail().blocked_reason.clone().unwrap_or_default();
             return Err(Unavailable {
-                reason: format!("the broker is blocking publishers (resource alarm: {reason})"),
+                reason: "the broker is blocking publishers (a resource alarm)".to_owned(),
                 retry_after: BLOCKED_RETRY_AFTER,
             });
         }

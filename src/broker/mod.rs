@@ -85,6 +85,8 @@ pub struct Broker {
     exchange_ttl: Duration,
     exchange_cache_max: usize,
     exchanges: Mutex<HashMap<String, Instant>>,
+    /// Consumer channels open on this vhost (`amqp.max_consumer_channels`).
+    consumers: Arc<Semaphore>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
     holds: Arc<std::sync::atomic::AtomicUsize>,
@@ -120,6 +122,19 @@ pub struct BrokerHold(Arc<std::sync::atomic::AtomicUsize>);
 impl Drop for BrokerHold {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A consumer's own channel; counts against `amqp.max_consumer_channels` until dropped.
+pub struct ConsumerChannel {
+    channel: lapin::Channel,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for ConsumerChannel {
+    type Target = lapin::Channel;
+    fn deref(&self) -> &lapin::Channel {
+        &self.channel
     }
 }
 
@@ -176,6 +191,7 @@ impl Broker {
             exchange_ttl: Duration::from_secs(amqp.exchange_cache_ttl_s),
             exchange_cache_max: amqp.exchange_cache_max_entries,
             exchanges: Mutex::new(HashMap::new()),
+            consumers: Arc::new(Semaphore::new(amqp.max_consumer_channels)),
             supervisor: Mutex::new(None),
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics,
@@ -243,21 +259,33 @@ impl Broker {
     }
 
     /// A fresh channel for consuming (not from the publish pool, not in confirm mode).
-    /// The caller owns it and closes it; closing requeues its unacked deliveries.
-    pub async fn consumer_channel(&self) -> Result<lapin::Channel, PublishError> {
+    /// The caller owns it and closes it; closing requeues its unacked deliveries. At
+    /// most `amqp.max_consumer_channels` are open at once on a vhost, so consumers can
+    /// never take the channels the publish pool needs.
+    pub async fn consumer_channel(&self) -> Result<ConsumerChannel, PublishError> {
         if let Err(unavailable) = self.health.check() {
             return Err(PublishError::unavailable(
                 unavailable.reason,
                 unavailable.retry_after,
             ));
         }
+        let Ok(permit) = self.consumers.clone().try_acquire_owned() else {
+            return Err(PublishError::unavailable(
+                "this vhost has as many subscriptions open as the gateway allows (amqp.max_consumer_channels)",
+                Duration::from_secs(5),
+            ));
+        };
         let Some(connection) = self.connections.pick() else {
             return Err(self.acquire_failed(&BrokerError::NotConnected));
         };
-        connection
+        let channel = connection
             .create_channel()
             .await
-            .map_err(|error| self.failure(&error, ""))
+            .map_err(|error| self.failure(&error, ""))?;
+        Ok(ConsumerChannel {
+            channel,
+            _permit: permit,
+        })
     }
 
     /// Publishes one message and waits for its confirm.
@@ -552,10 +580,15 @@ impl Broker {
                     .remove(exchange);
                 PublishError::ExchangeNotFound(exchange.to_owned())
             }
-            AmqpFailure::AccessRefused(detail) => PublishError::AccessRefused(detail),
+            AmqpFailure::AccessRefused(detail) => {
+                tracing::info!(vhost = %self.vhost, %detail, "The broker refused access.");
+                PublishError::AccessRefused(detail)
+            }
             AmqpFailure::Lost { connection, detail } => {
                 if connection {
                     self.health.mark_down(&detail);
+                } else {
+                    tracing::info!(vhost = %self.vhost, %detail, "The broker closed a channel.");
                 }
                 PublishError::LostBeforeConfirm(detail)
             }

@@ -34,7 +34,8 @@ pub enum PublishError {
     },
     #[error("exchange {0:?} does not exist in this tenant's vhost")]
     ExchangeNotFound(String),
-    #[error("the broker refused access: {0}")]
+    /// The broker's reply text is logged, not shown: it names vhosts and users.
+    #[error("the broker refused the tenant's credentials access to this exchange")]
     AccessRefused(String),
     #[error(
         "the broker returned the message as unroutable ({0}): no queue is bound for this routing key"
@@ -48,8 +49,9 @@ pub enum PublishError {
         "no publisher confirm within {0:?}; the outcome is unknown, retry with the same Idempotency-Key"
     )]
     ConfirmTimeout(Duration),
+    /// The cause is logged, not shown: it can quote the broker (frame sizes, vhosts).
     #[error(
-        "the channel was lost before the broker confirmed ({0}); the outcome is unknown, retry with the same Idempotency-Key"
+        "the channel was lost before the broker confirmed; the outcome is unknown, retry with the same Idempotency-Key"
     )]
     LostBeforeConfirm(String),
 }

@@ -62,15 +62,26 @@ impl Tenant {
         exchange: &str,
         binding_key: &GrantPattern,
     ) -> Result<(), ApiError> {
-        if grants::allows_subscribe(&self.subscribe, exchange, binding_key) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
+        match grants::allows_subscribe(&self.subscribe, exchange, binding_key) {
+            Ok(true) => Ok(()),
+            Ok(false) if grants::ignores_binding_key(exchange) => Err(ApiError::Forbidden(format!(
+                "exchange {exchange:?} ignores binding keys, so subscribing there needs a grant for every key (#)"
+            ))),
+            Ok(false) => Err(ApiError::Forbidden(format!(
                 "tenant {:?} may not subscribe to exchange {exchange:?} with binding key {:?}",
                 self.name,
                 binding_key.as_str()
-            )))
+            ))),
+            Err(grants::TooComplex) => Err(ApiError::InvalidRequest(
+                "binding_key: too many combinations of `#` and `*` to check against the grants; use fewer wildcards".to_owned(),
+            )),
         }
+    }
+
+    /// May this tenant's subscribers see a message routed through `exchange` with
+    /// `routing_key`? (Deliveries are filtered by it; see [`grants::allows_delivery`].)
+    pub fn may_receive(&self, exchange: &str, routing_key: &str) -> bool {
+        grants::allows_delivery(&self.subscribe, exchange, routing_key)
     }
 }
 

@@ -51,7 +51,12 @@ pub struct Quota {
     bytes: Option<Bucket>,
     inflight: Option<(Arc<Semaphore>, usize)>,
     pub max_websockets: Option<usize>,
+    consumers: Arc<Semaphore>,
+    max_consumers: usize,
 }
+
+/// Broker consumers a tenant may hold when `limits.max_consumers` is unset.
+pub const DEFAULT_MAX_CONSUMERS: usize = 256;
 
 /// Held while publishes are in flight (releases the tenant's in-flight slots on drop).
 pub struct Admitted {
@@ -67,7 +72,26 @@ impl Quota {
                 .max_inflight_publishes
                 .map(|max| (Arc::new(Semaphore::new(max)), max)),
             max_websockets: limits.max_websockets,
+            consumers: Arc::new(Semaphore::new(
+                limits.max_consumers.unwrap_or(DEFAULT_MAX_CONSUMERS),
+            )),
+            max_consumers: limits.max_consumers.unwrap_or(DEFAULT_MAX_CONSUMERS),
         }
+    }
+
+    /// One broker consumer (channel + queue) for the tenant, held until dropped; past
+    /// `limits.max_consumers`, 429.
+    pub fn admit_consumer(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.consumers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::RateLimited {
+                detail: format!(
+                    "the tenant already holds {} broker consumers (limits.max_consumers); unsubscribe first",
+                    self.max_consumers
+                ),
+                retry_after: Duration::from_secs(5),
+            })
     }
 
     /// Admits `messages` publishes carrying `bytes` of bodies, or answers 429.
@@ -129,6 +153,7 @@ mod tests {
             publish_bytes_rate: bytes,
             max_inflight_publishes: inflight,
             max_websockets: None,
+            max_consumers: None,
         })
     }
 

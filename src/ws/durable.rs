@@ -2,27 +2,36 @@
 //! `ws.durable_queue_expiry_s`, consumed with a prefetch on the socket's own channel;
 //! the client acks and nacks. Closing the channel requeues whatever was not acked.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 
-use super::Outgoing;
 use super::protocol::MessageFrame;
-use crate::broker::{Broker, BrokerLease};
+use super::{Outgoing, SendBudget};
+use crate::broker::{Broker, BrokerLease, ConsumerChannel};
 use crate::error::ApiError;
+use crate::telemetry;
 use crate::tenancy::Tenant;
 
 pub struct Durable {
-    channel: lapin::Channel,
+    channel: Arc<ConsumerChannel>,
     task: JoinHandle<()>,
     pub queue: String,
+    /// Delivery tags handed to the client and not yet acknowledged (at most the
+    /// prefetch): an ack for any other tag is refused here, since the broker would
+    /// answer it by closing the subscription's channel.
+    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    /// Counts against the tenant's `limits.max_consumers`.
+    _consumer: OwnedSemaphorePermit,
     /// Keeps a lazily opened pool from being closed under the consumer.
     _lease: BrokerLease,
 }
@@ -52,16 +61,18 @@ pub struct DurableRequest<'a> {
     pub prefetch: u16,
     pub expiry: Duration,
     pub slow_consumer_timeout: Duration,
+    pub budget: SendBudget,
 }
 
 impl Durable {
     pub async fn start(
-        tenant: &Tenant,
+        tenant: Arc<Tenant>,
         request: DurableRequest<'_>,
         sink: mpsc::Sender<Outgoing>,
     ) -> Result<Self, ApiError> {
+        let consumer_permit = tenant.quota.admit_consumer()?;
         let broker = tenant.broker().await?;
-        let channel = broker.consumer_channel().await?;
+        let channel = Arc::new(broker.consumer_channel().await?);
         let result = Self::setup(&broker, &channel, &request).await;
         let consumer = match result {
             Ok(consumer) => consumer,
@@ -70,13 +81,23 @@ impl Durable {
                 return Err(e);
             }
         };
-        let subscription = request.subscription.to_owned();
-        let timeout = request.slow_consumer_timeout;
-        let task = tokio::spawn(forward(consumer, subscription, sink, timeout));
+        let outstanding = Arc::new(Mutex::new(BTreeSet::new()));
+        let forwarder = Forwarder {
+            tenant,
+            channel: channel.clone(),
+            subscription: request.subscription.to_owned(),
+            sink,
+            budget: request.budget.clone(),
+            timeout: request.slow_consumer_timeout,
+            outstanding: outstanding.clone(),
+        };
+        let task = tokio::spawn(forwarder.run(consumer));
         Ok(Self {
             channel,
             task,
             queue: request.queue,
+            outstanding,
+            _consumer: consumer_permit,
             _lease: broker,
         })
     }
@@ -128,10 +149,11 @@ impl Durable {
     }
 
     pub async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), ApiError> {
+        self.settle(delivery_tag, multiple)?;
         self.channel
             .basic_ack(delivery_tag, BasicAckOptions { multiple })
             .await
-            .map_err(|e| ack_error(&e))
+            .map_err(|_| ack_error())
     }
 
     pub async fn nack(
@@ -140,10 +162,29 @@ impl Durable {
         multiple: bool,
         requeue: bool,
     ) -> Result<(), ApiError> {
+        self.settle(delivery_tag, multiple)?;
         self.channel
             .basic_nack(delivery_tag, BasicNackOptions { multiple, requeue })
             .await
-            .map_err(|e| ack_error(&e))
+            .map_err(|_| ack_error())
+    }
+
+    /// Takes `delivery_tag` (and with `multiple` every earlier one) off the outstanding
+    /// set, or refuses a tag this subscription never handed out or already settled.
+    fn settle(&self, delivery_tag: u64, multiple: bool) -> Result<(), ApiError> {
+        let mut outstanding = self.outstanding.lock().unwrap_or_else(|e| e.into_inner());
+        if !outstanding.contains(&delivery_tag) {
+            return Err(ApiError::InvalidRequest(
+                "delivery_tag: no unacknowledged delivery of this subscription has this tag"
+                    .to_owned(),
+            ));
+        }
+        if multiple {
+            *outstanding = outstanding.split_off(&(delivery_tag + 1));
+        } else {
+            outstanding.remove(&delivery_tag);
+        }
+        Ok(())
     }
 
     /// Stops consuming; unacked deliveries go back to the queue, which stays.
@@ -153,54 +194,85 @@ impl Durable {
     }
 }
 
-/// An ack or nack fails at once only when the subscription's channel is gone (a bad
-/// delivery tag is refused by the broker later, by closing the channel): the broker
+/// A checked ack or nack fails only when the subscription's channel is gone: the broker
 /// side is unavailable, not the client's frame wrong.
-fn ack_error(error: &lapin::Error) -> ApiError {
+fn ack_error() -> ApiError {
     ApiError::BrokerUnavailable {
-        detail: format!(
-            "the acknowledgement could not reach the broker ({error}); the subscription's unacked messages will be redelivered"
-        ),
+        detail: "the acknowledgement could not reach the broker; the subscription's unacked messages will be redelivered".to_owned(),
         retry_after: Duration::from_secs(1),
     }
 }
 
-/// Moves deliveries to the socket, waiting for room (the prefetch bounds how many are
-/// outstanding); a socket that takes nothing for the slow-consumer timeout is closed.
-async fn forward(
-    mut consumer: lapin::Consumer,
+/// Moves deliveries to the socket, waiting for room in its frame and byte budgets (the
+/// prefetch bounds how many are outstanding); a socket that takes nothing for the
+/// slow-consumer timeout is closed.
+struct Forwarder {
+    tenant: Arc<Tenant>,
+    channel: Arc<ConsumerChannel>,
     subscription: String,
     sink: mpsc::Sender<Outgoing>,
+    budget: SendBudget,
     timeout: Duration,
-) {
-    while let Some(delivery) = consumer.next().await {
-        let Ok(delivery) = delivery else { break };
-        let frame = MessageFrame::new(
-            subscription.clone(),
-            delivery.delivery_tag,
-            delivery.exchange.as_str(),
-            delivery.routing_key.as_str(),
-            delivery.redelivered,
-            &delivery.properties,
-            &delivery.data,
-        );
-        match sink
-            .send_timeout(Outgoing::Message(Box::new(frame)), timeout)
-            .await
-        {
-            Ok(()) => {}
-            // The socket's writer is stuck too, and closes it with 4408 on its own timer.
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return,
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
+    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+impl Forwarder {
+    async fn run(self, mut consumer: lapin::Consumer) {
+        while let Some(delivery) = consumer.next().await {
+            let Ok(delivery) = delivery else { break };
+            // A queue may be fed by more than this subscription's binding (an earlier
+            // one, an exchange that ignores binding keys): the client sees only what
+            // its grants allow; the rest is rejected (dead-lettered if so configured).
+            if !self
+                .tenant
+                .may_receive(delivery.exchange.as_str(), delivery.routing_key.as_str())
+            {
+                telemetry::ws_filtered("durable");
+                let _ = self
+                    .channel
+                    .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                    .await;
+                continue;
+            }
+            let frame = MessageFrame::new(
+                self.subscription.clone(),
+                delivery.delivery_tag,
+                delivery.exchange.as_str(),
+                delivery.routing_key.as_str(),
+                delivery.redelivered,
+                &delivery.properties,
+                &delivery.data,
+            );
+            // The reader is too slow: the socket's writer is stuck too, and closes it
+            // with 4408 on its own timer.
+            let Some(bytes) = self
+                .budget
+                .take(frame.approximate_len(), self.timeout)
+                .await
+            else {
+                return;
+            };
+            self.outstanding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(delivery.delivery_tag);
+            let sent = self
+                .sink
+                .send_timeout(Outgoing::Message(Box::new(frame), bytes), self.timeout)
+                .await;
+            if sent.is_err() {
+                return;
+            }
         }
+        let _ = self
+            .sink
+            .send(Outgoing::Ended {
+                subscription: self.subscription,
+                error: ApiError::BrokerUnavailable {
+                    detail: "the durable subscription lost its broker consumer; subscribe again to resume where it stopped".to_owned(),
+                    retry_after: Duration::from_secs(1),
+                },
+            })
+            .await;
     }
-    let _ = sink
-        .send(Outgoing::Ended {
-            subscription,
-            error: ApiError::BrokerUnavailable {
-                detail: "the durable subscription lost its broker consumer; subscribe again to resume where it stopped".to_owned(),
-                retry_after: Duration::from_secs(1),
-            },
-        })
-        .await;
 }

@@ -1,20 +1,26 @@
 //! Live fan-out: one exclusive, auto-delete broker queue and consumer per (tenant,
 //! exchange, binding key) on this instance, shared by every local live subscriber.
 //! Created on the first subscriber, removed after the last leaves.
+//!
+//! The registry lock is a plain mutex held for map updates only, never across broker
+//! I/O: creating a topic waits only the subscribers of that same topic, so a tenant
+//! whose broker is slow or gone cannot hold up anyone else's subscribe.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, mpsc};
 
-use super::Outgoing;
 use super::protocol::MessageFrame;
+use super::{Outgoing, SendBudget};
+use crate::auth::grants::GrantPattern;
+use crate::broker::ConsumerChannel;
 use crate::error::ApiError;
 use crate::telemetry;
 use crate::tenancy::Tenant;
@@ -28,9 +34,15 @@ struct TopicKey {
 
 struct Topic {
     queue: String,
-    channel: lapin::Channel,
+    channel: ConsumerChannel,
     consumer_tag: String,
-    subscribers: std::sync::Mutex<HashMap<u64, Subscriber>>,
+    /// Deliveries whose routing key this does not match are not fanned out: on an
+    /// exchange that ignores binding keys (fanout, headers) the broker sends
+    /// everything, and a subscriber must see only what its grants allow.
+    filter: Option<GrantPattern>,
+    subscribers: Mutex<HashMap<u64, Subscriber>>,
+    /// Counts against the tenant's `limits.max_consumers` while the topic exists.
+    _consumer: OwnedSemaphorePermit,
     /// Keeps a lazily opened pool from being closed under the consumer.
     _lease: crate::broker::BrokerLease,
 }
@@ -39,14 +51,47 @@ struct Topic {
 struct Subscriber {
     subscription: String,
     sink: mpsc::Sender<Outgoing>,
+    budget: SendBudget,
 }
 
-/// Every live topic of this instance.
-type Topics = Arc<Mutex<HashMap<TopicKey, Arc<Topic>>>>;
+/// A topic being created or live; subscribers of the same key wait on the cell.
+type Slot = Arc<OnceCell<Arc<Topic>>>;
+
+#[derive(Default)]
+struct Registry {
+    topics: Mutex<HashMap<TopicKey, Slot>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TopicKey, Slot>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets `slot` under `key` if it is still the one registered there.
+    fn forget(&self, key: &TopicKey, slot: &Slot) {
+        let mut topics = self.lock();
+        if topics.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            topics.remove(key);
+        }
+    }
+
+    /// After a failed creation: forgets the empty slot unless another subscriber is
+    /// about to try again with it (clones are only taken under this lock, so the
+    /// count is exact). Failed keys leave nothing behind.
+    fn forget_failed(&self, key: &TopicKey, slot: &Slot) {
+        let mut topics = self.lock();
+        if topics.get(key).is_some_and(|s| Arc::ptr_eq(s, slot))
+            && slot.get().is_none()
+            && Arc::strong_count(slot) == 2
+        {
+            topics.remove(key);
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct LiveHub {
-    topics: Topics,
+    registry: Arc<Registry>,
     next_id: AtomicU64,
 }
 
@@ -58,95 +103,124 @@ pub struct LiveSubscription {
     pub queue: String,
 }
 
+/// Where a live subscriber's deliveries go.
+pub struct LiveSink<'a> {
+    pub subscription: &'a str,
+    pub sink: mpsc::Sender<Outgoing>,
+    pub budget: SendBudget,
+}
+
 impl LiveHub {
-    /// Joins (or creates) the topic; deliveries arrive on `sink` as `Outgoing::Frame`.
+    /// Joins (or creates) the topic; deliveries arrive on `sink` as `Outgoing::Message`.
     pub async fn join(
         &self,
         tenant: &Tenant,
         exchange: &str,
-        binding_key: &str,
-        subscription: &str,
-        sink: mpsc::Sender<Outgoing>,
+        binding_key: &GrantPattern,
+        target: LiveSink<'_>,
         max_queue_length: u32,
     ) -> Result<LiveSubscription, ApiError> {
         let key = TopicKey {
             tenant: tenant.name.clone(),
             exchange: exchange.to_owned(),
-            binding_key: binding_key.to_owned(),
+            binding_key: binding_key.as_str().to_owned(),
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber {
-            subscription: subscription.to_owned(),
-            sink,
+            subscription: target.subscription.to_owned(),
+            sink: target.sink,
+            budget: target.budget,
         };
-        // Held across topic creation so two first subscribers don't create two queues.
-        let mut topics = self.topics.lock().await;
-        let topic = match topics.get(&key) {
-            Some(topic) => topic.clone(),
-            None => {
-                let (topic, consumer) =
-                    create(tenant, exchange, binding_key, max_queue_length).await?;
-                let topic = Arc::new(topic);
-                topics.insert(key.clone(), topic.clone());
-                tokio::spawn(consume(
-                    topic.clone(),
-                    consumer,
-                    key.clone(),
-                    self.topics.clone(),
-                ));
-                topic
+        loop {
+            let slot = self.registry.lock().entry(key.clone()).or_default().clone();
+            let created = slot
+                .get_or_try_init(|| async {
+                    let (topic, consumer) =
+                        create(tenant, exchange, binding_key, max_queue_length).await?;
+                    let topic = Arc::new(topic);
+                    tokio::spawn(consume(
+                        topic.clone(),
+                        consumer,
+                        key.clone(),
+                        slot.clone(),
+                        self.registry.clone(),
+                    ));
+                    Ok::<_, ApiError>(topic)
+                })
+                .await;
+            let topic = match created {
+                Ok(topic) => topic.clone(),
+                Err(error) => {
+                    self.registry.forget_failed(&key, &slot);
+                    return Err(error);
+                }
+            };
+            // Joined under the registry lock, so `leave` (which empties and removes a
+            // topic under the same lock) cannot close the topic in between; a topic
+            // that was removed meanwhile is retried with a fresh one.
+            let registry = self.registry.lock();
+            if !registry.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                continue;
             }
-        };
-        lock(&topic.subscribers).insert(id, subscriber);
-        telemetry::ws_subscriptions("live", 1);
-        Ok(LiveSubscription {
-            key,
-            id,
-            queue: topic.queue.clone(),
-        })
+            lock(&topic.subscribers).insert(id, subscriber.clone());
+            drop(registry);
+            telemetry::ws_subscriptions("live", 1);
+            return Ok(LiveSubscription {
+                key,
+                id,
+                queue: topic.queue.clone(),
+            });
+        }
     }
 
     /// Leaves the topic; the last one out cancels the consumer (the queue auto-deletes).
     pub async fn leave(&self, subscription: LiveSubscription) {
-        let mut topics = self.topics.lock().await;
-        let Some(topic) = topics.get(&subscription.key).cloned() else {
-            return;
-        };
-        let empty = {
-            let mut subscribers = lock(&topic.subscribers);
-            if subscribers.remove(&subscription.id).is_some() {
-                telemetry::ws_subscriptions("live", -1);
+        let emptied = {
+            let mut topics = self.registry.lock();
+            let Some(topic) = topics
+                .get(&subscription.key)
+                .and_then(|slot| slot.get().cloned())
+            else {
+                return;
+            };
+            let empty = {
+                let mut subscribers = lock(&topic.subscribers);
+                if subscribers.remove(&subscription.id).is_some() {
+                    telemetry::ws_subscriptions("live", -1);
+                }
+                subscribers.is_empty()
+            };
+            if empty {
+                topics.remove(&subscription.key);
             }
-            subscribers.is_empty()
+            empty.then_some(topic)
         };
-        if empty {
-            topics.remove(&subscription.key);
-            drop(topics);
+        if let Some(topic) = emptied {
             close(&topic).await;
         }
     }
 
     /// Broker queue names of the live topics (for tests and introspection).
-    pub async fn queues(&self) -> Vec<String> {
-        self.topics
+    pub fn queues(&self) -> Vec<String> {
+        self.registry
             .lock()
-            .await
             .values()
-            .map(|t| t.queue.clone())
+            .filter_map(|slot| slot.get().map(|t| t.queue.clone()))
             .collect()
     }
 }
 
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn create(
     tenant: &Tenant,
     exchange: &str,
-    binding_key: &str,
+    binding_key: &GrantPattern,
     max_queue_length: u32,
 ) -> Result<(Topic, lapin::Consumer), ApiError> {
+    let consumer_permit = tenant.quota.admit_consumer()?;
     let broker = tenant.broker().await?;
     let channel = broker.consumer_channel().await?;
     let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, exchange));
@@ -173,7 +247,7 @@ async fn create(
         .queue_bind(
             queue.as_str().into(),
             exchange.into(),
-            binding_key.into(),
+            binding_key.as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -200,7 +274,9 @@ async fn create(
         queue,
         channel,
         consumer_tag,
-        subscribers: std::sync::Mutex::new(HashMap::new()),
+        filter: (!binding_key.matches_every_key()).then(|| binding_key.clone()),
+        subscribers: Mutex::new(HashMap::new()),
+        _consumer: consumer_permit,
         _lease: broker,
     };
     Ok((topic, consumer))
@@ -221,10 +297,23 @@ async fn close(topic: &Topic) {
 }
 
 /// Drains the topic's consumer and fans each delivery out without ever waiting on a
-/// socket: a full socket buffer drops that socket's copy (live is at-most-once).
-async fn consume(topic: Arc<Topic>, mut consumer: lapin::Consumer, key: TopicKey, topics: Topics) {
+/// socket: a full socket buffer (frames or bytes) drops that socket's copy (live is
+/// at-most-once).
+async fn consume(
+    topic: Arc<Topic>,
+    mut consumer: lapin::Consumer,
+    key: TopicKey,
+    slot: Slot,
+    registry: Arc<Registry>,
+) {
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { break };
+        if let Some(filter) = &topic.filter
+            && !filter.matches(delivery.routing_key.as_str())
+        {
+            telemetry::ws_filtered("live");
+            continue;
+        }
         let subscribers: Vec<Subscriber> = lock(&topic.subscribers).values().cloned().collect();
         for subscriber in subscribers {
             let frame = MessageFrame::new(
@@ -236,7 +325,14 @@ async fn consume(topic: Arc<Topic>, mut consumer: lapin::Consumer, key: TopicKey
                 &delivery.properties,
                 &delivery.data,
             );
-            match subscriber.sink.try_send(Outgoing::Message(Box::new(frame))) {
+            let Some(bytes) = subscriber.budget.try_take(frame.approximate_len()) else {
+                telemetry::ws_dropped();
+                continue;
+            };
+            match subscriber
+                .sink
+                .try_send(Outgoing::Message(Box::new(frame), bytes))
+            {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => telemetry::ws_dropped(),
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -245,22 +341,15 @@ async fn consume(topic: Arc<Topic>, mut consumer: lapin::Consumer, key: TopicKey
     }
     // The consumer ended: cancelled by the last `leave`, or the broker link was lost.
     // In the second case forget the topic so the next subscriber creates a fresh one.
-    {
-        let mut topics = topics.lock().await;
-        if topics.get(&key).is_some_and(|t| Arc::ptr_eq(t, &topic)) {
-            topics.remove(&key);
-        }
-    }
+    registry.forget(&key, &slot);
     let subscribers: Vec<Subscriber> = lock(&topic.subscribers).drain().map(|(_, s)| s).collect();
     telemetry::ws_subscriptions("live", -(subscribers.len() as i64));
     for subscriber in subscribers {
         let _ = subscriber.sink.try_send(Outgoing::Ended {
             subscription: subscriber.subscription,
             error: ApiError::BrokerUnavailable {
-                detail: format!(
-                    "the live subscription to {:?} / {:?} lost its broker consumer; subscribe again",
-                    key.exchange, key.binding_key
-                ),
+                detail: "the live subscription lost its broker consumer; subscribe again"
+                    .to_owned(),
                 retry_after: std::time::Duration::from_secs(1),
             },
         });

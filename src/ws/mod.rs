@@ -8,8 +8,10 @@ pub mod protocol;
 pub mod session;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -29,12 +31,51 @@ pub const SUBPROTOCOL: &str = "warren.v1";
 
 /// What the rest of the gateway hands a session to write to its socket.
 pub enum Outgoing {
-    Message(Box<MessageFrame>),
+    /// A delivery, with the share of the socket's byte budget it holds until written.
+    Message(Box<MessageFrame>, OwnedSemaphorePermit),
     /// A subscription ended from the broker side (consumer lost).
     Ended {
         subscription: String,
         error: ApiError,
     },
+}
+
+/// The bytes of message frames waiting for one socket (`ws.max_buffered_bytes`), on top
+/// of the frame count its channel bounds (`ws.send_buffer`): large messages and a slow
+/// reader cannot make a socket hold more than this.
+#[derive(Clone)]
+pub struct SendBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+}
+
+impl SendBudget {
+    pub fn new(max: usize) -> Self {
+        Self {
+            bytes: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// What a frame of `len` bytes takes: a frame larger than the whole budget takes
+    /// all of it (so it waits until the socket has nothing else queued).
+    fn cost(&self, len: usize) -> u32 {
+        u32::try_from(len.clamp(1, self.max)).unwrap_or(u32::MAX)
+    }
+
+    /// Room for a frame now, or `None` (live deliveries are dropped then).
+    pub fn try_take(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        self.bytes
+            .clone()
+            .try_acquire_many_owned(self.cost(len))
+            .ok()
+    }
+
+    /// Room for a frame within `timeout`, or `None` (the reader is too slow).
+    pub async fn take(&self, len: usize, timeout: Duration) -> Option<OwnedSemaphorePermit> {
+        let wanted = self.bytes.clone().acquire_many_owned(self.cost(len));
+        tokio::time::timeout(timeout, wanted).await.ok()?.ok()
+    }
 }
 
 /// Open sockets per tenant, for `ws.max_sockets_per_tenant`.

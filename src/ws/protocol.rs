@@ -293,6 +293,17 @@ impl MessageFrame {
             body_base64,
         }
     }
+
+    /// About the size of the frame's JSON: the body dominates; properties and names
+    /// are bounded by AMQP short strings and the broker's frame size.
+    pub fn approximate_len(&self) -> usize {
+        let body = match (&self.payload, &self.body_base64) {
+            (Some(payload), _) => payload.get().len(),
+            (None, Some(b64)) => b64.len(),
+            (None, None) => 0,
+        };
+        body + self.exchange.len() + self.routing_key.len() + self.subscription.len() + 512
+    }
 }
 
 /// AMQP properties as a JSON object; trace context headers come along in `headers`.

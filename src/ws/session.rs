@@ -15,9 +15,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::durable::{Durable, DurableRequest, queue_name};
-use super::hub::LiveSubscription;
+use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
-use super::{Outgoing, SocketGuard};
+use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
 use crate::api::model::TraceContext;
 use crate::auth::grants::GrantPattern;
@@ -59,12 +59,14 @@ where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
     let (tx, rx) = mpsc::channel(state.config.ws.send_buffer);
+    let budget = SendBudget::new(state.config.ws.max_buffered_bytes);
     let mut session = Session {
         state,
         principal,
         subscriptions: HashMap::new(),
         tx,
         rx,
+        budget,
         publishes: JoinSet::new(),
     };
     session.serve(socket).await;
@@ -78,6 +80,7 @@ struct Session {
     subscriptions: HashMap<String, Subscription>,
     tx: mpsc::Sender<Outgoing>,
     rx: mpsc::Receiver<Outgoing>,
+    budget: SendBudget,
     publishes: JoinSet<ServerFrame>,
 }
 
@@ -196,9 +199,11 @@ impl Session {
         .await;
     }
 
+    /// The frame to write; a delivery's byte budget is given back once the frame is
+    /// serialised for the socket (the writer's own buffer is bounded separately).
     fn outgoing(&mut self, outgoing: Outgoing) -> ServerFrame {
         match outgoing {
-            Outgoing::Message(frame) => ServerFrame::Message(frame),
+            Outgoing::Message(frame, _bytes) => ServerFrame::Message(frame),
             Outgoing::Ended {
                 subscription,
                 error,
@@ -297,15 +302,19 @@ impl Session {
         tenant.authorize_subscribe(&s.exchange, &pattern)?;
         let (kind, queue) = match s.mode {
             Mode::Live => {
+                let target = LiveSink {
+                    subscription: &s.id,
+                    sink: self.tx.clone(),
+                    budget: self.budget.clone(),
+                };
                 let live = self
                     .state
                     .live
                     .join(
                         &tenant,
                         &s.exchange,
-                        &s.binding_key,
-                        &s.id,
-                        self.tx.clone(),
+                        &pattern,
+                        target,
                         config.live_queue_max_length,
                     )
                     .await?;
@@ -331,8 +340,9 @@ impl Session {
                     prefetch,
                     expiry: Duration::from_secs(config.durable_queue_expiry_s),
                     slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
+                    budget: self.budget.clone(),
                 };
-                let durable = Durable::start(&tenant, request, self.tx.clone()).await?;
+                let durable = Durable::start(tenant.clone(), request, self.tx.clone()).await?;
                 telemetry::ws_subscriptions("durable", 1);
                 let queue = durable.queue.clone();
                 (Kind::Durable(durable), Some(queue))
@@ -449,9 +459,10 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
     };
     let tenant = principal.tenant.clone();
     let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let max_headers = state.config.server.max_headers_bytes;
     let work = || async move {
-        match publishing::publish_one(&tenant, request, &TraceContext::default(), message_id).await
-        {
+        let trace = TraceContext::default();
+        match publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await {
             Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
             Err(e) => e.into_response(),
         }

@@ -106,7 +106,7 @@ fn publish_body() -> impl Strategy<Value = Value> {
 
 /// Runs a parsed request through `prepare`; an error must say what is wrong.
 fn check_prepare(request: PublishRequest) -> Result<(), TestCaseError> {
-    match request.prepare(&TraceContext::default(), None) {
+    match request.prepare(&TraceContext::default(), None, 16 * 1024) {
         Ok(prepared) => {
             prop_assert!(!prepared.message_id.is_empty());
             prop_assert!(prepared.message.routing_key.len() <= 255);
@@ -221,7 +221,7 @@ proptest! {
                 break;
             }
         }
-        prop_assert_eq!(g.covers(&b), witness.is_none(), "grant {:?} binding {:?} witness {:?}", grant, binding, witness);
+        prop_assert_eq!(g.covers(&b), Some(witness.is_none()), "grant {:?} binding {:?} witness {:?}", grant, binding, witness);
     }
 }
 

@@ -83,7 +83,7 @@ async fn live_fan_out_reaches_every_socket_once_through_one_queue() {
         assert_eq!(answer, json!({"type": "subscribed", "id": "s1"}));
         sockets.push(ws);
     }
-    let queues = server.state.live.queues().await;
+    let queues = server.state.live.queues();
     assert_eq!(queues.len(), 1, "one broker queue for all 50 sockets");
     // Ask the broker too: one binding on the exchange, one consumer on its queue.
     let rabbitmqctl = |args: &[&str]| {
@@ -150,7 +150,7 @@ async fn live_fan_out_reaches_every_socket_once_through_one_queue() {
         ws.close(None).await.unwrap();
     }
     let gone = eventually(Duration::from_secs(5), || async {
-        server.state.live.queues().await.is_empty()
+        server.state.live.queues().is_empty()
     })
     .await;
     assert!(
