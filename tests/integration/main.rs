@@ -13,6 +13,7 @@ mod load;
 mod openapi;
 mod properties;
 mod publish;
+mod security;
 mod shutdown;
 mod tenancy;
 mod transport;

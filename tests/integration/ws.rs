@@ -11,18 +11,18 @@ use tokio_tungstenite::tungstenite::{Message, http};
 
 use crate::common::*;
 
-type Ws = WsStream;
+pub(crate) type Ws = WsStream;
 
-async fn connect(server: &TestServer, token: &str) -> Ws {
+pub(crate) async fn connect(server: &TestServer, token: &str) -> Ws {
     ws_connect(&server.base, token).await
 }
 
-async fn send(ws: &mut Ws, frame: Value) {
+pub(crate) async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
 /// The next JSON frame (pings skipped), or panic after the deadline.
-async fn recv(ws: &mut Ws) -> Value {
+pub(crate) async fn recv(ws: &mut Ws) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let next = tokio::time::timeout_at(deadline, ws.next())
@@ -51,7 +51,7 @@ async fn close_code(ws: &mut Ws, within: Duration) -> u16 {
     }
 }
 
-async fn subscribe(ws: &mut Ws, id: &str, exchange: &str, binding_key: &str) -> Value {
+pub(crate) async fn subscribe(ws: &mut Ws, id: &str, exchange: &str, binding_key: &str) -> Value {
     send(
         ws,
         json!({"type": "subscribe", "id": id, "exchange": exchange, "binding_key": binding_key, "mode": "live"}),
