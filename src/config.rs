@@ -770,6 +770,14 @@ impl Config {
         let mut tenants = BTreeMap::new();
         for (name, t) in &self.tenants {
             let prefix = format!("tenants.{name}");
+            // Durable queues are named `warren.<tenant>.<name>`: a dot in a tenant name
+            // would let `a` + `b.c` and `a.b` + `c` share a queue on a shared vhost.
+            if name.is_empty() || name.len() > 100 || name.contains('.') {
+                return Err(ConfigError::invalid(
+                    prefix,
+                    "a tenant name must be 1-100 characters without dots",
+                ));
+            }
             if t.vhost.is_empty() || t.vhost.len() > 255 {
                 return Err(ConfigError::invalid(
                     format!("{prefix}.vhost"),
