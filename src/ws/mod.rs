@@ -216,3 +216,28 @@ fn token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, Api
         .map(str::to_owned);
     Ok(from_protocol)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_byte_budget_bounds_what_waits_for_a_socket() {
+        let budget = SendBudget::new(1000);
+        let a = budget.try_take(600).expect("room for the first frame");
+        assert!(budget.try_take(600).is_none(), "a live copy is dropped");
+        // A durable delivery waits for room, and gives up after its timeout.
+        assert!(budget.take(600, Duration::from_millis(20)).await.is_none());
+        drop(a);
+        let b = budget.take(600, Duration::from_millis(20)).await;
+        assert!(b.is_some(), "room once the first frame was written");
+        drop(b);
+        // A frame larger than the whole budget takes all of it, never more.
+        let whole = budget
+            .try_take(5_000_000)
+            .expect("an empty budget takes it");
+        assert!(budget.try_take(1).is_none());
+        drop(whole);
+        assert!(budget.try_take(1000).is_some());
+    }
+}
