@@ -32,12 +32,14 @@ pub async fn publish_one(
 
 /// Publishes a batch pipelined on pooled channels. A malformed item fails the whole
 /// batch with 400 before anything is published; every other failure is per item.
+/// `key` is the caller's `Idempotency-Key` with its token subject: item `i` then gets
+/// the `message_id` derived from (tenant, subject, key, i).
 pub async fn publish_batch(
     tenant: &Tenant,
     request: BatchRequest,
     max_messages: usize,
     trace: &TraceContext,
-    key: Option<&IdempotencyKey>,
+    key: Option<(&IdempotencyKey, &str)>,
 ) -> Result<Vec<BatchItemResult>, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::InvalidRequest(
@@ -55,7 +57,8 @@ pub async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            m.prepare(trace, key.map(|k| k.message_id(&tenant.name, Some(i))))
+            let message_id = key.map(|(k, subject)| k.message_id(&tenant.name, subject, Some(i)));
+            m.prepare(trace, message_id)
                 .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -90,8 +90,8 @@ pub struct PublishHeaders {
     /// a quoted structured-field string (`"abc"` and `abc` are the same key). Scoped by
     /// tenant and token subject. Same key and same request: the stored answer is replayed
     /// with `Idempotent-Replayed: true`; still in flight: `409`; different request: `422`.
-    /// `503` and `504` answers release the key, and the AMQP `message_id` derived from it
-    /// stays the same on every attempt.
+    /// `503` and `504` answers release the key, and the AMQP `message_id` derived from
+    /// (tenant, token subject, key) stays the same on every attempt.
     #[serde(rename = "Idempotency-Key")]
     #[param(
         pattern = r#"^(?:[!#-~](?:[ -~]{0,253}[!-~])?|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#,

@@ -59,7 +59,9 @@ pub async fn publish(
     let trace = TraceContext::from_headers(&headers);
     let fingerprint = Fingerprint::of("POST", "/v1/publish", &body.raw);
     let tenant = principal.tenant.clone();
-    let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let message_id = key
+        .as_ref()
+        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let work = || async move {
         match publishing::publish_one(&tenant, body.value, &trace, message_id).await {
             Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
@@ -75,7 +77,7 @@ pub async fn publish(
 /// order: `200` when every one was confirmed, `207` otherwise, with each failed item's
 /// `status` and `code` as a single publish would have answered. A malformed batch is
 /// answered `400` as a whole and nothing is published. With an `Idempotency-Key`, item
-/// `i` gets a `message_id` derived from (tenant, key, i).
+/// `i` gets a `message_id` derived from (tenant, token subject, key, i).
 #[utoipa::path(
     post,
     path = "/v1/publish/batch",
@@ -117,9 +119,10 @@ pub async fn publish_batch(
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
     let item_key = key.clone();
+    let subject = principal.subject.clone();
     let work = || async move {
-        let results =
-            publishing::publish_batch(&tenant, body.value, max, &trace, item_key.as_ref()).await;
+        let item_key = item_key.as_ref().map(|k| (k, subject.as_str()));
+        let results = publishing::publish_batch(&tenant, body.value, max, &trace, item_key).await;
         match results {
             Ok(results) => {
                 let all_ok = results

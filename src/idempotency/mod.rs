@@ -75,13 +75,13 @@ impl IdempotencyKey {
     }
 
     /// The AMQP `message_id` for the `index`-th message published under this key
-    /// (`None` for a single publish): a UUIDv5 of tenant and key, stable across retries,
-    /// so consumers can de-duplicate a message whose first attempt did land.
-    pub fn message_id(&self, tenant: &str, index: Option<usize>) -> String {
-        let name = match index {
-            None => format!("{tenant}\u{1f}{}", self.0),
-            Some(i) => format!("{tenant}\u{1f}{}\u{1f}{i}", self.0),
-        };
+    /// (`None` for a single publish): a UUIDv5 of (tenant, token subject, key, index),
+    /// the same scope the key is claimed in. Stable across retries of one caller, so
+    /// consumers can de-duplicate a message whose first attempt did land; distinct for
+    /// two callers that happen to pick the same key. The name is a JSON array, so no
+    /// choice of subject can make two different scopes collide.
+    pub fn message_id(&self, tenant: &str, subject: &str, index: Option<usize>) -> String {
+        let name = serde_json::json!([tenant, subject, self.0, index]).to_string();
         uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes()).to_string()
     }
 }
@@ -366,15 +366,18 @@ mod tests {
     #[test]
     fn derived_message_ids_are_stable_and_distinct() {
         let key = IdempotencyKey::parse(b"order-1").unwrap();
-        assert_eq!(key.message_id("acme", None), key.message_id("acme", None));
-        assert_ne!(key.message_id("acme", None), key.message_id("globex", None));
+        let id = |tenant, subject, index| key.message_id(tenant, subject, index);
+        assert_eq!(id("acme", "svc-a", None), id("acme", "svc-a", None));
+        assert_ne!(id("acme", "svc-a", None), id("globex", "svc-a", None));
+        assert_ne!(id("acme", "svc-a", None), id("acme", "svc-b", None));
+        assert_ne!(id("acme", "svc-a", Some(0)), id("acme", "svc-a", Some(1)));
+        assert_ne!(id("acme", "svc-a", None), id("acme", "svc-a", Some(0)));
+        assert_ne!(id("acme", "svc-a", Some(0)), id("acme", "svc-b", Some(0)));
+        // A subject with a separator in it cannot pose as another (subject, key) pair.
+        let other = IdempotencyKey::parse(b"1").unwrap();
         assert_ne!(
-            key.message_id("acme", Some(0)),
-            key.message_id("acme", Some(1))
-        );
-        assert_ne!(
-            key.message_id("acme", None),
-            key.message_id("acme", Some(0))
+            key.message_id("acme", "x", None),
+            other.message_id("acme", "x\u{1f}order-", None)
         );
     }
 

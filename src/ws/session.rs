@@ -448,7 +448,9 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
         Err(e) => return ServerFrame::error(Some(id), &e),
     };
     let tenant = principal.tenant.clone();
-    let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let message_id = key
+        .as_ref()
+        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let work = || async move {
         match publishing::publish_one(&tenant, request, &TraceContext::default(), message_id).await
         {
