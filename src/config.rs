@@ -313,9 +313,27 @@ pub struct IdempotencyConfig {
     pub retention_s: u64,
     /// How long a claim whose owner vanished (crash, lost request) blocks its key.
     pub lock_timeout_s: u64,
-    /// Bounds of the memory store; the oldest entries are evicted first.
+    /// Bounds of the memory store in total. A tenant's new key only ever evicts that
+    /// tenant's own oldest finished entries, never another tenant's.
     pub max_entries: usize,
     pub max_bytes: usize,
+    /// Each tenant's share of the memory store. Unset: the total divided by the number of
+    /// `[tenants.*]` tables (at least 1).
+    pub max_entries_per_tenant: Option<usize>,
+    pub max_bytes_per_tenant: Option<usize>,
+}
+
+impl IdempotencyConfig {
+    /// Each tenant's (entries, bytes) share of the memory store.
+    pub fn tenant_share(&self, configured_tenants: usize) -> (usize, usize) {
+        let n = configured_tenants.max(1);
+        (
+            self.max_entries_per_tenant
+                .unwrap_or((self.max_entries / n).max(1)),
+            self.max_bytes_per_tenant
+                .unwrap_or((self.max_bytes / n).max(1)),
+        )
+    }
 }
 
 impl Default for IdempotencyConfig {
@@ -329,6 +347,8 @@ impl Default for IdempotencyConfig {
             lock_timeout_s: 60,
             max_entries: 100_000,
             max_bytes: 64 * 1024 * 1024,
+            max_entries_per_tenant: None,
+            max_bytes_per_tenant: None,
         }
     }
 }
@@ -669,6 +689,31 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        for (key, value, total, total_key) in [
+            (
+                "idempotency.max_entries_per_tenant",
+                i.max_entries_per_tenant,
+                i.max_entries,
+                "idempotency.max_entries",
+            ),
+            (
+                "idempotency.max_bytes_per_tenant",
+                i.max_bytes_per_tenant,
+                i.max_bytes,
+                "idempotency.max_bytes",
+            ),
+        ] {
+            match value {
+                Some(0) => return Err(ConfigError::invalid(key, "must be greater than 0")),
+                Some(v) if v > total => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("must not be above {total_key} ({total})"),
+                    ));
+                }
+                _ => {}
             }
         }
         if i.lock_timeout_s * 1000 <= a.confirm_timeout_ms {

@@ -163,8 +163,11 @@ where
     match key {
         None => work().await,
         Some(key) => {
-            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
-            state.idempotency.run(&scope, key, fingerprint, work).await
+            let (tenant, subject) = (&principal.tenant.name, &principal.subject);
+            state
+                .idempotency
+                .run(tenant, subject, key, fingerprint, work)
+                .await
         }
     }
 }

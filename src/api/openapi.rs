@@ -334,8 +334,10 @@ pub mod problems {
 
     problem_response! {
         /// `rate_limited`: the tenant is over a quota (`limits.publish_rate`,
-        /// `limits.publish_bytes_rate`, `limits.max_inflight_publishes`); nothing was
-        /// published. Retry after `Retry-After` seconds.
+        /// `limits.publish_bytes_rate`, `limits.max_inflight_publishes`), or sent a new
+        /// `Idempotency-Key` while its share of the idempotency memory store is all held
+        /// by its own requests in flight; nothing was published. Retry after
+        /// `Retry-After` seconds.
         RateLimited => [
             ("rate_limited", ApiError::RateLimited {
                 detail: "tenant \"acme\" is over its rate of 100 messages per second (limits.publish_rate)"
@@ -399,7 +401,8 @@ pub mod problems {
 
     problem_response! {
         /// `idempotency_store_unavailable`: an `Idempotency-Key` was sent and the store does
-        /// not answer; nothing was published. Retry after `Retry-After` seconds.
+        /// not answer (or the memory store is full with other tenants' keys); nothing was
+        /// published. Retry after `Retry-After` seconds.
         IdempotencyStoreUnavailable => [
             ("idempotency_store_unavailable", ApiError::IdempotencyStoreUnavailable(
                 "idempotency store unavailable: connection refused".to_owned())),

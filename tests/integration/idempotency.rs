@@ -438,3 +438,43 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
     rabbit.cleanup().await;
     fresh.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn another_tenants_flood_of_keys_does_not_evict_a_retained_key() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "a.#").await;
+    let (a, b) = (unique("a"), unique("b"));
+    let tenant = |name: &str| {
+        format!(
+            "[tenants.{name}]\nvhost = \"/\"\n\
+             publish = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}]\n"
+        )
+    };
+    // Room for four keys in total: two per tenant by default.
+    let mut config = config(&format!("{}{}", tenant(&a), tenant(&b)));
+    config.idempotency.max_entries = 4;
+    let server = TestServer::start_ready(config).await;
+    let (token_a, token_b) = (server.token(&a, "publish"), server.token(&b, "publish"));
+    let body = json!({"exchange": exchange, "routing_key": "a.order", "payload": {"n": 1}});
+
+    let first = post_with_key(&server, "/v1/publish", &token_a, "a-order-1", &body).await;
+    assert_eq!(first.status, 202, "{:?}", first.body);
+
+    // Tenant b publishes many keyed requests: each is served, churning b's own share.
+    for i in 0..20 {
+        let flood = json!({"exchange": exchange, "routing_key": "b.noise", "payload": i,
+                           "mandatory": false});
+        let r = post_with_key(&server, "/v1/publish", &token_b, &format!("b-{i}"), &flood).await;
+        assert_eq!(r.status, 202, "b's key {i}: {:?}", r.body);
+    }
+
+    // a's retry is still a replay: one message in a's queue, not two.
+    let retry = post_with_key(&server, "/v1/publish", &token_a, "a-order-1", &body).await;
+    assert_eq!(retry.status, 202, "{:?}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
