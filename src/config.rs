@@ -70,6 +70,10 @@ pub struct ServerConfig {
     /// within this many seconds, else the connection is closed: slow-header
     /// (slowloris) clients do not hold a connection forever.
     pub header_read_timeout_s: u64,
+    /// A request body must arrive in full within this many seconds of the handler
+    /// starting to read it, else `408 request_timeout`: a client that declares a large
+    /// `Content-Length` and trickles bytes does not hold a request slot for long.
+    pub body_read_timeout_s: u64,
     /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
     pub tls: Option<ListenerTls>,
     pub cors: CorsConfig,
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
             header_read_timeout_s: 30,
+            body_read_timeout_s: 10,
             tls: None,
             cors: CorsConfig::default(),
         }
@@ -614,6 +619,12 @@ impl Config {
         if s.header_read_timeout_s == 0 {
             return Err(ConfigError::invalid(
                 "server.header_read_timeout_s",
+                "must be greater than 0",
+            ));
+        }
+        if s.body_read_timeout_s == 0 {
+            return Err(ConfigError::invalid(
+                "server.body_read_timeout_s",
                 "must be greater than 0",
             ));
         }
@@ -1148,6 +1159,36 @@ mod tests {
         assert_eq!(resolved.tenants["acme"].publish.len(), 1);
         assert_eq!(config.server.max_body_bytes, 1024 * 1024);
         assert_eq!(config.amqp.confirm_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn new_limits_are_validated_and_shares_default_to_an_equal_split() {
+        let err = |extra: &str| {
+            Config::from_toml(&minimal(extra))
+                .unwrap()
+                .resolve()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("[server]\nbody_read_timeout_s = 0\n").starts_with("server.body_read_timeout_s:")
+        );
+        assert!(
+            err("[idempotency]\nmax_entries = 10\nmax_entries_per_tenant = 11\n")
+                .starts_with("idempotency.max_entries_per_tenant:")
+        );
+        assert!(
+            err("[idempotency]\nmax_bytes_per_tenant = 0\n")
+                .starts_with("idempotency.max_bytes_per_tenant:")
+        );
+        let config = Config::from_toml(&minimal("")).unwrap();
+        assert_eq!(config.server.body_read_timeout_s, 10);
+        let i = &config.idempotency;
+        assert_eq!(i.tenant_share(0), (i.max_entries, i.max_bytes));
+        assert_eq!(i.tenant_share(4), (i.max_entries / 4, i.max_bytes / 4));
+        let mut set = i.clone();
+        set.max_entries_per_tenant = Some(7);
+        assert_eq!(set.tenant_share(4).0, 7);
     }
 
     #[test]

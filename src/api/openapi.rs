@@ -48,6 +48,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::RateLimited,
             problems::PayloadTooLarge,
             problems::UnsupportedMediaType,
+            problems::RequestTimeout,
             problems::PublishUnprocessable,
             problems::IdempotencyKeyMismatch,
             problems::PublishUnavailable,
@@ -362,6 +363,17 @@ pub mod problems {
         UnsupportedMediaType => [
             ("unsupported_media_type", ApiError::UnsupportedMediaType(
                 "the request body must be JSON (Content-Type: application/json)".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `request_timeout`: the request body did not arrive in full within
+        /// `server.body_read_timeout_s` of the gateway starting to read it; nothing was
+        /// published. Send the body promptly (or retry over a faster link).
+        RequestTimeout => [
+            ("request_timeout", ApiError::RequestTimeout(
+                "the request body did not arrive within server.body_read_timeout_s (10 s)"
+                    .to_owned())),
         ]
     }
 
