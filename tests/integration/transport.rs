@@ -351,7 +351,7 @@ async fn amqps_urls_work_with_a_configured_ca_bundle() {
 
 /// A client that sends a publish's headers with a large `Content-Length`, then trickles
 /// the body a byte at a time and never finishes it. Once the headers are sent, returns
-/// a task with what the server answered (status line through body) when it answers or
+/// a task with everything the server sent (status line through body) once it
 /// closes the connection, or `None` by `deadline`.
 async fn trickling_publish(
     addr: &str,
