@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// within this many seconds, else the connection is closed: slow-header
     /// (slowloris) clients do not hold a connection forever.
     pub header_read_timeout_s: u64,
+    /// A request body must arrive in full within this many seconds of the handler
+    /// starting to read it, else `408 request_timeout`: a client that declares a large
+    /// `Content-Length` and trickles bytes does not hold a request slot for long.
+    pub body_read_timeout_s: u64,
     /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
     pub tls: Option<ListenerTls>,
     pub cors: CorsConfig,
@@ -123,6 +127,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
             header_read_timeout_s: 30,
+            body_read_timeout_s: 10,
             tls: None,
             cors: CorsConfig::default(),
         }
@@ -324,9 +329,27 @@ pub struct IdempotencyConfig {
     pub retention_s: u64,
     /// How long a claim whose owner vanished (crash, lost request) blocks its key.
     pub lock_timeout_s: u64,
-    /// Bounds of the memory store; the oldest entries are evicted first.
+    /// Bounds of the memory store in total. A tenant's new key only ever evicts that
+    /// tenant's own oldest finished entries, never another tenant's.
     pub max_entries: usize,
     pub max_bytes: usize,
+    /// Each tenant's share of the memory store. Unset: the total divided by the number of
+    /// `[tenants.*]` tables (at least 1).
+    pub max_entries_per_tenant: Option<usize>,
+    pub max_bytes_per_tenant: Option<usize>,
+}
+
+impl IdempotencyConfig {
+    /// Each tenant's (entries, bytes) share of the memory store.
+    pub fn tenant_share(&self, configured_tenants: usize) -> (usize, usize) {
+        let n = configured_tenants.max(1);
+        (
+            self.max_entries_per_tenant
+                .unwrap_or((self.max_entries / n).max(1)),
+            self.max_bytes_per_tenant
+                .unwrap_or((self.max_bytes / n).max(1)),
+        )
+    }
 }
 
 impl Default for IdempotencyConfig {
@@ -340,6 +363,8 @@ impl Default for IdempotencyConfig {
             lock_timeout_s: 60,
             max_entries: 100_000,
             max_bytes: 64 * 1024 * 1024,
+            max_entries_per_tenant: None,
+            max_bytes_per_tenant: None,
         }
     }
 }
@@ -623,6 +648,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if s.body_read_timeout_s == 0 {
+            return Err(ConfigError::invalid(
+                "server.body_read_timeout_s",
+                "must be greater than 0",
+            ));
+        }
         if let Some(tls) = &s.tls {
             if tls.reload_s == 0 {
                 return Err(ConfigError::invalid(
@@ -704,6 +735,31 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be greater than 0"));
+            }
+        }
+        for (key, value, total, total_key) in [
+            (
+                "idempotency.max_entries_per_tenant",
+                i.max_entries_per_tenant,
+                i.max_entries,
+                "idempotency.max_entries",
+            ),
+            (
+                "idempotency.max_bytes_per_tenant",
+                i.max_bytes_per_tenant,
+                i.max_bytes,
+                "idempotency.max_bytes",
+            ),
+        ] {
+            match value {
+                Some(0) => return Err(ConfigError::invalid(key, "must be greater than 0")),
+                Some(v) if v > total => {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("must not be above {total_key} ({total})"),
+                    ));
+                }
+                _ => {}
             }
         }
         if i.lock_timeout_s * 1000 <= a.confirm_timeout_ms {
@@ -1154,6 +1210,36 @@ mod tests {
         assert_eq!(resolved.tenants["acme"].publish.len(), 1);
         assert_eq!(config.server.max_body_bytes, 1024 * 1024);
         assert_eq!(config.amqp.confirm_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn new_limits_are_validated_and_shares_default_to_an_equal_split() {
+        let err = |extra: &str| {
+            Config::from_toml(&minimal(extra))
+                .unwrap()
+                .resolve()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("[server]\nbody_read_timeout_s = 0\n").starts_with("server.body_read_timeout_s:")
+        );
+        assert!(
+            err("[idempotency]\nmax_entries = 10\nmax_entries_per_tenant = 11\n")
+                .starts_with("idempotency.max_entries_per_tenant:")
+        );
+        assert!(
+            err("[idempotency]\nmax_bytes_per_tenant = 0\n")
+                .starts_with("idempotency.max_bytes_per_tenant:")
+        );
+        let config = Config::from_toml(&minimal("")).unwrap();
+        assert_eq!(config.server.body_read_timeout_s, 10);
+        let i = &config.idempotency;
+        assert_eq!(i.tenant_share(0), (i.max_entries, i.max_bytes));
+        assert_eq!(i.tenant_share(4), (i.max_entries / 4, i.max_bytes / 4));
+        let mut set = i.clone();
+        set.max_entries_per_tenant = Some(7);
+        assert_eq!(set.tenant_share(4).0, 7);
     }
 
     #[test]

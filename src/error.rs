@@ -29,6 +29,8 @@ pub enum ApiError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     Unroutable(String),
     #[error("{detail}")]
     BrokerUnavailable {
@@ -92,6 +94,7 @@ pub enum ProblemCode {
     ExchangeNotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    RequestTimeout,
     Unroutable,
     BrokerUnavailable,
     BrokerRejected,
@@ -104,7 +107,7 @@ pub enum ProblemCode {
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -113,6 +116,7 @@ impl ProblemCode {
         Self::ExchangeNotFound,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
+        Self::RequestTimeout,
         Self::Unroutable,
         Self::BrokerUnavailable,
         Self::BrokerRejected,
@@ -134,6 +138,7 @@ impl ProblemCode {
             Self::ExchangeNotFound => "exchange_not_found",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RequestTimeout => "request_timeout",
             Self::Unroutable => "unroutable",
             Self::BrokerUnavailable => "broker_unavailable",
             Self::BrokerRejected => "broker_rejected",
@@ -161,6 +166,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unroutable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BrokerUnavailable { .. } | Self::BrokerRejected(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -188,6 +194,7 @@ impl ApiError {
             Self::ExchangeNotFound(_) => ProblemCode::ExchangeNotFound,
             Self::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
             Self::UnsupportedMediaType(_) => ProblemCode::UnsupportedMediaType,
+            Self::RequestTimeout(_) => ProblemCode::RequestTimeout,
             Self::Unroutable(_) => ProblemCode::Unroutable,
             Self::BrokerUnavailable { .. } => ProblemCode::BrokerUnavailable,
             Self::BrokerRejected(_) => ProblemCode::BrokerRejected,
@@ -210,6 +217,7 @@ impl ApiError {
             Self::ExchangeNotFound(_) => "Exchange not found",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
+            Self::RequestTimeout(_) => "Request timeout",
             Self::Unroutable(_) => "Unroutable",
             Self::BrokerUnavailable { .. } => "Broker unavailable",
             Self::BrokerRejected(_) => "Broker rejected the message",

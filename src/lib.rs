@@ -66,7 +66,7 @@ impl App {
         if let Some(dynamic) = &resolved.dynamic {
             spawn_idle_pool_closer(&tenants, dynamic.pool_idle);
         }
-        let store = Store::connect(&config.idempotency).await?;
+        let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
         Ok(AppState(Arc::new(App {
             config,

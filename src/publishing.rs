@@ -33,13 +33,15 @@ pub async fn publish_one(
 
 /// Publishes a batch pipelined on pooled channels. A malformed item fails the whole
 /// batch with 400 before anything is published; every other failure is per item.
+/// `key` is the caller's `Idempotency-Key` with its token subject: item `i` then gets
+/// the `message_id` derived from (tenant, subject, key, i).
 pub async fn publish_batch(
     tenant: &Tenant,
     request: BatchRequest,
     max_messages: usize,
     max_headers_bytes: usize,
     trace: &TraceContext,
-    key: Option<&IdempotencyKey>,
+    key: Option<(&IdempotencyKey, &str)>,
 ) -> Result<Vec<BatchItemResult>, ApiError> {
     if request.messages.is_empty() {
         return Err(ApiError::InvalidRequest(
@@ -57,12 +59,9 @@ pub async fn publish_batch(
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            m.prepare(
-                trace,
-                key.map(|k| k.message_id(&tenant.name, Some(i))),
-                max_headers_bytes,
-            )
-            .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
+            let message_id = key.map(|(k, subject)| k.message_id(&tenant.name, subject, Some(i)));
+            m.prepare(trace, message_id, max_headers_bytes)
+                .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -169,8 +168,11 @@ where
     match key {
         None => work().await,
         Some(key) => {
-            let scope = format!("{}\u{1f}{}", principal.tenant.name, principal.subject);
-            state.idempotency.run(&scope, key, fingerprint, work).await
+            let (tenant, subject) = (&principal.tenant.name, &principal.subject);
+            state
+                .idempotency
+                .run(tenant, subject, key, fingerprint, work)
+                .await
         }
     }
 }

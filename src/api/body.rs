@@ -1,5 +1,6 @@
-//! The JSON body extractor: 415 for non-JSON, 413 over `server.max_body_bytes`, and 400
-//! naming the JSON path of whatever is wrong. Rejections use our problem+json format.
+//! The JSON body extractor: 415 for non-JSON, 413 over `server.max_body_bytes`, 408 when
+//! the body does not arrive within `server.body_read_timeout_s`, and 400 naming the JSON
+//! path of whatever is wrong. Rejections use our problem+json format.
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
@@ -35,8 +36,16 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
-        let raw = read_limited(request.into_body(), limit)
+        let timeout = std::time::Duration::from_secs(state.config.server.body_read_timeout_s);
+        let read = tokio::time::timeout(timeout, read_limited(request.into_body(), limit));
+        let raw = read
             .await
+            .map_err(|_| {
+                ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within server.body_read_timeout_s ({} s)",
+                    timeout.as_secs()
+                ))
+            })?
             .map_err(|e| match e {
                 ReadError::TooLarge => too_large(),
                 ReadError::Io(detail) => {

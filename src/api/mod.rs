@@ -31,9 +31,23 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The routes the OpenAPI document describes, each declared once by its handler's
 /// `#[utoipa::path]`. `/metrics` only when it is served on this listener.
 pub(crate) fn documented_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
-    let routes = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(api_routes())
+        .merge(operational_routes(with_metrics))
+}
+
+/// The `/v1` routes: authenticated work that reads bodies and talks to the broker, and
+/// so shares `server.max_concurrent_requests`.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .routes(routes!(publish::publish))
         .routes(routes!(publish::publish_batch))
+}
+
+/// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so
+/// that probes answer even while every request slot is held.
+fn operational_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
+    let routes = OpenApiRouter::new()
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz));
     if with_metrics {
@@ -45,19 +59,23 @@ pub(crate) fn documented_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
 
 /// The whole HTTP application: the documented routes, `/openapi.json` and `/docs`
 /// (Swagger UI, served from the binary). `/metrics` is included unless it has its own
-/// listener.
+/// listener. Only the `/v1` routes count against `server.max_concurrent_requests`: the
+/// operational endpoints, docs and the demo page never wait behind them.
 pub fn router(state: AppState) -> Router {
-    let (routes, _) =
-        documented_routes(state.config.server.metrics_listen.is_none()).split_for_parts();
+    let (api, _) = api_routes().split_for_parts();
     // The WebSocket protocol is described by openapi/asyncapi.yaml, not OpenAPI.
-    let routes = routes
+    let max_concurrent = state.config.server.max_concurrent_requests;
+    let api = api
         .route("/v1/ws", get(crate::ws::upgrade))
-        .route("/demo", get(demo));
+        .layer(GlobalConcurrencyLimitLayer::new(max_concurrent));
+    let (operational, _) =
+        operational_routes(state.config.server.metrics_listen.is_none()).split_for_parts();
     let docs = SwaggerUi::new("/docs")
         .external_url_unchecked("/openapi.json", openapi::document())
         .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none"));
-    let max_concurrent = state.config.server.max_concurrent_requests;
-    routes
+    operational
+        .merge(api)
+        .route("/demo", get(demo))
         .merge(docs)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -65,7 +83,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(GlobalConcurrencyLimitLayer::new(max_concurrent))
         .layer(middleware::from_fn(limit_header_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -48,6 +48,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::RateLimited,
             problems::PayloadTooLarge,
             problems::UnsupportedMediaType,
+            problems::RequestTimeout,
             problems::PublishUnprocessable,
             problems::IdempotencyKeyMismatch,
             problems::PublishUnavailable,
@@ -90,8 +91,8 @@ pub struct PublishHeaders {
     /// a quoted structured-field string (`"abc"` and `abc` are the same key). Scoped by
     /// tenant and token subject. Same key and same request: the stored answer is replayed
     /// with `Idempotent-Replayed: true`; still in flight: `409`; different request: `422`.
-    /// `503` and `504` answers release the key, and the AMQP `message_id` derived from it
-    /// stays the same on every attempt.
+    /// `503` and `504` answers release the key, and the AMQP `message_id` derived from
+    /// (tenant, token subject, key) stays the same on every attempt.
     #[serde(rename = "Idempotency-Key")]
     #[param(
         pattern = r#"^(?:[!#-~](?:[ -~]{0,253}[!-~])?|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#,
@@ -334,8 +335,10 @@ pub mod problems {
 
     problem_response! {
         /// `rate_limited`: the tenant is over a quota (`limits.publish_rate`,
-        /// `limits.publish_bytes_rate`, `limits.max_inflight_publishes`); nothing was
-        /// published. Retry after `Retry-After` seconds.
+        /// `limits.publish_bytes_rate`, `limits.max_inflight_publishes`), or sent a new
+        /// `Idempotency-Key` while its share of the idempotency memory store is all held
+        /// by its own requests in flight; nothing was published. Retry after
+        /// `Retry-After` seconds.
         RateLimited => [
             ("rate_limited", ApiError::RateLimited {
                 detail: "tenant \"acme\" is over its rate of 100 messages per second (limits.publish_rate)"
@@ -360,6 +363,17 @@ pub mod problems {
         UnsupportedMediaType => [
             ("unsupported_media_type", ApiError::UnsupportedMediaType(
                 "the request body must be JSON (Content-Type: application/json)".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `request_timeout`: the request body did not arrive in full within
+        /// `server.body_read_timeout_s` of the gateway starting to read it; nothing was
+        /// published. Send the body promptly (or retry over a faster link).
+        RequestTimeout => [
+            ("request_timeout", ApiError::RequestTimeout(
+                "the request body did not arrive within server.body_read_timeout_s (10 s)"
+                    .to_owned())),
         ]
     }
 
@@ -399,7 +413,8 @@ pub mod problems {
 
     problem_response! {
         /// `idempotency_store_unavailable`: an `Idempotency-Key` was sent and the store does
-        /// not answer; nothing was published. Retry after `Retry-After` seconds.
+        /// not answer (or the memory store is full with other tenants' keys); nothing was
+        /// published. Retry after `Retry-After` seconds.
         IdempotencyStoreUnavailable => [
             ("idempotency_store_unavailable", ApiError::IdempotencyStoreUnavailable(
                 "idempotency store unavailable: connection refused".to_owned())),

@@ -37,6 +37,7 @@ use crate::publishing;
         (status = 401, response = problems::Unauthorized),
         (status = 403, response = problems::Forbidden),
         (status = 404, response = problems::ExchangeNotFound),
+        (status = 408, response = problems::RequestTimeout),
         (status = 409, response = problems::IdempotencyKeyInUse),
         (status = 413, response = problems::PayloadTooLarge),
         (status = 415, response = problems::UnsupportedMediaType),
@@ -59,7 +60,9 @@ pub async fn publish(
     let trace = TraceContext::from_headers(&headers);
     let fingerprint = Fingerprint::of("POST", "/v1/publish", &body.raw);
     let tenant = principal.tenant.clone();
-    let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let message_id = key
+        .as_ref()
+        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let max_headers = state.config.server.max_headers_bytes;
     let work = || async move {
         match publishing::publish_one(&tenant, body.value, &trace, message_id, max_headers).await {
@@ -76,7 +79,7 @@ pub async fn publish(
 /// order: `200` when every one was confirmed, `207` otherwise, with each failed item's
 /// `status` and `code` as a single publish would have answered. A malformed batch is
 /// answered `400` as a whole and nothing is published. With an `Idempotency-Key`, item
-/// `i` gets a `message_id` derived from (tenant, key, i).
+/// `i` gets a `message_id` derived from (tenant, token subject, key, i).
 #[utoipa::path(
     post,
     path = "/v1/publish/batch",
@@ -95,6 +98,7 @@ pub async fn publish(
         (status = 400, response = problems::InvalidRequest),
         (status = 401, response = problems::Unauthorized),
         (status = 403, response = problems::Forbidden),
+        (status = 408, response = problems::RequestTimeout),
         (status = 409, response = problems::IdempotencyKeyInUse),
         (status = 413, response = problems::PayloadTooLarge),
         (status = 415, response = problems::UnsupportedMediaType),
@@ -119,16 +123,12 @@ pub async fn publish_batch(
     let max = state.config.server.max_batch_messages;
     let max_headers = state.config.server.max_headers_bytes;
     let item_key = key.clone();
+    let subject = principal.subject.clone();
     let work = || async move {
-        let results = publishing::publish_batch(
-            &tenant,
-            body.value,
-            max,
-            max_headers,
-            &trace,
-            item_key.as_ref(),
-        )
-        .await;
+        let item_key = item_key.as_ref().map(|k| (k, subject.as_str()));
+        let results =
+            publishing::publish_batch(&tenant, body.value, max, max_headers, &trace, item_key)
+                .await;
         match results {
             Ok(results) => {
                 let all_ok = results

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{IdempotencyConfig, StoreKind};
 use crate::error::ApiError;
 use crate::telemetry;
-pub use memory::MemoryStore;
+pub use memory::{Bounds, MemoryStore};
 pub use redis_store::RedisStore;
 
 pub const HEADER: &str = "idempotency-key";
@@ -75,13 +75,13 @@ impl IdempotencyKey {
     }
 
     /// The AMQP `message_id` for the `index`-th message published under this key
-    /// (`None` for a single publish): a UUIDv5 of tenant and key, stable across retries,
-    /// so consumers can de-duplicate a message whose first attempt did land.
-    pub fn message_id(&self, tenant: &str, index: Option<usize>) -> String {
-        let name = match index {
-            None => format!("{tenant}\u{1f}{}", self.0),
-            Some(i) => format!("{tenant}\u{1f}{}\u{1f}{i}", self.0),
-        };
+    /// (`None` for a single publish): a UUIDv5 of (tenant, token subject, key, index),
+    /// the same scope the key is claimed in. Stable across retries of one caller, so
+    /// consumers can de-duplicate a message whose first attempt did land; distinct for
+    /// two callers that happen to pick the same key. The name is a JSON array, so no
+    /// choice of subject can make two different scopes collide.
+    pub fn message_id(&self, tenant: &str, subject: &str, index: Option<usize>) -> String {
+        let name = serde_json::json!([tenant, subject, self.0, index]).to_string();
         uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, name.as_bytes()).to_string()
     }
 }
@@ -168,6 +168,11 @@ pub enum Claim {
     Mismatch,
     /// The key finished earlier with this fingerprint: replay.
     Done(StoredResponse),
+    /// Memory store: the tenant's share is taken by its own claims still in flight.
+    TenantFull,
+    /// Memory store: the total bound is taken by other tenants' entries and claims in
+    /// flight, none of which this tenant may evict.
+    StoreFull,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -181,10 +186,21 @@ pub enum Store {
 }
 
 impl Store {
-    pub async fn connect(config: &IdempotencyConfig) -> Result<Self, StoreError> {
+    /// `configured_tenants` (the `[tenants.*]` tables) sets the memory store's default
+    /// per-tenant share; see [`IdempotencyConfig::bounds`].
+    pub async fn connect(
+        config: &IdempotencyConfig,
+        configured_tenants: usize,
+    ) -> Result<Self, StoreError> {
         Ok(match config.store {
             StoreKind::Memory => {
-                Self::Memory(MemoryStore::new(config.max_entries, config.max_bytes))
+                let (tenant_entries, tenant_bytes) = config.tenant_share(configured_tenants);
+                Self::Memory(MemoryStore::new(Bounds {
+                    max_entries: config.max_entries,
+                    max_bytes: config.max_bytes,
+                    tenant_entries,
+                    tenant_bytes,
+                }))
             }
             StoreKind::Redis => Self::Redis(Box::new(RedisStore::connect(config).await?)),
         })
@@ -192,12 +208,13 @@ impl Store {
 
     async fn claim(
         &self,
+        tenant: &str,
         key: &str,
         fingerprint: Fingerprint,
         lock: Duration,
     ) -> Result<Claim, StoreError> {
         match self {
-            Self::Memory(s) => Ok(s.claim(key, fingerprint, lock)),
+            Self::Memory(s) => Ok(s.claim(tenant, key, fingerprint, lock)),
             Self::Redis(s) => s.claim(key, fingerprint, lock).await,
         }
     }
@@ -267,11 +284,12 @@ impl Idempotency {
         }
     }
 
-    /// Runs `work` at most once per (scope, key) while the key is retained, and replays
-    /// its answer to retries with the same fingerprint.
+    /// Runs `work` at most once per (tenant, subject, key) while the key is retained, and
+    /// replays its answer to retries with the same fingerprint.
     pub async fn run<F, Fut>(
         &self,
-        scope: &str,
+        tenant: &str,
+        subject: &str,
         key: &IdempotencyKey,
         fingerprint: Fingerprint,
         work: F,
@@ -280,8 +298,12 @@ impl Idempotency {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Response>,
     {
-        let store_key = format!("{scope}\u{1f}{}", key.as_str());
-        let claim = match self.store.claim(&store_key, fingerprint, self.lock).await {
+        let store_key = format!("{tenant}\u{1f}{subject}\u{1f}{}", key.as_str());
+        let claim = match self
+            .store
+            .claim(tenant, &store_key, fingerprint, self.lock)
+            .await
+        {
             Ok(claim) => claim,
             Err(e) => return unavailable(e).into_response(),
         };
@@ -298,6 +320,27 @@ impl Idempotency {
             Claim::Done(stored) => {
                 telemetry::idempotency("replayed");
                 return stored.into_response(true);
+            }
+            Claim::TenantFull => {
+                telemetry::idempotency("full");
+                return ApiError::RateLimited {
+                    detail: "this tenant's share of the idempotency store \
+                             (idempotency.max_entries_per_tenant, max_bytes_per_tenant) \
+                             is taken by its own requests still in flight; retry when \
+                             some have finished"
+                        .to_owned(),
+                    retry_after: Duration::from_secs(1),
+                }
+                .into_response();
+            }
+            Claim::StoreFull => {
+                telemetry::idempotency("full");
+                return unavailable(StoreError(
+                    "the memory store is full (idempotency.max_entries, max_bytes) with \
+                     other tenants' keys"
+                        .to_owned(),
+                ))
+                .into_response();
             }
         };
         telemetry::idempotency("new");
@@ -366,15 +409,18 @@ mod tests {
     #[test]
     fn derived_message_ids_are_stable_and_distinct() {
         let key = IdempotencyKey::parse(b"order-1").unwrap();
-        assert_eq!(key.message_id("acme", None), key.message_id("acme", None));
-        assert_ne!(key.message_id("acme", None), key.message_id("globex", None));
+        let id = |tenant, subject, index| key.message_id(tenant, subject, index);
+        assert_eq!(id("acme", "svc-a", None), id("acme", "svc-a", None));
+        assert_ne!(id("acme", "svc-a", None), id("globex", "svc-a", None));
+        assert_ne!(id("acme", "svc-a", None), id("acme", "svc-b", None));
+        assert_ne!(id("acme", "svc-a", Some(0)), id("acme", "svc-a", Some(1)));
+        assert_ne!(id("acme", "svc-a", None), id("acme", "svc-a", Some(0)));
+        assert_ne!(id("acme", "svc-a", Some(0)), id("acme", "svc-b", Some(0)));
+        // A subject with a separator in it cannot pose as another (subject, key) pair.
+        let other = IdempotencyKey::parse(b"1").unwrap();
         assert_ne!(
-            key.message_id("acme", Some(0)),
-            key.message_id("acme", Some(1))
-        );
-        assert_ne!(
-            key.message_id("acme", None),
-            key.message_id("acme", Some(0))
+            key.message_id("acme", "x", None),
+            other.message_id("acme", "x\u{1f}order-", None)
         );
     }
 

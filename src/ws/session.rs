@@ -458,7 +458,9 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
         Err(e) => return ServerFrame::error(Some(id), &e),
     };
     let tenant = principal.tenant.clone();
-    let message_id = key.as_ref().map(|k| k.message_id(&tenant.name, None));
+    let message_id = key
+        .as_ref()
+        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let max_headers = state.config.server.max_headers_bytes;
     let work = || async move {
         let trace = TraceContext::default();

@@ -317,3 +317,164 @@ async fn unreachable_redis_is_503_with_its_own_code_and_readyz_red() {
     assert_eq!(ready.body["idempotency"]["ok"], false);
     server.shutdown().await.unwrap();
 }
+
+/// The AMQP `message_id` of a message a queue holds.
+fn message_id_of(message: &lapin::message::BasicGetMessage) -> String {
+    message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let config = tenant_config(&tenant, &exchange, "#");
+    let server = TestServer::start_ready(config.clone()).await;
+    let token_for = |server: &TestServer, subject: &str| {
+        server.token_with(&warren::auth::TokenRequest {
+            tenant: &tenant,
+            subject,
+            scope: "publish",
+            ttl: Duration::from_secs(60),
+        })
+    };
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": {"n": 1}});
+
+    // Two services of one tenant pick the same key: two publishes, two message ids, so
+    // a consumer de-duplicating on message_id keeps both.
+    let billing = post_with_key(
+        &server,
+        "/v1/publish",
+        &token_for(&server, "billing"),
+        "order-7",
+        &body,
+    )
+    .await;
+    let shipping = post_with_key(
+        &server,
+        "/v1/publish",
+        &token_for(&server, "shipping"),
+        "order-7",
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (billing.status, shipping.status),
+        (202, 202),
+        "{:?} {:?}",
+        billing.body,
+        shipping.body
+    );
+    assert_ne!(billing.body["message_id"], shipping.body["message_id"]);
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    let first = rabbit.get(&queue).await.unwrap();
+    let second = rabbit.get(&queue).await.unwrap();
+    let mut landed = [message_id_of(&first), message_id_of(&second)];
+    landed.sort();
+    let mut answered = [
+        billing.body["message_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        shipping.body["message_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ];
+    answered.sort();
+    assert_eq!(landed, answered);
+
+    // Batch items too: item 0 of the same key differs per subject.
+    let batch = json!({"messages": [body]});
+    let a = post_with_key(
+        &server,
+        "/v1/publish/batch",
+        &token_for(&server, "billing"),
+        "batch-7",
+        &batch,
+    )
+    .await;
+    let b = post_with_key(
+        &server,
+        "/v1/publish/batch",
+        &token_for(&server, "shipping"),
+        "batch-7",
+        &batch,
+    )
+    .await;
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_ne!(
+        a.body["results"][0]["message_id"],
+        b.body["results"][0]["message_id"]
+    );
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    while rabbit.get(&queue).await.is_some() {}
+    server.shutdown().await.unwrap();
+
+    // The same subject retrying runs again on a replica that never saw the key (a fresh
+    // memory store): the message lands twice, with the same id, for consumers to drop.
+    let fresh = TestServer::start_ready(config).await;
+    let retry = post_with_key(
+        &fresh,
+        "/v1/publish",
+        &token_for(&fresh, "billing"),
+        "order-7",
+        &body,
+    )
+    .await;
+    assert_eq!(retry.status, 202, "{:?}", retry.body);
+    assert!(retry.header("idempotent-replayed").is_none());
+    assert_eq!(retry.body["message_id"], billing.body["message_id"]);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+    let landed = rabbit.get(&queue).await.unwrap();
+    assert_eq!(json!(message_id_of(&landed)), billing.body["message_id"]);
+    rabbit.cleanup().await;
+    fresh.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn another_tenants_flood_of_keys_does_not_evict_a_retained_key() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "a.#").await;
+    let (a, b) = (unique("a"), unique("b"));
+    let tenant = |name: &str| {
+        format!(
+            "[tenants.{name}]\nvhost = \"/\"\n\
+             publish = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}]\n"
+        )
+    };
+    // Room for four keys in total: two per tenant by default.
+    let mut config = config(&format!("{}{}", tenant(&a), tenant(&b)));
+    config.idempotency.max_entries = 4;
+    let server = TestServer::start_ready(config).await;
+    let (token_a, token_b) = (server.token(&a, "publish"), server.token(&b, "publish"));
+    let body = json!({"exchange": exchange, "routing_key": "a.order", "payload": {"n": 1}});
+
+    let first = post_with_key(&server, "/v1/publish", &token_a, "a-order-1", &body).await;
+    assert_eq!(first.status, 202, "{:?}", first.body);
+
+    // Tenant b publishes many keyed requests: each is served, churning b's own share.
+    for i in 0..20 {
+        let flood = json!({"exchange": exchange, "routing_key": "b.noise", "payload": i,
+                           "mandatory": false});
+        let r = post_with_key(&server, "/v1/publish", &token_b, &format!("b-{i}"), &flood).await;
+        assert_eq!(r.status, 202, "b's key {i}: {:?}", r.body);
+    }
+
+    // a's retry is still a replay: one message in a's queue, not two.
+    let retry = post_with_key(&server, "/v1/publish", &token_a, "a-order-1", &body).await;
+    assert_eq!(retry.status, 202, "{:?}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(retry.body, first.body);
+    assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}

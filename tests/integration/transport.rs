@@ -348,3 +348,122 @@ async fn amqps_urls_work_with_a_configured_ca_bundle() {
     server.shutdown().await.unwrap();
     rabbit.cleanup().await;
 }
+
+/// A client that sends a publish's headers with a large `Content-Length`, then trickles
+/// the body a byte at a time and never finishes it. Once the headers are sent, returns
+/// a task with everything the server sent (status line through body) once it
+/// closes the connection, or `None` by `deadline`.
+async fn trickling_publish(
+    addr: &str,
+    token: &str,
+    deadline: Duration,
+) -> tokio::task::JoinHandle<Option<(String, Duration)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: 100000\r\n\r\n{{\"payload\": \""
+    );
+    write.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    tokio::spawn(async move {
+        let trickle = tokio::spawn(async move {
+            while write.write_all(b"x").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let answer = tokio::time::timeout(deadline, async {
+            let mut buffer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match read.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            }
+            String::from_utf8_lossy(&buffer).into_owned()
+        })
+        .await
+        .ok();
+        trickle.abort();
+        answer.map(|text| (text, started.elapsed()))
+    })
+}
+
+#[tokio::test]
+async fn trickled_bodies_time_out_and_probes_never_wait_behind_them() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    config.server.max_concurrent_requests = 2;
+    config.server.body_read_timeout_s = 1;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    // Two authenticated requests take both request slots and trickle their bodies.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        slow.push(trickling_publish(&addr, &token, Duration::from_secs(10)).await);
+    }
+    // A normal publish queues behind them: proof that both slots are held.
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": "queued"});
+    let queued = {
+        let request = server
+            .http
+            .post(format!("{}/v1/publish", server.base))
+            .bearer_auth(&token)
+            .json(&body);
+        tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) })
+    };
+    let probe_deadline = Duration::from_millis(500);
+    let waited = tokio::time::timeout(probe_deadline, async {
+        while !queued.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_err(),
+        "a publish did not wait ({:?}): the trickling requests hold no slots",
+        queued.is_finished()
+    );
+
+    // Meanwhile the operational endpoints answer at once.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let probe = tokio::time::timeout(
+            probe_deadline,
+            server.http.get(format!("{}{path}", server.base)).send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} waited behind the held request slots"))
+        .unwrap();
+        assert_eq!(probe.status(), 200, "{path}");
+    }
+
+    // The trickling requests are cut off after server.body_read_timeout_s with 408.
+    for task in slow {
+        let (answer, elapsed) = task
+            .await
+            .unwrap()
+            .expect("a trickling request was never answered");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+            "answered after {elapsed:?}"
+        );
+    }
+
+    // The slots are free again: the queued publish and a new one are served.
+    assert_eq!(queued.await.unwrap().unwrap(), 202);
+    let r = server.publish(&token, &body).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    rabbit.cleanup().await;
+    server.shutdown().await.unwrap();
+}
