@@ -175,6 +175,9 @@ async fn forward(
 ) {
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { break };
+        if !crate::broker::poison::admit_durable(&delivery).await {
+            continue;
+        }
         let frame = MessageFrame::new(
             subscription.clone(),
             delivery.delivery_tag,

@@ -225,6 +225,9 @@ async fn close(topic: &Topic) {
 async fn consume(topic: Arc<Topic>, mut consumer: lapin::Consumer, key: TopicKey, topics: Topics) {
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { break };
+        if !crate::broker::poison::admit_live(&delivery) {
+            continue;
+        }
         let subscribers: Vec<Subscriber> = lock(&topic.subscribers).values().cloned().collect();
         for subscriber in subscribers {
             let frame = MessageFrame::new(

@@ -100,6 +100,49 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// PATCHED (Warren, security issue #13): field tables and arrays nested deeper than this
+/// are not parsed. Their bytes are skipped (they are length-prefixed) and an empty
+/// container of the same kind stands in for them (so a parsed value nests at most one
+/// level deeper than this, counting from the frame's outermost table).
+///
+/// The parser recurses once per level and nom's combinators make each level expensive
+/// (about 2 KiB of stack in release and 11-13 KiB in debug builds), so a content header
+/// nesting ~26,000 levels -- what a broker's 128 KiB frame_max lets any publisher send --
+/// overflowed the 2 MiB stack of lapin's I/O thread and aborted the whole process. At
+/// this bound parsing needs at most ~0.2 MiB (release) / ~1.2 MiB (debug) of stack,
+/// whatever the frame size. Failing the parse instead would make lapin close the
+/// connection (and the broker redeliver the message to the next one), so the value is
+/// truncated, never refused: consumers that care check the depth themselves.
+pub const MAX_NESTING_DEPTH: usize = 96;
+
+thread_local! {
+    static NESTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The current container depth on this thread, for as long as the guard lives (it also
+/// unwinds correctly when a nested parse fails or is incomplete).
+struct Nesting(usize);
+
+impl Nesting {
+    fn enter() -> Self {
+        Self(NESTING.with(|depth| {
+            let entered = depth.get() + 1;
+            depth.set(entered);
+            entered
+        }))
+    }
+
+    fn too_deep(&self) -> bool {
+        self.0 > MAX_NESTING_DEPTH
+    }
+}
+
+impl Drop for Nesting {
+    fn drop(&mut self) {
+        NESTING.with(|depth| depth.set(depth.get().saturating_sub(1)));
+    }
+}
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
@@ -244,6 +287,14 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    let nesting = Nesting::enter();
+    if nesting.too_deep() {
+        return context(
+            "parse_field_array",
+            map(flat_map(parse_long_uint, take), |_| FieldArray::default()),
+        )
+        .parse(i);
+    }
     context(
         "parse_field_array",
         map_parser(
@@ -268,6 +319,14 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    let nesting = Nesting::enter();
+    if nesting.too_deep() {
+        return context(
+            "parse_field_table",
+            map(flat_map(parse_long_uint, take), |_| FieldTable::default()),
+        )
+        .parse(i);
+    }
     context(
         "parse_field_table",
         map_parser(
