@@ -189,7 +189,7 @@ impl RawPublisher {
         &mut self,
         exchange: &str,
         routing_key: &str,
-        headers: &[u8],
+        properties: &Properties,
         body: &[u8],
     ) -> Result<(), String> {
         let mut args = 0u16.to_be_bytes().to_vec();
@@ -199,8 +199,8 @@ impl RawPublisher {
         let mut header = 60u16.to_be_bytes().to_vec();
         header.extend_from_slice(&0u16.to_be_bytes());
         header.extend_from_slice(&(body.len() as u64).to_be_bytes());
-        header.extend_from_slice(&0x2000u16.to_be_bytes()); // headers only
-        header.extend_from_slice(headers);
+        header.extend_from_slice(&properties.flags.to_be_bytes());
+        header.extend_from_slice(&properties.encoded);
         let sent = self
             .send(1, 1, &method(60, 40, &args))
             .and_then(|()| self.send(2, 1, &header))
@@ -214,12 +214,46 @@ impl RawPublisher {
     }
 }
 
+/// Encoded basic properties: the property flags and the present properties in order.
+struct Properties {
+    flags: u16,
+    encoded: Vec<u8>,
+}
+
+impl Properties {
+    /// Only `headers`, given as an encoded table.
+    fn headers(table: Vec<u8>) -> Self {
+        Self {
+            flags: 0x2000,
+            encoded: table,
+        }
+    }
+
+    /// Only `content-type`, as raw bytes (the broker does not check they are UTF-8).
+    fn content_type(raw: &[u8]) -> Self {
+        let mut encoded = vec![raw.len() as u8];
+        encoded.extend_from_slice(raw);
+        Self {
+            flags: 0x8000,
+            encoded,
+        }
+    }
+}
+
 /// Publishes one message with the given headers from a blocking thread.
 async fn raw_publish(exchange: &str, routing_key: &str, headers: Vec<u8>) -> Result<(), String> {
+    raw_publish_with(exchange, routing_key, Properties::headers(headers)).await
+}
+
+async fn raw_publish_with(
+    exchange: &str,
+    routing_key: &str,
+    properties: Properties,
+) -> Result<(), String> {
     let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
     tokio::task::spawn_blocking(move || {
         let mut publisher = RawPublisher::connect().map_err(|e| format!("connect: {e}"))?;
-        publisher.publish(&exchange, &routing_key, &headers, b"poison")
+        publisher.publish(&exchange, &routing_key, &properties, b"poison")
     })
     .await
     .map_err(|e| format!("publisher thread: {e}"))?
@@ -407,6 +441,14 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
     raw_publish(&exchange, "order.fine", headers(Shape::Tables, 8))
         .await
         .unwrap();
+    // Not UTF-8 where AMQP says "short string": the broker passes it on as it is.
+    raw_publish_with(
+        &exchange,
+        "order.latin1",
+        Properties::content_type(b"text/plain; charset=\xe9"),
+    )
+    .await
+    .unwrap();
 
     let poisoned = eventually(Duration::from_secs(15), || async {
         poison_count(&server, "live").await >= live_before + 3
@@ -425,7 +467,7 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
         .await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     let mut seen = Vec::new();
-    while seen.len() < 4 {
+    while seen.len() < 6 {
         let frame = recv(&mut ws).await;
         assert_eq!(frame["type"], "message", "{frame}");
         assert_ne!(
@@ -445,6 +487,13 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
             )
             .await;
         }
+        if frame["routing_key"] == "order.latin1" {
+            assert_eq!(
+                frame["properties"]["content_type"], "text/plain; charset=\u{fffd}",
+                "delivered, with the bad byte replaced"
+            );
+            assert_eq!(frame["body_base64"], "cG9pc29u");
+        }
         if frame["routing_key"] == "order.fine" {
             let depth = {
                 let mut value = &frame["properties"]["headers"]["p"];
@@ -461,8 +510,10 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
     seen.sort();
     let expected: Vec<(String, String)> = [
         ("d1", "order.fine"),
+        ("d1", "order.latin1"),
         ("d1", "order.ok"),
         ("s1", "order.fine"),
+        ("s1", "order.latin1"),
         ("s1", "order.ok"),
     ]
     .iter()

@@ -258,8 +258,16 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+/// PATCHED (Warren, security issue #13): bytes that are not UTF-8 are replaced with
+/// U+FFFD instead of failing the parse. RabbitMQ passes such short strings (content-type,
+/// message-id, routing keys...) from any publisher through to consumers unchecked, and a
+/// parse error makes lapin close the whole connection, after which the broker hands the
+/// unacked message to the next connection, which fails the same way.
+fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::convert::Infallible> {
+    Ok(match String::from_utf8(i.iter_elements().collect()) {
+        Ok(text) => text,
+        Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+    })
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
