@@ -617,7 +617,13 @@ impl<
             Ok((i, f)) => {
                 let consumed = self.receive_buffer.offset(i);
                 let frame_max = self.configuration.frame_max() as usize;
-                if frame_max > 0 && consumed > frame_max {
+                // PATCHED (Warren, security issue #13): RabbitMQ bounds the *payload* of
+                // a frame by frame_max, so it accepts from any publisher, and delivers,
+                // frames up to frame_max + 8 bytes (7 of header, 1 frame end). Refusing
+                // those closed the whole connection and the broker handed the unacked
+                // message to the next one: a reconnect loop. Accept what the broker does.
+                const FRAME_OVERHEAD: usize = 8;
+                if frame_max > 0 && consumed > frame_max + FRAME_OVERHEAD {
                     error!(bytes = consumed, "received large frame");
                     let error = AMQPError::new(
                         AMQPHardError::FRAMEERROR.into(),
