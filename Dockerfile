@@ -19,6 +19,8 @@ WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
 # Cargo.toml names the load generator's source (an example); it must exist to parse.
 COPY bench/main.rs ./bench/main.rs
+# Patched lapin and amq-protocol-types ([patch.crates-io]; vendor/*/PATCHED.md).
+COPY vendor ./vendor
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

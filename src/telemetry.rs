@@ -38,6 +38,7 @@ pub const WS_FRAMES: &str = "warren_ws_frames_total";
 pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
 pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
 pub const WS_FILTERED: &str = "warren_ws_deliveries_filtered_total";
+pub const POISON: &str = "warren_poison_messages_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
 pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
@@ -193,6 +194,15 @@ fn describe() {
         "Deliveries not passed to subscribers because their routing key is outside the subscription's binding key or grants (exchanges that ignore binding keys), by mode."
     );
     describe_counter!(
+        POISON,
+        "Deliveries not forwarded because their headers nest too deep or hold too many values, by mode (live: dropped, durable: rejected without requeue) and reason (too_deep, too_large)."
+    );
+    for mode in ["live", "durable"] {
+        for reason in crate::broker::poison::Reason::ALL {
+            counter!(POISON, "mode" => mode, "reason" => reason.as_str()).increment(0);
+        }
+    }
+    describe_counter!(
         AUTH_KEY_RELOADS,
         "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
     );
@@ -326,6 +336,11 @@ pub fn ws_dropped() {
 /// `mode`: `live` or `durable`.
 pub fn ws_filtered(mode: &'static str) {
     counter!(WS_FILTERED, "mode" => mode).increment(1);
+}
+
+/// `mode` is `live` or `durable`, `reason` a [`crate::broker::poison::Reason`].
+pub fn poison_message(mode: &'static str, reason: &'static str) {
+    counter!(POISON, "mode" => mode, "reason" => reason).increment(1);
 }
 
 pub fn ws_slow_consumer_closed() {

@@ -4,6 +4,7 @@
 mod channel;
 mod connection;
 pub mod health;
+pub mod poison;
 pub mod publish;
 
 use std::collections::HashMap;

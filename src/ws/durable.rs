@@ -220,6 +220,9 @@ impl Forwarder {
     async fn run(self, mut consumer: lapin::Consumer) {
         while let Some(delivery) = consumer.next().await {
             let Ok(delivery) = delivery else { break };
+            if !crate::broker::poison::admit_durable(&delivery).await {
+                continue;
+            }
             // A queue may be fed by more than this subscription's binding (an earlier
             // one, an exchange that ignores binding keys): the client sees only what
             // its grants allow; the rest is rejected (dead-lettered if so configured).

@@ -308,6 +308,9 @@ async fn consume(
 ) {
     while let Some(delivery) = consumer.next().await {
         let Ok(delivery) = delivery else { break };
+        if !crate::broker::poison::admit_live(&delivery) {
+            continue;
+        }
         if let Some(filter) = &topic.filter
             && !filter.matches(delivery.routing_key.as_str())
         {

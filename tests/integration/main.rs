@@ -11,6 +11,7 @@ mod idempotency;
 mod keys;
 mod load;
 mod openapi;
+mod poison;
 mod properties;
 mod publish;
 mod security;
