@@ -266,3 +266,56 @@ fn all_keys(alphabet: &[&str], max: usize) -> Vec<String> {
     }
     keys
 }
+
+/// A topic pattern of up to 255 bytes built from hostile words: many `#` and `*` mixed
+/// with literals, as an attacker would send in a subscribe frame.
+fn hostile_pattern() -> impl Strategy<Value = String> {
+    proptest::collection::vec(
+        proptest::sample::select(vec!["#", "*", "a", "b", "w1", ""]),
+        1..128,
+    )
+    .prop_map(|words| {
+        let mut pattern = words.join(".");
+        pattern.truncate(255);
+        pattern.trim_end_matches(['#', '*']).to_owned() + "#"
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Coverage of any pair of patterns is decided (or refused as too complex) within
+    /// a time bound: the check is polynomial and capped, never exponential.
+    #[test]
+    fn coverage_of_hostile_patterns_is_decided_within_a_bound(grant in hostile_pattern(), binding in hostile_pattern()) {
+        let (Ok(g), Ok(b)) = (GrantPattern::parse(&grant), GrantPattern::parse(&binding)) else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let covered = g.covers(&b);
+        let everything = GrantPattern::parse("#").unwrap().covers(&b);
+        prop_assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?} for {} vs {}", started.elapsed(), grant, binding);
+        prop_assert_eq!(everything, Some(true));
+        // Whatever is decided is right on keys the binding matches.
+        if covered == Some(true) {
+            for key in all_keys(&["a", "b", "z"], 4) {
+                prop_assert!(!b.matches(&key) || g.matches(&key), "{} covers {} but not {}", grant, binding, key);
+            }
+        }
+    }
+
+    /// Any text, or JSON nested past serde's own limit, is parsed or refused as a frame
+    /// quickly and without a panic.
+    #[test]
+    fn arbitrary_frames_are_parsed_or_refused_quickly(text in ".{0,2000}", depth in 0usize..400) {
+        let started = std::time::Instant::now();
+        let _ = warren::ws::protocol::parse(&text);
+        let nested = format!(
+            r#"{{"type":"subscribe","id":"s","exchange":"e","binding_key":{}1{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        prop_assert!(warren::ws::protocol::parse(&nested).is_err());
+        prop_assert!(started.elapsed() < std::time::Duration::from_millis(200));
+    }
+}
