@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -83,6 +83,8 @@ impl Durable {
         };
         let outstanding = Arc::new(Mutex::new(BTreeSet::new()));
         let forwarder = Forwarder {
+            queue: request.queue.clone(),
+            window: Window::new(request.prefetch, request.budget.max()),
             tenant,
             channel: channel.clone(),
             subscription: request.subscription.to_owned(),
@@ -108,8 +110,9 @@ impl Durable {
         request: &DurableRequest<'_>,
     ) -> Result<lapin::Consumer, ApiError> {
         let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, request.exchange));
+        // One message first: its size tells how many fit the byte budget (`Window`).
         channel
-            .basic_qos(request.prefetch, BasicQosOptions::default())
+            .basic_qos(1, BasicQosOptions::default())
             .await
             .map_err(fail)?;
         let mut arguments = FieldTable::default();
@@ -136,16 +139,7 @@ impl Durable {
             )
             .await
             .map_err(fail)?;
-        let tag = format!("warren-durable-{}", uuid::Uuid::new_v4().simple());
-        channel
-            .basic_consume(
-                request.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail)
+        consume(channel, &request.queue).await.map_err(fail)
     }
 
     pub async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), ApiError> {
@@ -207,6 +201,8 @@ fn ack_error() -> ApiError {
 /// prefetch bounds how many are outstanding); a socket that takes nothing for the
 /// slow-consumer timeout is closed.
 struct Forwarder {
+    queue: String,
+    window: Window,
     tenant: Arc<Tenant>,
     channel: Arc<ConsumerChannel>,
     subscription: String,
@@ -216,10 +212,103 @@ struct Forwarder {
     outstanding: Arc<Mutex<BTreeSet<u64>>>,
 }
 
+/// Starts a consumer on `queue` with the channel's current prefetch.
+async fn consume(channel: &lapin::Channel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
+    let tag = format!("warren-durable-{}", uuid::Uuid::new_v4().simple());
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// How many unacked deliveries a durable subscription lets the broker push, so that
+/// they take about the socket's byte budget whatever the message size: the budget over
+/// the largest body seen, between 1 and the client's prefetch. Unacked deliveries sit
+/// in the AMQP client's buffer, Warren's queue and the socket: this bounds what a slow
+/// reader with a large prefetch pins.
+///
+/// RabbitMQ has no prefetch in bytes and applies a consumer's prefetch only when the
+/// consumer starts. So a subscription starts with one consumer of prefetch 1 (the
+/// "probe"); its first body sizes the window, and a second consumer takes the rest of
+/// it (window - 1). Both stay: together they never have more than the window (and so
+/// the client's prefetch) outstanding. A larger body later replaces the second consumer
+/// by a smaller one; the window never grows back, so it never exceeds the prefetch.
+struct Window {
+    prefetch: u16,
+    budget: usize,
+    largest: usize,
+    current: u16,
+}
+
+impl Window {
+    fn new(prefetch: u16, budget: usize) -> Self {
+        Self {
+            prefetch,
+            budget,
+            largest: 0,
+            current: 1,
+        }
+    }
+
+    /// The new window after a body of `size` bytes, when a new second consumer is worth
+    /// it: the first body sets it; later it only shrinks, by half or more (a replaced
+    /// consumer's unacked deliveries count until acked, so resizes stay few and what
+    /// they leave behind adds up to a few budgets at most).
+    fn resize(&mut self, size: usize) -> Option<u16> {
+        let first = self.largest == 0;
+        self.largest = self.largest.max(size.max(1));
+        let fits = (self.budget / self.largest).clamp(1, usize::from(self.prefetch));
+        let fits = u16::try_from(fits).unwrap_or(self.prefetch);
+        let changed = if first {
+            fits > 1
+        } else {
+            fits <= self.current / 2
+        };
+        changed.then(|| {
+            self.current = fits;
+            fits
+        })
+    }
+}
+
 impl Forwarder {
-    async fn run(self, mut consumer: lapin::Consumer) {
-        while let Some(delivery) = consumer.next().await {
+    /// Starts the consumer that takes the window beyond the probe's one delivery, after
+    /// cancelling the one it replaces (whose deliveries already sent stay valid: tags
+    /// belong to the channel, and its stream yields them before it ends).
+    async fn resize(&self, replaced: Option<&str>, window: u16) -> Option<lapin::Consumer> {
+        if let Some(tag) = replaced {
+            self.channel
+                .basic_cancel(tag.into(), BasicCancelOptions::default())
+                .await
+                .ok()?;
+        }
+        if window <= 1 {
+            return None;
+        }
+        self.channel
+            .basic_qos(window - 1, BasicQosOptions::default())
+            .await
+            .ok()?;
+        consume(&self.channel, &self.queue).await.ok()
+    }
+
+    async fn run(mut self, probe: lapin::Consumer) {
+        let mut consumers = futures::stream::SelectAll::new();
+        consumers.push(probe);
+        let mut second: Option<String> = None;
+        while let Some(delivery) = consumers.next().await {
             let Ok(delivery) = delivery else { break };
+            if let Some(window) = self.window.resize(delivery.data.len()) {
+                let replacement = self.resize(second.as_deref(), window).await;
+                second = replacement.as_ref().map(|c| c.tag().as_str().to_owned());
+                if let Some(consumer) = replacement {
+                    consumers.push(consumer);
+                }
+            }
             if !crate::broker::poison::admit_durable(&delivery).await {
                 continue;
             }
@@ -277,5 +366,32 @@ impl Forwarder {
                 },
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Window;
+
+    #[test]
+    fn the_window_shrinks_for_large_messages_and_grows_for_small_ones() {
+        let mut window = Window::new(1000, 8 << 20);
+        assert_eq!(
+            window.resize(1024),
+            Some(1000),
+            "small bodies: the prefetch"
+        );
+        assert_eq!(window.resize(1024), None);
+        assert_eq!(window.resize(1 << 20), Some(8), "1 MiB bodies: 8 fit");
+        assert_eq!(window.resize(512), None, "the largest body seen decides");
+        assert_eq!(window.resize(64 << 20), Some(1), "never below one");
+        let mut small = Window::new(10, 8 << 20);
+        assert_eq!(small.resize(100), Some(10));
+        let mut exact = Window::new(1000, 8 << 20);
+        assert_eq!(
+            exact.resize(8 << 20),
+            None,
+            "one fits: the first window stays"
+        );
     }
 }

@@ -57,6 +57,11 @@ impl SendBudget {
         }
     }
 
+    /// The whole budget, in bytes.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// What a frame of `len` bytes takes: a frame larger than the whole budget takes
     /// all of it (so it waits until the socket has nothing else queued).
     fn cost(&self, len: usize) -> u32 {
