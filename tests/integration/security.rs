@@ -362,3 +362,44 @@ async fn an_ack_for_a_tag_never_delivered_is_refused_and_the_subscription_lives_
         .await;
     rabbit.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_slow_durable_reader_pins_about_its_byte_budget_not_its_prefetch() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let mut cfg = shared_vhost("");
+    cfg.ws.max_buffered_bytes = 2 * 1024 * 1024;
+    cfg.server.max_body_bytes = 4 * 1024 * 1024;
+    let server = TestServer::start_ready(cfg).await;
+    let token = server.token("alice", "publish subscribe");
+    let name = unique("big");
+    let queue = format!("warren.alice.{name}");
+    let frame = json!({"type": "subscribe", "id": "d", "exchange": exchange, "binding_key": "#",
+                       "mode": "durable", "queue": name, "prefetch": 1000});
+    let mut ws = connect(&server, &token).await;
+    send(&mut ws, frame).await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    let body = "x".repeat(600 * 1024);
+    for _ in 0..20 {
+        let r = server
+            .publish(
+                &token,
+                &json!({"exchange": exchange, "routing_key": "big", "body": body}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    // 2 MiB over 600 KiB bodies: a window of 3, so the broker keeps the other 17
+    // instead of pushing all 20 (the prefetch allows 1000) into Warren's memory.
+    assert_eq!(rabbit.wait_count(&queue, 17).await, 17);
+    for _ in 0..3 {
+        assert_eq!(recv(&mut ws).await["type"], "message");
+    }
+    let more = tokio::time::timeout(Duration::from_millis(300), recv(&mut ws)).await;
+    assert!(more.is_err(), "nothing beyond the window until acked");
+    let _ = rabbit
+        .channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    rabbit.cleanup().await;
+}
