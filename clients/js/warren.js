@@ -292,7 +292,10 @@ export class Warren extends Emitter {
     return new Promise((resolve, reject) => {
       const offs = [
         this.on("connected", () => { offs.forEach((f) => f()); resolve(); }),
-        this.on("closed", (e) => { offs.forEach((f) => f()); reject(new WarrenError("closed", `closed (${e.code})`, e)); }),
+        this.on("closed", (e) => {
+          offs.forEach((f) => f());
+          reject(e.error ?? new WarrenError("closed", `closed (${e.code})`, { closeCode: e.code }));
+        }),
       ];
     });
   }
@@ -337,8 +340,9 @@ export class Warren extends Emitter {
     }
     this.#ws = ws;
     let opened = false;
+    let finished = false;
     ws.onopen = () => {
-      if (generation !== this.#generation) return;
+      if (generation !== this.#generation || finished) return;
       opened = true;
       this.#everOpened = true;
       this.#attempt = 0;
@@ -356,12 +360,28 @@ export class Warren extends Emitter {
       try { frame = JSON.parse(data); } catch { return; }
       this.#onFrame(frame);
     };
-    ws.onerror = () => { /* the close event follows and says what happened */ };
-    ws.onclose = (event) => {
-      if (generation !== this.#generation) return;
+    const finish = (code, reason) => {
+      if (finished || generation !== this.#generation) return;
+      finished = true;
       this.#ws = null;
-      this.#onClose(event.code, event.reason ?? "", opened, token);
+      this.#onClose(code, reason, opened, token);
     };
+    // Normally a close event follows an error; some implementations (Node 20's
+    // experimental WebSocket on a refused connection) send none, so do not wait for it.
+    ws.onerror = () => {
+      if (finished) return;
+      if (!opened) {
+        finish(1006, "connection failed");
+        try { ws.close(); } catch { /* not open */ }
+        return;
+      }
+      setTimeout(() => {
+        if (finished) return;
+        try { ws.close(); } catch { /* ignore */ }
+        finish(1006, "connection error");
+      }, 1000);
+    };
+    ws.onclose = (event) => finish(event.code, event.reason ?? "");
   }
 
   #send(frame) {
@@ -581,7 +601,7 @@ export class Warren extends Emitter {
     const settle = acks ? (kind, extra) => {
       // A delivery tag is only meaningful on the channel it came from: after a reconnect or
       // resubscribe the broker redelivers it, and an old tag must never ack a new message.
-      if (generation !== this.#generation || incarnation !== sub.incarnation || sub.state !== "subscribed") return false;
+      if (generation !== this.#generation || incarnation !== sub.incarnation || (sub.state !== "subscribed" && sub.state !== "closing")) return false;
       return this.#send({ type: kind, subscription: sub.id, delivery_tag: frame.delivery_tag, multiple: false, ...extra });
     } : undefined;
     const message = new Message(frame, settle);
@@ -589,7 +609,7 @@ export class Warren extends Emitter {
     sub.chain = sub.chain.then(async () => {
       // A delivery whose channel is gone will be redelivered: skip it rather than handle it twice.
       if (acks && (generation !== this.#generation || incarnation !== sub.incarnation)) return;
-      if (sub.state === "closed") return;
+      if (sub.state === "closed" || sub.state === "closing") return;
       try {
         await sub.handler(message);
         if (autoAck && !message.settled) message.ack();
@@ -601,7 +621,7 @@ export class Warren extends Emitter {
   }
 
   #sendSubscribe(sub) {
-    if (sub.state === "closed" || sub.state === "failed") return;
+    if (sub.state === "closed" || sub.state === "closing" || sub.state === "failed") return;
     if (this.#send(sub.frame())) sub.state = "subscribing";
   }
 
@@ -640,10 +660,16 @@ export class Warren extends Emitter {
   }
 
   async _unsubscribe(sub) {
-    if (sub.state === "closed") return;
-    const wasLive = sub.state === "subscribed" || sub.state === "subscribing";
-    sub.state = "closed";
+    if (sub.state === "closed" || sub.state === "closing") return;
     clearTimeout(sub.retryTimer);
+    if (sub.state === "subscribed") {
+      // Let the handler that is running finish (and auto-ack); the ones not started are
+      // skipped: the broker redelivers them to the next subscriber of a durable queue.
+      sub.state = "closing";
+      await sub.chain;
+    }
+    const wasLive = sub.state === "closing" || sub.state === "subscribing";
+    sub.state = "closed";
     this.#subs.delete(sub.id);
     sub._reject(new WarrenError("unsubscribed", "the subscription was ended"));
     if (wasLive) this.#send({ type: "unsubscribe", id: sub.id });

@@ -65,24 +65,7 @@ export class WarrenProcess {
 
   async start() {
     if (!this.port) this.port = await freePort();
-    const tenants = this.tenants.map((t) => `
-[tenants.${t}]
-vhost = "/"
-publish = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
-subscribe = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
-`).join("");
-    writeFileSync(this.config, `
-[server]
-listen = "127.0.0.1:${this.port}"
-[amqp]
-url = "${process.env.WARREN_TEST_AMQP_URL || "amqp://guest:guest@127.0.0.1:5672"}"
-[auth]
-hs256_secret = "${this.secret}"
-leeway_s = 0
-[ws]
-durable_queue_expiry_s = 600
-${this.extraToml}
-${tenants}`);
+    this.writeConfig();
     this.child = spawn(binary(), ["serve", "--config", this.config], { stdio: ["ignore", "ignore", "pipe"] });
     this.child.stderr.on("data", (d) => { this.log = (this.log + d).slice(-20000); });
     const child = this.child;
@@ -92,6 +75,27 @@ ${tenants}`);
       try { return (await fetch(`${this.http}/readyz`)).ok; } catch { return false; }
     }, 30000, "warren /readyz");
     return this;
+  }
+
+  writeConfig() {
+    const tenants = this.tenants.map((t) => `
+[tenants.${t}]
+vhost = "/"
+publish = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
+subscribe = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
+`).join("");
+    writeFileSync(this.config, `
+[server]
+listen = "127.0.0.1:${this.port ?? 0}"
+[amqp]
+url = "${process.env.WARREN_TEST_AMQP_URL || "amqp://guest:guest@127.0.0.1:5672"}"
+[auth]
+hs256_secret = "${this.secret}"
+leeway_s = 0
+[ws]
+durable_queue_expiry_s = 600
+${this.extraToml}
+${tenants}`);
   }
 
   get http() { return `http://127.0.0.1:${this.port}`; }
@@ -118,6 +122,7 @@ ${tenants}`);
 
   /** Mints a token with `warren token` (config of this process). */
   token({ tenant = this.tenants[0], sub = "js-test", scope = "publish subscribe", ttl = "1h" } = {}) {
+    if (!this.child) this.writeConfig();
     return new Promise((resolve, reject) => {
       execFile(binary(), ["token", "--config", this.config, "--tenant", tenant, "--sub", sub, "--scope", scope, "--ttl", ttl],
         (error, stdout, stderr) => (error ? reject(new Error(stderr || error.message)) : resolve(stdout.trim())));
