@@ -225,7 +225,6 @@ export class Warren extends Emitter {
   #token;
   #closedByUser = false;
   #lastSentPublish;
-  #everOpened = false;
 
   constructor(url, options = {}) {
     super();
@@ -344,7 +343,6 @@ export class Warren extends Emitter {
     ws.onopen = () => {
       if (generation !== this.#generation || finished) return;
       opened = true;
-      this.#everOpened = true;
       this.#attempt = 0;
       this.closeCode = undefined;
       this.#setState("connected");

@@ -13,6 +13,12 @@ import net from "node:net";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "../../..");
 
+// WARREN_TEST_WEBSOCKET=/path/to/node_modules/ws/wrapper.mjs runs the tests with the
+// `ws` package instead of Node's own WebSocket.
+if (process.env.WARREN_TEST_WEBSOCKET) {
+  globalThis.WebSocket = (await import(process.env.WARREN_TEST_WEBSOCKET)).WebSocket;
+}
+
 export function binary() {
   if (process.env.WARREN_BIN) return process.env.WARREN_BIN;
   execFileSync("cargo", ["build", "--locked", "-q", "--bin", "warren"], { cwd: root, stdio: "inherit" });
