@@ -126,6 +126,24 @@ ${tenants}`);
     rmSync(this.dir, { recursive: true, force: true });
   }
 
+  /**
+   * Closes this process's AMQP connections on the broker side (`rabbitmqctl
+   * close_connection`), as a broker restart does for this Warren alone: other users of
+   * the shared broker are not touched. Returns how many were closed.
+   */
+  async cutBroker() {
+    const ss = execFileSync("ss", ["-tnpH", "state", "established", "( dport = :5672 )"], { encoding: "utf8" });
+    const ports = ss.split("\n").filter((l) => l.includes(`pid=${this.child.pid},`))
+      .map((l) => l.trim().split(/\s+/)[2].split(":").pop());
+    const ctl = (...args) => new Promise((resolve, reject) => execFile("rabbitmqctl", args,
+      (error, out, stderr) => (error ? reject(new Error(stderr || error.message)) : resolve(out))));
+    const listed = await ctl("list_connections", "-q", "--no-table-headers", "pid", "peer_port");
+    const pids = listed.split("\n").map((l) => l.trim().split(/\s+/))
+      .filter(([pid, port]) => pid && ports.includes(port)).map(([pid]) => pid);
+    for (const pid of pids) await ctl("close_connection", pid, "warren.js test: broker link cut");
+    return pids.length;
+  }
+
   /** Mints a token with `warren token` (config of this process). */
   token({ tenant = this.tenants[0], sub = "js-test", scope = "publish subscribe", ttl = "1h" } = {}) {
     if (!this.child) this.writeConfig();
