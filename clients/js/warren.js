@@ -309,7 +309,10 @@ export class Warren extends Emitter {
   async #currentToken(fresh) {
     const t = this.options.token;
     if (typeof t === "function") {
-      if (fresh || this.#token === undefined) this.#token = await t();
+      // A cached token about to expire is not worth a refused upgrade: fetch a new one.
+      const exp = this.#token === undefined ? undefined : tokenExpiry(this.#token);
+      const stale = exp !== undefined && exp * 1000 - Date.now() < 5000;
+      if (fresh || stale || this.#token === undefined) this.#token = await t();
     } else {
       this.#token = t;
     }
@@ -471,6 +474,7 @@ export class Warren extends Emitter {
       clearTimeout(sub.retryTimer);
       if (sub.state !== "closed") { sub.state = "closed"; sub._reject(error); }
     }
+    this.#subs.clear();
     if (this.state === "closed") return;
     this.#setState("disconnected", { code, reason, status, willReconnect: false });
     this.#setState("closed", { code, reason, status, error });
