@@ -32,8 +32,10 @@ RUN mkdir src \
 # instead of shipping the placeholder binary. If the crate ever reads files outside
 # src/ at compile time (build.rs, include_str!), copy them here too.
 COPY src ./src
-# assets/demo.html is compiled in (include_str! in src/api/mod.rs).
+# assets/demo.html is compiled in (include_str! in src/api/mod.rs), and so is the
+# JavaScript client the page imports (/clients/warren.js).
 COPY assets ./assets
+COPY clients/js/warren.js ./clients/js/warren.js
 RUN find src -type f -exec touch {} + \
     && cargo build --release --locked \
     && install -m 0755 target/release/warren /warren

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end browser test: starts Warren, then drives its /demo page in headless
-# Chromium (Debian's package) with playwright-core. Installs what it needs.
+# Chromium (Debian's package) with playwright-core; the page runs on the JavaScript
+# client Warren serves at /clients/warren.js (clients/js/). Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh

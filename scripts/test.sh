@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test: unit and integration tests against the real RabbitMQ and Redis, the
-# browser end-to-end test in headless Chromium, the API contract proofs (a generated
+# browser end-to-end test in headless Chromium, the JavaScript client against a real
+# Warren, the API contract proofs (a generated
 # Python client and schemathesis against a running Warren), and the static checks of
 # deploy/. Starts (or installs) what the tests need first. Extra arguments go to
 # `cargo test`.
@@ -13,5 +14,6 @@ cargo test --locked "$@"
 # they run here, alone and one at a time.
 cargo test --locked --test solo -- --ignored --test-threads=1
 scripts/browser-test.sh
+scripts/js-client-test.sh
 scripts/api-contract.sh
 bash deploy/check.sh

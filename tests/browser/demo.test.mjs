@@ -1,13 +1,24 @@
-// End to end in a real browser: the /demo page subscribes over WebSocket, a REST
-// publish arrives on the page, and a publish from the page is confirmed.
+// End to end in a real browser: the /demo page, built on the JavaScript client that
+// Warren serves at /clients/warren.js (clients/js/warren.js), subscribes over WebSocket,
+// a REST publish arrives on the page, and a publish from the page is confirmed.
 // Run by scripts/browser-test.sh, which starts Warren and sets WARREN_URL / WARREN_TOKEN.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
 const base = process.env.WARREN_URL;
 const token = process.env.WARREN_TOKEN;
 const screenshot = process.env.WARREN_SCREENSHOT;
+
+test("Warren serves the client library at /clients/warren.js", async () => {
+  assert.ok(base, "WARREN_URL must be set");
+  const response = await fetch(`${base}/clients/warren.js`);
+  assert.equal(response.status, 200, "the /clients/warren.js route is missing");
+  assert.match(response.headers.get("content-type") ?? "", /^text\/javascript/);
+  const library = readFileSync(new URL("../../clients/js/warren.js", import.meta.url), "utf8");
+  assert.equal(await response.text(), library, "the served library is clients/js/warren.js");
+});
 
 test("the demo page receives a REST publish and publishes with a confirm", async () => {
   assert.ok(base && token, "WARREN_URL and WARREN_TOKEN must be set");
@@ -23,6 +34,7 @@ test("the demo page receives a REST publish and publishes with a confirm", async
     await page.goto(`${base}/demo#${hash}`);
     await page.click("#connect");
     await page.waitForFunction(() => document.getElementById("status").textContent === "subscribed", null, { timeout: 10000 });
+    assert.equal(await page.evaluate(() => window.warrenClient.state), "connected", "the page runs on the library");
 
     const response = await fetch(`${base}/v1/publish`, {
       method: "POST",
