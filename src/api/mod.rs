@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
     operational
         .merge(api)
         .route("/demo", get(demo))
+        .route("/clients/warren.js", get(client_library))
         .merge(docs)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -175,6 +176,20 @@ async fn demo() -> impl IntoResponse {
             (axum::http::header::CACHE_CONTROL, "no-store"),
         ],
         include_str!("../../assets/demo.html"),
+    )
+}
+
+/// The browser and Node client library (clients/js), which `/demo` is built on.
+async fn client_library() -> impl IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../clients/js/warren.js"),
     )
 }
 
