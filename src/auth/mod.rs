@@ -10,18 +10,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde_json::{Map, Value};
 use tokio::task::AbortHandle;
 
-use crate::AppState;
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::tenancy::Tenant;
+use crate::tenancy::{Tenant, Tenants};
 use keys::{HmacSecret, KeyMiss, KeySources, KeyStore};
 
 /// What a token may do (the `scope` claim, space-separated).
@@ -317,11 +313,15 @@ impl Principal {
 }
 
 /// Verifies the bearer token and resolves the tenant.
-pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, ApiError> {
+pub async fn authenticate(
+    verifier: &Verifier,
+    tenants: &Tenants,
+    token: Option<&str>,
+) -> Result<Principal, ApiError> {
     let token =
         token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
-    let claims = state.verifier.verify(token).await?;
-    let tenant = state.tenants.get(&claims.tenant)?;
+    let claims = verifier.verify(token).await?;
+    let tenant = tenants.get(&claims.tenant)?;
     tracing::Span::current().record("tenant", tenant.name.as_str());
     Ok(Principal {
         tenant,
@@ -331,27 +331,25 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     })
 }
 
-/// The token of an `Authorization: Bearer <jwt>` header, if there is one.
-pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
+/// The token of an `Authorization: Bearer <jwt>` header (its raw bytes), if there is
+/// one.
+pub fn bearer(authorization: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
+    let Some(value) = authorization else {
         return Ok(None);
     };
+    // What `HeaderValue::to_str` accepts: visible ASCII, spaces and tabs.
     let value = value
-        .to_str()
-        .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".to_owned()))?;
+        .iter()
+        .all(|b| *b == b'\t' || (32..127).contains(b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header is not ASCII".to_owned())
+        })?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
         _ => Err(ApiError::Unauthorized(
             "the Authorization header must be `Bearer <token>`".to_owned(),
         )),
-    }
-}
-
-impl FromRequestParts<AppState> for Principal {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)?;
-        authenticate(state, token).await
     }
 }
