@@ -81,8 +81,8 @@ const ALGORITHMS: [Algorithm; 12] = [
 ];
 
 impl Verifier {
-    /// Loads the keys (fetching a JWKS URL once, bounded by its timeout) and starts
-    /// their periodic refresh.
+    /// Loads the keys (reading key files, fetching a JWKS URL once, bounded by its
+    /// timeout) and starts their periodic refresh.
     pub async fn start(config: &AuthConfig, sources: &KeySources) -> anyhow::Result<Self> {
         let keys = KeyStore::start(sources).await?;
         let refresher = keys.spawn_refresher();

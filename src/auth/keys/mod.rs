@@ -120,10 +120,12 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    /// Builds the store and, with a JWKS URL, fetches it once: that fetch is bounded by
+    /// Reads the key files (an error names the config key of the first bad one), builds
+    /// the store and, with a JWKS URL, fetches it once: that fetch is bounded by
     /// `fetch_timeout`, and if it fails Warren starts without those keys (logged) and
     /// keeps trying every `min_refetch`.
     pub async fn start(sources: &KeySources) -> anyhow::Result<Arc<Self>> {
+        let files = sources.load_files()?;
         let remote = match &sources.jwks_url {
             Some(url) => Some(RemoteJwks {
                 url: url.clone(),
@@ -156,7 +158,7 @@ impl KeyStore {
                 .iter()
                 .map(|s| Arc::new(s.verification_key()))
                 .collect(),
-            files: sources.load_files()?,
+            files,
             remote,
             last_refresh: None,
         };
