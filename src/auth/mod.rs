@@ -3,6 +3,7 @@
 
 pub mod grants;
 pub mod keys;
+pub mod rules;
 #[cfg(test)]
 mod verify_tests;
 
@@ -15,10 +16,10 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde_json::{Map, Value};
 use tokio::task::AbortHandle;
 
-use crate::config::AuthConfig;
 use crate::error::ApiError;
 use crate::tenancy::{Tenant, Tenants};
 use keys::{HmacSecret, KeyMiss, KeySources, KeyStore};
+pub use rules::ClaimRules;
 
 /// What a token may do (the `scope` claim, space-separated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,16 +84,17 @@ const ALGORITHMS: [Algorithm; 12] = [
 impl Verifier {
     /// Loads the keys (reading key files, fetching a JWKS URL once, bounded by its
     /// timeout) and starts their periodic refresh.
-    pub async fn start(config: &AuthConfig, sources: &KeySources) -> anyhow::Result<Self> {
+    pub async fn start(rules: impl Into<ClaimRules>, sources: &KeySources) -> anyhow::Result<Self> {
+        let config = rules.into();
         let keys = KeyStore::start(sources).await?;
         let refresher = keys.spawn_refresher();
         Ok(Self {
             keys,
             validations: ALGORITHMS
                 .iter()
-                .map(|alg| (*alg, validation(config, *alg)))
+                .map(|alg| (*alg, validation(&config, *alg)))
                 .collect(),
-            tenant_claim: config.tenant_claim.clone(),
+            tenant_claim: config.tenant_claim,
             refresher,
         })
     }
@@ -194,7 +196,7 @@ impl Verifier {
 
 /// The claim checks, allowing exactly `alg`. `iss` and `aud` are required when
 /// configured (a token without them is refused, not waved through).
-fn validation(config: &AuthConfig, alg: Algorithm) -> Validation {
+fn validation(config: &ClaimRules, alg: Algorithm) -> Validation {
     let mut validation = Validation::new(alg);
     validation.leeway = config.leeway_s;
     validation.validate_exp = true;
@@ -265,10 +267,11 @@ pub struct TokenRequest<'a> {
 /// Signs a token carrying the claims Warren reads with an HMAC secret from the config
 /// (its algorithm, and its `kid` in the header when it has one).
 pub fn mint(
-    config: &AuthConfig,
+    rules: impl Into<ClaimRules>,
     secret: &HmacSecret,
     request: &TokenRequest<'_>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    let config = rules.into();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

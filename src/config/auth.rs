@@ -14,6 +14,7 @@ use super::check::{Given, all_positive, inline_or_file};
 use crate::auth::keys::{
     HmacSecret, KeyFileKind, KeyFileSource, KeySources, is_loopback_host, parse_algorithm,
 };
+use crate::auth::rules::ClaimRules;
 
 /// Token verification (SPEC §3). At least one key source is required: an HS256 secret,
 /// `hs_secrets`, `public_key_files`, `jwks_file` or `jwks_url`.
@@ -117,6 +118,17 @@ fn secret_bytes(given: Given<'_>) -> Vec<u8> {
     match given {
         Given::Inline(secret) => secret.as_bytes().to_vec(),
         Given::File(text) => text.trim_end().as_bytes().to_vec(),
+    }
+}
+
+impl From<&AuthConfig> for ClaimRules {
+    fn from(config: &AuthConfig) -> Self {
+        Self {
+            tenant_claim: config.tenant_claim.clone(),
+            leeway_s: config.leeway_s,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+        }
     }
 }
 
