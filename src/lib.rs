@@ -60,6 +60,7 @@ impl App {
     pub async fn start(config: Config) -> anyhow::Result<AppState> {
         let resolved = config.resolve()?;
         telemetry::prometheus();
+        telemetry::poison_reasons(broker::poison::Reason::ALL.map(broker::poison::Reason::as_str));
         let verifier = Verifier::start(&config.auth, &resolved.token_keys).await?;
         let tenants =
             Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;

@@ -94,7 +94,10 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    warren::telemetry::init_tracing(&config.log);
+    warren::telemetry::init_tracing(
+        &config.log.level,
+        config.log.format == warren::config::LogFormat::Json,
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
@@ -188,7 +191,18 @@ fn token(path: PathBuf, tenant: &str, sub: &str, scope: &str, ttl: Duration) -> 
 }
 
 fn check_config(path: PathBuf) -> ExitCode {
-    match Config::load(&path).and_then(|c| c.resolve().map(|_| c)) {
+    // Key files are the key store's to read; check-config reads them too, to catch bad
+    // keys before a deploy does.
+    let checked = Config::load(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.resolve().map(|r| (c, r)).map_err(|e| e.to_string()))
+        .and_then(|(c, r)| {
+            r.token_keys
+                .check_files()
+                .map(|()| c)
+                .map_err(|e| e.to_string())
+        });
+    match checked {
         Ok(config) => {
             println!(
                 "{}: OK ({} tenant(s), listening on {})",

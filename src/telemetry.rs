@@ -1,18 +1,15 @@
 //! Logging set-up and every metric Warren exports, named in one place. Labels come from
 //! bounded sets only: route templates, configured tenants and vhosts, outcome enums.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+//!
+//! A leaf: it takes plain values (names, numbers) and imports nothing else of Warren.
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use std::sync::OnceLock;
+use std::time::Duration;
+
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
-
-use crate::AppState;
-use crate::config::{LogConfig, LogFormat};
 
 pub const HTTP_REQUESTS: &str = "warren_http_requests_total";
 pub const HTTP_DURATION: &str = "warren_http_request_duration_seconds";
@@ -197,11 +194,6 @@ fn describe() {
         POISON,
         "Deliveries not forwarded because their headers nest too deep or hold too many values, by mode (live: dropped, durable: rejected without requeue) and reason (too_deep, too_large)."
     );
-    for mode in ["live", "durable"] {
-        for reason in crate::broker::poison::Reason::ALL {
-            counter!(POISON, "mode" => mode, "reason" => reason.as_str()).increment(0);
-        }
-    }
     describe_counter!(
         AUTH_KEY_RELOADS,
         "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
@@ -217,43 +209,33 @@ fn describe() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
-/// Installs the `tracing` subscriber: human text or JSON lines. `RUST_LOG` wins over config.
-pub fn init_tracing(config: &LogConfig) {
+/// Installs the `tracing` subscriber: human text, or JSON lines when `json`. `level` is
+/// a filter directive (`log.level`); `RUST_LOG` wins over it.
+pub fn init_tracing(level: &str, json: bool) {
     // lapin logs a returned message with its body at WARN; bodies are never logged.
     // It also logs every channel the broker closes at ERROR, including those a client
     // causes (a missing exchange); Warren logs those itself, at the level they deserve.
     const QUIET: &str = "lapin::returned_messages=off,lapin::channel=off";
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},{QUIET}", config.level)))
+        .or_else(|_| EnvFilter::try_new(format!("{level},{QUIET}")))
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")))
         .add_directive("lapin::returned_messages=off".parse().unwrap_or_default())
         .add_directive("lapin::channel=off".parse().unwrap_or_default());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
     };
 }
 
-/// Middleware: counts and times every request by its route template, never the raw URI.
-pub async fn track_http(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let _in_flight = state.0.track_request();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
+/// One answered HTTP request, by its route template (never the raw URI).
+pub fn http_request(route: String, method: String, status: u16, elapsed: Duration) {
+    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
         .increment(1);
-    histogram!(HTTP_DURATION, "route" => route, "method" => method)
-        .record(start.elapsed().as_secs_f64());
-    response
+    histogram!(HTTP_DURATION, "route" => route, "method" => method).record(elapsed.as_secs_f64());
 }
 
 pub fn publish_outcome(tenant: &str, outcome: &'static str) {
@@ -284,8 +266,17 @@ pub fn broker_reconnected(vhost: &str) {
     counter!(AMQP_RECONNECTS, "vhost" => vhost.to_owned()).increment(1);
 }
 
+/// One vhost pool's size and use, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolGauges {
+    pub connections: usize,
+    pub channels_open: usize,
+    pub channels_idle: usize,
+    pub inflight_confirms: usize,
+}
+
 /// Pool gauges, refreshed when `/metrics` is scraped.
-pub fn pool_stats(vhost: &str, stats: crate::broker::PoolStats) {
+pub fn pool_stats(vhost: &str, stats: PoolGauges) {
     let v = vhost.to_owned();
     gauge!(AMQP_CONNECTIONS, "vhost" => v.clone()).set(stats.connections as f64);
     gauge!(AMQP_CHANNELS, "vhost" => v.clone(), "state" => "idle").set(stats.channels_idle as f64);
@@ -338,7 +329,17 @@ pub fn ws_filtered(mode: &'static str) {
     counter!(WS_FILTERED, "mode" => mode).increment(1);
 }
 
-/// `mode` is `live` or `durable`, `reason` a [`crate::broker::poison::Reason`].
+/// Makes the poison series exist from the start (at 0) for every `reason` label the
+/// broker layer reports, in both modes.
+pub fn poison_reasons(reasons: impl IntoIterator<Item = &'static str>) {
+    for reason in reasons {
+        for mode in ["live", "durable"] {
+            counter!(POISON, "mode" => mode, "reason" => reason).increment(0);
+        }
+    }
+}
+
+/// `mode` is `live` or `durable`, `reason` a label given to [`poison_reasons`].
 pub fn poison_message(mode: &'static str, reason: &'static str) {
     counter!(POISON, "mode" => mode, "reason" => reason).increment(1);
 }

@@ -133,7 +133,16 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 )]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for broker in state.tenants.brokers().iter().filter(|b| b.has_metrics()) {
-        telemetry::pool_stats(broker.vhost(), broker.stats());
+        let stats = broker.stats();
+        telemetry::pool_stats(
+            broker.vhost(),
+            telemetry::PoolGauges {
+                connections: stats.connections,
+                channels_open: stats.channels_open,
+                channels_idle: stats.channels_idle,
+                inflight_confirms: stats.inflight_confirms,
+            },
+        );
     }
     telemetry::idempotency_store_up(state.idempotency.store.ping().await.is_ok());
     (

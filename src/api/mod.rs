@@ -1,10 +1,12 @@
 //! HTTP surface: routes, middleware (request id, tracing, metrics, limits), fallbacks.
 
 pub mod body;
+pub mod extract;
 pub mod health;
 pub mod model;
 pub mod openapi;
 pub mod publish;
+pub mod track;
 
 use std::any::Any;
 
@@ -24,7 +26,6 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::telemetry;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -80,7 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(docs)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            telemetry::track_http,
+            track::track_http,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

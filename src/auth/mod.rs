@@ -3,6 +3,7 @@
 
 pub mod grants;
 pub mod keys;
+pub mod rules;
 #[cfg(test)]
 mod verify_tests;
 
@@ -10,19 +11,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde_json::{Map, Value};
 use tokio::task::AbortHandle;
 
-use crate::AppState;
-use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::tenancy::Tenant;
+use crate::tenancy::{Tenant, Tenants};
 use keys::{HmacSecret, KeyMiss, KeySources, KeyStore};
+pub use rules::ClaimRules;
 
 /// What a token may do (the `scope` claim, space-separated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,18 +82,19 @@ const ALGORITHMS: [Algorithm; 12] = [
 ];
 
 impl Verifier {
-    /// Loads the keys (fetching a JWKS URL once, bounded by its timeout) and starts
-    /// their periodic refresh.
-    pub async fn start(config: &AuthConfig, sources: &KeySources) -> anyhow::Result<Self> {
+    /// Loads the keys (reading key files, fetching a JWKS URL once, bounded by its
+    /// timeout) and starts their periodic refresh.
+    pub async fn start(rules: impl Into<ClaimRules>, sources: &KeySources) -> anyhow::Result<Self> {
+        let config = rules.into();
         let keys = KeyStore::start(sources).await?;
         let refresher = keys.spawn_refresher();
         Ok(Self {
             keys,
             validations: ALGORITHMS
                 .iter()
-                .map(|alg| (*alg, validation(config, *alg)))
+                .map(|alg| (*alg, validation(&config, *alg)))
                 .collect(),
-            tenant_claim: config.tenant_claim.clone(),
+            tenant_claim: config.tenant_claim,
             refresher,
         })
     }
@@ -198,7 +196,7 @@ impl Verifier {
 
 /// The claim checks, allowing exactly `alg`. `iss` and `aud` are required when
 /// configured (a token without them is refused, not waved through).
-fn validation(config: &AuthConfig, alg: Algorithm) -> Validation {
+fn validation(config: &ClaimRules, alg: Algorithm) -> Validation {
     let mut validation = Validation::new(alg);
     validation.leeway = config.leeway_s;
     validation.validate_exp = true;
@@ -269,10 +267,11 @@ pub struct TokenRequest<'a> {
 /// Signs a token carrying the claims Warren reads with an HMAC secret from the config
 /// (its algorithm, and its `kid` in the header when it has one).
 pub fn mint(
-    config: &AuthConfig,
+    rules: impl Into<ClaimRules>,
     secret: &HmacSecret,
     request: &TokenRequest<'_>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    let config = rules.into();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -317,11 +316,15 @@ impl Principal {
 }
 
 /// Verifies the bearer token and resolves the tenant.
-pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Principal, ApiError> {
+pub async fn authenticate(
+    verifier: &Verifier,
+    tenants: &Tenants,
+    token: Option<&str>,
+) -> Result<Principal, ApiError> {
     let token =
         token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
-    let claims = state.verifier.verify(token).await?;
-    let tenant = state.tenants.get(&claims.tenant)?;
+    let claims = verifier.verify(token).await?;
+    let tenant = tenants.get(&claims.tenant)?;
     tracing::Span::current().record("tenant", tenant.name.as_str());
     Ok(Principal {
         tenant,
@@ -331,27 +334,25 @@ pub async fn authenticate(state: &AppState, token: Option<&str>) -> Result<Princ
     })
 }
 
-/// The token of an `Authorization: Bearer <jwt>` header, if there is one.
-pub fn bearer(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
+/// The token of an `Authorization: Bearer <jwt>` header (its raw bytes), if there is
+/// one.
+pub fn bearer(authorization: Option<&[u8]>) -> Result<Option<&str>, ApiError> {
+    let Some(value) = authorization else {
         return Ok(None);
     };
+    // What `HeaderValue::to_str` accepts: visible ASCII, spaces and tabs.
     let value = value
-        .to_str()
-        .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".to_owned()))?;
+        .iter()
+        .all(|b| *b == b'\t' || (32..127).contains(b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+        .ok_or_else(|| {
+            ApiError::Unauthorized("the Authorization header is not ASCII".to_owned())
+        })?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
         _ => Err(ApiError::Unauthorized(
             "the Authorization header must be `Bearer <token>`".to_owned(),
         )),
-    }
-}
-
-impl FromRequestParts<AppState> for Principal {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(&parts.headers)?;
-        authenticate(state, token).await
     }
 }

@@ -1,6 +1,9 @@
 //! The verifier under attack: every algorithm family verifies with its pinned key, and
 //! `alg: none`, key confusion, unknown or foreign `kid`s, bad claims and tampering are
 //! all 401. Keys are the committed test pairs under `tests/keys/`.
+//!
+//! Over 500 lines on purpose: one test per attack and per key kind, kept together so
+//! the verifier's whole threat list reads in one place.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -180,7 +180,7 @@ async fn admit(
         )));
     }
     let token = token(headers, query.access_token.as_deref())?;
-    let principal = auth::authenticate(state, token.as_deref()).await?;
+    let principal = auth::authenticate(&state.verifier, &state.tenants, token.as_deref()).await?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::InvalidRequest(format!("GET /v1/ws needs a WebSocket upgrade: {e}"))
     })?;
@@ -205,7 +205,11 @@ async fn admit(
 /// The token from `Authorization: Bearer`, `?access_token=`, or a `bearer.<jwt>`
 /// subprotocol (browsers cannot set headers on WebSockets).
 fn token(headers: &HeaderMap, query: Option<&str>) -> Result<Option<String>, ApiError> {
-    if let Some(token) = auth::bearer(headers)? {
+    if let Some(token) = auth::bearer(
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )? {
         return Ok(Some(token.to_owned()));
     }
     if let Some(token) = query {

@@ -375,7 +375,13 @@ impl Session {
         token: &str,
         expiry: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Step {
-        let principal = match auth::authenticate(&self.state, Some(token)).await {
+        let principal = match auth::authenticate(
+            &self.state.verifier,
+            &self.state.tenants,
+            Some(token),
+        )
+        .await
+        {
             Ok(principal) => principal,
             Err(e) => return Step::Write(vec![ServerFrame::error(None, &e)]),
         };

@@ -1,0 +1,179 @@
+//! `[amqp]`: broker URLs (inline, several, or from a file), pool sizes, timeouts and
+//! TLS to the broker, each checked here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::check::{all_positive, check_url, read_file};
+use super::{ConfigError, DEFAULT_BROKER_URL};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// One broker URL; `urls` lists several for failover (tried in turn).
+    pub url: Option<String>,
+    pub urls: Vec<String>,
+    /// Read the broker URL (it carries a password) from a file instead.
+    pub url_file: Option<PathBuf>,
+    pub confirm_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// How long a publish waits for a free channel or in-flight slot before answering 503.
+    pub acquire_timeout_ms: u64,
+    pub heartbeat_s: u16,
+    pub connections_per_vhost: usize,
+    pub channels_per_vhost: usize,
+    /// Publishes awaiting their confirm, per vhost; beyond this new publishes wait
+    /// up to `acquire_timeout_ms`, then answer 503.
+    pub max_inflight_confirms: usize,
+    pub reconnect_backoff_min_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    /// How long a positive exchange-existence check is trusted.
+    pub exchange_cache_ttl_s: u64,
+    /// Exchanges remembered per vhost; beyond it the cache starts afresh.
+    pub exchange_cache_max_entries: usize,
+    /// Consumer channels (live topics and durable subscriptions, of every tenant on
+    /// the vhost) one vhost pool may open; past it a subscribe answers 503. Kept well
+    /// below connections_per_vhost x the broker's channel_max (2047), so the publish
+    /// pool's channels can always be opened.
+    pub max_consumer_channels: usize,
+    pub tls: TlsConfig,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            urls: Vec::new(),
+            url_file: None,
+            confirm_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
+            acquire_timeout_ms: 1000,
+            heartbeat_s: 10,
+            connections_per_vhost: 2,
+            channels_per_vhost: 32,
+            max_inflight_confirms: 10_000,
+            reconnect_backoff_min_ms: 100,
+            reconnect_backoff_max_ms: 10_000,
+            exchange_cache_ttl_s: 30,
+            exchange_cache_max_entries: 10_000,
+            max_consumer_channels: 1024,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl AmqpConfig {
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.confirm_timeout_ms)
+    }
+}
+
+/// TLS for `amqps://` broker URLs (rustls).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM bundle of CAs to trust in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and PKCS#8 key for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl AmqpConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        all_positive(&[
+            ("amqp.confirm_timeout_ms", self.confirm_timeout_ms),
+            ("amqp.connect_timeout_ms", self.connect_timeout_ms),
+            ("amqp.acquire_timeout_ms", self.acquire_timeout_ms),
+            (
+                "amqp.connections_per_vhost",
+                self.connections_per_vhost as u64,
+            ),
+            ("amqp.channels_per_vhost", self.channels_per_vhost as u64),
+            (
+                "amqp.max_inflight_confirms",
+                self.max_inflight_confirms as u64,
+            ),
+            (
+                "amqp.exchange_cache_max_entries",
+                self.exchange_cache_max_entries as u64,
+            ),
+            (
+                "amqp.reconnect_backoff_min_ms",
+                self.reconnect_backoff_min_ms,
+            ),
+            (
+                "amqp.max_consumer_channels",
+                self.max_consumer_channels as u64,
+            ),
+        ])?;
+        // RabbitMQ's default channel_max is 2047 per connection; leave the publish pool
+        // room on every connection whatever the consumers take.
+        if self.max_consumer_channels + self.channels_per_vhost > self.connections_per_vhost * 2000
+        {
+            return Err(ConfigError::invalid(
+                "amqp.max_consumer_channels",
+                "with amqp.channels_per_vhost must fit in amqp.connections_per_vhost x 2000 channels",
+            ));
+        }
+        if self.reconnect_backoff_max_ms < self.reconnect_backoff_min_ms {
+            return Err(ConfigError::invalid(
+                "amqp.reconnect_backoff_max_ms",
+                "must not be below amqp.reconnect_backoff_min_ms",
+            ));
+        }
+        let tls = &self.tls;
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "amqp.tls.client_key_file",
+                "client_cert_file and client_key_file must be set together",
+            ));
+        }
+        for (key, file) in [
+            ("amqp.tls.ca_file", &tls.ca_file),
+            ("amqp.tls.client_cert_file", &tls.client_cert_file),
+            ("amqp.tls.client_key_file", &tls.client_key_file),
+        ] {
+            if let Some(path) = file {
+                read_file(key, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The shared broker URLs: `url`, `urls` or the content of `url_file` (only one of
+    /// them), else the local default.
+    pub(super) fn broker_urls(&self) -> Result<Vec<String>, ConfigError> {
+        let set = [
+            self.url.is_some(),
+            !self.urls.is_empty(),
+            self.url_file.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if set > 1 {
+            return Err(ConfigError::invalid(
+                "amqp.url",
+                "set only one of amqp.url, amqp.urls and amqp.url_file",
+            ));
+        }
+        if let Some(url) = &self.url {
+            return Ok(vec![check_url("amqp.url", url)?]);
+        }
+        if let Some(path) = &self.url_file {
+            let url = read_file("amqp.url_file", path)?;
+            return Ok(vec![check_url("amqp.url_file", url.trim())?]);
+        }
+        if self.urls.is_empty() {
+            return Ok(vec![DEFAULT_BROKER_URL.to_owned()]);
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| check_url(&format!("amqp.urls[{i}]"), url))
+            .collect()
+    }
+}

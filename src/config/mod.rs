@@ -1,0 +1,204 @@
+//! Typed configuration: loaded once at start from TOML plus `WARREN_*` environment
+//! overrides, and validated with errors that name the key. Plain data: each section
+//! (a file here) checks itself; key sources are described, and the key store reads
+//! them ([`crate::auth::keys`]).
+
+mod amqp;
+mod auth;
+mod check;
+mod idempotency;
+mod log;
+mod server;
+mod tenants;
+#[cfg(test)]
+mod tests;
+mod ws;
+
+pub use amqp::{AmqpConfig, TlsConfig};
+pub use auth::{AuthConfig, HsSecretConfig, PublicKeyFileConfig};
+pub use idempotency::{IdempotencyConfig, StoreKind};
+pub use log::{LogConfig, LogFormat};
+pub use server::{CorsConfig, ListenerTls, ServerConfig};
+pub use tenants::{
+    DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
+};
+pub use ws::WsConfig;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::auth::keys::{HmacSecret, KeySources};
+
+/// A configuration problem, always naming the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
+    #[serde(default)]
+    pub ws: WsConfig,
+    #[serde(default)]
+    pub dynamic_tenants: DynamicTenantsConfig,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Every token key source, checked and described; the key store reads the files.
+    pub token_keys: KeySources,
+    /// What `warren token` and dev mode sign with: the HS256 secret, else the first of
+    /// `auth.hs_secrets`; `None` when only public keys are configured.
+    pub signing_secret: Option<HmacSecret>,
+    pub broker_urls: Vec<String>,
+    pub tenants: BTreeMap<String, ResolvedTenant>,
+    pub dynamic: Option<ResolvedDynamic>,
+}
+
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672";
+
+impl Config {
+    /// Loads `path` (TOML) with `WARREN_<SECTION>__<KEY>` environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Parse(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)))
+    }
+
+    /// Parses TOML text (with the same environment overrides as [`Config::load`]).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        figment
+            // Only `WARREN_<SECTION>__<KEY>` names are config; other WARREN_* variables
+            // (WARREN_TEST_AMQP_URL, a script's own) are none of its business.
+            .merge(
+                Env::prefixed("WARREN_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            )
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Parse(figment_message(e)))
+    }
+
+    /// The configuration of `warren serve` without `--config`: loopback only, one
+    /// tenant `default` on vhost `/` with full grants, and a random HS256 secret.
+    pub fn dev() -> Self {
+        let secret: [u8; 32] = rand::random();
+        let full = || {
+            vec![GrantConfig {
+                exchange: "*".to_owned(),
+                routing_key: "#".to_owned(),
+            }]
+        };
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            "default".to_owned(),
+            TenantConfig {
+                vhost: "/".to_owned(),
+                amqp_url: None,
+                amqp_url_file: None,
+                publish: full(),
+                subscribe: full(),
+                limits: LimitsConfig::default(),
+            },
+        );
+        Self {
+            server: ServerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                ..ServerConfig::default()
+            },
+            amqp: AmqpConfig {
+                url: Some(DEFAULT_BROKER_URL.to_owned()),
+                ..AmqpConfig::default()
+            },
+            auth: AuthConfig {
+                hs256_secret: Some(hex(&secret)),
+                ..AuthConfig::default()
+            },
+            log: LogConfig::default(),
+            idempotency: IdempotencyConfig::default(),
+            ws: WsConfig::default(),
+            dynamic_tenants: DynamicTenantsConfig::default(),
+            tenants,
+        }
+    }
+
+    /// Checks every key and reads every referenced file except token key files (the
+    /// key store reads those: `KeySources::check_files`). The error names the key.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        self.server.validate()?;
+        self.amqp.validate()?;
+        self.idempotency.validate(self.amqp.confirm_timeout_ms)?;
+        self.ws.validate()?;
+        let broker_urls = self.amqp.broker_urls()?;
+        let (token_keys, signing_secret) = self.auth.key_sources()?;
+        let tenants =
+            tenants::resolve_tenants(&self.tenants, self.dynamic_tenants.enabled, &broker_urls)?;
+        let dynamic = self.dynamic_tenants.resolve(&broker_urls)?;
+        Ok(Resolved {
+            token_keys,
+            signing_secret,
+            broker_urls,
+            tenants,
+            dynamic,
+        })
+    }
+}
+
+fn figment_message(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let kind = e.kind.to_string();
+            if key.is_empty() {
+                kind
+            } else {
+                format!("{key}: {kind}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
