@@ -1,19 +1,15 @@
-//! Publish request and response bodies, and their translation into AMQP messages with
-//! every property validated (SPEC §4).
+//! Publish request and response bodies as they travel on the wire (serde) and appear in
+//! the OpenAPI document (utoipa), and their conversions into and from the publish
+//! service's own types. Validation and the AMQP translation live in
+//! [`crate::publishing`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::broker::OutgoingMessage;
 use crate::error::ProblemCode;
+use crate::publishing;
 
 /// One message to publish: `POST /v1/publish`, and each item of a batch. Exactly one of
 /// `payload`, `body` and `body_base64` carries the message body (`null` counts as absent).
@@ -220,302 +216,100 @@ pub struct BatchResponse {
     pub results: Vec<BatchItemResult>,
 }
 
-/// W3C trace context from the HTTP request, copied into AMQP headers.
-#[derive(Debug, Clone, Default)]
-pub struct TraceContext {
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-}
-
-impl TraceContext {
-    pub fn from_headers(headers: &axum::http::HeaderMap) -> Self {
-        let get = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty() && v.len() <= 512)
-                .map(str::to_owned)
-        };
+impl From<PublishRequest> for publishing::Request {
+    fn from(r: PublishRequest) -> Self {
         Self {
-            traceparent: get("traceparent"),
-            tracestate: get("tracestate"),
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            payload: r.payload,
+            body: r.body,
+            body_base64: r.body_base64,
+            content_type: r.content_type,
+            properties: r.properties.into(),
+            mandatory: r.mandatory,
         }
     }
 }
 
-/// RabbitMQ's bound on per-message TTL (ten years). Above it the broker closes the
-/// publishing channel (406 PRECONDITION_FAILED) instead of answering the publish.
-pub const MAX_EXPIRATION_MS: u64 = 315_360_000_000;
-
-/// Nesting bound for header tables, so a hostile body cannot recurse deeply.
-const MAX_HEADER_DEPTH: usize = 8;
-
-/// A validated message plus the id it will carry.
-#[derive(Debug)]
-pub struct Prepared {
-    pub message: OutgoingMessage,
-    pub message_id: String,
-    /// The routing keys of the `CC` and `BCC` headers: RabbitMQ routes the message with
-    /// each of them too (sender-selected distribution), so each must be granted.
-    pub extra_routing_keys: Vec<String>,
+impl From<MessageProperties> for publishing::Properties {
+    fn from(p: MessageProperties) -> Self {
+        Self {
+            message_id: p.message_id,
+            correlation_id: p.correlation_id,
+            reply_to: p.reply_to,
+            expiration_ms: p.expiration_ms,
+            priority: p.priority,
+            kind: p.kind,
+            app_id: p.app_id,
+            persistent: p.persistent,
+            headers: p.headers,
+        }
+    }
 }
 
-/// The headers RabbitMQ reads as more routing keys (sender-selected distribution).
-const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+impl From<publishing::Accepted> for PublishAccepted {
+    fn from(a: publishing::Accepted) -> Self {
+        Self {
+            message_id: a.message_id,
+            exchange: a.exchange,
+            routing_key: a.routing_key,
+            routed: a.routed,
+        }
+    }
+}
 
-/// At most this many routing keys in `CC` and `BCC` together.
-pub const MAX_EXTRA_ROUTING_KEYS: usize = 64;
-
-impl PublishRequest {
-    /// Validates and converts to an AMQP message. Errors name the offending field.
-    /// `message_id` is used when the client sets none (derived from an idempotency key);
-    /// without either, a fresh UUID.
-    /// `max_headers_bytes` bounds the encoded header table (`server.max_headers_bytes`):
-    /// a header frame larger than the broker's frame size would close the shared
-    /// connection.
-    pub fn prepare(
-        self,
-        trace: &TraceContext,
-        message_id: Option<String>,
-        max_headers_bytes: usize,
-    ) -> Result<Prepared, String> {
-        short("exchange", &self.exchange)?;
-        short("routing_key", &self.routing_key)?;
-        let (body, default_type) = match (self.payload, self.body, self.body_base64) {
-            (Some(json), None, None) => (json.get().as_bytes().to_vec(), "application/json"),
-            (None, Some(text), None) => (text.into_bytes(), "text/plain; charset=utf-8"),
-            (None, None, Some(b64)) => (
-                BASE64
-                    .decode(b64.as_bytes())
-                    .map_err(|e| format!("body_base64: not valid base64: {e}"))?,
-                "application/octet-stream",
-            ),
-            (None, None, None) => {
-                return Err("one of payload, body or body_base64 is required".to_owned());
-            }
-            _ => return Err("set only one of payload, body and body_base64".to_owned()),
-        };
-        let content_type = match self.content_type {
-            Some(ct) => {
-                short("content_type", &ct)?;
-                ct
-            }
-            None => default_type.to_owned(),
-        };
-        let p = self.properties;
-        let message_id = match p.message_id {
-            Some(id) if id.is_empty() => {
-                return Err("properties.message_id: must not be empty".to_owned());
-            }
-            Some(id) => {
-                short("properties.message_id", &id)?;
-                id
-            }
-            None => message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        };
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut properties = BasicProperties::default()
-            .with_content_type(content_type.into())
-            .with_message_id(message_id.as_str().into())
-            .with_delivery_mode(if p.persistent.unwrap_or(true) { 2 } else { 1 })
-            .with_timestamp(timestamp);
-        if let Some(v) = p.correlation_id {
-            properties = properties.with_correlation_id(short("properties.correlation_id", &v)?);
-        }
-        if let Some(v) = p.reply_to {
-            properties = properties.with_reply_to(short("properties.reply_to", &v)?);
-        }
-        if let Some(v) = p.kind {
-            properties = properties.with_type(short("properties.type", &v)?);
-        }
-        if let Some(v) = p.app_id {
-            properties = properties.with_app_id(short("properties.app_id", &v)?);
-        }
-        if let Some(ms) = p.expiration_ms {
-            if ms > MAX_EXPIRATION_MS {
-                return Err(format!(
-                    "properties.expiration_ms: must be at most {MAX_EXPIRATION_MS} (ten years)"
-                ));
-            }
-            properties = properties.with_expiration(ms.to_string().into());
-        }
-        if let Some(priority) = p.priority {
-            let priority = u8::try_from(priority)
-                .map_err(|_| "properties.priority: must be an integer from 0 to 255".to_owned())?;
-            properties = properties.with_priority(priority);
-        }
-        let mut headers = match p.headers {
-            Some(map) => table("properties.headers", map, 0)?,
-            None => FieldTable::default(),
-        };
-        let extra_routing_keys = routing_headers(&headers)?;
-        if let Some(tp) = &trace.traceparent {
-            headers.insert(
-                "traceparent".into(),
-                AMQPValue::LongString(tp.as_str().into()),
-            );
-        }
-        if let Some(ts) = &trace.tracestate {
-            headers.insert(
-                "tracestate".into(),
-                AMQPValue::LongString(ts.as_str().into()),
-            );
-        }
-        let headers_bytes = table_len(&headers);
-        if headers_bytes > max_headers_bytes {
-            return Err(format!(
-                "properties.headers: {headers_bytes} bytes encoded; at most {max_headers_bytes} are accepted (server.max_headers_bytes)"
-            ));
-        }
-        if !headers.inner().is_empty() {
-            properties = properties.with_headers(headers);
-        }
-        Ok(Prepared {
-            message: OutgoingMessage {
-                exchange: self.exchange,
-                routing_key: self.routing_key,
-                body: body.into(),
-                properties,
-                mandatory: self.mandatory.unwrap_or(true),
+impl From<publishing::ItemResult> for BatchItemResult {
+    fn from(item: publishing::ItemResult) -> Self {
+        match item {
+            publishing::ItemResult::Accepted(ok) => Self {
+                status: ACCEPTED,
+                message_id: Some(ok.message_id),
+                routed: Some(ok.routed),
+                code: None,
+                detail: None,
             },
-            message_id,
-            extra_routing_keys,
-        })
-    }
-}
-
-/// The routing keys of the `CC` and `BCC` headers. RabbitMQ takes them only as arrays
-/// of strings and closes the channel on any other type, so anything else is refused
-/// here, before it can break a pooled channel.
-fn routing_headers(headers: &FieldTable) -> Result<Vec<String>, String> {
-    let mut keys = Vec::new();
-    for name in ROUTING_HEADERS {
-        let Some(value) = headers.inner().get(name) else {
-            continue;
-        };
-        let AMQPValue::FieldArray(items) = value else {
-            return Err(format!(
-                "properties.headers.{name}: must be an array of routing keys (strings)"
-            ));
-        };
-        for item in items.as_slice() {
-            let AMQPValue::LongString(key) = item else {
-                return Err(format!(
-                    "properties.headers.{name}: must be an array of routing keys (strings)"
-                ));
-            };
-            let key = String::from_utf8_lossy(key.as_bytes()).into_owned();
-            short(&format!("properties.headers.{name}[]"), &key)?;
-            keys.push(key);
-        }
-    }
-    if keys.len() > MAX_EXTRA_ROUTING_KEYS {
-        return Err(format!(
-            "properties.headers: at most {MAX_EXTRA_ROUTING_KEYS} routing keys in CC and BCC together"
-        ));
-    }
-    Ok(keys)
-}
-
-/// The encoded size of a header table in an AMQP content header frame.
-pub fn table_len(table: &FieldTable) -> usize {
-    4 + table
-        .inner()
-        .iter()
-        .map(|(name, value)| 1 + name.as_str().len() + value_len(value))
-        .sum::<usize>()
-}
-
-/// The encoded size of one field value, its type tag included. Values Warren builds
-/// nest at most [`MAX_HEADER_DEPTH`] deep, so the recursion is bounded.
-fn value_len(value: &AMQPValue) -> usize {
-    1 + match value {
-        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
-        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
-        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
-        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
-        AMQPValue::DecimalValue(_) => 5,
-        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
-        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
-        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
-        AMQPValue::FieldArray(items) => 4 + items.as_slice().iter().map(value_len).sum::<usize>(),
-        AMQPValue::FieldTable(table) => table_len(table),
-        AMQPValue::Void => 0,
-    }
-}
-
-/// AMQP short strings are at most 255 bytes.
-fn short(field: &str, value: &str) -> Result<ShortString, String> {
-    if value.len() > 255 {
-        Err(format!(
-            "{field}: must be at most 255 bytes, got {}",
-            value.len()
-        ))
-    } else {
-        Ok(value.into())
-    }
-}
-
-fn table(
-    path: &str,
-    map: serde_json::Map<String, Value>,
-    depth: usize,
-) -> Result<FieldTable, String> {
-    if depth > MAX_HEADER_DEPTH {
-        return Err(format!(
-            "{path}: nested deeper than {MAX_HEADER_DEPTH} levels"
-        ));
-    }
-    let mut table = FieldTable::default();
-    // An empty name is allowed: RabbitMQ stores and delivers it like any other.
-    for (key, value) in map {
-        let name = short(&format!("{path}.{key}"), &key)?;
-        let value = amqp_value(&format!("{path}.{key}"), value, depth)?;
-        table.insert(name, value);
-    }
-    Ok(table)
-}
-
-fn amqp_value(path: &str, value: Value, depth: usize) -> Result<AMQPValue, String> {
-    Ok(match value {
-        Value::Null => AMQPValue::Void,
-        Value::Bool(b) => AMQPValue::Boolean(b),
-        // Integers beyond the signed 64-bit range become doubles, as every other number
-        // (serde_json already reads those beyond u64 as floats; one rule for all).
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => AMQPValue::LongLongInt(i),
-            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
-        },
-        Value::String(s) => AMQPValue::LongString(s.into()),
-        Value::Array(items) => {
-            if depth >= MAX_HEADER_DEPTH {
-                return Err(format!(
-                    "{path}: nested deeper than {MAX_HEADER_DEPTH} levels"
-                ));
+            publishing::ItemResult::Failed { message_id, error } => {
+                let problem = error.problem();
+                Self {
+                    status: problem.status,
+                    message_id,
+                    routed: None,
+                    code: Some(problem.code),
+                    detail: Some(problem.detail),
+                }
             }
-            let values = items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| amqp_value(&format!("{path}[{i}]"), v, depth + 1))
-                .collect::<Result<Vec<_>, _>>()?;
-            AMQPValue::FieldArray(FieldArray::from(values))
         }
-        Value::Object(map) => AMQPValue::FieldTable(table(path, map, depth + 1)?),
-    })
+    }
 }
+
+impl BatchResponse {
+    /// `200` when every item was confirmed, else `207`.
+    pub fn status(&self) -> u16 {
+        if self.results.iter().all(|r| r.status == ACCEPTED) {
+            200
+        } else {
+            207
+        }
+    }
+}
+
+/// The status of a confirmed publish, alone and as a batch item.
+const ACCEPTED: u16 = 202;
 
 #[cfg(test)]
 mod tests {
+    use lapin::types::AMQPValue;
+
     use super::*;
     use crate::api::body::parse_json;
+    use crate::publishing::{Prepared, TraceContext};
 
+    /// Through the wire type into the service's validation, as the handlers do.
     fn prepare(json: &str) -> Result<Prepared, String> {
-        parse_json::<PublishRequest>(json.as_bytes())
-            .map_err(|e| e.to_string())?
-            .prepare(&TraceContext::default(), None, 16 * 1024)
+        publishing::Request::from(
+            parse_json::<PublishRequest>(json.as_bytes()).map_err(|e| e.to_string())?,
+        )
+        .prepare(&TraceContext::default(), None, 16 * 1024)
     }
 
     #[test]
@@ -636,8 +430,7 @@ mod tests {
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             tracestate: Some("congo=t61rcWkgMzE".into()),
         };
-        let p = parse_json::<PublishRequest>(json.as_bytes())
-            .unwrap()
+        let p = publishing::Request::from(parse_json::<PublishRequest>(json.as_bytes()).unwrap())
             .prepare(&trace, None, 16 * 1024)
             .unwrap();
         let props = &p.message.properties;

@@ -82,7 +82,7 @@ impl Modify for BearerScheme {
 
 /// The request headers both publish operations read. Documentation only: the handlers
 /// read them through [`crate::idempotency::IdempotencyKey`] and
-/// [`crate::api::model::TraceContext`].
+/// [`crate::publishing::TraceContext`].
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]

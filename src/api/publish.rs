@@ -3,17 +3,18 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 
 use super::body::JsonBody;
-use super::model::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest, TraceContext};
+use super::model::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest};
 use super::openapi::{PublishHeaders, problems};
 use crate::AppState;
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
-use crate::idempotency::{Fingerprint, IdempotencyKey};
-use crate::publishing;
+use crate::idempotency::{self, Answered, Fingerprint, IdempotencyKey, Outcome};
+use crate::publishing::{self, TraceContext};
 
 /// Publish one message.
 ///
@@ -57,20 +58,33 @@ pub async fn publish(
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
-    let trace = TraceContext::from_headers(&headers);
+    let trace = trace_context(&headers);
     let fingerprint = Fingerprint::of("POST", "/v1/publish", &body.raw);
     let tenant = principal.tenant.clone();
     let message_id = key
         .as_ref()
         .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let max_headers = state.config.server.max_headers_bytes;
+    let request = body.value.into();
     let work = || async move {
-        match publishing::publish_one(&tenant, body.value, &trace, message_id, max_headers).await {
-            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-            Err(error) => error.into_response(),
-        }
+        let accepted =
+            publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await?;
+        Ok(Outcome::success(
+            StatusCode::ACCEPTED.as_u16(),
+            PublishAccepted::from(accepted),
+        ))
     };
-    publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
+    let (tenant, subject) = (&principal.tenant.name, &principal.subject);
+    let answer = publishing::idempotent(
+        &state.idempotency,
+        tenant,
+        subject,
+        key.as_ref(),
+        fingerprint,
+        work,
+    )
+    .await;
+    respond(answer)
 }
 
 /// Publish a batch of messages.
@@ -117,38 +131,89 @@ pub async fn publish_batch(
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
-    let trace = TraceContext::from_headers(&headers);
+    let trace = trace_context(&headers);
     let fingerprint = Fingerprint::of("POST", "/v1/publish/batch", &body.raw);
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
     let max_headers = state.config.server.max_headers_bytes;
     let item_key = key.clone();
     let subject = principal.subject.clone();
+    let requests = body.value.messages.into_iter().map(Into::into).collect();
     let work = || async move {
         let item_key = item_key.as_ref().map(|k| (k, subject.as_str()));
         let results =
-            publishing::publish_batch(&tenant, body.value, max, max_headers, &trace, item_key)
-                .await;
-        match results {
-            Ok(results) => {
-                let all_ok = results
-                    .iter()
-                    .all(|r| r.status == StatusCode::ACCEPTED.as_u16());
-                let status = if all_ok {
-                    StatusCode::OK
-                } else {
-                    StatusCode::MULTI_STATUS
-                };
-                (status, Json(BatchResponse { results })).into_response()
-            }
-            Err(error) => error.into_response(),
-        }
+            publishing::publish_batch(&tenant, requests, max, max_headers, &trace, item_key)
+                .await?;
+        let response = BatchResponse {
+            results: results.into_iter().map(Into::into).collect(),
+        };
+        Ok(Outcome::success(response.status(), response))
     };
-    publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await
+    let (tenant, subject) = (&principal.tenant.name, &principal.subject);
+    let answer = publishing::idempotent(
+        &state.idempotency,
+        tenant,
+        subject,
+        key.as_ref(),
+        fingerprint,
+        work,
+    )
+    .await;
+    respond(answer)
 }
 
 /// Scope first, then a well-formed key (if any).
 fn checks(principal: &Principal, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     principal.require(Scope::Publish)?;
-    IdempotencyKey::from_headers(headers)
+    IdempotencyKey::from_header_values(
+        headers
+            .get_all(idempotency::HEADER)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// W3C trace context from the request headers (each at most 512 bytes), for the AMQP
+/// headers.
+fn trace_context(headers: &HeaderMap) -> TraceContext {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 512)
+            .map(str::to_owned)
+    };
+    TraceContext {
+        traceparent: get("traceparent"),
+        tracestate: get("tracestate"),
+    }
+}
+
+/// The HTTP answer: a success as JSON with its status, a stored problem as
+/// problem+json, an error as its problem; a replay says so in `Idempotent-Replayed`.
+fn respond<T: Serialize>(answer: Result<Answered<T>, ApiError>) -> Response {
+    let answered = match answer {
+        Ok(answered) => answered,
+        Err(error) => return error.into_response(),
+    };
+    let status = |code| StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+    let mut response = match answered.outcome {
+        Outcome::Success { status: code, body } => (status(code), Json(body)).into_response(),
+        Outcome::Failure(problem) => {
+            let body = serde_json::to_vec(&problem).unwrap_or_default();
+            let mut response = (status(problem.status), body).into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+            response
+        }
+    };
+    if answered.replayed {
+        response.headers_mut().insert(
+            idempotency::REPLAYED_HEADER,
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
 }

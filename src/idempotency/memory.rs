@@ -8,12 +8,15 @@
 //! would let a concurrent duplicate run). When no room can be made the claim is refused:
 //! [`Claim::TenantFull`] when the tenant's own share is taken by its in-flight claims,
 //! [`Claim::StoreFull`] when the total bound is taken by other tenants' entries.
+//!
+//! Over 500 lines because nearly half of it is the tests that pin those bounds and that
+//! isolation, kept next to the bookkeeping they check.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Claim, Fingerprint, StoredResponse};
+use super::{Claim, Fingerprint, StoredOutcome};
 use crate::telemetry;
 
 /// The memory store's bounds: in total, and for each tenant's share.
@@ -72,7 +75,7 @@ struct Entry {
 
 enum State {
     Pending { token: String },
-    Done(StoredResponse),
+    Done(StoredOutcome),
 }
 
 /// Why no room could be made.
@@ -148,7 +151,7 @@ impl MemoryStore {
         key: &str,
         token: &str,
         fingerprint: Fingerprint,
-        response: StoredResponse,
+        response: StoredOutcome,
         retention: Duration,
     ) {
         let now = Instant::now();
@@ -348,8 +351,8 @@ mod tests {
         Fingerprint([n; 32])
     }
 
-    fn response(body: &str) -> StoredResponse {
-        StoredResponse {
+    fn response(body: &str) -> StoredOutcome {
+        StoredOutcome {
             status: 202,
             content_type: "application/json".into(),
             body: body.into(),

@@ -2,12 +2,12 @@
 //! semantics live here once; the memory and Redis stores only claim, finish and release.
 
 mod memory;
+mod outcome;
 mod redis_store;
 
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -15,6 +15,7 @@ use crate::config::{IdempotencyConfig, StoreKind};
 use crate::error::ApiError;
 use crate::telemetry;
 pub use memory::{Bounds, MemoryStore};
+pub use outcome::{Answered, Outcome, StoredOutcome, StoredProblem};
 pub use redis_store::RedisStore;
 
 pub const HEADER: &str = "idempotency-key";
@@ -25,17 +26,20 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    /// Reads the header: 1–255 printable ASCII characters, as a bare token or a quoted
-    /// structured-field string (`"abc"` and `abc` are the same key).
-    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, ApiError> {
-        let mut values = headers.get_all(HEADER).iter();
+    /// Reads the [`HEADER`] from every value the request carries: none is no key, more
+    /// than one is refused; 1–255 printable ASCII characters, as a bare token or a
+    /// quoted structured-field string (`"abc"` and `abc` are the same key).
+    pub fn from_header_values<'a>(
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Option<Self>, ApiError> {
+        let mut values = values.into_iter();
         let Some(value) = values.next() else {
             return Ok(None);
         };
         if values.next().is_some() {
             return Err(invalid("send one Idempotency-Key header, not several"));
         }
-        Self::parse(value.as_bytes()).map(Some)
+        Self::parse(value).map(Some)
     }
 
     pub fn parse(raw: &[u8]) -> Result<Self, ApiError> {
@@ -129,34 +133,6 @@ mod hex_bytes {
     }
 }
 
-/// A finished answer, kept for replay.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredResponse {
-    pub status: u16,
-    pub content_type: String,
-    pub body: String,
-}
-
-impl StoredResponse {
-    fn size(&self) -> usize {
-        self.content_type.len() + self.body.len() + 16
-    }
-
-    fn into_response(self, replayed: bool) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
-        let mut response = (status, self.body).into_response();
-        if let Ok(ct) = HeaderValue::from_str(&self.content_type) {
-            response.headers_mut().insert(header::CONTENT_TYPE, ct);
-        }
-        if replayed {
-            response
-                .headers_mut()
-                .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-        }
-        response
-    }
-}
-
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -167,7 +143,7 @@ pub enum Claim {
     /// The key was used with another request.
     Mismatch,
     /// The key finished earlier with this fingerprint: replay.
-    Done(StoredResponse),
+    Done(StoredOutcome),
     /// Memory store: the tenant's share is taken by its own claims still in flight.
     TenantFull,
     /// Memory store: the total bound is taken by other tenants' entries and claims in
@@ -224,7 +200,7 @@ impl Store {
         key: &str,
         token: &str,
         fingerprint: Fingerprint,
-        response: StoredResponse,
+        response: StoredOutcome,
         retention: Duration,
     ) -> Result<(), StoreError> {
         match self {
@@ -285,98 +261,97 @@ impl Idempotency {
     }
 
     /// Runs `work` at most once per (tenant, subject, key) while the key is retained, and
-    /// replays its answer to retries with the same fingerprint.
-    pub async fn run<F, Fut>(
+    /// replays its outcome to retries with the same fingerprint. `Err` is an answer given
+    /// now: `work`'s own failure (kept for replay when final), or the key's refusal.
+    pub async fn run<T, F, Fut>(
         &self,
         tenant: &str,
         subject: &str,
         key: &IdempotencyKey,
         fingerprint: Fingerprint,
         work: F,
-    ) -> Response
+    ) -> Result<Answered<T>, ApiError>
     where
+        T: Serialize + DeserializeOwned,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Response>,
+        Fut: Future<Output = Result<Outcome<T>, ApiError>>,
     {
         let store_key = format!("{tenant}\u{1f}{subject}\u{1f}{}", key.as_str());
-        let claim = match self
+        let claim = self
             .store
             .claim(tenant, &store_key, fingerprint, self.lock)
             .await
-        {
-            Ok(claim) => claim,
-            Err(e) => return unavailable(e).into_response(),
-        };
+            .map_err(unavailable)?;
         let token = match claim {
             Claim::New { token } => token,
             Claim::InFlight => {
                 telemetry::idempotency("in_use");
-                return ApiError::IdempotencyKeyInUse.into_response();
+                return Err(ApiError::IdempotencyKeyInUse);
             }
             Claim::Mismatch => {
                 telemetry::idempotency("mismatch");
-                return ApiError::IdempotencyKeyMismatch.into_response();
+                return Err(ApiError::IdempotencyKeyMismatch);
             }
             Claim::Done(stored) => {
                 telemetry::idempotency("replayed");
-                return stored.into_response(true);
+                let outcome = Outcome::decode(&stored).map_err(|e| {
+                    unavailable(StoreError(format!("unreadable idempotency record: {e}")))
+                })?;
+                return Ok(Answered {
+                    outcome,
+                    replayed: true,
+                });
             }
             Claim::TenantFull => {
                 telemetry::idempotency("full");
-                return ApiError::RateLimited {
+                return Err(ApiError::RateLimited {
                     detail: "this tenant's share of the idempotency store \
                              (idempotency.max_entries_per_tenant, max_bytes_per_tenant) \
                              is taken by its own requests still in flight; retry when \
                              some have finished"
                         .to_owned(),
                     retry_after: Duration::from_secs(1),
-                }
-                .into_response();
+                });
             }
             Claim::StoreFull => {
                 telemetry::idempotency("full");
-                return unavailable(StoreError(
+                return Err(unavailable(StoreError(
                     "the memory store is full (idempotency.max_entries, max_bytes) with \
                      other tenants' keys"
                         .to_owned(),
-                ))
-                .into_response();
+                )));
             }
         };
         telemetry::idempotency("new");
-        let response = work().await;
-        let status = response.status().as_u16();
+        let result = work().await;
+        let status = match &result {
+            Ok(outcome) => outcome.status(),
+            Err(error) => error.status().as_u16(),
+        };
         if !is_final(status) {
             if let Err(e) = self.store.release(&store_key, &token).await {
                 tracing::warn!(error = %e, "Could not release an idempotency key; it frees itself after the lock time.");
             }
-            return response;
+            return result.map(Answered::fresh);
         }
-        let (parts, body) = response.into_parts();
-        let bytes = match axum::body::to_bytes(body, usize::MAX).await {
-            Ok(bytes) => bytes,
-            Err(e) => return ApiError::Internal(e.to_string()).into_response(),
+        let stored = match &result {
+            Ok(outcome) => outcome.encode(),
+            Err(error) => Outcome::<T>::Failure(error.problem().into()).encode(),
         };
-        let stored = StoredResponse {
-            status,
-            content_type: parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("application/json")
-                .to_owned(),
-            body: String::from_utf8_lossy(&bytes).into_owned(),
+        let finished = match stored {
+            Ok(stored) => {
+                self.store
+                    .finish(&store_key, &token, fingerprint, stored, self.retention)
+                    .await
+            }
+            Err(e) => Err(StoreError(format!("could not serialise the answer: {e}"))),
         };
-        if let Err(e) = self
-            .store
-            .finish(&store_key, &token, fingerprint, stored, self.retention)
-            .await
-        {
+        if let Err(e) = finished {
             // The publish happened; answer it. A retry finds the key in flight until the
             // lock expires, then runs again with the same derived message_id.
             tracing::warn!(error = %e, "Could not store an idempotent response.");
         }
-        axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
+        result.map(Answered::fresh)
     }
 }
 
@@ -422,6 +397,68 @@ mod tests {
             key.message_id("acme", "x", None),
             other.message_id("acme", "x\u{1f}order-", None)
         );
+    }
+
+    fn memory_layer() -> Idempotency {
+        Idempotency {
+            store: Store::Memory(MemoryStore::new(Bounds::shared(100, 1 << 20))),
+            retention: Duration::from_secs(60),
+            lock: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test]
+    async fn typed_outcomes_are_kept_replayed_or_released() {
+        let layer = memory_layer();
+        let fp = Fingerprint::of("POST", "/p", b"{}");
+        let run = |key: &'static str, answer: Result<Outcome<u32>, ApiError>| {
+            let layer = &layer;
+            async move {
+                let key = IdempotencyKey::parse(key.as_bytes()).unwrap();
+                layer.run("t", "s", &key, fp, || async { answer }).await
+            }
+        };
+
+        // A success runs once; the retry gets the first body back, marked replayed.
+        let first = run("ok", Ok(Outcome::success(202, 7))).await.unwrap();
+        assert_eq!(first, Answered::fresh(Outcome::success(202, 7)));
+        let again = run("ok", Ok(Outcome::success(202, 8))).await.unwrap();
+        assert_eq!(
+            again,
+            Answered {
+                outcome: Outcome::success(202, 7),
+                replayed: true
+            }
+        );
+
+        // A final failure is answered as itself, then replayed as its problem.
+        let gone = ApiError::ExchangeNotFound("x".into());
+        let first = run("gone", Err(gone.clone())).await;
+        assert!(matches!(first, Err(ApiError::ExchangeNotFound(_))));
+        let again = run("gone", Ok(Outcome::success(202, 8))).await.unwrap();
+        assert_eq!(
+            again,
+            Answered {
+                outcome: Outcome::Failure(gone.problem().into()),
+                replayed: true
+            }
+        );
+
+        // A transient failure releases the key: the retry runs.
+        let first = run("later", Err(ApiError::ConfirmTimeout("t".into()))).await;
+        assert!(matches!(first, Err(ApiError::ConfirmTimeout(_))));
+        let again = run("later", Ok(Outcome::success(202, 9))).await.unwrap();
+        assert_eq!(again, Answered::fresh(Outcome::success(202, 9)));
+
+        // The same key with another request is refused.
+        let key = IdempotencyKey::parse(b"ok").unwrap();
+        let other = Fingerprint::of("POST", "/p", b"[]");
+        let answer = layer
+            .run("t", "s", &key, other, || async {
+                Ok(Outcome::success(202, 1u32))
+            })
+            .await;
+        assert!(matches!(answer, Err(ApiError::IdempotencyKeyMismatch)));
     }
 
     #[test]

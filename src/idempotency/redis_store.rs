@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use super::{Claim, Fingerprint, StoreError, StoredResponse};
+use super::{Claim, Fingerprint, StoreError, StoredOutcome};
 use crate::config::IdempotencyConfig;
 
 pub struct RedisStore {
@@ -32,7 +32,7 @@ enum Record {
     },
     Done {
         fp: Fingerprint,
-        response: StoredResponse,
+        response: StoredOutcome,
     },
 }
 
@@ -152,7 +152,7 @@ impl RedisStore {
         key: &str,
         token: &str,
         fingerprint: Fingerprint,
-        response: StoredResponse,
+        response: StoredOutcome,
         retention: Duration,
     ) -> Result<(), StoreError> {
         let mut connection = self.connection().await?;

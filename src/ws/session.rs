@@ -5,10 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -19,12 +17,12 @@ use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
 use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
-use crate::api::model::TraceContext;
 use crate::auth::grants::GrantPattern;
 use crate::auth::{self, Principal, Scope};
 use crate::error::ApiError;
-use crate::idempotency::{Fingerprint, IdempotencyKey};
-use crate::{publishing, telemetry};
+use crate::idempotency::{Answered, Fingerprint, IdempotencyKey, Outcome};
+use crate::publishing::{self, Accepted, TraceContext};
+use crate::telemetry;
 
 pub const CLOSE_SHUTDOWN: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -468,36 +466,50 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
         .as_ref()
         .map(|k| k.message_id(&tenant.name, &principal.subject, None));
     let max_headers = state.config.server.max_headers_bytes;
+    let request = request.into();
     let work = || async move {
         let trace = TraceContext::default();
-        match publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await {
-            Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-            Err(e) => e.into_response(),
-        }
+        let accepted =
+            publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await?;
+        Ok(Outcome::success(StatusCode::ACCEPTED.as_u16(), accepted))
     };
     let fingerprint = Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes());
-    let response =
-        publishing::idempotent(&state, &principal, key.as_ref(), fingerprint, work).await;
-    frame_from_response(id, response).await
+    let (tenant, subject) = (&principal.tenant.name, &principal.subject);
+    let answer = publishing::idempotent(
+        &state.idempotency,
+        tenant,
+        subject,
+        key.as_ref(),
+        fingerprint,
+        work,
+    )
+    .await;
+    frame_from_outcome(id, answer)
 }
 
-async fn frame_from_response(id: String, response: Response) -> ServerFrame {
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap_or_default();
-    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    if status == StatusCode::ACCEPTED {
-        return ServerFrame::Confirm {
+/// A confirm for an accepted publish (fresh or replayed), else an error frame with the
+/// problem's code and detail, as the HTTP answer would carry them.
+fn frame_from_outcome(id: String, answer: Result<Answered<Accepted>, ApiError>) -> ServerFrame {
+    let outcome = match answer {
+        Ok(answered) => answered.outcome,
+        Err(error) => {
+            if let ApiError::Internal(cause) = &error {
+                tracing::error!(error = %cause, "Request failed unexpectedly.");
+            }
+            Outcome::Failure(error.problem().into())
+        }
+    };
+    match outcome {
+        Outcome::Success { body, .. } => ServerFrame::Confirm {
             id,
-            message_id: body["message_id"].as_str().unwrap_or_default().to_owned(),
-            routed: body["routed"].as_bool().unwrap_or(false),
-        };
-    }
-    ServerFrame::Error {
-        id: Some(id),
-        code: body["code"].as_str().unwrap_or("internal_error").to_owned(),
-        detail: body["detail"].as_str().unwrap_or_default().to_owned(),
+            message_id: body.message_id,
+            routed: body.routed,
+        },
+        Outcome::Failure(problem) => ServerFrame::Error {
+            id: Some(id),
+            code: problem.code.as_str().to_owned(),
+            detail: problem.detail,
+        },
     }
 }
 

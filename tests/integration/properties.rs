@@ -5,9 +5,10 @@
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use warren::api::body::parse_json;
-use warren::api::model::{BatchRequest, PublishRequest, TraceContext};
+use warren::api::model::{BatchRequest, PublishRequest};
 use warren::auth::grants::GrantPattern;
 use warren::idempotency::IdempotencyKey;
+use warren::publishing::{Request, TraceContext};
 
 /// JSON values of every kind, a few levels deep.
 fn any_json() -> impl Strategy<Value = Value> {
@@ -106,7 +107,7 @@ fn publish_body() -> impl Strategy<Value = Value> {
 
 /// Runs a parsed request through `prepare`; an error must say what is wrong.
 fn check_prepare(request: PublishRequest) -> Result<(), TestCaseError> {
-    match request.prepare(&TraceContext::default(), None, 16 * 1024) {
+    match Request::from(request).prepare(&TraceContext::default(), None, 16 * 1024) {
         Ok(prepared) => {
             prop_assert!(!prepared.message_id.is_empty());
             prop_assert!(prepared.message.routing_key.len() <= 255);

@@ -1,26 +1,31 @@
 //! The publish service: validate, authorize, publish with confirm, count the outcome.
-//! Shared by `POST /v1/publish`, the batch endpoint and (later) WebSocket publish frames.
+//! Shared by `POST /v1/publish`, the batch endpoint and WebSocket publish frames, which
+//! convert their wire types into [`Request`] and translate [`Accepted`] and
+//! [`ItemResult`] back at the edge. Nothing here knows HTTP or the app state.
 
-use axum::http::StatusCode;
+mod message;
+mod outcome;
 
-use crate::api::model::{
-    BatchItemResult, BatchRequest, Prepared, PublishAccepted, PublishRequest, TraceContext,
-};
 use crate::broker::PublishResult;
 use crate::error::ApiError;
-use crate::idempotency::IdempotencyKey;
+use crate::idempotency::{Answered, Fingerprint, Idempotency, IdempotencyKey, Outcome};
 use crate::telemetry;
 use crate::tenancy::Tenant;
 use crate::tenancy::quota::Admitted;
+pub use message::{
+    MAX_EXPIRATION_MS, MAX_EXTRA_ROUTING_KEYS, Prepared, Properties, Request, TraceContext,
+    table_len,
+};
+pub use outcome::{Accepted, ItemResult};
 
 /// Publishes one message; `Ok` only once the broker confirmed it.
 pub async fn publish_one(
     tenant: &Tenant,
-    request: PublishRequest,
+    request: Request,
     trace: &TraceContext,
     message_id: Option<String>,
     max_headers_bytes: usize,
-) -> Result<PublishAccepted, ApiError> {
+) -> Result<Accepted, ApiError> {
     let prepared = request
         .prepare(trace, message_id, max_headers_bytes)
         .map_err(ApiError::InvalidRequest)?;
@@ -37,25 +42,24 @@ pub async fn publish_one(
 /// the `message_id` derived from (tenant, subject, key, i).
 pub async fn publish_batch(
     tenant: &Tenant,
-    request: BatchRequest,
+    requests: Vec<Request>,
     max_messages: usize,
     max_headers_bytes: usize,
     trace: &TraceContext,
     key: Option<(&IdempotencyKey, &str)>,
-) -> Result<Vec<BatchItemResult>, ApiError> {
-    if request.messages.is_empty() {
+) -> Result<Vec<ItemResult>, ApiError> {
+    if requests.is_empty() {
         return Err(ApiError::InvalidRequest(
             "messages: a batch needs at least one message".to_owned(),
         ));
     }
-    if request.messages.len() > max_messages {
+    if requests.len() > max_messages {
         return Err(ApiError::PayloadTooLarge(format!(
             "messages: {} messages exceed server.max_batch_messages ({max_messages})",
-            request.messages.len()
+            requests.len()
         )));
     }
-    let prepared = request
-        .messages
+    let prepared = requests
         .into_iter()
         .enumerate()
         .map(|(i, m)| {
@@ -65,12 +69,17 @@ pub async fn publish_batch(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let mut results: Vec<Option<BatchItemResult>> = vec![None; prepared.len()];
+    let mut results: Vec<Option<ItemResult>> = vec![None; prepared.len()];
     let mut allowed = Vec::with_capacity(prepared.len());
     for (index, item) in prepared.into_iter().enumerate() {
         match authorize(tenant, &item) {
             Ok(()) => allowed.push((index, item)),
-            Err(error) => results[index] = Some(item_error(&error, Some(item.message_id))),
+            Err(error) => {
+                results[index] = Some(ItemResult::Failed {
+                    message_id: Some(item.message_id),
+                    error,
+                });
+            }
         }
     }
     let messages: Vec<_> = allowed.iter().map(|(_, p)| p.message.clone()).collect();
@@ -81,20 +90,20 @@ pub async fn publish_batch(
     for ((index, item), outcome) in allowed.into_iter().zip(outcomes) {
         let message_id = item.message_id.clone();
         results[index] = Some(match accepted(tenant, item, outcome) {
-            Ok(ok) => BatchItemResult {
-                status: StatusCode::ACCEPTED.as_u16(),
-                message_id: Some(ok.message_id),
-                routed: Some(ok.routed),
-                code: None,
-                detail: None,
+            Ok(ok) => ItemResult::Accepted(ok),
+            Err(error) => ItemResult::Failed {
+                message_id: Some(message_id),
+                error,
             },
-            Err(error) => item_error(&error, Some(message_id)),
         });
     }
     Ok(results
         .into_iter()
         .map(|r| {
-            r.unwrap_or_else(|| item_error(&ApiError::Internal("batch item lost".into()), None))
+            r.unwrap_or_else(|| ItemResult::Failed {
+                message_id: None,
+                error: ApiError::Internal("batch item lost".into()),
+            })
         })
         .collect())
 }
@@ -121,11 +130,11 @@ fn accepted(
     tenant: &Tenant,
     prepared: Prepared,
     result: PublishResult,
-) -> Result<PublishAccepted, ApiError> {
+) -> Result<Accepted, ApiError> {
     match result {
         Ok(published) => {
             telemetry::publish_outcome(&tenant.metrics_label, "acked");
-            Ok(PublishAccepted {
+            Ok(Accepted {
                 message_id: prepared.message_id,
                 exchange: prepared.message.exchange,
                 routing_key: prepared.message.routing_key,
@@ -139,38 +148,26 @@ fn accepted(
     }
 }
 
-/// A failed item keeps its `message_id`: after a timeout the message may still have
-/// landed, and consumers can de-duplicate on it.
-fn item_error(error: &ApiError, message_id: Option<String>) -> BatchItemResult {
-    let problem = error.problem();
-    BatchItemResult {
-        status: problem.status,
-        message_id,
-        routed: None,
-        code: Some(problem.code),
-        detail: Some(problem.detail),
-    }
-}
-
 /// Runs `work` under the caller's `Idempotency-Key`, if any; keys are scoped by tenant
-/// and token subject. Shared by the REST handlers and WebSocket publish frames.
-pub async fn idempotent<F, Fut>(
-    state: &crate::AppState,
-    principal: &crate::auth::Principal,
+/// and token subject. Shared by the REST handlers and WebSocket publish frames, each of
+/// which picks the answer type `T` it keeps and replays.
+pub async fn idempotent<T, F, Fut>(
+    idempotency: &Idempotency,
+    tenant: &str,
+    subject: &str,
     key: Option<&IdempotencyKey>,
-    fingerprint: crate::idempotency::Fingerprint,
+    fingerprint: Fingerprint,
     work: F,
-) -> axum::response::Response
+) -> Result<Answered<T>, ApiError>
 where
+    T: serde::Serialize + serde::de::DeserializeOwned,
     F: FnOnce() -> Fut,
-    Fut: Future<Output = axum::response::Response>,
+    Fut: Future<Output = Result<Outcome<T>, ApiError>>,
 {
     match key {
-        None => work().await,
+        None => work().await.map(Answered::fresh),
         Some(key) => {
-            let (tenant, subject) = (&principal.tenant.name, &principal.subject);
-            state
-                .idempotency
+            idempotency
                 .run(tenant, subject, key, fingerprint, work)
                 .await
         }
