@@ -20,6 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Timeouts};
+use futures::future::join_all;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +37,9 @@ use publish::{AmqpFailure, classify};
 pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
 
 pub type ChannelPool = managed::Pool<ChannelManager>;
+
+/// How long [`Broker::close`] waits for consumer channels to be released.
+const CONSUMERS_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a healthy link is re-checked, so readiness follows reality even when idle.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -55,6 +59,7 @@ pub struct Broker {
     exchanges: ExchangeCache,
     /// Consumer channels open on this vhost (`amqp.max_consumer_channels`).
     consumers: Arc<Semaphore>,
+    max_consumers: u32,
     /// The supervisor, connection watchers, confirm sequencers and channel closes.
     tasks: TaskTracker,
     /// Cancelled by [`Broker::close`]: the supervisor and the watchers end on it.
@@ -174,6 +179,7 @@ impl Broker {
                 amqp.exchange_cache_max_entries,
             ),
             consumers: Arc::new(Semaphore::new(amqp.max_consumer_channels)),
+            max_consumers: u32::try_from(amqp.max_consumer_channels).unwrap_or(u32::MAX),
             tasks,
             stop,
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -230,15 +236,32 @@ impl Broker {
         self.health
             .mark_closed("the pool was closed (shutdown, or an idle dynamic tenant)");
         self.stop.cancel();
+        // Channels first, each close awaited: lapin fails a connection close that
+        // overtakes a channel close still in flight, and the connection is then
+        // dropped instead of closed. Consumers release their channels as their
+        // sessions end (shutdown ends them first); a consumer that outlives that
+        // costs its connection's clean close, not the pool's.
+        let consumers = self.consumers.acquire_many(self.max_consumers);
+        let _ = tokio::time::timeout(CONSUMERS_CLOSE_WAIT, consumers).await;
+        let idle = self.channels.retain(|_, _| false).removed;
         self.channels.close();
+        join_all(idle.into_iter().map(|publish| async move {
+            let _ = publish
+                .channel
+                .close(200, "warren shutting down".into())
+                .await;
+        }))
+        .await;
         let closes = self
             .connections
             .drain()
             .into_iter()
             .map(|connection| async move {
-                let _ = connection.close(200, "warren shutting down".into()).await;
+                if let Err(error) = connection.close(200, "warren shutting down".into()).await {
+                    debug!(%error, "A broker connection did not close cleanly.");
+                }
             });
-        futures::future::join_all(closes).await;
+        join_all(closes).await;
         // A supervisor probe that was connecting when the token fired may have added
         // one more; the supervisor has ended once the tracker is empty, so look again.
         self.tasks.close();
