@@ -81,7 +81,8 @@ fn tokio_stream_from(
 /// `serve` returns, so anything shutdown did not await never happens. Subscriptions
 /// and publishes are open on it when it stops; afterwards every AMQP connection it
 /// opened (seen through a proxy that reads Warren's frames) must have been closed with
-/// `connection.close` before `serve` returned, and the broker must list none of them.
+/// `connection.close` before `serve` returned, the app's task tracker must be empty
+/// then, and the broker must list none of the connections.
 #[tokio::test]
 async fn a_stopped_warren_leaves_no_broker_connection_open() {
     let admin = Admin::new();
@@ -122,10 +123,17 @@ async fn a_stopped_warren_leaves_no_broker_connection_open() {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let base = format!("http://{}", listener.local_addr().expect("addr"));
             let _ = started_tx.send(base);
-            warren::serve(state, listener, None, async move {
+            let served = warren::serve(state.clone(), listener, None, async move {
                 let _ = stopped.await;
             })
-            .await
+            .await;
+            let tasks = state.tasks();
+            assert!(
+                tasks.is_closed() && tasks.is_empty(),
+                "serve returned with {} background tasks running",
+                tasks.len()
+            );
+            served
         });
         // What was closed when `serve` returned, before the runtime goes (as in main).
         let closed_cleanly = counts.closed_cleanly.load(Ordering::Acquire);
