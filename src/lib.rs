@@ -1,5 +1,9 @@
 //! Warren: an HTTP/WebSocket gateway in front of RabbitMQ. `run` serves a config;
 //! `App::start` + `api::router` build the application (tests use them directly).
+//!
+//! The app owns its background tasks: each is spawned on [`App::tasks`] and selects on
+//! [`App::stop_token`], and `serve` awaits them all (and the broker pools' closes)
+//! within `server.shutdown_grace_s` before it returns.
 
 pub mod api;
 pub mod auth;
@@ -23,6 +27,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::auth::Verifier;
@@ -42,6 +49,10 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
+    /// Every background task the app starts; shutdown waits for them.
+    tasks: TaskTracker,
+    /// Cancelled when shutdown begins; every background task selects on it.
+    stop: CancellationToken,
 }
 
 /// Shared handle to the [`App`], the axum state.
@@ -64,8 +75,10 @@ impl App {
         let verifier = Verifier::start(&config.auth, &resolved.token_keys).await?;
         let tenants =
             Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         if let Some(dynamic) = &resolved.dynamic {
-            spawn_idle_pool_closer(&tenants, dynamic.pool_idle);
+            spawn_idle_pool_closer(&tasks, &stop, &tenants, dynamic.pool_idle);
         }
         let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
@@ -80,6 +93,8 @@ impl App {
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            tasks,
+            stop,
         })))
     }
 
@@ -102,16 +117,43 @@ impl App {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
     }
+
+    /// The app's background tasks: spawn on this so shutdown waits for the task.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Cancelled when shutdown begins; a background task ends when it fires.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Starts the shutdown: readiness goes red, sessions and tasks are told to stop.
+    fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.shutdown.send_replace(true);
+        self.stop.cancel();
+    }
 }
 
-/// Closes idle dynamic-tenant pools in the background, until the app is gone.
-fn spawn_idle_pool_closer(tenants: &Tenants, idle: Duration) {
+/// Closes idle dynamic-tenant pools in the background, until shutdown (or the app is
+/// gone).
+fn spawn_idle_pool_closer(
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+    tenants: &Tenants,
+    idle: Duration,
+) {
     let pools = Arc::downgrade(tenants.pools_handle());
     let every = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    tokio::spawn(async move {
+    let stop = stop.clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
             match pools.upgrade() {
                 Some(pools) => pools.close_idle(),
                 None => return,
@@ -130,8 +172,9 @@ impl Drop for InFlight {
 }
 
 /// Serves `state` on `listener` (and metrics on `metrics_listener`) until `shutdown`
-/// resolves; then stops accepting, lets in-flight requests finish for at most
-/// `server.shutdown_grace_s`, and closes the broker pools.
+/// resolves. Then, within `server.shutdown_grace_s` of the signal: stop accepting, let
+/// in-flight requests and WebSocket sessions finish, close the broker pools (awaiting
+/// each connection's close), and await every background task the app started.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -139,23 +182,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = Duration::from_secs(state.config.server.shutdown_grace_s);
-    let stop_rx = state.shutdown_receiver();
+    let stop = state.stop_token();
     let signal_state = state.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        signal_state.shutting_down.store(true, Ordering::Release);
-        signal_state.shutdown.send_replace(true);
+    state.tasks.spawn(async move {
+        tokio::select! {
+            () = shutdown => signal_state.begin_shutdown(),
+            // `serve` failed and cancelled the token itself.
+            () = signal_state.stop.cancelled() => {}
+        }
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
 
     if let Some(metrics_listener) = metrics_listener {
         let app = api::metrics_router(state.clone());
-        let rx = stop_rx.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        state.tasks.spawn(async move {
             let served = axum::serve(metrics_listener, app)
-                .with_graceful_shutdown(stopped(rx))
+                .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
             if let Err(error) = served {
                 warn!(%error, "Metrics listener failed.");
@@ -173,52 +215,90 @@ pub async fn serve(
                     tls.cert_file.clone(),
                     tls.key_file.clone(),
                     Duration::from_secs(tls.reload_s),
-                )
-                .map_err(std::io::Error::other)?;
+                    &state.tasks,
+                    stop.clone(),
+                );
+                let listener = match listener {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        stop.cancel();
+                        return Err(std::io::Error::other(error));
+                    }
+                };
                 Box::pin(serve_http(
                     listener,
                     app,
-                    stopped(stop_rx.clone()),
+                    stop.clone().cancelled_owned(),
                     header_read_timeout,
                 ))
             }
             None => Box::pin(serve_http(
                 listener,
                 app,
-                stopped(stop_rx.clone()),
+                stop.clone().cancelled_owned(),
                 header_read_timeout,
             )),
         };
-    let deadline_state = state.clone();
-    let deadline = async {
-        stopped(stop_rx.clone()).await;
-        info!(
-            grace_s = grace.as_secs(),
-            in_flight = deadline_state.in_flight(),
-            "Shutting down: draining in-flight requests."
-        );
-        tokio::time::sleep(grace).await;
-    };
     let sockets_state = state.clone();
     let drained = async move {
         let served = server.await;
         // Upgraded WebSockets are not hyper's connections any more: wait for their
         // sessions to close (they do so with 1001 on the shutdown signal).
-        while sockets_state.sockets.open() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        sockets_state.sockets.all_closed().await;
         served
     };
+    let mut drained = std::pin::pin!(drained);
     let result = tokio::select! {
-        served = drained => served,
-        () = deadline => {
-            warn!("Shutdown grace period expired with requests still in flight.");
-            Ok(())
+        served = &mut drained => served,
+        () = stop.cancelled() => {
+            info!(
+                grace_s = grace.as_secs(),
+                in_flight = state.in_flight(),
+                "Shutting down: draining in-flight requests."
+            );
+            let deadline = Instant::now() + grace;
+            let result = match tokio::time::timeout_at(deadline, drained).await {
+                Ok(served) => served,
+                Err(_) => {
+                    warn!("Shutdown grace period expired with requests still in flight.");
+                    Ok(())
+                }
+            };
+            stop_background(&state, deadline).await;
+            info!("Stopped.");
+            return result;
         }
     };
-    state.tenants.close();
-    info!("Stopped.");
+    // The server ended by itself (an error): still stop and await everything.
+    stop.cancel();
+    stop_background(&state, Instant::now() + grace).await;
     result
+}
+
+/// The least time broker closes get when the drain used up the whole grace period:
+/// closing a connection is one round trip, and an unclosed one lingers on the broker.
+const CLOSE_FLOOR: Duration = Duration::from_secs(1);
+
+/// Closes the broker pools and awaits every background task, until `deadline` (but
+/// at least [`CLOSE_FLOOR`] for the pools).
+async fn stop_background(state: &App, deadline: Instant) {
+    let close_by = deadline.max(Instant::now() + CLOSE_FLOOR);
+    if tokio::time::timeout_at(close_by, state.tenants.close())
+        .await
+        .is_err()
+    {
+        warn!("Shutdown grace period expired while closing broker connections.");
+    }
+    state.tasks.close();
+    if tokio::time::timeout_at(close_by, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = state.tasks.len(),
+            "Shutdown grace period expired with background tasks still running."
+        );
+    }
 }
 
 /// How long open connections keep serving after the listener closed on shutdown.

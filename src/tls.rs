@@ -1,7 +1,8 @@
 //! Optional TLS on Warren's own listeners (rustls), for deployments without a
 //! terminating proxy: certificate and key from PEM files, re-read when they change, so
 //! a renewed certificate is served without a restart. Handshakes run off the accept
-//! loop, so a slow client cannot hold up others.
+//! loop, so a slow client cannot hold up others. The accept loop, the reload loop and
+//! the handshakes run on the app's task tracker and end on its shutdown token.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// A handshake that takes longer than this is dropped.
@@ -65,11 +68,14 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Starts accepting on `listener`; the certificate files are checked every `reload`.
+    /// Its tasks run on `tasks` and stop (closing the listener) when `stop` fires.
     pub fn start(
         listener: TcpListener,
         cert: PathBuf,
         key: PathBuf,
         reload: Duration,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
     ) -> Result<Self, String> {
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         let resolver = Arc::new(Reloading {
@@ -84,19 +90,34 @@ impl TlsListener {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (ready_tx, ready) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(accept_loop(listener, acceptor, ready_tx.clone()));
-        tokio::spawn(reload_loop(resolver, cert, key, reload, ready_tx));
+        tasks.spawn(accept_loop(
+            listener,
+            acceptor,
+            ready_tx,
+            tasks.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(reload_loop(resolver, cert, key, reload, stop));
         Ok(Self { ready, local })
     }
 }
 
+/// Accepts and hands each connection to a handshake task, until `stop` fires (or
+/// the server stops taking connections); the listener closes when this returns.
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+            () = ready.closed() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 warn!(%error, "Accepting a TLS connection failed.");
@@ -104,13 +125,17 @@ async fn accept_loop(
                 continue;
             }
         };
-        if ready.is_closed() {
-            return;
-        }
         let acceptor = acceptor.clone();
         let ready = ready.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let handshake = tokio::select! {
+                handshake = handshake => handshake,
+                // Not served any more: drop the half-open connection.
+                () = stop.cancelled() => return,
+            };
+            match handshake {
                 Ok(Ok(tls)) => {
                     let _ = ready.send((tls, peer)).await;
                 }
@@ -131,14 +156,14 @@ async fn reload_loop(
     cert: PathBuf,
     key: PathBuf,
     every: Duration,
-    alive: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    stop: CancellationToken,
 ) {
     let mut seen = (modified(&cert), modified(&key));
     let mut tick = tokio::time::interval(every);
     loop {
-        tick.tick().await;
-        if alive.is_closed() {
-            return;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
         }
         let now = (modified(&cert), modified(&key));
         if now == seen {
@@ -164,7 +189,7 @@ impl axum::serve::Listener for TlsListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
             Some(accepted) => accepted,
-            // The accept loop only ends with the process; wait for shutdown meanwhile.
+            // The accept loop has stopped (shutdown): nothing more to accept.
             None => std::future::pending().await,
         }
     }

@@ -22,6 +22,7 @@ use futures::FutureExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use super::BrokerError;
 use super::connection::Connections;
@@ -67,11 +68,13 @@ pub struct PublishChannel {
 
 pub struct ChannelManager {
     connections: Arc<Connections>,
+    /// The broker's tasks: each channel's sequencer runs on it.
+    tasks: TaskTracker,
 }
 
 impl ChannelManager {
-    pub fn new(connections: Arc<Connections>) -> Self {
-        Self { connections }
+    pub fn new(connections: Arc<Connections>, tasks: TaskTracker) -> Self {
+        Self { connections, tasks }
     }
 }
 
@@ -86,7 +89,7 @@ impl managed::Manager for ChannelManager {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let (sequencer, tracked) = mpsc::unbounded_channel();
-        tokio::spawn(sequence(tracked));
+        self.tasks.spawn(sequence(tracked));
         Ok(PublishChannel { channel, sequencer })
     }
 
@@ -226,4 +229,172 @@ pub fn confirm_future(
         let confirm = write.await?;
         confirm.await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The sequencer against fake confirm futures: each test resolves confirms in an
+    //! order of its choosing and checks what every publish is told.
+
+    use std::time::Duration;
+
+    use lapin::BasicProperties;
+    use lapin::message::{BasicReturnMessage, Delivery};
+
+    use super::*;
+
+    /// A publish handed to a running sequencer, whose confirm the test resolves.
+    struct Fake {
+        confirm: Option<oneshot::Sender<lapin::Result<Confirmation>>>,
+        outcome: oneshot::Receiver<(Outcome, Instant)>,
+    }
+
+    impl Fake {
+        fn resolve(&mut self, result: lapin::Result<Confirmation>) {
+            let confirm = self.confirm.take().expect("resolved once");
+            assert!(
+                confirm.send(result).is_ok(),
+                "the sequencer holds the confirm"
+            );
+        }
+
+        fn answered(&mut self) -> bool {
+            !matches!(
+                self.outcome.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            )
+        }
+
+        async fn outcome(self) -> Outcome {
+            tokio::time::timeout(Duration::from_secs(5), self.outcome)
+                .await
+                .expect("answered in time")
+                .expect("answered, not dropped")
+                .0
+        }
+    }
+
+    fn start() -> (mpsc::UnboundedSender<Tracked>, tokio::task::JoinHandle<()>) {
+        let (sequencer, tracked) = mpsc::unbounded_channel();
+        (sequencer, tokio::spawn(sequence(tracked)))
+    }
+
+    fn publish(sequencer: &mpsc::UnboundedSender<Tracked>, id: &str) -> Fake {
+        let (confirm, resolved) = oneshot::channel();
+        let (reply, outcome) = oneshot::channel();
+        let future: ConfirmFuture =
+            Box::pin(async move { resolved.await.unwrap_or(Ok(Confirmation::NotRequested)) });
+        let tracked = Tracked {
+            key: return_key(id, "ex", "rk"),
+            confirm: future,
+            reply,
+        };
+        assert!(sequencer.send(tracked).is_ok(), "the sequencer runs");
+        Fake {
+            confirm: Some(confirm),
+            outcome,
+        }
+    }
+
+    /// What the broker hands back for an unroutable mandatory publish of `id`.
+    fn returned(id: &str) -> Option<BasicReturnMessage> {
+        let mut delivery = Delivery::mock(0, "ex".into(), "rk".into(), false, Vec::new());
+        delivery.properties = BasicProperties::default().with_message_id(id.into());
+        Some(BasicReturnMessage {
+            delivery,
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        })
+    }
+
+    /// Lets the sequencer task run until it has nothing left to do.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_in_publish_order_whatever_order_confirms_resolve_in() {
+        let (sequencer, _task) = start();
+        let mut first = publish(&sequencer, "a");
+        let mut second = publish(&sequencer, "b");
+        second.resolve(Ok(Confirmation::Ack(None)));
+        settle().await;
+        assert!(
+            !second.answered(),
+            "the second publish waits for the first one's confirm"
+        );
+        first.resolve(Ok(Confirmation::Nack(None)));
+        assert!(matches!(first.outcome().await, Outcome::Nacked));
+        assert!(matches!(second.outcome().await, Outcome::Acked));
+    }
+
+    #[tokio::test]
+    async fn a_return_carried_by_an_earlier_ack_goes_to_its_own_message() {
+        // lapin attaches a return to whichever confirm resolves next: here the routed
+        // message "a" carries the return of the unroutable message "b".
+        let (sequencer, _task) = start();
+        let mut routed = publish(&sequencer, "a");
+        let mut unroutable = publish(&sequencer, "b");
+        let mut after = publish(&sequencer, "c");
+        routed.resolve(Ok(Confirmation::Ack(returned("b"))));
+        unroutable.resolve(Ok(Confirmation::Ack(None)));
+        after.resolve(Ok(Confirmation::Ack(None)));
+        assert!(matches!(routed.outcome().await, Outcome::Acked));
+        match unroutable.outcome().await {
+            Outcome::Returned(reply_text) => assert_eq!(reply_text, "NO_ROUTE"),
+            other => panic!("the return belongs to b: {other:?}"),
+        }
+        assert!(matches!(after.outcome().await, Outcome::Acked));
+    }
+
+    #[tokio::test]
+    async fn a_return_is_matched_once_per_returned_message() {
+        // Two in-flight publishes with the same key, one of them returned: exactly one
+        // is told so (equal keys route alike, so which one cannot change an answer).
+        let (sequencer, _task) = start();
+        let mut first = publish(&sequencer, "same");
+        let mut second = publish(&sequencer, "same");
+        first.resolve(Ok(Confirmation::Ack(returned("same"))));
+        second.resolve(Ok(Confirmation::Ack(None)));
+        let outcomes = [first.outcome().await, second.outcome().await];
+        let returned = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Returned(_)))
+            .count();
+        let acked = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Acked))
+            .count();
+        assert_eq!((returned, acked), (1, 1), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn failures_and_unconfirmed_publishes_are_told_as_such() {
+        let (sequencer, _task) = start();
+        let mut failed = publish(&sequencer, "a");
+        let mut unconfirmed = publish(&sequencer, "b");
+        failed.resolve(Err(lapin::Error::from(
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "basic.publish"),
+        )));
+        unconfirmed.resolve(Ok(Confirmation::NotRequested));
+        assert!(matches!(failed.outcome().await, Outcome::Failed(_)));
+        assert!(matches!(unconfirmed.outcome().await, Outcome::NotConfirmed));
+    }
+
+    #[tokio::test]
+    async fn ends_once_its_channel_is_dropped_and_nothing_is_in_flight() {
+        let (sequencer, task) = start();
+        let mut pending = publish(&sequencer, "a");
+        drop(sequencer);
+        settle().await;
+        assert!(!task.is_finished(), "a confirm is still in flight");
+        pending.resolve(Ok(Confirmation::Ack(None)));
+        assert!(matches!(pending.outcome().await, Outcome::Acked));
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the sequencer ends")
+            .expect("without panicking");
+    }
 }

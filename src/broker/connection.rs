@@ -12,6 +12,8 @@ use futures::StreamExt;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::BrokerError;
@@ -31,6 +33,9 @@ pub struct Connector {
     /// when none of its siblings is alive (a late error from a replaced connection
     /// must not mark a healthy link down).
     connections: Arc<Connections>,
+    /// The broker's tasks and its close signal: connection watchers run on these.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl Connector {
@@ -40,6 +45,7 @@ impl Connector {
         amqp: &AmqpConfig,
         health: Arc<Health>,
         connections: Arc<Connections>,
+        (tasks, stop): (TaskTracker, CancellationToken),
     ) -> Result<Self, BrokerError> {
         let uris = urls
             .iter()
@@ -61,6 +67,8 @@ impl Connector {
             connection_name: format!("warren vhost={vhost}"),
             health,
             connections,
+            tasks,
+            stop,
         })
     }
 
@@ -81,8 +89,14 @@ impl Connector {
         let mut events = Box::pin(events);
         let health = self.health.clone();
         let siblings = Arc::downgrade(&self.connections);
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.next() => event,
+                    () = stop.cancelled() => return,
+                };
+                let Some(event) = event else { return };
                 match event {
                     Event::ConnectionBlocked(reason) => {
                         warn!(vhost = %health.vhost(), %reason, "Broker blocked the connection.");

@@ -1,72 +1,45 @@
-//! AMQP for one vhost: a connection pool, a pool of confirm-mode channels, an in-flight
-//! bound, a supervisor that reconnects with backoff, and the publish/confirm path.
+//! AMQP for one vhost: the [`Broker`] that owns a connection pool, a pool of
+//! confirm-mode channels, an in-flight bound, a supervisor that reconnects with
+//! backoff, and every background task it starts (closed and awaited by
+//! [`Broker::close`]).
+//!
+//! Layout: `connection` (connections, failover, watcher), `channel` (channel pool and
+//! confirm sequencer), `pipeline` (publish/confirm), `exchanges` (exchange cache),
+//! `publish` (outcomes), `health`, `poison`, `error`.
 
 mod channel;
 mod connection;
+mod error;
+mod exchanges;
 pub mod health;
+mod pipeline;
 pub mod poison;
 pub mod publish;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{self, PoolError, Timeouts};
+use deadpool::managed::{self, Timeouts};
 use futures::future::join_all;
-use lapin::ExchangeKind;
-use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::config::AmqpConfig;
 use crate::telemetry;
-use channel::{ChannelManager, Outcome, Tracked, confirm_future, return_key};
+use channel::ChannelManager;
 use connection::{Connections, Connector};
+pub use error::BrokerError;
+use exchanges::ExchangeCache;
 pub use health::{Health, HealthReport};
 use publish::{AmqpFailure, classify};
 pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
 
 pub type ChannelPool = managed::Pool<ChannelManager>;
 
-/// Internal broker-layer failures; never shown to clients as such.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BrokerError {
-    #[error("{0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("timed out {0}")]
-    Timeout(&'static str),
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Pool(String),
-    #[error("no open connection to the broker")]
-    NotConnected,
-    #[error("every pooled channel stayed busy")]
-    PoolExhausted,
-}
-
-impl BrokerError {
-    fn from_pool(error: PoolError<BrokerError>) -> Self {
-        match error {
-            PoolError::Backend(e) => e,
-            PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => Self::PoolExhausted,
-            PoolError::Timeout(_) => Self::Timeout("opening a channel"),
-            other => Self::Pool(other.to_string()),
-        }
-    }
-}
-
-/// The `message_id` a publish carries (Warren always sets one).
-fn message_id(message: &OutgoingMessage) -> &str {
-    message
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.as_str())
-        .unwrap_or_default()
-}
+/// How long [`Broker::close`] waits for consumer channels to be released.
+const CONSUMERS_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How often a healthy link is re-checked, so readiness follows reality even when idle.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -83,12 +56,14 @@ pub struct Broker {
     acquire_timeout: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
-    exchange_ttl: Duration,
-    exchange_cache_max: usize,
-    exchanges: Mutex<HashMap<String, Instant>>,
+    exchanges: ExchangeCache,
     /// Consumer channels open on this vhost (`amqp.max_consumer_channels`).
     consumers: Arc<Semaphore>,
-    supervisor: Mutex<Option<JoinHandle<()>>>,
+    max_consumers: u32,
+    /// The supervisor, connection watchers, confirm sequencers and channel closes.
+    tasks: TaskTracker,
+    /// Cancelled by [`Broker::close`]: the supervisor and the watchers end on it.
+    stop: CancellationToken,
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
     holds: Arc<std::sync::atomic::AtomicUsize>,
     metrics: bool,
@@ -166,17 +141,27 @@ impl Broker {
         let connect_timeout = Duration::from_millis(amqp.connect_timeout_ms);
         let acquire_timeout = Duration::from_millis(amqp.acquire_timeout_ms);
         let connections = Arc::new(Connections::new(amqp.connections_per_vhost));
-        let connector = Connector::new(urls, vhost, amqp, health.clone(), connections.clone())?;
-        let channels = managed::Pool::builder(ChannelManager::new(connections.clone()))
-            .max_size(amqp.channels_per_vhost)
-            .timeouts(Timeouts {
-                wait: Some(acquire_timeout),
-                create: Some(connect_timeout),
-                recycle: Some(connect_timeout),
-            })
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let connector = Connector::new(
+            urls,
+            vhost,
+            amqp,
+            health.clone(),
+            connections.clone(),
+            (tasks.clone(), stop.clone()),
+        )?;
+        let channels =
+            managed::Pool::builder(ChannelManager::new(connections.clone(), tasks.clone()))
+                .max_size(amqp.channels_per_vhost)
+                .timeouts(Timeouts {
+                    wait: Some(acquire_timeout),
+                    create: Some(connect_timeout),
+                    recycle: Some(connect_timeout),
+                })
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| BrokerError::Config(e.to_string()))?;
         let broker = Arc::new(Self {
             vhost: vhost.to_owned(),
             health,
@@ -189,16 +174,20 @@ impl Broker {
             acquire_timeout,
             backoff_min: Duration::from_millis(amqp.reconnect_backoff_min_ms),
             backoff_max: Duration::from_millis(amqp.reconnect_backoff_max_ms),
-            exchange_ttl: Duration::from_secs(amqp.exchange_cache_ttl_s),
-            exchange_cache_max: amqp.exchange_cache_max_entries,
-            exchanges: Mutex::new(HashMap::new()),
+            exchanges: ExchangeCache::new(
+                Duration::from_secs(amqp.exchange_cache_ttl_s),
+                amqp.exchange_cache_max_entries,
+            ),
             consumers: Arc::new(Semaphore::new(amqp.max_consumer_channels)),
-            supervisor: Mutex::new(None),
+            max_consumers: u32::try_from(amqp.max_consumer_channels).unwrap_or(u32::MAX),
+            tasks,
+            stop,
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics,
         });
-        let handle = tokio::spawn(supervise(Arc::downgrade(&broker)));
-        *broker.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        broker
+            .tasks
+            .spawn(supervise(Arc::downgrade(&broker), broker.stop.clone()));
         Ok(broker)
     }
 
@@ -239,23 +228,46 @@ impl Broker {
         }
     }
 
-    /// Stops reconnecting and closes every pooled channel and connection.
-    pub fn close(&self) {
+    /// Stops reconnecting, closes every pooled channel and connection, and returns
+    /// once the connections are closed and every task this pool started has ended.
+    /// The pool is closed (publishes answer 503) as soon as this is called; the caller
+    /// bounds the wait.
+    pub async fn close(&self) {
         self.health
             .mark_closed("the pool was closed (shutdown, or an idle dynamic tenant)");
-        if let Some(handle) = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            handle.abort();
-        }
+        self.stop.cancel();
+        // Channels first, each close awaited: lapin fails a connection close that
+        // overtakes a channel close still in flight, and the connection is then
+        // dropped instead of closed. Consumers release their channels as their
+        // sessions end (shutdown ends them first); a consumer that outlives that
+        // costs its connection's clean close, not the pool's.
+        let consumers = self.consumers.acquire_many(self.max_consumers);
+        let _ = tokio::time::timeout(CONSUMERS_CLOSE_WAIT, consumers).await;
+        let idle = self.channels.retain(|_, _| false).removed;
         self.channels.close();
-        for connection in self.connections.drain() {
-            tokio::spawn(async move {
-                let _ = connection.close(200, "warren shutting down".into()).await;
+        join_all(idle.into_iter().map(|publish| async move {
+            let _ = publish
+                .channel
+                .close(200, "warren shutting down".into())
+                .await;
+        }))
+        .await;
+        let closes = self
+            .connections
+            .drain()
+            .into_iter()
+            .map(|connection| async move {
+                if let Err(error) = connection.close(200, "warren shutting down".into()).await {
+                    debug!(%error, "A broker connection did not close cleanly.");
+                }
             });
+        join_all(closes).await;
+        // A supervisor probe that was connecting when the token fired may have added
+        // one more; the supervisor has ended once the tracker is empty, so look again.
+        self.tasks.close();
+        self.tasks.wait().await;
+        for connection in self.connections.drain() {
+            let _ = connection.close(200, "warren shutting down".into()).await;
         }
     }
 
@@ -289,270 +301,6 @@ impl Broker {
         })
     }
 
-    /// Publishes one message and waits for its confirm.
-    pub async fn publish(&self, message: &OutgoingMessage) -> PublishResult {
-        self.publish_all(std::slice::from_ref(message))
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(PublishError::LostBeforeConfirm("no result".to_owned())))
-    }
-
-    /// Publishes `messages` pipelined on one pooled channel, then waits for all
-    /// confirms together. Results are in input order.
-    #[tracing::instrument(name = "publish", skip_all, fields(vhost = %self.vhost, messages = messages.len()))]
-    pub async fn publish_all(&self, messages: &[OutgoingMessage]) -> Vec<PublishResult> {
-        if let Err(unavailable) = self.health.check() {
-            let error = PublishError::unavailable(unavailable.reason, unavailable.retry_after);
-            return vec![Err(error); messages.len()];
-        }
-        let mut results: Vec<Option<PublishResult>> = vec![None; messages.len()];
-        self.check_exchanges(messages, &mut results).await;
-
-        let acquire_deadline = tokio::time::Instant::now() + self.acquire_timeout;
-        let mut pending: Vec<Pending> = Vec::with_capacity(messages.len());
-        let mut channel: Option<managed::Object<ChannelManager>> = None;
-        for (index, message) in messages.iter().enumerate() {
-            if results[index].is_some() {
-                continue;
-            }
-            let permit = match tokio::time::timeout_at(
-                acquire_deadline,
-                self.inflight.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    results[index] = Some(Err(PublishError::unavailable(
-                        format!(
-                            "{} publishes are already awaiting broker confirms on this vhost (amqp.max_inflight_confirms)",
-                            self.max_inflight
-                        ),
-                        Duration::from_secs(1),
-                    )));
-                    continue;
-                }
-            };
-            // The in-flight slot and the channel share one acquisition deadline, so a
-            // publish waits at most acquire_timeout_ms + confirm_timeout_ms in all
-            // (the pool's own wait and create timeouts would otherwise add up).
-            let ch = match channel.take() {
-                Some(ch) => ch,
-                None => {
-                    match tokio::time::timeout_at(acquire_deadline, self.channels.get()).await {
-                        Ok(Ok(ch)) => ch,
-                        Ok(Err(error)) => {
-                            let error = BrokerError::from_pool(error);
-                            results[index] = Some(Err(self.acquire_failed(&error)));
-                            continue;
-                        }
-                        Err(_) => {
-                            results[index] = Some(Err(PublishError::unavailable(
-                                "no broker channel became available within amqp.acquire_timeout_ms",
-                                Duration::from_secs(1),
-                            )));
-                            continue;
-                        }
-                    }
-                }
-            };
-            let started = Instant::now();
-            // basic_publish registers the confirm and queues the frames on its first
-            // poll; only the write itself is awaited after that. So the pooled channel
-            // is needed for one poll, and the confirm goes to the channel's sequencer
-            // (in publish order, which is why the channel is still held while sending).
-            let lapin_channel = ch.channel.clone();
-            let on_channel = lapin_channel.clone();
-            let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
-            let (body, properties) = (message.body.clone(), message.properties.clone());
-            let options = BasicPublishOptions {
-                mandatory: message.mandatory,
-                immediate: false,
-            };
-            let mut write = Box::pin(async move {
-                on_channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        options,
-                        &body,
-                        properties,
-                    )
-                    .await
-            });
-            let first = futures::poll!(write.as_mut());
-            let confirm = match first {
-                std::task::Poll::Ready(Err(error)) => {
-                    // Refused before anything was queued: nothing was published.
-                    let _ = managed::Object::take(ch);
-                    results[index] = Some(Err(self.failure(&error, &message.exchange)));
-                    continue;
-                }
-                std::task::Poll::Ready(Ok(confirm)) => {
-                    confirm_future(std::future::ready(Ok(confirm)))
-                }
-                std::task::Poll::Pending => confirm_future(write),
-            };
-            let (reply, outcome) = oneshot::channel();
-            let key = return_key(message_id(message), &message.exchange, &message.routing_key);
-            if ch
-                .sequencer
-                .send(Tracked {
-                    key,
-                    confirm,
-                    reply,
-                })
-                .is_err()
-            {
-                let _ = managed::Object::take(ch);
-                results[index] = Some(Err(PublishError::LostBeforeConfirm(
-                    "the channel's confirm tracking stopped".to_owned(),
-                )));
-                continue;
-            }
-            pending.push(Pending {
-                index,
-                outcome,
-                _permit: permit,
-                channel: lapin_channel,
-                started,
-            });
-            channel = Some(ch);
-        }
-        // Back to the pool before awaiting writes and confirms: others publish on it.
-        drop(channel);
-
-        let confirm_deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let confirmed = join_all(pending.into_iter().map(|p| {
-            let message = &messages[p.index];
-            async move {
-                let result = match tokio::time::timeout_at(confirm_deadline, p.outcome).await {
-                    Ok(Ok((outcome, _))) => self.judge(outcome, message),
-                    Ok(Err(_)) => Err(PublishError::LostBeforeConfirm(
-                        "the channel's confirm tracking stopped".to_owned(),
-                    )),
-                    Err(_) => {
-                        // The channel is suspect: close it so the pool replaces it and
-                        // lapin drops its bookkeeping for this message.
-                        let channel = p.channel;
-                        tokio::spawn(async move {
-                            let _ = channel.close(200, "confirm timeout".into()).await;
-                        });
-                        Err(PublishError::ConfirmTimeout(self.confirm_timeout))
-                    }
-                };
-                telemetry::confirm_latency(p.started.elapsed());
-                (p.index, result)
-            }
-        }))
-        .await;
-        for (index, result) in confirmed {
-            results[index] = Some(result);
-        }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(PublishError::LostBeforeConfirm("not attempted".into())))
-            })
-            .collect()
-    }
-
-    /// The answer for one message from what its channel's sequencer saw.
-    fn judge(&self, outcome: Outcome, message: &OutgoingMessage) -> PublishResult {
-        match outcome {
-            Outcome::Acked => Ok(Published {
-                routed: message.mandatory,
-            }),
-            Outcome::Returned(reply_text) => Err(PublishError::Unroutable(reply_text)),
-            Outcome::Nacked => Err(PublishError::Rejected),
-            Outcome::NotConfirmed => Err(PublishError::LostBeforeConfirm(
-                "channel was not in confirm mode".to_owned(),
-            )),
-            Outcome::Failed(error) => Err(self.failure(&error, &message.exchange)),
-        }
-    }
-
-    /// Makes sure each exchange exists before publishing, so a typo costs a cached
-    /// lookup rather than a channel (the broker closes a channel on a missing exchange,
-    /// failing every confirm pending on it).
-    async fn check_exchanges(
-        &self,
-        messages: &[OutgoingMessage],
-        results: &mut [Option<PublishResult>],
-    ) {
-        let mut checked: HashMap<&str, Result<(), PublishError>> = HashMap::new();
-        for (index, message) in messages.iter().enumerate() {
-            let exchange = message.exchange.as_str();
-            if !checked.contains_key(exchange) {
-                let outcome = self.ensure_exchange(exchange).await;
-                checked.insert(exchange, outcome);
-            }
-            if let Some(Err(error)) = checked.get(exchange) {
-                results[index] = Some(Err(error.clone()));
-            }
-        }
-    }
-
-    async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
-        if exchange.is_empty() {
-            return Ok(()); // the default exchange always exists
-        }
-        {
-            let cache = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
-            if cache
-                .get(exchange)
-                .is_some_and(|checked| checked.elapsed() < self.exchange_ttl)
-            {
-                return Ok(());
-            }
-        }
-        let check = async {
-            let connection = self.connections.pick().ok_or(BrokerError::NotConnected)?;
-            let channel = connection.create_channel().await?;
-            drop(connection);
-            let declared = channel
-                .exchange_declare(
-                    exchange.into(),
-                    ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            if declared.is_ok() {
-                tokio::spawn(async move {
-                    let _ = channel.close(200, "OK".into()).await;
-                });
-            }
-            declared.map_err(BrokerError::Amqp)
-        };
-        match tokio::time::timeout(self.confirm_timeout, check).await {
-            Ok(Ok(())) => {
-                let mut cache = self.exchanges.lock().unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= self.exchange_cache_max {
-                    let ttl = self.exchange_ttl;
-                    cache.retain(|_, checked| checked.elapsed() < ttl);
-                    if cache.len() >= self.exchange_cache_max {
-                        cache.clear();
-                    }
-                }
-                cache.insert(exchange.to_owned(), Instant::now());
-                Ok(())
-            }
-            Ok(Err(BrokerError::Amqp(error))) if publish::is_not_found(&error) => {
-                Err(PublishError::ExchangeNotFound(exchange.to_owned()))
-            }
-            Ok(Err(BrokerError::Amqp(error))) => Err(self.failure(&error, exchange)),
-            Ok(Err(error)) => Err(self.acquire_failed(&error)),
-            Err(_) => Err(PublishError::unavailable(
-                "the broker did not answer an exchange check in time",
-                Duration::from_secs(1),
-            )),
-        }
-    }
-
     /// No channel could be had: the link is down (or the pool is exhausted).
     fn acquire_failed(&self, error: &BrokerError) -> PublishError {
         match error {
@@ -575,10 +323,7 @@ impl Broker {
     pub fn failure(&self, error: &lapin::Error, exchange: &str) -> PublishError {
         match classify(error, exchange) {
             AmqpFailure::ExchangeNotFound => {
-                self.exchanges
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(exchange);
+                self.exchanges.forget(exchange);
                 PublishError::ExchangeNotFound(exchange.to_owned())
             }
             AmqpFailure::AccessRefused(detail) => {
@@ -631,21 +376,18 @@ impl Broker {
     }
 }
 
-struct Pending {
-    index: usize,
-    outcome: oneshot::Receiver<(Outcome, Instant)>,
-    _permit: OwnedSemaphorePermit,
-    channel: lapin::Channel,
-    started: Instant,
-}
-
-/// Keeps the link up: probes while healthy, reconnects with backoff while not.
-async fn supervise(broker: Weak<Broker>) {
+/// Keeps the link up: probes while healthy, reconnects with backoff while not; ends
+/// when the broker is closed (`stop`) or dropped.
+async fn supervise(broker: Weak<Broker>, stop: CancellationToken) {
     let mut attempt: u32 = 0;
     let mut ever_connected = false;
     loop {
         let Some(b) = broker.upgrade() else { return };
-        match b.probe().await {
+        let probed = tokio::select! {
+            probed = b.probe() => probed,
+            () = stop.cancelled() => return,
+        };
+        match probed {
             Ok(()) => {
                 if ever_connected && !b.health.is_connected() && b.metrics {
                     telemetry::broker_reconnected(&b.vhost);
@@ -658,6 +400,7 @@ async fn supervise(broker: Weak<Broker>) {
                 tokio::select! {
                     _ = health.kick.notified() => {}
                     _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                    () = stop.cancelled() => return,
                 }
             }
             Err(error) => {
@@ -670,7 +413,10 @@ async fn supervise(broker: Weak<Broker>) {
                     warn!(vhost = %b.vhost, %error, "Cannot reach the broker; retrying with backoff.");
                 }
                 drop(b);
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         }
     }

@@ -186,11 +186,10 @@ impl Tenants {
         &self.pools
     }
 
-    pub fn close(&self) {
-        for broker in &self.pinned {
-            broker.close();
-        }
-        self.pools.close_all();
+    /// Closes every pool, static and dynamic, and waits until their connections are.
+    pub async fn close(&self) {
+        let pinned = futures::future::join_all(self.pinned.iter().map(|b| b.close()));
+        futures::join!(pinned, self.pools.close_all());
     }
 }
 

@@ -1,12 +1,15 @@
 //! Lazily opened broker pools for dynamic tenants: one per vhost, opened on first use,
 //! closed when idle for `dynamic_tenants.pool_idle_s`, at most `max_pools` at once.
 //! Opening one never holds up other tenants: the registry lock covers map updates only.
+//! Pools closed while running (idle, evicted) close on a task tracker of their own, so
+//! [`Pools::close_all`] at shutdown waits for those closes too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::broker::{Broker, BrokerLease};
@@ -31,6 +34,8 @@ pub struct Pools {
     idle: Duration,
     open: Mutex<HashMap<PoolKey, Entry>>,
     opened: std::sync::atomic::AtomicU64,
+    /// Closes of pools taken out of `open` while running.
+    closing: TaskTracker,
 }
 
 impl Pools {
@@ -41,7 +46,14 @@ impl Pools {
             idle,
             open: Mutex::new(HashMap::new()),
             opened: std::sync::atomic::AtomicU64::new(0),
+            closing: TaskTracker::new(),
         }
+    }
+
+    /// Closes `broker` in the background (never under the registry lock); shutdown
+    /// awaits it in [`Pools::close_all`].
+    fn close_later(&self, broker: Arc<Broker>) {
+        self.closing.spawn(async move { broker.close().await });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Entry>> {
@@ -59,7 +71,7 @@ impl Pools {
                 entry.last_used = Instant::now();
                 (BrokerLease::new(entry.broker.clone()), false)
             } else {
-                if open.len() >= self.max && !evict_lru(&mut open) {
+                if open.len() >= self.max && !self.evict_lru(&mut open) {
                     return Err(ApiError::BrokerUnavailable {
                         detail: format!(
                             "all {} dynamic tenant pools are busy (dynamic_tenants.max_pools)",
@@ -100,7 +112,7 @@ impl Pools {
             let keep = entry.last_used.elapsed() < idle || !entry.broker.is_idle();
             if !keep {
                 info!(vhost = %key.vhost, "Closing an idle dynamic tenant pool.");
-                entry.broker.close();
+                self.close_later(entry.broker.clone());
             }
             keep
         });
@@ -124,26 +136,30 @@ impl Pools {
         self.len() == 0
     }
 
-    pub fn close_all(&self) {
-        for (_, entry) in self.lock().drain() {
-            entry.broker.close();
+    /// Closes every open pool and waits until they, and any pool closed earlier, are.
+    pub async fn close_all(&self) {
+        let open: Vec<Entry> = self.lock().drain().map(|(_, entry)| entry).collect();
+        for entry in open {
+            self.close_later(entry.broker);
         }
+        self.closing.close();
+        self.closing.wait().await;
     }
-}
 
-/// Closes the least recently used idle pool; `false` if every pool is busy.
-fn evict_lru(open: &mut HashMap<PoolKey, Entry>) -> bool {
-    let victim = open
-        .iter()
-        .filter(|(_, e)| e.broker.is_idle())
-        .min_by_key(|(_, e)| e.last_used)
-        .map(|(k, _)| k.clone());
-    match victim.and_then(|key| open.remove(&key)) {
-        Some(entry) => {
-            entry.broker.close();
-            counter!(telemetry::AMQP_POOLS_CLOSED).increment(1);
-            true
+    /// Closes the least recently used idle pool; `false` if every pool is busy.
+    fn evict_lru(&self, open: &mut HashMap<PoolKey, Entry>) -> bool {
+        let victim = open
+            .iter()
+            .filter(|(_, e)| e.broker.is_idle())
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone());
+        match victim.and_then(|key| open.remove(&key)) {
+            Some(entry) => {
+                self.close_later(entry.broker);
+                counter!(telemetry::AMQP_POOLS_CLOSED).increment(1);
+                true
+            }
+            None => false,
         }
-        None => false,
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -83,10 +83,20 @@ impl SendBudget {
     }
 }
 
-/// Open sockets per tenant, for `ws.max_sockets_per_tenant`.
-#[derive(Default)]
+/// Open sockets per tenant, for `ws.max_sockets_per_tenant`; and the total, which
+/// shutdown waits on to reach zero (a notification, not a poll).
 pub struct Sockets {
     per_tenant: Mutex<HashMap<String, usize>>,
+    total: watch::Sender<usize>,
+}
+
+impl Default for Sockets {
+    fn default() -> Self {
+        Self {
+            per_tenant: Mutex::default(),
+            total: watch::Sender::new(0),
+        }
+    }
 }
 
 /// One counted socket; uncounted on drop.
@@ -108,6 +118,7 @@ impl Sockets {
             });
         }
         *count += 1;
+        self.total.send_modify(|total| *total += 1);
         telemetry::ws_connections(1);
         Ok(SocketGuard {
             state: state.clone(),
@@ -116,28 +127,31 @@ impl Sockets {
     }
 
     pub fn open(&self) -> usize {
-        self.per_tenant
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .sum()
+        *self.total.borrow()
+    }
+
+    /// Resolves once no socket is open (at once if none is).
+    pub async fn all_closed(&self) {
+        let mut total = self.total.subscribe();
+        // The sender lives in `self`, so this cannot fail while we borrow it.
+        let _ = total.wait_for(|open| *open == 0).await;
     }
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let mut counts = self
-            .state
-            .sockets
-            .per_tenant
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let sockets = &self.state.sockets;
+        let mut counts = sockets.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = counts.get_mut(&self.tenant) {
             *count = count.saturating_sub(1);
             if *count == 0 {
                 counts.remove(&self.tenant);
             }
+            sockets
+                .total
+                .send_modify(|total| *total = total.saturating_sub(1));
         }
+        drop(counts);
         telemetry::ws_connections(-1);
     }
 }
