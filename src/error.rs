@@ -1,10 +1,11 @@
 //! One error type for every answer that is not a success: RFC 9457 problem+json with
-//! a stable `code` (SPEC §4). Internals are logged here, never sent to clients.
+//! a stable `code` (SPEC §4). Internals are logged, never sent to clients. How one
+//! becomes an HTTP response is the edge's business (`api/problem.rs`); the schema
+//! derive keeps the OpenAPI document and this type from drifting apart.
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -280,32 +281,6 @@ impl From<PublishError> for ApiError {
             e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
             e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if let Self::Internal(cause) = &self {
-            tracing::error!(error = %cause, "Request failed unexpectedly.");
-        }
-        let problem = self.problem();
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
-        let mut response = (self.status(), body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(seconds) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if matches!(self, Self::Unauthorized(_)) {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"warren\", error=\"invalid_token\""),
-            );
-        }
-        response
     }
 }
 

@@ -8,8 +8,32 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::AppState;
-use crate::broker::HealthReport;
 use crate::telemetry;
+
+/// What `/readyz` reports per vhost.
+#[derive(Serialize, ToSchema)]
+pub struct HealthReport {
+    pub vhost: String,
+    /// The broker link is up.
+    pub connected: bool,
+    /// The broker is blocking publishers (memory or disk alarm).
+    pub blocked: bool,
+    /// The last connection error or the alarm's reason, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub error: Option<String>,
+}
+
+impl From<crate::broker::HealthReport> for HealthReport {
+    fn from(report: crate::broker::HealthReport) -> Self {
+        Self {
+            vhost: report.vhost,
+            connected: report.connected,
+            blocked: report.blocked,
+            error: report.error,
+        }
+    }
+}
 
 /// `GET /healthz` body.
 #[derive(Serialize, ToSchema)]
@@ -87,7 +111,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .tenants
         .brokers()
         .iter()
-        .map(|b| b.health().report())
+        .map(|b| b.health().report().into())
         .collect();
     let store = state.idempotency.store.ping().await;
     telemetry::idempotency_store_up(store.is_ok());

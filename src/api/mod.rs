@@ -5,6 +5,7 @@ pub mod extract;
 pub mod health;
 pub mod model;
 pub mod openapi;
+mod problem;
 pub mod publish;
 pub mod track;
 

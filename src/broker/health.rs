@@ -5,7 +5,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
@@ -42,17 +41,12 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
-/// What `/readyz` reports per vhost.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// A vhost link's state, as `/readyz` reports it (its wire form is in `api/health.rs`).
+#[derive(Debug, Clone)]
 pub struct HealthReport {
     pub vhost: String,
-    /// The broker link is up.
     pub connected: bool,
-    /// The broker is blocking publishers (memory or disk alarm).
     pub blocked: bool,
-    /// The last connection error or the alarm's reason, when there is one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
     pub error: Option<String>,
 }
 
