@@ -14,7 +14,7 @@ use crate::AppState;
 use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 use crate::idempotency::{self, Answered, Fingerprint, IdempotencyKey, Outcome};
-use crate::publishing::{self, TraceContext};
+use crate::publishing::{self, KeyedPublish, TraceContext};
 
 /// Publish one message.
 ///
@@ -58,33 +58,16 @@ pub async fn publish(
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
-    let trace = trace_context(&headers);
-    let fingerprint = Fingerprint::of("POST", "/v1/publish", &body.raw);
-    let tenant = principal.tenant.clone();
-    let message_id = key
-        .as_ref()
-        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
-    let max_headers = state.config.server.max_headers_bytes;
-    let request = body.value.into();
-    let work = || async move {
-        let accepted =
-            publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await?;
-        Ok(Outcome::success(
-            StatusCode::ACCEPTED.as_u16(),
-            PublishAccepted::from(accepted),
-        ))
+    let publish = KeyedPublish {
+        tenant: &principal.tenant,
+        subject: &principal.subject,
+        key: key.as_ref(),
+        fingerprint: Fingerprint::of("POST", "/v1/publish", &body.raw),
+        trace: trace_context(&headers),
+        max_headers_bytes: state.config.server.max_headers_bytes,
     };
-    let (tenant, subject) = (&principal.tenant.name, &principal.subject);
-    let answer = publishing::idempotent(
-        &state.idempotency,
-        tenant,
-        subject,
-        key.as_ref(),
-        fingerprint,
-        work,
-    )
-    .await;
-    respond(answer)
+    let answer = publishing::publish_keyed(&state.idempotency, publish, body.value.into()).await;
+    respond(answer.map(|answered| answered.map(PublishAccepted::from)))
 }
 
 /// Publish a batch of messages.

@@ -76,6 +76,21 @@ impl<T> Answered<T> {
             replayed: false,
         }
     }
+
+    /// The same answer with its success body converted (to a wire type, say).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Answered<U> {
+        let outcome = match self.outcome {
+            Outcome::Success { status, body } => Outcome::Success {
+                status,
+                body: f(body),
+            },
+            Outcome::Failure(problem) => Outcome::Failure(problem),
+        };
+        Answered {
+            outcome,
+            replayed: self.replayed,
+        }
+    }
 }
 
 /// An RFC 9457 problem as it was answered, member for member (the owned twin of

@@ -151,6 +151,42 @@ fn accepted(
 /// Runs `work` under the caller's `Idempotency-Key`, if any; keys are scoped by tenant
 /// and token subject. Shared by the REST handlers and WebSocket publish frames, each of
 /// which picks the answer type `T` it keeps and replays.
+/// One message to publish and what scopes it: the tenant and token subject (which scope
+/// an `Idempotency-Key` and the `message_id` derived from it), and the request's
+/// fingerprint for the key.
+pub struct KeyedPublish<'a> {
+    pub tenant: &'a std::sync::Arc<Tenant>,
+    pub subject: &'a str,
+    pub key: Option<&'a IdempotencyKey>,
+    pub fingerprint: Fingerprint,
+    pub trace: TraceContext,
+    pub max_headers_bytes: usize,
+}
+
+/// Publishes one message under the caller's `Idempotency-Key`, if any: the service
+/// behind `POST /v1/publish` and WebSocket publish frames, which differ only in how
+/// they answer.
+pub async fn publish_keyed(
+    idempotency: &Idempotency,
+    publish: KeyedPublish<'_>,
+    request: Request,
+) -> Result<Answered<Accepted>, ApiError> {
+    let KeyedPublish {
+        tenant,
+        subject,
+        key,
+        fingerprint,
+        trace,
+        max_headers_bytes,
+    } = publish;
+    let message_id = key.map(|k| k.message_id(&tenant.name, subject, None));
+    let work = || async move {
+        let accepted = publish_one(tenant, request, &trace, message_id, max_headers_bytes).await?;
+        Ok(Outcome::success(202, accepted))
+    };
+    idempotent(idempotency, &tenant.name, subject, key, fingerprint, work).await
+}
+
 pub async fn idempotent<T, F, Fut>(
     idempotency: &Idempotency,
     tenant: &str,

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
-use axum::http::StatusCode;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -21,7 +20,7 @@ use crate::auth::grants::GrantPattern;
 use crate::auth::{self, Principal, Scope};
 use crate::error::ApiError;
 use crate::idempotency::{Answered, Fingerprint, IdempotencyKey, Outcome};
-use crate::publishing::{self, Accepted, TraceContext};
+use crate::publishing::{self, Accepted, KeyedPublish, TraceContext};
 use crate::telemetry;
 
 pub const CLOSE_SHUTDOWN: u16 = 1001;
@@ -461,29 +460,15 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
         Ok(key) => key,
         Err(e) => return ServerFrame::error(Some(id), &e),
     };
-    let tenant = principal.tenant.clone();
-    let message_id = key
-        .as_ref()
-        .map(|k| k.message_id(&tenant.name, &principal.subject, None));
-    let max_headers = state.config.server.max_headers_bytes;
-    let request = request.into();
-    let work = || async move {
-        let trace = TraceContext::default();
-        let accepted =
-            publishing::publish_one(&tenant, request, &trace, message_id, max_headers).await?;
-        Ok(Outcome::success(StatusCode::ACCEPTED.as_u16(), accepted))
+    let publish = KeyedPublish {
+        tenant: &principal.tenant,
+        subject: &principal.subject,
+        key: key.as_ref(),
+        fingerprint: Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes()),
+        trace: TraceContext::default(),
+        max_headers_bytes: state.config.server.max_headers_bytes,
     };
-    let fingerprint = Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes());
-    let (tenant, subject) = (&principal.tenant.name, &principal.subject);
-    let answer = publishing::idempotent(
-        &state.idempotency,
-        tenant,
-        subject,
-        key.as_ref(),
-        fingerprint,
-        work,
-    )
-    .await;
+    let answer = publishing::publish_keyed(&state.idempotency, publish, request.into()).await;
     frame_from_outcome(id, answer)
 }
 
