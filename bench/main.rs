@@ -679,6 +679,8 @@ struct Fanout {
     p99: f64,
     p999: f64,
     cpu: [f64; 4],
+    /// Warren's CPU time (utime + stime) over the point divided by the deliveries.
+    warren_us_per_delivery: f64,
 }
 
 async fn fanout(
@@ -755,6 +757,7 @@ async fn fanout(
         }
         seen = now;
     }
+    let window = probe.t0.elapsed().as_secs_f64();
     let cpu = probe.stop();
     let _ = ch.close(200, "bye".into()).await;
     let _ = done_tx.send(true);
@@ -774,6 +777,7 @@ async fn fanout(
         p99: percentile(&lat, 0.99),
         p999: percentile(&lat, 0.999),
         cpu,
+        warren_us_per_delivery: cpu[1] / 100.0 * window * 1e6 / delivered.max(1) as f64,
     })
 }
 
@@ -1085,7 +1089,8 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "\nWebSocket live fan-out: {} sockets on one binding key, one AMQP publisher at {} msg/s\n  \
          published {} -> delivered {} of {} ({:.1}%), {:.0} deliveries/s, \
-         publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}",
+         publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}\n  \
+         Warren CPU per delivery {:.2} µs",
             f.sockets,
             rate,
             f.published,
@@ -1096,7 +1101,8 @@ async fn main() -> anyhow::Result<()> {
             f.p50,
             f.p99,
             f.p999,
-            fmt_cpu(f.cpu)
+            fmt_cpu(f.cpu),
+            f.warren_us_per_delivery
         );
     }
     warren.stop();

@@ -14,6 +14,8 @@
 # empty for a random one). WARREN_CONTRACT_EXAMPLES: examples per operation and run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/warren-config.sh
+source scripts/lib/warren-config.sh
 
 VENV="${XDG_CACHE_HOME:-$HOME/.cache}/warren-contract-venv"
 REQUIREMENTS=tests/contract/requirements.txt
@@ -61,20 +63,7 @@ echo "== 1. openapi/openapi.json is valid OpenAPI 3.1"
 "$VENV/bin/openapi-spec-validator" openapi/openapi.json
 
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-SECRET="$("$PY" -c 'import secrets; print(secrets.token_hex(32))')"
-cat >"$WORK/warren.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-shutdown_grace_s = 5
-[amqp]
-url = "$AMQP_URL"
-[auth]
-hs256_secret = "$SECRET"
-[tenants.contract]
-vhost = "/"
-publish = [{ exchange = "*", routing_key = "#" }]
-subscribe = [{ exchange = "*", routing_key = "#" }]
-TOML
+WARREN_TEST_AMQP_URL="$AMQP_URL" write_warren_config "$WORK/warren.toml" "$PORT" contract
 BASE="http://127.0.0.1:$PORT"
 "$BIN" serve --config "$WORK/warren.toml" >"$WORK/warren.log" 2>&1 &
 WARREN_PID=$!

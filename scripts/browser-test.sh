@@ -4,6 +4,8 @@
 # client Warren serves at /clients/warren.js (clients/js/). Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/warren-config.sh
+source scripts/lib/warren-config.sh
 scripts/ensure-services.sh
 
 if [[ ! -x /usr/bin/chromium ]]; then
@@ -25,18 +27,7 @@ cleanup() {
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/warren.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[amqp]
-url = "${WARREN_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672}"
-[auth]
-hs256_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-[tenants.browser]
-vhost = "/"
-publish = [{ exchange = "amq.topic", routing_key = "demo.#" }]
-subscribe = [{ exchange = "amq.topic", routing_key = "demo.#" }]
-TOML
+write_warren_config "$work/warren.toml" "$port" browser amq.topic 'demo.#'
 "$BIN" serve --config "$work/warren.toml" 2>"$work/warren.log" &
 pid=$!
 for _ in $(seq 1 100); do

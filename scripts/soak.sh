@@ -12,6 +12,8 @@
 #   DURATION=60 RATE=100 PROFILE=debug scripts/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/warren-config.sh
+source scripts/lib/warren-config.sh
 DURATION=${DURATION:-600}
 RATE=${RATE:-1200}
 REPORT=${REPORT:-10}
@@ -25,20 +27,7 @@ cargo build "${flags[@]}" --bin warren --example soak
 target=${CARGO_TARGET_DIR:-target}/$PROFILE
 
 dir=$(mktemp -d)
-secret=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-cat > "$dir/warren.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-shutdown_grace_s = 5
-[amqp]
-url = "amqp://guest:guest@127.0.0.1:5672"
-[auth]
-hs256_secret = "$secret"
-[tenants.soak]
-vhost = "/"
-publish = [{ exchange = "*", routing_key = "#" }]
-subscribe = [{ exchange = "*", routing_key = "#" }]
-TOML
+write_warren_config "$dir/warren.toml" "$PORT" soak
 
 RUST_LOG=${RUST_LOG:-warn} "$target/warren" serve --config "$dir/warren.toml" &
 pid=$!

@@ -326,15 +326,7 @@ impl Forwarder {
                     .await;
                 continue;
             }
-            let frame = MessageFrame::new(
-                self.subscription.clone(),
-                delivery.delivery_tag,
-                delivery.exchange.as_str(),
-                delivery.routing_key.as_str(),
-                delivery.redelivered,
-                &delivery.properties,
-                &delivery.data,
-            );
+            let frame = MessageFrame::new(&self.subscription, &delivery);
             // The reader is too slow: the socket's writer is stuck too, and closes it
             // with 4408 on its own timer.
             let Some(bytes) = self

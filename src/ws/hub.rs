@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, mpsc};
 
-use super::protocol::MessageFrame;
+use super::protocol::{DeliveryJson, FrameId, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::auth::grants::GrantPattern;
 use crate::broker::ConsumerChannel;
@@ -50,6 +50,7 @@ struct Topic {
 #[derive(Clone)]
 struct Subscriber {
     subscription: String,
+    frame_id: FrameId,
     sink: mpsc::Sender<Outgoing>,
     budget: SendBudget,
 }
@@ -128,6 +129,7 @@ impl LiveHub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber {
             subscription: target.subscription.to_owned(),
+            frame_id: FrameId::new(target.subscription),
             sink: target.sink,
             budget: target.budget,
         };
@@ -317,17 +319,13 @@ async fn consume(
             telemetry::ws_filtered("live");
             continue;
         }
-        let subscribers: Vec<Subscriber> = lock(&topic.subscribers).values().cloned().collect();
-        for subscriber in subscribers {
-            let frame = MessageFrame::new(
-                subscriber.subscription.clone(),
-                0,
-                delivery.exchange.as_str(),
-                delivery.routing_key.as_str(),
-                delivery.redelivered,
-                &delivery.properties,
-                &delivery.data,
-            );
+        // Built once for every subscriber: the JSON (and base64) of a delivery is most
+        // of the fan-out's work. Each subscriber's frame only adds its id around it.
+        let shared = Arc::new(DeliveryJson::new(&delivery));
+        // Nothing below waits (`try_take`, `try_send`), so the lock is held for one pass
+        // over the subscribers and no per-delivery copy of their list is made.
+        for subscriber in lock(&topic.subscribers).values() {
+            let frame = MessageFrame::shared(&subscriber.frame_id, 0, &shared);
             let Some(bytes) = subscriber.budget.try_take(frame.approximate_len()) else {
                 telemetry::ws_dropped();
                 continue;

@@ -2,10 +2,13 @@
 //! into typed client frames and serialized from typed server frames. Pure; no I/O.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use lapin::BasicProperties;
+use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -208,6 +211,9 @@ pub enum ServerFrame {
         message_id: String,
         routed: bool,
     },
+    /// Written by [`MessageFrame::to_json`], which splices the shared delivery JSON
+    /// after the subscriber's own members; serde never sees it.
+    #[serde(skip_serializing)]
     Message(Box<MessageFrame>),
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -237,72 +243,129 @@ impl ServerFrame {
     }
 
     pub fn to_json(&self) -> String {
+        if let Self::Message(message) = self {
+            return message.to_json();
+        }
         serde_json::to_string(self).unwrap_or_else(|_| {
             r#"{"type":"error","code":"internal_error","detail":"unserializable frame"}"#.to_owned()
         })
     }
 }
 
-/// A delivery as the client sees it.
-#[derive(Debug, Serialize)]
+/// A delivery as the client sees it: the subscriber's own `subscription` and
+/// `delivery_tag`, then the delivery's members, serialised once and shared by every
+/// subscriber it fans out to. On the wire:
+/// `{"type":"message","subscription":…,"delivery_tag":…,"exchange":…,"routing_key":…,
+/// "redelivered":…,"properties":{…}` then `"payload":…` or `"body_base64":…` and `}`.
+#[derive(Debug, Clone)]
 pub struct MessageFrame {
-    pub subscription: String,
+    subscription: FrameId,
     /// Only meaningful for durable subscriptions (ack/nack); 0 for live ones.
-    pub delivery_tag: u64,
-    pub exchange: String,
-    pub routing_key: String,
-    pub redelivered: bool,
-    pub properties: Map<String, Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body_base64: Option<String>,
+    delivery_tag: u64,
+    delivery: Arc<DeliveryJson>,
 }
 
-impl MessageFrame {
+/// A subscription id as it appears in message frames: JSON-quoted once, when the
+/// subscription starts, not for every frame.
+#[derive(Debug, Clone)]
+pub struct FrameId(Arc<str>);
+
+impl FrameId {
+    pub fn new(subscription: &str) -> Self {
+        let quoted = serde_json::to_string(subscription).unwrap_or_else(|_| "\"\"".to_owned());
+        Self(quoted.into())
+    }
+}
+
+/// The members of a message frame that are the same for every subscriber of a
+/// delivery, as one JSON object: `{"exchange":…,…}`.
+#[derive(Debug)]
+pub struct DeliveryJson(String);
+
+#[derive(Serialize)]
+struct DeliveryMembers<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    redelivered: bool,
+    properties: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+}
+
+impl DeliveryJson {
     /// JSON content becomes `payload`; anything else `body_base64`.
-    pub fn new(
-        subscription: String,
-        delivery_tag: u64,
-        exchange: &str,
-        routing_key: &str,
-        redelivered: bool,
-        properties: &BasicProperties,
-        body: &[u8],
-    ) -> Self {
+    pub fn new(delivery: &Delivery) -> Self {
+        let properties = &delivery.properties;
         let is_json = properties.content_type().as_ref().is_some_and(|ct| {
             let essence = ct.as_str().split(';').next().unwrap_or_default().trim();
             essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json")
         });
         let payload = if is_json {
-            std::str::from_utf8(body)
+            std::str::from_utf8(&delivery.data)
                 .ok()
-                .and_then(|text| RawValue::from_string(text.to_owned()).ok())
+                .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
         } else {
             None
         };
-        let body_base64 = payload.is_none().then(|| BASE64.encode(body));
-        Self {
-            subscription,
-            delivery_tag,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            redelivered,
+        let members = DeliveryMembers {
+            exchange: delivery.exchange.as_str(),
+            routing_key: delivery.routing_key.as_str(),
+            redelivered: delivery.redelivered,
             properties: properties_json(properties),
             payload,
-            body_base64,
+            body_base64: payload.is_none().then(|| BASE64.encode(&delivery.data)),
+        };
+        // Serialising plain strings, maps and raw JSON cannot fail; `{}` keeps the
+        // frame well-formed if it ever did.
+        Self(serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()))
+    }
+}
+
+const FRAME_START: &str = r#"{"type":"message","subscription":"#;
+const FRAME_TAG: &str = r#","delivery_tag":"#;
+/// What a frame adds to its subscription id and delivery, with room for the digits
+/// of any u64.
+const FRAME_OVERHEAD: usize = FRAME_START.len() + FRAME_TAG.len() + 20;
+
+impl MessageFrame {
+    /// The frame of a delivery that goes to one subscriber only.
+    pub fn new(subscription: &str, delivery: &Delivery) -> Self {
+        let shared = Arc::new(DeliveryJson::new(delivery));
+        Self::shared(&FrameId::new(subscription), delivery.delivery_tag, &shared)
+    }
+
+    /// One subscriber's frame of a delivery built once for all of them.
+    pub fn shared(subscription: &FrameId, delivery_tag: u64, delivery: &Arc<DeliveryJson>) -> Self {
+        Self {
+            subscription: subscription.clone(),
+            delivery_tag,
+            delivery: delivery.clone(),
         }
     }
 
-    /// About the size of the frame's JSON: the body dominates; properties and names
-    /// are bounded by AMQP short strings and the broker's frame size.
+    /// The size of the frame's JSON, at most a few bytes over.
     pub fn approximate_len(&self) -> usize {
-        let body = match (&self.payload, &self.body_base64) {
-            (Some(payload), _) => payload.get().len(),
-            (None, Some(b64)) => b64.len(),
-            (None, None) => 0,
-        };
-        body + self.exchange.len() + self.routing_key.len() + self.subscription.len() + 512
+        FRAME_OVERHEAD + self.subscription.0.len() + self.delivery.0.len()
+    }
+
+    /// The text frame: the subscriber's members, then the shared delivery's.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.approximate_len());
+        out.push_str(FRAME_START);
+        out.push_str(&self.subscription.0);
+        out.push_str(FRAME_TAG);
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{}", self.delivery_tag);
+        match self.delivery.0.strip_prefix('{') {
+            Some(members) => {
+                out.push(',');
+                out.push_str(members);
+            }
+            None => out.push('}'),
+        }
+        out
     }
 }
 
@@ -449,6 +512,12 @@ mod tests {
         }
     }
 
+    fn delivery(tag: u64, properties: &BasicProperties, body: &[u8]) -> Delivery {
+        let mut delivery = Delivery::mock(tag, "e".into(), "k".into(), true, body.to_vec());
+        delivery.properties = properties.clone();
+        delivery
+    }
+
     #[test]
     fn message_frames_carry_json_payloads_or_base64() {
         let mut headers = FieldTable::default();
@@ -461,20 +530,93 @@ mod tests {
             .with_message_id("m1".into())
             .with_delivery_mode(2)
             .with_headers(headers);
-        let f = MessageFrame::new("s1".into(), 3, "e", "k", false, &props, br##"{"id":42}"##);
+        let f = MessageFrame::new("s1", &delivery(3, &props, br##"{"id":42}"##));
         let v: Value = serde_json::from_str(&ServerFrame::Message(Box::new(f)).to_json()).unwrap();
         assert_eq!(v["type"], "message");
+        assert_eq!(v["subscription"], "s1");
+        assert_eq!(v["delivery_tag"], 3);
         assert_eq!(v["payload"]["id"], 42);
         assert!(v.get("body_base64").is_none());
         assert_eq!(v["properties"]["message_id"], "m1");
         assert_eq!(v["properties"]["persistent"], true);
         assert_eq!(v["properties"]["headers"]["traceparent"], "00-abc-01");
         let text = BasicProperties::default().with_content_type("text/plain".into());
-        let f = MessageFrame::new("s1".into(), 0, "e", "k", true, &text, b"hi");
-        assert_eq!(f.body_base64.as_deref(), Some("aGk="));
+        let f = MessageFrame::new("s1", &delivery(0, &text, b"hi"));
+        let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(v["body_base64"], "aGk=");
+        assert!(v.get("payload").is_none());
         // JSON content type but not JSON inside: still delivered, as base64.
-        let f = MessageFrame::new("s1".into(), 0, "e", "k", true, &props, b"{oops");
-        assert!(f.payload.is_none() && f.body_base64.is_some());
+        let f = MessageFrame::new("s1", &delivery(0, &props, b"{oops"));
+        let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert!(v.get("payload").is_none() && v.get("body_base64").is_some());
+    }
+
+    /// The frame as it was serialised before deliveries were shared (a serde struct
+    /// per subscriber): the spliced frame must be the same bytes.
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum SerdeFrame {
+        Message(SerdeMessage),
+    }
+
+    #[derive(Serialize)]
+    struct SerdeMessage {
+        subscription: String,
+        delivery_tag: u64,
+        exchange: String,
+        routing_key: String,
+        redelivered: bool,
+        properties: Map<String, Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<Box<RawValue>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        body_base64: Option<String>,
+    }
+
+    #[test]
+    fn a_shared_delivery_is_spliced_into_the_same_bytes_serde_writes() {
+        let mut headers = FieldTable::default();
+        headers.insert("n".into(), AMQPValue::LongInt(-7));
+        headers.insert("s".into(), AMQPValue::LongString("a\"b\\c\u{1}é".into()));
+        let json = BasicProperties::default()
+            .with_content_type("application/vnd.x+json; charset=utf-8".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(headers);
+        let cases: [(&BasicProperties, &[u8]); 4] = [
+            (&json, b" {\"a\": [1, 2.5, \"\\u00e9\"]} "),
+            (&json, b"{broken"),
+            (&BasicProperties::default(), b"\x00\xffbinary"),
+            (&BasicProperties::default(), b""),
+        ];
+        for (properties, body) in cases {
+            let mut delivery =
+                Delivery::mock(9, "ex\"1".into(), "k.\u{2028}".into(), true, body.to_vec());
+            delivery.properties = properties.clone();
+            let delivery = Arc::new(DeliveryJson::new(&delivery));
+            for (subscription, tag) in [("s1", 0), ("quo\"te\n", u64::MAX)] {
+                let spliced = MessageFrame::shared(&FrameId::new(subscription), tag, &delivery);
+                let payload = std::str::from_utf8(body)
+                    .ok()
+                    .filter(|_| properties.content_type().is_some())
+                    .and_then(|t| RawValue::from_string(t.to_owned()).ok());
+                let expected = SerdeFrame::Message(SerdeMessage {
+                    subscription: subscription.to_owned(),
+                    delivery_tag: tag,
+                    exchange: "ex\"1".to_owned(),
+                    routing_key: "k.\u{2028}".to_owned(),
+                    redelivered: true,
+                    properties: properties_json(properties),
+                    body_base64: payload.is_none().then(|| BASE64.encode(body)),
+                    payload,
+                });
+                let expected = serde_json::to_string(&expected).unwrap();
+                assert_eq!(
+                    ServerFrame::Message(Box::new(spliced.clone())).to_json(),
+                    expected
+                );
+                assert!(spliced.approximate_len() >= expected.len());
+            }
+        }
     }
 
     proptest::proptest! {

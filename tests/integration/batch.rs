@@ -41,7 +41,6 @@ async fn batch_all_confirmed_is_200_in_order() {
         let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
         assert_eq!(body["n"], i);
     }
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -95,7 +94,6 @@ async fn batch_with_failures_is_207_with_per_item_results() {
     assert!(results.iter().all(|r| r["message_id"].is_string()));
     assert!(results[1]["detail"].is_string());
     assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -160,6 +158,5 @@ async fn malformed_empty_or_oversized_batches_publish_nothing() {
     assert_eq!((r.status, r.code()), (413, "payload_too_large"));
 
     assert_eq!(rabbit.count(&queue).await, 0);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

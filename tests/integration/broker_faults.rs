@@ -74,7 +74,7 @@ async fn several_urls_fail_over_to_one_that_works() {
 
 #[tokio::test]
 async fn lost_link_answers_503_then_recovers_without_restart() {
-    let proxy = ChaosProxy::start("127.0.0.1:5672").await;
+    let proxy = ChaosProxy::start().await;
     let rabbit = Rabbit::connect().await;
     let exchange = rabbit.topic_exchange().await;
     let queue = rabbit.bound_queue(&exchange, "#").await;
@@ -118,15 +118,12 @@ async fn lost_link_answers_503_then_recovers_without_restart() {
         metrics.contains("warren_amqp_reconnects_total{vhost=\"/\"}"),
         "{metrics}"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
 /// A TCP proxy that can stall: bytes are held (the TCP connections stay open) until
 /// it is released — a broker that stopped answering, not one that went away.
-async fn stalling_proxy(
-    upstream: &'static str,
-) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+async fn stalling_proxy(upstream: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -136,7 +133,7 @@ async fn stalling_proxy(
     let flag = stalled.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                 continue;
             };
             let (cr, cw) = client.into_split();
@@ -175,10 +172,10 @@ async fn stalling_proxy(
 #[tokio::test]
 async fn no_confirm_in_time_is_504_and_the_gateway_carries_on() {
     use std::sync::atomic::Ordering;
-    let (port, stalled) = stalling_proxy("127.0.0.1:5672").await;
+    let (port, stalled) = stalling_proxy(broker_addr()).await;
     let tenant = unique("t");
     let mut config = tenant_config(&tenant, "*", "#");
-    config.amqp.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}"));
+    config.amqp.url = Some(broker_url_via(port));
     config.amqp.confirm_timeout_ms = 800;
     let server = TestServer::start_ready(config).await;
     let token = server.token(&tenant, "publish");

@@ -1,12 +1,14 @@
 //! Test harness: a real Warren on port 0 against the real RabbitMQ, a test-side AMQP
-//! client for topology and inspection, and helpers that wait with deadlines.
+//! client for topology and inspection, and helpers that wait with deadlines. What a
+//! fixture creates on the broker it deletes when dropped, so a failing test cleans up
+//! too.
 
 use std::future::Future;
 use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -24,6 +26,61 @@ pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub fn broker_url() -> String {
     std::env::var("WARREN_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".to_owned())
+}
+
+/// [`broker_url`] in three parts: `scheme://user:pass@`, `host:port` (with the
+/// scheme's default port when it has none) and the rest (`/vhost?options`).
+fn broker_url_parts() -> (String, String, String) {
+    let url = broker_url();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url.as_str()));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (format!("{userinfo}@"), host),
+        None => (String::new(), authority),
+    };
+    let has_port = host
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    let host = if has_port {
+        host.to_owned()
+    } else {
+        let port = if scheme == "amqps" { 5671 } else { 5672 };
+        format!("{host}:{port}")
+    };
+    (format!("{scheme}://{userinfo}"), host, tail.to_owned())
+}
+
+/// The broker's `host:port`, for proxies that stand in front of it.
+pub fn broker_addr() -> String {
+    broker_url_parts().1
+}
+
+/// [`broker_url`] through a proxy on `127.0.0.1:port`: same credentials and vhost.
+pub fn broker_url_via(port: u16) -> String {
+    let (prefix, _, tail) = broker_url_parts();
+    format!("{prefix}127.0.0.1:{port}{tail}")
+}
+
+/// Runs `work` to completion from a `Drop`, which cannot await: on a thread of its
+/// own with its own runtime (the test's may be single-threaded, blocked right here,
+/// or unwinding from a panic), within `deadline`.
+fn run_detached<F>(deadline: Duration, work: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(deadline, work).await;
+        });
+    })
+    .join();
 }
 
 /// A name no other test (or earlier run) uses.
@@ -205,21 +262,39 @@ where
     }
 }
 
-/// The test's own AMQP client: declares topology, reads what Warren published.
+/// The test's own AMQP client: declares topology, reads what Warren published. The
+/// exchanges and queues it declared are deleted when it is dropped.
 pub struct Rabbit {
+    url: String,
     _connection: Connection,
     pub channel: Channel,
-    exchanges: std::sync::Mutex<Vec<String>>,
+    created: std::sync::Mutex<Created>,
+}
+
+/// What a [`Rabbit`] declared, to delete when it is dropped.
+#[derive(Default)]
+struct Created {
+    exchanges: Vec<String>,
+    queues: Vec<String>,
 }
 
 impl Rabbit {
     pub async fn connect() -> Self {
-        let (connection, channel) = Self::open().await;
-        Self::from_parts(connection, channel)
+        Self::connect_to(broker_url()).await
     }
 
-    async fn open() -> (Connection, Channel) {
-        let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
+    async fn connect_to(url: String) -> Self {
+        let (connection, channel) = Self::open(&url).await;
+        Self {
+            url,
+            _connection: connection,
+            channel,
+            created: std::sync::Mutex::new(Created::default()),
+        }
+    }
+
+    async fn open(url: &str) -> (Connection, Channel) {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .expect("test AMQP connection");
         let channel = connection.create_channel().await.expect("channel");
@@ -227,37 +302,37 @@ impl Rabbit {
     }
 
     /// A new connection after the broker restarted; what this client created is still
-    /// cleaned up by [`Rabbit::cleanup`]. (Only tests/solo restarts the broker.)
+    /// deleted on drop. (Only tests/solo restarts the broker.)
     #[allow(dead_code)]
     pub async fn reconnect(&mut self) {
-        (self._connection, self.channel) = Self::open().await;
+        (self._connection, self.channel) = Self::open(&self.url).await;
     }
 
-    pub fn from_parts(connection: Connection, channel: Channel) -> Self {
-        Self {
-            _connection: connection,
-            channel,
-            exchanges: std::sync::Mutex::new(Vec::new()),
-        }
+    fn created(&self) -> std::sync::MutexGuard<'_, Created> {
+        self.created.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A fresh topic exchange, deleted by [`Rabbit::cleanup`].
+    /// A fresh topic exchange, deleted on drop.
     pub async fn topic_exchange(&self) -> String {
-        self.declare_topic_exchange(false).await
+        self.declare_exchange(ExchangeKind::Topic, false).await
     }
 
-    /// A fresh topic exchange that survives a broker restart, deleted by
-    /// [`Rabbit::cleanup`].
+    /// A fresh topic exchange that survives a broker restart, deleted on drop.
     pub async fn durable_topic_exchange(&self) -> String {
-        self.declare_topic_exchange(true).await
+        self.declare_exchange(ExchangeKind::Topic, true).await
     }
 
-    async fn declare_topic_exchange(&self, durable: bool) -> String {
+    /// A fresh exchange of `kind`, deleted on drop.
+    pub async fn exchange(&self, kind: ExchangeKind) -> String {
+        self.declare_exchange(kind, false).await
+    }
+
+    async fn declare_exchange(&self, kind: ExchangeKind, durable: bool) -> String {
         let name = unique("ex");
         self.channel
             .exchange_declare(
                 name.as_str().into(),
-                ExchangeKind::Topic,
+                kind,
                 ExchangeDeclareOptions {
                     durable,
                     ..ExchangeDeclareOptions::default()
@@ -266,11 +341,12 @@ impl Rabbit {
             )
             .await
             .expect("exchange_declare");
-        self.exchanges.lock().expect("lock").push(name.clone());
+        self.created().exchanges.push(name.clone());
         name
     }
 
-    /// A fresh queue that expires by itself two minutes after its last use.
+    /// A fresh queue, deleted on drop (and by the broker two minutes after its last
+    /// use, should the process die).
     pub async fn queue(&self, arguments: FieldTable) -> String {
         self.declare_queue("q", false, arguments).await
     }
@@ -299,6 +375,7 @@ impl Rabbit {
             )
             .await
             .expect("queue_declare");
+        self.created().queues.push(name.clone());
         name
     }
 
@@ -354,15 +431,33 @@ impl Rabbit {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
 
-    pub async fn cleanup(&self) {
-        let names = std::mem::take(&mut *self.exchanges.lock().expect("lock"));
-        for name in names {
-            let _ = self
-                .channel
-                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        let created = std::mem::take(&mut *self.created());
+        if created.exchanges.is_empty() && created.queues.is_empty() {
+            return;
         }
+        let url = self.url.clone();
+        run_detached(Duration::from_secs(10), async move {
+            let Ok(connection) = Connection::connect(&url, ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            let Ok(channel) = connection.create_channel().await else {
+                return;
+            };
+            for name in &created.queues {
+                let options = QueueDeleteOptions::default();
+                let _ = channel.queue_delete(name.as_str().into(), options).await;
+            }
+            for name in &created.exchanges {
+                let options = ExchangeDeleteOptions::default();
+                let _ = channel.exchange_delete(name.as_str().into(), options).await;
+            }
+            let _ = connection.close(200, "test cleanup".into()).await;
+        });
     }
 }
 
@@ -374,8 +469,9 @@ pub async fn closed_port() -> u16 {
     port
 }
 
-/// A TCP proxy in front of RabbitMQ that tests can cut and restore (after crates.io's
-/// chaos proxy): while cut, open connections are dropped and new ones closed at once.
+/// A TCP proxy in front of the test broker ([`broker_url`]) that tests can cut and
+/// restore (after crates.io's chaos proxy): while cut, open connections are dropped and
+/// new ones closed at once.
 pub struct ChaosProxy {
     pub port: u16,
     up: tokio::sync::watch::Sender<bool>,
@@ -383,11 +479,11 @@ pub struct ChaosProxy {
 }
 
 impl ChaosProxy {
-    pub async fn start(upstream: &str) -> Self {
+    pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (up, _) = tokio::sync::watch::channel(true);
-        let upstream = upstream.to_owned();
+        let upstream = broker_addr();
         let watch = up.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -414,9 +510,9 @@ impl ChaosProxy {
         Self { port, up, task }
     }
 
-    /// An AMQP URL that goes through this proxy.
+    /// The broker URL through this proxy.
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}", self.port)
+        broker_url_via(self.port)
     }
 
     pub fn cut(&self) {
@@ -436,6 +532,7 @@ impl Drop for ChaosProxy {
 }
 
 /// The broker's management API, for topology the AMQP protocol cannot create (vhosts).
+/// The vhosts it created are deleted when it is dropped.
 pub struct Admin {
     http: reqwest::Client,
     base: String,
@@ -452,7 +549,7 @@ impl Admin {
         }
     }
 
-    /// Creates a vhost that guest may use fully; deleted by [`Admin::cleanup`].
+    /// Creates a vhost that guest may use fully; deleted on drop.
     pub async fn vhost(&self, name: &str) {
         let vhost = name.replace('/', "%2F");
         let put = |path: String, body: serde_json::Value| {
@@ -481,23 +578,31 @@ impl Admin {
             "permissions on {name}: {}",
             r.status()
         );
-        self.vhosts.lock().expect("lock").push(name.to_owned());
+        self.vhosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_owned());
     }
+}
 
-    pub async fn cleanup(&self) {
-        let names = std::mem::take(&mut *self.vhosts.lock().expect("lock"));
-        for name in names {
-            let _ = self
-                .http
-                .delete(format!(
-                    "{}/api/vhosts/{}",
-                    self.base,
-                    name.replace('/', "%2F")
-                ))
-                .basic_auth("guest", Some("guest"))
-                .send()
-                .await;
+impl Drop for Admin {
+    fn drop(&mut self) {
+        let names = std::mem::take(self.vhosts.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if names.is_empty() {
+            return;
         }
+        let base = self.base.clone();
+        run_detached(Duration::from_secs(10), async move {
+            // A client of this runtime: the fixture's belongs to the test's.
+            let http = reqwest::Client::new();
+            for name in names {
+                let _ = http
+                    .delete(format!("{base}/api/vhosts/{}", name.replace('/', "%2F")))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await;
+            }
+        });
     }
 }
 
@@ -508,11 +613,7 @@ pub async fn rabbit_in(vhost: &str) -> Rabbit {
         broker_url().trim_end_matches('/'),
         vhost.replace('/', "%2F")
     );
-    let connection = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .expect("test AMQP connection to vhost");
-    let channel = connection.create_channel().await.expect("channel");
-    Rabbit::from_parts(connection, channel)
+    Rabbit::connect_to(url).await
 }
 
 pub type WsStream =
@@ -541,4 +642,62 @@ pub async fn ws_connect(base: &str, token: &str) -> WsStream {
         "the server speaks warren.v1"
     );
     ws
+}
+
+#[tokio::test]
+async fn fixtures_delete_what_they_created_even_when_the_test_panics() {
+    let (names, mut created) = tokio::sync::mpsc::unbounded_channel();
+    let vhost = unique("vh");
+    let doomed = {
+        let vhost = vhost.clone();
+        tokio::spawn(async move {
+            let admin = Admin::new();
+            admin.vhost(&vhost).await;
+            let rabbit = Rabbit::connect().await;
+            let _ = names.send(rabbit.topic_exchange().await);
+            let _ = names.send(rabbit.queue(FieldTable::default()).await);
+            panic!("a failing test");
+        })
+    };
+    assert!(doomed.await.is_err_and(|e| e.is_panic()));
+    let (exchange, queue) = (created.recv().await, created.recv().await);
+    let (exchange, queue) = (exchange.expect("an exchange"), queue.expect("a queue"));
+
+    let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
+        .await
+        .expect("test AMQP connection");
+    // A failed passive declare closes its channel: one channel each.
+    let channel = connection.create_channel().await.expect("channel");
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let declared = channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await;
+    assert!(declared.is_err(), "the exchange is gone");
+    let channel = connection.create_channel().await.expect("channel");
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.as_str().into(), options, FieldTable::default())
+        .await;
+    assert!(declared.is_err(), "the queue is gone");
+    let admin = Admin::new();
+    let status = admin
+        .http
+        .get(format!("{}/api/vhosts/{vhost}", admin.base))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("management API")
+        .status();
+    assert_eq!(status, 404, "the vhost is gone");
 }

@@ -78,7 +78,6 @@ async fn every_metric_in_alerts_and_dashboards_is_exported() {
         missing.is_empty(),
         "named in deploy/ but not exported: {missing:?}"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 

@@ -26,7 +26,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_warren");
 
 #[tokio::test]
 async fn broker_link_cut_under_load_loses_no_acknowledged_message_and_recovers() {
-    let proxy = ChaosProxy::start("127.0.0.1:5672").await;
+    let proxy = ChaosProxy::start().await;
     let mut run = FaultRun::start(Some(proxy.url())).await;
     let cut_at = Instant::now();
     proxy.cut();
@@ -111,7 +111,6 @@ async fn reject_publish_overflow_answers_broker_rejected_and_keeps_every_acked_m
         in_queue, acked,
         "the queue holds exactly the acked messages"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -353,7 +352,6 @@ async fn sigterm_under_load_answers_every_request_closes_sockets_1001_and_exits_
         log.len(),
         before.len(),
     );
-    rabbit.cleanup().await;
 }
 
 /// The status code of a raw HTTP/1.1 response on `stream` (0: closed without one).
@@ -527,7 +525,6 @@ async fn slow_and_hostile_clients_do_not_stop_others_being_served() {
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(server.get("/healthz").await.status, 200);
     assert_eq!(rabbit.wait_count(&queue, 6).await, 6);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -610,6 +607,5 @@ async fn ten_thousand_idle_connections_do_not_stop_a_normal_client() {
     );
     drop(idle);
     assert_eq!(rabbit.wait_count(&queue, 5).await, 5);
-    rabbit.cleanup().await;
     drop(process);
 }

@@ -124,7 +124,6 @@ async fn fifty_concurrent_duplicates_publish_exactly_once() {
             "{result}"
         );
     }
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -185,13 +184,12 @@ async fn same_key_different_body_is_422_and_publishes_nothing_more() {
         assert_eq!((r.status, r.code()), (400, "invalid_request"), "{bad:?}");
     }
     assert_eq!(rabbit.count(&queue).await, 2);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_503_releases_the_key_and_the_retry_publishes_once() {
-    let proxy = ChaosProxy::start("127.0.0.1:5672").await;
+    let proxy = ChaosProxy::start().await;
     let rabbit = Rabbit::connect().await;
     let exchange = rabbit.topic_exchange().await;
     let queue = rabbit.bound_queue(&exchange, "#").await;
@@ -232,7 +230,6 @@ async fn a_503_releases_the_key_and_the_retry_publishes_once() {
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.body, r.body);
     assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -262,7 +259,6 @@ async fn keyed_batches_replay_and_derive_one_id_per_item() {
     assert_eq!(replay.body, first.body);
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -289,7 +285,6 @@ async fn two_replicas_sharing_redis_publish_exactly_once() {
     assert_eq!(r.code(), "idempotency_key_mismatch");
     let ready = b.get("/readyz").await;
     assert_eq!(ready.body["idempotency"]["store"], "redis");
-    rabbit.cleanup().await;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
@@ -435,7 +430,6 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
     assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
     let landed = rabbit.get(&queue).await.unwrap();
     assert_eq!(json!(message_id_of(&landed)), billing.body["message_id"]);
-    rabbit.cleanup().await;
     fresh.shutdown().await.unwrap();
 }
 
@@ -475,6 +469,5 @@ async fn another_tenants_flood_of_keys_does_not_evict_a_retained_key() {
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(retry.body, first.body);
     assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

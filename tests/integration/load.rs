@@ -339,7 +339,6 @@ impl FaultRun {
             .channel
             .queue_delete(self.queue.as_str().into(), Default::default())
             .await;
-        self.rabbit.cleanup().await;
         self.server.shutdown().await.unwrap();
     }
 }

@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::QueueDeleteOptions;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -109,14 +109,7 @@ fn method(class: u16, id: u16, args: &[u8]) -> Vec<u8> {
 
 impl RawPublisher {
     fn connect() -> std::io::Result<Self> {
-        let url = broker_url();
-        let authority = url
-            .trim_start_matches("amqp://")
-            .rsplit('@')
-            .next()
-            .unwrap_or("127.0.0.1:5672")
-            .trim_end_matches('/');
-        let socket = TcpStream::connect(authority)?;
+        let socket = TcpStream::connect(broker_addr())?;
         socket.set_read_timeout(Some(Duration::from_secs(15)))?;
         let mut this = Self { socket };
         this.socket.write_all(b"AMQP\x00\x00\x09\x01")?;
@@ -347,17 +340,7 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
     }
 
     // Durable subscriptions' queues dead-letter into `dlq`.
-    let dlx = unique("dlx");
-    rabbit
-        .channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let dlx = rabbit.exchange(lapin::ExchangeKind::Fanout).await;
     let dlq = rabbit.queue(FieldTable::default()).await;
     rabbit.bind(&dlq, &dlx, "").await;
     let policy = unique("poison-dlx");
@@ -534,16 +517,9 @@ async fn poison_nested_headers_are_rejected_and_service_continues() {
 
     ws.close(None).await.unwrap();
     let _ = dead_letter_policy(&policy, "", "", false).await;
-    for q in [&queue, &dlq] {
-        let _ = rabbit
-            .channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
     let _ = rabbit
         .channel
-        .exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

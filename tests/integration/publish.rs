@@ -81,7 +81,6 @@ async fn published_message_arrives_with_body_properties_and_headers() {
         headers.get("tracestate"),
         Some(&AMQPValue::LongString("congo=t61rcWkgMzE".into()))
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -147,7 +146,6 @@ async fn text_and_base64_bodies_get_their_content_types() {
             .as_str(),
         "application/x-thing"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -197,7 +195,6 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
         let line = format!("warren_publish_total{{tenant=\"{tenant}\",outcome=\"{outcome}\"}}");
         assert!(metrics.contains(&line), "missing {line} in\n{metrics}");
     }
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -274,7 +271,6 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
         .exchange_delete(missing.as_str().into(), Default::default())
         .await
         .unwrap();
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -304,7 +300,6 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
     assert_eq!(resp.code(), "broker_rejected");
     assert!(resp.header("retry-after").is_some());
     assert_eq!(rabbit.count(&queue).await, 0);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -382,7 +377,6 @@ async fn bad_input_gets_problem_json_with_codes() {
         0,
         "nothing invalid was published"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -440,6 +434,5 @@ async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
         .queue_delete(queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

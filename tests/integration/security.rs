@@ -5,8 +5,6 @@
 use std::time::{Duration, Instant};
 
 use lapin::ExchangeKind;
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -109,7 +107,6 @@ async fn cc_and_bcc_keys_must_each_be_granted() {
     assert_eq!(rabbit.wait_count(&granted, 1).await, 1);
     assert_eq!(rabbit.count(&secret).await, 0, "nothing reached us.secret");
     alice_publishes(&server, &exchange).await;
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]
@@ -145,26 +142,12 @@ async fn oversized_header_tables_are_refused_before_the_broker_and_co_tenants_ne
     let delivered = recv(&mut watcher).await;
     assert_eq!(delivered["type"], "message", "{delivered}");
     assert_eq!(delivered["routing_key"], "any.key");
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]
 async fn exchanges_that_ignore_binding_keys_leak_nothing() {
     let rabbit = Rabbit::connect().await;
-    let fanout = unique("fanout");
-    rabbit
-        .channel
-        .exchange_declare(
-            fanout.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                auto_delete: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare fanout");
+    let fanout = rabbit.exchange(ExchangeKind::Fanout).await;
     let server = TestServer::start_ready(shared_vhost("")).await;
     let token = server.token("mallory", "subscribe");
     let mut ws = connect(&server, &token).await;
@@ -199,10 +182,6 @@ async fn exchanges_that_ignore_binding_keys_leak_nothing() {
     assert_eq!(first["routing_key"], "eu.x", "only the bound key: {first}");
     let after = tokio::time::timeout(Duration::from_millis(500), recv(&mut ws)).await;
     assert!(after.is_err(), "nothing else arrives: {after:?}");
-    let _ = rabbit
-        .channel
-        .exchange_delete(fanout.as_str().into(), Default::default())
-        .await;
 }
 
 #[tokio::test]
@@ -231,7 +210,6 @@ async fn a_pathological_binding_key_is_decided_at_once_and_right() {
         started.elapsed()
     );
     assert_eq!(server.get("/healthz").await.status, 200);
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]
@@ -267,7 +245,6 @@ async fn one_tenant_cannot_take_a_shared_vhosts_consumers() {
     assert_eq!(recv(&mut mallory).await["type"], "unsubscribed");
     let answer = subscribe(&mut mallory, "s4", &exchange, "eu.k4").await;
     assert_eq!(answer["type"], "subscribed", "{answer}");
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]
@@ -310,7 +287,6 @@ async fn a_tenant_whose_broker_hangs_does_not_hold_up_anyone_elses_subscribe() {
         let detail = answer["detail"].as_str().unwrap_or_default();
         assert!(!detail.contains("wt-missing"), "no vhost names: {detail}");
     }
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]
@@ -360,7 +336,6 @@ async fn an_ack_for_a_tag_never_delivered_is_refused_and_the_subscription_lives_
             Default::default(),
         )
         .await;
-    rabbit.cleanup().await;
 }
 
 #[tokio::test]

@@ -68,7 +68,6 @@ async fn in_flight_publishes_finish_after_the_shutdown_signal() {
         "serve did not return: {result:?}"
     );
     assert_eq!(rabbit.wait_count(&queue, 10).await, 10);
-    rabbit.cleanup().await;
 }
 
 fn tokio_stream_from(

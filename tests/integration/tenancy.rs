@@ -73,7 +73,6 @@ async fn tenants_on_two_vhosts_only_reach_their_own() {
     assert_eq!(ra.count(&queues[0]).await, 0);
     assert_eq!(rb.count(&queues[1]).await, 0);
     server.shutdown().await.unwrap();
-    admin.cleanup().await;
 }
 
 #[tokio::test]
@@ -158,7 +157,6 @@ async fn fifty_dynamic_tenants_get_lazy_pools_that_close_when_idle() {
         .await;
     assert_eq!(r.status, 202);
     server.shutdown().await.unwrap();
-    admin.cleanup().await;
 }
 
 #[tokio::test]

@@ -297,7 +297,7 @@ async fn tls_terminating_proxy(cert: &Path, key: &Path) -> u16 {
                 let Ok(mut tls) = acceptor.accept(client).await else {
                     return;
                 };
-                let Ok(mut broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                let Ok(mut broker) = tokio::net::TcpStream::connect(broker_addr()).await else {
                     return;
                 };
                 let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
@@ -346,7 +346,6 @@ async fn amqps_urls_work_with_a_configured_ca_bundle() {
     assert_eq!((r.status, r.code()), (503, "broker_unavailable"));
     assert_eq!(server.get("/readyz").await.status, 503);
     server.shutdown().await.unwrap();
-    rabbit.cleanup().await;
 }
 
 /// A client that sends a publish's headers with a large `Content-Length`, then trickles
@@ -464,6 +463,5 @@ async fn trickled_bodies_time_out_and_probes_never_wait_behind_them() {
     let r = server.publish(&token, &body).await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }

@@ -157,7 +157,6 @@ async fn live_fan_out_reaches_every_socket_once_through_one_queue() {
         gone,
         "the live queue is removed after the last subscriber leaves"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -255,7 +254,6 @@ async fn durable_subscription_resumes_after_a_disconnect_without_loss() {
         .queue_delete(queue.as_str().into(), Default::default())
         .await
         .unwrap();
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -301,7 +299,6 @@ async fn ungranted_and_cross_tenant_subscriptions_are_refused() {
         }
         other => panic!("expected 401, got {other:?}"),
     }
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -416,7 +413,6 @@ async fn a_stalled_reader_is_closed_with_4408_while_a_healthy_one_keeps_receivin
             .await
             .contains("warren_ws_slow_consumer_closes_total")
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 
@@ -511,7 +507,6 @@ async fn publish_frames_confirm_or_answer_with_the_rest_api_codes() {
         subscribe(&mut ws2, "s", &exchange, "order.*").await["type"],
         "subscribed"
     );
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
 

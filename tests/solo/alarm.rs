@@ -172,7 +172,6 @@ async fn memory_alarm_blocks_publishes_fast_without_growth_then_recovers() {
         first.status
     );
     let _ = rabbit.count(&queue).await;
-    rabbit.cleanup().await;
     if let Ok(server) = Arc::try_unwrap(server) {
         server.shutdown().await.unwrap();
     }

@@ -401,6 +401,5 @@ async fn a_durable_websocket_subscription_survives_a_broker_restart() {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
-    rabbit.cleanup().await;
     server.shutdown().await.unwrap();
 }
