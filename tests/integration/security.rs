@@ -376,5 +376,4 @@ async fn a_slow_durable_reader_pins_about_its_byte_budget_not_its_prefetch() {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
-    rabbit.cleanup().await;
 }

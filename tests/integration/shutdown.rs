@@ -225,7 +225,6 @@ async fn a_stopped_warren_leaves_no_broker_connection_open() {
         broker_sees_none,
         "the broker still lists warren's connections"
     );
-    admin.cleanup().await;
 }
 
 /// The next JSON text frame (pings skipped), within 10 s.
