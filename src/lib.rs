@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 mod idle;
+mod linger;
 pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
@@ -360,7 +361,10 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
             let mut connection = std::pin::pin!(builder.serve_connection_with_upgrades(
-                TokioIo::new(idle::Watched::new(io, activity.clone())),
+                TokioIo::new(idle::Watched::new(
+                    linger::Lingering::new(io),
+                    activity.clone(),
+                )),
                 TowerToHyperService::new(service),
             ));
             let mut signalled = false;

@@ -672,3 +672,20 @@ async fn slow_closes(server: &TestServer) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test]
+async fn a_single_frame_far_over_the_limit_gets_1009_not_a_reset() {
+    let tenant = unique("t");
+    let mut config = ws_config(&tenant, "amq.topic");
+    config.ws.max_message_bytes = 64 * 1024;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish subscribe");
+    let mut ws = connect(&server, &token).await;
+    // One unfragmented 4 MiB frame: the server refuses it from its header while the
+    // client is still sending the rest.
+    ws.send(Message::text("x".repeat(4 * 1024 * 1024)))
+        .await
+        .expect("the frame is sent, not cut off by a reset");
+    assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, 1009);
+    server.shutdown().await.unwrap();
+}
