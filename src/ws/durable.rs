@@ -72,7 +72,12 @@ impl Durable {
     ) -> Result<Self, ApiError> {
         let consumer_permit = tenant.quota.admit_consumer()?;
         let broker = tenant.broker().await?;
-        let channel = Arc::new(broker.consumer_channel().await?);
+        let channel = Arc::new(
+            broker
+                .consumer_channel()
+                .await
+                .map_err(super::subscribe_failure)?,
+        );
         let result = Self::setup(&broker, &channel, &request).await;
         let consumer = match result {
             Ok(consumer) => consumer,
@@ -109,7 +114,7 @@ impl Durable {
         channel: &lapin::Channel,
         request: &DurableRequest<'_>,
     ) -> Result<lapin::Consumer, ApiError> {
-        let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, request.exchange));
+        let fail = |e: lapin::Error| super::subscribe_failure(broker.failure(&e, request.exchange));
         // One message first: its size tells how many fit the byte budget (`Window`).
         channel
             .basic_qos(1, BasicQosOptions::default())

@@ -224,8 +224,11 @@ async fn create(
 ) -> Result<(Topic, lapin::Consumer), ApiError> {
     let consumer_permit = tenant.quota.admit_consumer()?;
     let broker = tenant.broker().await?;
-    let channel = broker.consumer_channel().await?;
-    let fail = |e: lapin::Error| ApiError::from(broker.failure(&e, exchange));
+    let channel = broker
+        .consumer_channel()
+        .await
+        .map_err(super::subscribe_failure)?;
+    let fail = |e: lapin::Error| super::subscribe_failure(broker.failure(&e, exchange));
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongUInt(max_queue_length));
     arguments.insert(

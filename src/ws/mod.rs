@@ -83,6 +83,18 @@ impl SendBudget {
     }
 }
 
+/// A broker failure while subscribing, in a subscriber's words: a publish's talk of
+/// confirms and Idempotency-Keys means nothing here.
+pub(crate) fn subscribe_failure(error: crate::broker::PublishError) -> ApiError {
+    match error {
+        crate::broker::PublishError::LostBeforeConfirm(_) => ApiError::BrokerUnavailable {
+            detail: "the broker closed the subscription's channel; subscribe again".to_owned(),
+            retry_after: Duration::from_secs(1),
+        },
+        other => other.into(),
+    }
+}
+
 /// Open sockets per tenant, for `ws.max_sockets_per_tenant`; and the total, which
 /// shutdown waits on to reach zero (a notification, not a poll).
 pub struct Sockets {

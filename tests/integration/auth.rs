@@ -8,14 +8,14 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-fn sign(claims: &Value, secret: &[u8]) -> String {
+pub(crate) fn sign(claims: &Value, secret: &[u8]) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,

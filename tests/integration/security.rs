@@ -286,6 +286,7 @@ async fn a_tenant_whose_broker_hangs_does_not_hold_up_anyone_elses_subscribe() {
         assert_eq!(answer["code"], "broker_unavailable", "{answer}");
         let detail = answer["detail"].as_str().unwrap_or_default();
         assert!(!detail.contains("wt-missing"), "no vhost names: {detail}");
+        assert!(!detail.contains("Idempotency"), "no publish wording: {detail}");
     }
 }
 
@@ -376,4 +377,24 @@ async fn a_slow_durable_reader_pins_about_its_byte_budget_not_its_prefetch() {
         .channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
+}
+
+#[tokio::test]
+async fn a_fractional_exp_keeps_its_websocket_open() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let server = TestServer::start_ready(shared_vhost("")).await;
+    // NumericDate allows fractions; the token is valid for ten more minutes.
+    let claims = json!({"sub": "s", "tenant": "alice", "scope": "publish subscribe",
+                        "exp": crate::auth::now() as f64 + 600.5});
+    let token = crate::auth::sign(&claims, SECRET.as_bytes());
+    let mut ws = connect(&server, &token).await;
+    let answer = subscribe(&mut ws, "s", &exchange, "#").await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    alice_publishes(&server, &exchange).await;
+    assert_eq!(
+        recv(&mut ws).await["type"],
+        "message",
+        "still open and delivering"
+    );
 }
