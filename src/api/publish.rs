@@ -11,10 +11,10 @@ use super::body::JsonBody;
 use super::model::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest};
 use super::openapi::{PublishHeaders, problems};
 use crate::AppState;
-use crate::auth::{Principal, Scope};
 use crate::error::ApiError;
 use crate::idempotency::{self, Answered, Fingerprint, IdempotencyKey, Outcome};
 use crate::publishing::{self, KeyedPublish, TraceContext};
+use crate::tenancy::{Principal, Scope};
 
 /// Publish one message.
 ///

@@ -17,25 +17,8 @@ use serde_json::{Map, Value};
 use tokio::task::AbortHandle;
 
 use crate::error::ApiError;
-use crate::tenancy::{Tenant, Tenants};
 use keys::{HmacSecret, KeyMiss, KeySources, KeyStore};
 pub use rules::ClaimRules;
-
-/// What a token may do (the `scope` claim, space-separated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Publish,
-    Subscribe,
-}
-
-impl Scope {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Publish => "publish",
-            Self::Subscribe => "subscribe",
-        }
-    }
-}
 
 /// The verified content of a token.
 #[derive(Debug, Clone)]
@@ -291,47 +274,6 @@ pub fn mint(
     let mut header = Header::new(secret.alg);
     header.kid = secret.kid.clone();
     jsonwebtoken::encode(&header, &claims, &secret.encoding_key())
-}
-
-/// The authenticated caller of a `/v1` request.
-#[derive(Clone)]
-pub struct Principal {
-    pub tenant: Arc<Tenant>,
-    pub subject: String,
-    pub scopes: Vec<String>,
-    pub expires_at: u64,
-}
-
-impl Principal {
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.iter().any(|s| s == scope.as_str()) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
-                "the token's scope does not include {:?}",
-                scope.as_str()
-            )))
-        }
-    }
-}
-
-/// Verifies the bearer token and resolves the tenant.
-pub async fn authenticate(
-    verifier: &Verifier,
-    tenants: &Tenants,
-    token: Option<&str>,
-) -> Result<Principal, ApiError> {
-    let token =
-        token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".to_owned()))?;
-    let claims = verifier.verify(token).await?;
-    let tenant = tenants.get(&claims.tenant)?;
-    tracing::Span::current().record("tenant", tenant.name.as_str());
-    Ok(Principal {
-        tenant,
-        subject: claims.subject,
-        scopes: claims.scopes,
-        expires_at: claims.expires_at,
-    })
 }
 
 /// The token of an `Authorization: Bearer <jwt>` header (its raw bytes), if there is

@@ -4,6 +4,7 @@
 //! pools that close when idle.
 
 pub mod pools;
+mod principal;
 pub mod quota;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::config::{AmqpConfig, Resolved, ResolvedDynamic};
 use crate::error::ApiError;
 use crate::telemetry;
 use pools::{PoolKey, Pools};
+pub use principal::{Principal, Scope, authenticate};
 use quota::Quota;
 
 enum Pool {

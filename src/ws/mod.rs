@@ -206,7 +206,8 @@ async fn admit(
         )));
     }
     let token = token(headers, query.access_token.as_deref())?;
-    let principal = auth::authenticate(&state.verifier, &state.tenants, token.as_deref()).await?;
+    let principal =
+        crate::tenancy::authenticate(&state.verifier, &state.tenants, token.as_deref()).await?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::InvalidRequest(format!("GET /v1/ws needs a WebSocket upgrade: {e}"))
     })?;

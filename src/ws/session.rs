@@ -17,11 +17,11 @@ use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
 use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
 use crate::auth::grants::GrantPattern;
-use crate::auth::{self, Principal, Scope};
 use crate::error::ApiError;
 use crate::idempotency::{Answered, Fingerprint, IdempotencyKey, Outcome};
 use crate::publishing::{self, Accepted, KeyedPublish, TraceContext};
 use crate::telemetry;
+use crate::tenancy::{self, Principal, Scope};
 
 pub const CLOSE_SHUTDOWN: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -372,16 +372,13 @@ impl Session {
         token: &str,
         expiry: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> Step {
-        let principal = match auth::authenticate(
-            &self.state.verifier,
-            &self.state.tenants,
-            Some(token),
-        )
-        .await
-        {
-            Ok(principal) => principal,
-            Err(e) => return Step::Write(vec![ServerFrame::error(None, &e)]),
-        };
+        let principal =
+            match tenancy::authenticate(&self.state.verifier, &self.state.tenants, Some(token))
+                .await
+            {
+                Ok(principal) => principal,
+                Err(e) => return Step::Write(vec![ServerFrame::error(None, &e)]),
+            };
         if principal.tenant.name != self.principal.tenant.name {
             return Step::Close(CLOSE_POLICY, "a refreshed token must name the same tenant");
         }

@@ -286,7 +286,10 @@ async fn a_tenant_whose_broker_hangs_does_not_hold_up_anyone_elses_subscribe() {
         assert_eq!(answer["code"], "broker_unavailable", "{answer}");
         let detail = answer["detail"].as_str().unwrap_or_default();
         assert!(!detail.contains("wt-missing"), "no vhost names: {detail}");
-        assert!(!detail.contains("Idempotency"), "no publish wording: {detail}");
+        assert!(
+            !detail.contains("Idempotency"),
+            "no publish wording: {detail}"
+        );
     }
 }
 
