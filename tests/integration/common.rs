@@ -105,6 +105,31 @@ pub fn tenant_config(tenant: &str, exchange: &str, routing_key: &str) -> Config 
     ))
 }
 
+/// The usual publishing setup: a fresh topic exchange, a queue bound to all of it
+/// (`#`), a new tenant that may publish anything on it, Warren started ready with that
+/// tenant's config after `edit`, and a publish token for the tenant:
+/// `(rabbit, exchange, queue, tenant, server, token)`.
+pub async fn publishing_tenant(
+    edit: impl FnOnce(&mut Config),
+) -> (Rabbit, String, String, String, TestServer, String) {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, "#");
+    edit(&mut config);
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    (rabbit, exchange, queue, tenant, server, token)
+}
+
+/// Asserts that `r` is a problem answer with `status` and `code`, showing its body
+/// otherwise.
+#[track_caller]
+pub fn assert_problem(r: &Resp, status: u16, code: &str) {
+    assert_eq!((r.status, r.code()), (status, code), "{:?}", r.body);
+}
+
 pub struct Resp {
     pub status: u16,
     pub headers: HeaderMap,

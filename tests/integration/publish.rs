@@ -86,12 +86,7 @@ async fn published_message_arrives_with_body_properties_and_headers() {
 
 #[tokio::test]
 async fn text_and_base64_bodies_get_their_content_types() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
 
     let text = server
         .publish(
@@ -305,14 +300,10 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
 
 #[tokio::test]
 async fn bad_input_gets_problem_json_with_codes() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.max_body_bytes = 4096;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.max_body_bytes = 4096;
+    })
+    .await;
     let url = format!("{}/v1/publish", server.base);
 
     let send = |content_type: &'static str, body: String| {

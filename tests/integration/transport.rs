@@ -314,15 +314,11 @@ async fn amqps_urls_work_with_a_configured_ca_bundle() {
     let ca = dir.path().join("ca-bundle.pem");
     std::fs::write(&ca, &ca_pem).unwrap();
     let port = tls_terminating_proxy(&cert, &key).await;
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
-    config.amqp.tls.ca_file = Some(ca.clone());
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, tenant, server, token) = publishing_tenant(|config| {
+        config.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
+        config.amqp.tls.ca_file = Some(ca.clone());
+    })
+    .await;
     let r = server
         .publish(
             &token,
@@ -392,15 +388,11 @@ async fn trickling_publish(
 
 #[tokio::test]
 async fn trickled_bodies_time_out_and_probes_never_wait_behind_them() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.max_concurrent_requests = 2;
-    config.server.body_read_timeout_s = 1;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.max_concurrent_requests = 2;
+        config.server.body_read_timeout_s = 1;
+    })
+    .await;
     let addr = server.base.trim_start_matches("http://").to_owned();
 
     // Two authenticated requests take both request slots and trickle their bodies.
