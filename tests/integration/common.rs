@@ -112,11 +112,21 @@ pub fn tenant_config(tenant: &str, exchange: &str, routing_key: &str) -> Config 
 pub async fn publishing_tenant(
     edit: impl FnOnce(&mut Config),
 ) -> (Rabbit, String, String, String, TestServer, String) {
+    publishing_on("#", "#", edit).await
+}
+
+/// Like [`publishing_tenant`], with the queue bound by `binding_key` and the tenant
+/// granted only the routing keys that `grant` matches.
+pub async fn publishing_on(
+    binding_key: &str,
+    grant: &str,
+    edit: impl FnOnce(&mut Config),
+) -> (Rabbit, String, String, String, TestServer, String) {
     let rabbit = Rabbit::connect().await;
     let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
+    let queue = rabbit.bound_queue(&exchange, binding_key).await;
     let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
+    let mut config = tenant_config(&tenant, &exchange, grant);
     edit(&mut config);
     let server = TestServer::start_ready(config).await;
     let token = server.token(&tenant, "publish");
@@ -421,6 +431,22 @@ impl Rabbit {
             )
             .await
             .expect("queue_bind");
+    }
+
+    /// Deletes the exchange `name` now (it must exist).
+    pub async fn delete_exchange(&self, name: &str) {
+        self.channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("exchange_delete");
+    }
+
+    /// Deletes the queue `name` now (it must exist).
+    pub async fn delete_queue(&self, name: &str) {
+        self.channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue_delete");
     }
 
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {

@@ -290,6 +290,20 @@ fn message_id_of(message: &lapin::message::BasicGetMessage) -> String {
         .unwrap_or_default()
 }
 
+/// `body` posted to `path` under `key` by two subjects of one tenant: first as
+/// `billing`, then as `shipping` (`token_for` mints a subject's token).
+async fn post_as_billing_then_shipping(
+    server: &TestServer,
+    token_for: impl Fn(&TestServer, &str) -> String,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (Resp, Resp) {
+    let billing = post_with_key(server, path, &token_for(server, "billing"), key, body).await;
+    let shipping = post_with_key(server, path, &token_for(server, "shipping"), key, body).await;
+    (billing, shipping)
+}
+
 #[tokio::test]
 async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
     let rabbit = Rabbit::connect().await;
@@ -310,22 +324,8 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
 
     // Two services of one tenant pick the same key: two publishes, two message ids, so
     // a consumer de-duplicating on message_id keeps both.
-    let billing = post_with_key(
-        &server,
-        "/v1/publish",
-        &token_for(&server, "billing"),
-        "order-7",
-        &body,
-    )
-    .await;
-    let shipping = post_with_key(
-        &server,
-        "/v1/publish",
-        &token_for(&server, "shipping"),
-        "order-7",
-        &body,
-    )
-    .await;
+    let (billing, shipping) =
+        post_as_billing_then_shipping(&server, &token_for, "/v1/publish", "order-7", &body).await;
     assert_eq!(
         (billing.status, shipping.status),
         (202, 202),
@@ -354,22 +354,9 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
 
     // Batch items too: item 0 of the same key differs per subject.
     let batch = json!({"messages": [body]});
-    let a = post_with_key(
-        &server,
-        "/v1/publish/batch",
-        &token_for(&server, "billing"),
-        "batch-7",
-        &batch,
-    )
-    .await;
-    let b = post_with_key(
-        &server,
-        "/v1/publish/batch",
-        &token_for(&server, "shipping"),
-        "batch-7",
-        &batch,
-    )
-    .await;
+    let (a, b) =
+        post_as_billing_then_shipping(&server, &token_for, "/v1/publish/batch", "batch-7", &batch)
+            .await;
     assert_eq!((a.status, b.status), (200, 200));
     assert_ne!(
         a.body["results"][0]["message_id"],

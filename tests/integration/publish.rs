@@ -7,12 +7,8 @@ use crate::common::*;
 
 #[tokio::test]
 async fn published_message_arrives_with_body_properties_and_headers() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "order.#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "order.#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) =
+        publishing_on("order.#", "order.#", |_| {}).await;
 
     let response = server
         .http
@@ -146,12 +142,8 @@ async fn text_and_base64_bodies_get_their_content_types() {
 
 #[tokio::test]
 async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "bound.key").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, tenant, server, token) =
+        publishing_on("bound.key", "#", |_| {}).await;
 
     let unroutable = server
         .publish(
@@ -159,8 +151,7 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
             &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}),
         )
         .await;
-    assert_eq!(unroutable.status, 422, "{:?}", unroutable.body);
-    assert_eq!(unroutable.code(), "unroutable");
+    assert_problem(&unroutable, 422, "unroutable");
     assert_eq!(
         unroutable.header("content-type"),
         Some("application/problem+json")
@@ -209,8 +200,7 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
             &json!({"exchange": missing, "routing_key": "k", "payload": 1}),
         )
         .await;
-    assert_eq!(resp.status, 404, "{:?}", resp.body);
-    assert_eq!(resp.code(), "exchange_not_found");
+    assert_problem(&resp, 404, "exchange_not_found");
 
     // Found by schemathesis: RabbitMQ drops CR/LF from the name it quotes in NOT_FOUND,
     // which once made this a 503 "outcome unknown" that no retry could fix.
@@ -261,11 +251,7 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
         )
         .await;
     assert_eq!(late.status, 202, "{:?}", late.body);
-    rabbit
-        .channel
-        .exchange_delete(missing.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    rabbit.delete_exchange(&missing).await;
     server.shutdown().await.unwrap();
 }
 
@@ -291,8 +277,7 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
             &json!({"exchange": exchange, "routing_key": "full", "payload": 1}),
         )
         .await;
-    assert_eq!(resp.status, 503, "{:?}", resp.body);
-    assert_eq!(resp.code(), "broker_rejected");
+    assert_problem(&resp, 503, "broker_rejected");
     assert!(resp.header("retry-after").is_some());
     assert_eq!(rabbit.count(&queue).await, 0);
     server.shutdown().await.unwrap();
@@ -373,12 +358,8 @@ async fn bad_input_gets_problem_json_with_codes() {
 
 #[tokio::test]
 async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "load.#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "load.#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) =
+        publishing_on("load.#", "load.#", |_| {}).await;
     const TOTAL: usize = 10_000;
     const CLIENTS: usize = 64;
 
@@ -420,10 +401,6 @@ async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
         elapsed.as_secs_f64(),
         TOTAL as f64 / elapsed.as_secs_f64()
     );
-    rabbit
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    rabbit.delete_queue(&queue).await;
     server.shutdown().await.unwrap();
 }

@@ -249,11 +249,7 @@ async fn durable_subscription_resumes_after_a_disconnect_without_loss() {
         "the five unacked messages came back marked redelivered"
     );
     ws.close(None).await.unwrap();
-    rabbit
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    rabbit.delete_queue(&queue).await;
     server.shutdown().await.unwrap();
 }
 
