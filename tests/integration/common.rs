@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use reqwest::header::HeaderMap;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -140,6 +140,24 @@ pub fn assert_problem(r: &Resp, status: u16, code: &str) {
     assert_eq!((r.status, r.code()), (status, code), "{:?}", r.body);
 }
 
+/// Asserts that a finished command succeeded, showing its stderr otherwise.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a finished command failed and that its stderr mentions `needle`.
+#[track_caller]
+pub fn assert_failure_mentions(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 pub struct Resp {
     pub status: u16,
     pub headers: HeaderMap,
@@ -235,6 +253,17 @@ impl TestServer {
 
     pub async fn publish(&self, token: &str, body: &Value) -> Resp {
         self.post("/v1/publish", Some(token), body).await
+    }
+
+    /// Publishes a non-mandatory message to `amq.topic` and asserts it is accepted.
+    pub async fn assert_fire_and_forget_accepted(&self, token: &str) {
+        let r = self
+            .publish(
+                token,
+                &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
     }
 
     pub async fn metrics(&self) -> String {

@@ -90,9 +90,5 @@ fn the_shipped_configs_pass_check_config() {
         .env("WARREN_AMQP__URL_FILE", secrets.join("warren_amqp_url"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }

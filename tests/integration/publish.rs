@@ -358,10 +358,10 @@ async fn bad_input_gets_problem_json_with_codes() {
 
 #[tokio::test]
 async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
-    let (rabbit, exchange, queue, _, server, token) =
-        publishing_on("load.#", "load.#", |_| {}).await;
     const TOTAL: usize = 10_000;
     const CLIENTS: usize = 64;
+    let (rabbit, exchange, queue, _, server, token) =
+        publishing_on("load.#", "load.#", |_| {}).await;
 
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();

@@ -106,6 +106,18 @@ fn client_trusting(pem: &[u8]) -> reqwest::Client {
         .unwrap()
 }
 
+/// Whether `client` gets a 200 from `url` within 10 s.
+async fn answers_200_within_10s(client: &reqwest::Client, url: &str) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,14 +139,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     let base = format!("https://127.0.0.1:{port}");
 
     let first = client_trusting(&first_pem);
-    let ok = eventually(Duration::from_secs(10), || async {
-        first
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let ok = answers_200_within_10s(&first, &format!("{base}/readyz")).await;
     assert!(ok, "HTTPS with the first certificate");
     let token = warren::auth::mint(
         &state.config.auth,
@@ -169,14 +174,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     std::fs::copy(&renewed_key, &key).unwrap();
     std::fs::copy(&renewed_cert, &cert).unwrap();
     let second = client_trusting(&second_pem);
-    let renewed = eventually(Duration::from_secs(10), || async {
-        second
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let renewed = answers_200_within_10s(&second, &format!("{base}/healthz")).await;
     assert!(
         renewed,
         "the renewed certificate is served without a restart"
