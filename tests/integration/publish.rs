@@ -5,6 +5,16 @@ use serde_json::json;
 
 use crate::common::*;
 
+/// Publishes `"payload": 1` (mandatory) to `exchange` with `routing_key`.
+async fn publish_one(server: &TestServer, token: &str, exchange: &str, routing_key: &str) -> Resp {
+    server
+        .publish(
+            token,
+            &json!({"exchange": exchange, "routing_key": routing_key, "payload": 1}),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn published_message_arrives_with_body_properties_and_headers() {
     let (rabbit, exchange, queue, _, server, token) =
@@ -145,12 +155,7 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
     let (rabbit, exchange, queue, tenant, server, token) =
         publishing_on("bound.key", "#", |_| {}).await;
 
-    let unroutable = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}),
-        )
-        .await;
+    let unroutable = publish_one(&server, &token, &exchange, "nobody.listens").await;
     assert_problem(&unroutable, 422, "unroutable");
     assert_eq!(
         unroutable.header("content-type"),
@@ -166,12 +171,7 @@ async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
     assert_eq!(fire_and_forget.status, 202, "{:?}", fire_and_forget.body);
     assert_eq!(fire_and_forget.body["routed"], json!(false));
 
-    let routed = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "bound.key", "payload": 1}),
-        )
-        .await;
+    let routed = publish_one(&server, &token, &exchange, "bound.key").await;
     assert_eq!(routed.status, 202);
     assert_eq!(routed.body["routed"], json!(true));
     assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
@@ -194,12 +194,7 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
     let token = server.token(&tenant, "publish");
 
     let missing = unique("missing");
-    let resp = server
-        .publish(
-            &token,
-            &json!({"exchange": missing, "routing_key": "k", "payload": 1}),
-        )
-        .await;
+    let resp = publish_one(&server, &token, &missing, "k").await;
     assert_problem(&resp, 404, "exchange_not_found");
 
     // Found by schemathesis: RabbitMQ drops CR/LF from the name it quotes in NOT_FOUND,
@@ -209,12 +204,7 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
         format!("\n{missing}"),
         format!("a\rb{missing}"),
     ] {
-        let resp = server
-            .publish(
-                &token,
-                &json!({"exchange": name, "routing_key": "k", "payload": 1}),
-            )
-            .await;
+        let resp = publish_one(&server, &token, &name, "k").await;
         assert_eq!(resp.status, 404, "{name:?}: {:?}", resp.body);
     }
 
@@ -271,12 +261,7 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
     let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
     let token = server.token(&tenant, "publish");
 
-    let resp = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "full", "payload": 1}),
-        )
-        .await;
+    let resp = publish_one(&server, &token, &exchange, "full").await;
     assert_problem(&resp, 503, "broker_rejected");
     assert!(resp.header("retry-after").is_some());
     assert_eq!(rabbit.count(&queue).await, 0);

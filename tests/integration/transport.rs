@@ -106,6 +106,19 @@ fn client_trusting(pem: &[u8]) -> reqwest::Client {
         .unwrap()
 }
 
+/// Sends `request` (a POST to `/v1/publish`) as `token` with a non-mandatory message
+/// for `amq.topic`.
+async fn send_fire_and_forget(request: reqwest::RequestBuilder, token: &str) -> reqwest::Response {
+    request
+        .bearer_auth(token)
+        .json(
+            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Whether `client` gets a 200 from `url` within 10 s.
 async fn answers_200_within_10s(client: &reqwest::Client, url: &str) -> bool {
     eventually(Duration::from_secs(10), || async {
@@ -152,15 +165,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
         },
     )
     .unwrap();
-    let r = first
-        .post(format!("{base}/v1/publish"))
-        .bearer_auth(&token)
-        .json(
-            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = send_fire_and_forget(first.post(format!("{base}/v1/publish")), &token).await;
     assert_eq!(r.status(), 202);
     // Plain HTTP on the TLS port gets nowhere.
     assert!(
@@ -248,17 +253,11 @@ async fn cors_allows_configured_origins_only() {
     );
 
     let token = server.token(&tenant, "publish");
-    let r = server
+    let request = server
         .http
         .post(format!("{}/v1/publish", server.base))
-        .header("origin", "https://app.example")
-        .bearer_auth(&token)
-        .json(
-            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
-        )
-        .send()
-        .await
-        .unwrap();
+        .header("origin", "https://app.example");
+    let r = send_fire_and_forget(request, &token).await;
     assert_eq!(r.status(), 202);
     assert_app_origin_and_listed(
         &r,
