@@ -57,7 +57,9 @@ async fn several_urls_fail_over_to_one_that_works() {
     config.amqp.urls = vec![format!("amqp://guest:guest@127.0.0.1:{port}"), broker_url()];
     let server = TestServer::start_ready(config).await;
     let token = server.token(&tenant, "publish");
-    server.assert_fire_and_forget_accepted(&token).await;
+    server
+        .publish_fire_and_forget(&token, "amq.topic", "k")
+        .await;
     server.shutdown().await.unwrap();
 }
 

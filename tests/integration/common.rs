@@ -255,15 +255,22 @@ impl TestServer {
         self.post("/v1/publish", Some(token), body).await
     }
 
-    /// Publishes a non-mandatory message to `amq.topic` and asserts it is accepted.
-    pub async fn assert_fire_and_forget_accepted(&self, token: &str) {
+    /// Publishes `"payload": 1` to `exchange` with `routing_key`, not mandatory, and
+    /// asserts it is accepted.
+    pub async fn publish_fire_and_forget(
+        &self,
+        token: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Resp {
         let r = self
             .publish(
                 token,
-                &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+                &json!({"exchange": exchange, "routing_key": routing_key, "payload": 1, "mandatory": false}),
             )
             .await;
         assert_eq!(r.status, 202, "{:?}", r.body);
+        r
     }
 
     pub async fn metrics(&self) -> String {
