@@ -6,12 +6,7 @@ use crate::common::*;
 
 #[tokio::test]
 async fn batch_all_confirmed_is_200_in_order() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
 
     let messages: Vec<_> = (0..50)
         .map(|i| {
@@ -99,14 +94,10 @@ async fn batch_with_failures_is_207_with_per_item_results() {
 
 #[tokio::test]
 async fn malformed_empty_or_oversized_batches_publish_nothing() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.max_batch_messages = 3;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.max_batch_messages = 3;
+    })
+    .await;
     let good = json!({"exchange": exchange, "routing_key": "a", "payload": 1});
 
     let r = server
@@ -117,12 +108,7 @@ async fn malformed_empty_or_oversized_batches_publish_nothing() {
                                          "body": "", "properties": {"priority": 1000}}]}),
         )
         .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (400, "invalid_request"),
-        "{:?}",
-        r.body
-    );
+    assert_problem(&r, 400, "invalid_request");
     assert!(
         r.body["detail"]
             .as_str()
@@ -138,12 +124,7 @@ async fn malformed_empty_or_oversized_batches_publish_nothing() {
             &json!({"messages": [good, {"routing_key": "b"}]}),
         )
         .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (400, "invalid_request"),
-        "{:?}",
-        r.body
-    );
+    assert_problem(&r, 400, "invalid_request");
     let r = server
         .post("/v1/publish/batch", Some(&token), &json!({"messages": []}))
         .await;

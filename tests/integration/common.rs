@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use reqwest::header::HeaderMap;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -103,6 +103,59 @@ pub fn tenant_config(tenant: &str, exchange: &str, routing_key: &str) -> Config 
         "[tenants.{tenant}]\nvhost = \"/\"\n\
          publish = [{{ exchange = \"{exchange}\", routing_key = \"{routing_key}\" }}]\n"
     ))
+}
+
+/// The usual publishing setup: a fresh topic exchange, a queue bound to all of it
+/// (`#`), a new tenant that may publish anything on it, Warren started ready with that
+/// tenant's config after `edit`, and a publish token for the tenant:
+/// `(rabbit, exchange, queue, tenant, server, token)`.
+pub async fn publishing_tenant(
+    edit: impl FnOnce(&mut Config),
+) -> (Rabbit, String, String, String, TestServer, String) {
+    publishing_on("#", "#", edit).await
+}
+
+/// Like [`publishing_tenant`], with the queue bound by `binding_key` and the tenant
+/// granted only the routing keys that `grant` matches.
+pub async fn publishing_on(
+    binding_key: &str,
+    grant: &str,
+    edit: impl FnOnce(&mut Config),
+) -> (Rabbit, String, String, String, TestServer, String) {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, binding_key).await;
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, &exchange, grant);
+    edit(&mut config);
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    (rabbit, exchange, queue, tenant, server, token)
+}
+
+/// Asserts that `r` is a problem answer with `status` and `code`, showing its body
+/// otherwise.
+#[track_caller]
+pub fn assert_problem(r: &Resp, status: u16, code: &str) {
+    assert_eq!((r.status, r.code()), (status, code), "{:?}", r.body);
+}
+
+/// Asserts that a finished command succeeded, showing its stderr otherwise.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a finished command failed and that its stderr mentions `needle`.
+#[track_caller]
+pub fn assert_failure_mentions(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(needle), "{stderr}");
 }
 
 pub struct Resp {
@@ -200,6 +253,24 @@ impl TestServer {
 
     pub async fn publish(&self, token: &str, body: &Value) -> Resp {
         self.post("/v1/publish", Some(token), body).await
+    }
+
+    /// Publishes `"payload": 1` to `exchange` with `routing_key`, not mandatory, and
+    /// asserts it is accepted.
+    pub async fn publish_fire_and_forget(
+        &self,
+        token: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Resp {
+        let r = self
+            .publish(
+                token,
+                &json!({"exchange": exchange, "routing_key": routing_key, "payload": 1, "mandatory": false}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        r
     }
 
     pub async fn metrics(&self) -> String {
@@ -396,6 +467,22 @@ impl Rabbit {
             )
             .await
             .expect("queue_bind");
+    }
+
+    /// Deletes the exchange `name` now (it must exist).
+    pub async fn delete_exchange(&self, name: &str) {
+        self.channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await
+            .expect("exchange_delete");
+    }
+
+    /// Deletes the queue `name` now (it must exist).
+    pub async fn delete_queue(&self, name: &str) {
+        self.channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue_delete");
     }
 
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {

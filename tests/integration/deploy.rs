@@ -52,12 +52,7 @@ async fn every_metric_in_alerts_and_dashboards_is_exported() {
         wanted.extend(names);
     }
 
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let _queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (_rabbit, exchange, _queue, _, server, token) = publishing_tenant(|_| {}).await;
     // Exercise the paths whose series appear on first use.
     let body = json!({"exchange": exchange, "routing_key": "k", "payload": 1});
     assert_eq!(server.publish(&token, &body).await.status, 202);
@@ -95,9 +90,5 @@ fn the_shipped_configs_pass_check_config() {
         .env("WARREN_AMQP__URL_FILE", secrets.join("warren_amqp_url"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }

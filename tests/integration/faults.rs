@@ -379,14 +379,10 @@ async fn read_status(stream: &mut TcpStream, within: Duration) -> u16 {
 
 #[tokio::test]
 async fn slow_and_hostile_clients_do_not_stop_others_being_served() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.header_read_timeout_s = 2;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.header_read_timeout_s = 2;
+    })
+    .await;
     let addr = server.base.trim_start_matches("http://").to_owned();
     let body = json!({"exchange": exchange, "routing_key": "k", "payload": 1}).to_string();
 

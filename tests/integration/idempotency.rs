@@ -84,12 +84,7 @@ fn assert_one_winner(answers: &[Resp]) -> Value {
 
 #[tokio::test]
 async fn fifty_concurrent_duplicates_publish_exactly_once() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
     let body = json!({"exchange": exchange, "routing_key": "k", "payload": {"order": 1}});
 
     let answers = storm(&[&server], &token, "order-1", &body, 50).await;
@@ -129,12 +124,7 @@ async fn fifty_concurrent_duplicates_publish_exactly_once() {
 
 #[tokio::test]
 async fn same_key_different_body_is_422_and_publishes_nothing_more() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, tenant, server, token) = publishing_tenant(|_| {}).await;
     let first = json!({"exchange": exchange, "routing_key": "k", "payload": 1});
     let other = json!({"exchange": exchange, "routing_key": "k", "payload": 2});
 
@@ -145,12 +135,7 @@ async fn same_key_different_body_is_422_and_publishes_nothing_more() {
         202
     );
     let r = post_with_key(&server, "/v1/publish", &token, "k1", &other).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (422, "idempotency_key_mismatch"),
-        "{:?}",
-        r.body
-    );
+    assert_problem(&r, 422, "idempotency_key_mismatch");
     // Same key on another path is another request too.
     let r = post_with_key(
         &server,
@@ -190,15 +175,11 @@ async fn same_key_different_body_is_422_and_publishes_nothing_more() {
 #[tokio::test]
 async fn a_503_releases_the_key_and_the_retry_publishes_once() {
     let proxy = ChaosProxy::start().await;
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.amqp.url = Some(proxy.url());
-    config.amqp.reconnect_backoff_max_ms = 500;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.amqp.url = Some(proxy.url());
+        config.amqp.reconnect_backoff_max_ms = 500;
+    })
+    .await;
     let body = json!({"exchange": exchange, "routing_key": "k", "payload": "retry me"});
 
     proxy.cut();
@@ -209,12 +190,7 @@ async fn a_503_releases_the_key_and_the_retry_publishes_once() {
         .await
     );
     let r = post_with_key(&server, "/v1/publish", &token, "retry-1", &body).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (503, "broker_unavailable"),
-        "{:?}",
-        r.body
-    );
+    assert_problem(&r, 503, "broker_unavailable");
 
     proxy.restore();
     assert!(
@@ -235,12 +211,7 @@ async fn a_503_releases_the_key_and_the_retry_publishes_once() {
 
 #[tokio::test]
 async fn keyed_batches_replay_and_derive_one_id_per_item() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
     let body = json!({"messages": [
         {"exchange": exchange, "routing_key": "a", "payload": 1},
         {"exchange": exchange, "routing_key": "b", "payload": 2},
@@ -300,12 +271,7 @@ async fn unreachable_redis_is_503_with_its_own_code_and_readyz_red() {
     let body =
         json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false});
     let r = post_with_key(&server, "/v1/publish", &token, "k", &body).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (503, "idempotency_store_unavailable"),
-        "{:?}",
-        r.body
-    );
+    assert_problem(&r, 503, "idempotency_store_unavailable");
     assert!(r.header("retry-after").is_some());
     let ready = server.get("/readyz").await;
     assert_eq!(ready.status, 503);
@@ -322,6 +288,20 @@ fn message_id_of(message: &lapin::message::BasicGetMessage) -> String {
         .as_ref()
         .map(|id| id.as_str().to_owned())
         .unwrap_or_default()
+}
+
+/// `body` posted to `path` under `key` by two subjects of one tenant: first as
+/// `billing`, then as `shipping` (`token_for` mints a subject's token).
+async fn post_as_billing_then_shipping(
+    server: &TestServer,
+    token_for: impl Fn(&TestServer, &str) -> String,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (Resp, Resp) {
+    let billing = post_with_key(server, path, &token_for(server, "billing"), key, body).await;
+    let shipping = post_with_key(server, path, &token_for(server, "shipping"), key, body).await;
+    (billing, shipping)
 }
 
 #[tokio::test]
@@ -344,22 +324,8 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
 
     // Two services of one tenant pick the same key: two publishes, two message ids, so
     // a consumer de-duplicating on message_id keeps both.
-    let billing = post_with_key(
-        &server,
-        "/v1/publish",
-        &token_for(&server, "billing"),
-        "order-7",
-        &body,
-    )
-    .await;
-    let shipping = post_with_key(
-        &server,
-        "/v1/publish",
-        &token_for(&server, "shipping"),
-        "order-7",
-        &body,
-    )
-    .await;
+    let (billing, shipping) =
+        post_as_billing_then_shipping(&server, &token_for, "/v1/publish", "order-7", &body).await;
     assert_eq!(
         (billing.status, shipping.status),
         (202, 202),
@@ -388,22 +354,9 @@ async fn derived_message_ids_are_scoped_by_subject_like_the_key() {
 
     // Batch items too: item 0 of the same key differs per subject.
     let batch = json!({"messages": [body]});
-    let a = post_with_key(
-        &server,
-        "/v1/publish/batch",
-        &token_for(&server, "billing"),
-        "batch-7",
-        &batch,
-    )
-    .await;
-    let b = post_with_key(
-        &server,
-        "/v1/publish/batch",
-        &token_for(&server, "shipping"),
-        "batch-7",
-        &batch,
-    )
-    .await;
+    let (a, b) =
+        post_as_billing_then_shipping(&server, &token_for, "/v1/publish/batch", "batch-7", &batch)
+            .await;
     assert_eq!((a.status, b.status), (200, 200));
     assert_ne!(
         a.body["results"][0]["message_id"],

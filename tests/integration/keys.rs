@@ -330,9 +330,7 @@ fn warren_token_needs_an_hmac_secret() {
         .arg(&jwks_only)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no HMAC secret"), "{stderr}");
+    assert_failure_mentions(&out, "no HMAC secret");
 
     // With an hs_secrets entry, the token carries its algorithm and kid.
     let hs384 = config(
@@ -344,11 +342,7 @@ fn warren_token_needs_an_hmac_secret() {
         .arg(&hs384)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let token = String::from_utf8(out.stdout).unwrap();
     let header = jsonwebtoken::decode_header(token.trim()).unwrap();
     assert_eq!(
@@ -366,7 +360,5 @@ fn warren_token_needs_an_hmac_secret() {
         .arg(&bad)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("auth.public_key_files[0].file"), "{stderr}");
+    assert_failure_mentions(&out, "auth.public_key_files[0].file");
 }

@@ -11,13 +11,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use lapin::options::QueueDeleteOptions;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
+use crate::ws::send;
 
 /// RabbitMQ's default frame_max (3.x). The broker lets a publisher send a frame whose
 /// *payload* is up to frame_max, 8 bytes more than the spec's bound on the whole frame
@@ -251,25 +251,9 @@ async fn raw_publish_with(
     .map_err(|e| format!("publisher thread: {e}"))?
 }
 
-async fn send(ws: &mut WsStream, frame: Value) {
-    ws.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next JSON frame (pings skipped), or panic after the deadline.
+/// The next JSON frame (pings skipped), or panic after 15 s.
 async fn recv(ws: &mut WsStream) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let next = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .expect("a frame within 15s")
-            .expect("socket open")
-            .expect("frame");
-        match next {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).unwrap(),
-            Message::Close(close) => panic!("closed: {close:?}"),
-            _ => continue,
-        }
-    }
+    crate::ws::recv_within(ws, Duration::from_secs(15)).await
 }
 
 async fn poison_count(server: &TestServer, mode: &str) -> u64 {

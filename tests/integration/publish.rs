@@ -5,14 +5,31 @@ use serde_json::json;
 
 use crate::common::*;
 
+/// The AMQP `content_type` of a message a queue holds (it must have one).
+fn content_type_of(message: &lapin::message::BasicGetMessage) -> &str {
+    message
+        .delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .unwrap()
+        .as_str()
+}
+
+/// Publishes `"payload": 1` (mandatory) to `exchange` with `routing_key`.
+async fn publish_one(server: &TestServer, token: &str, exchange: &str, routing_key: &str) -> Resp {
+    server
+        .publish(
+            token,
+            &json!({"exchange": exchange, "routing_key": routing_key, "payload": 1}),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn published_message_arrives_with_body_properties_and_headers() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "order.#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "order.#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) =
+        publishing_on("order.#", "order.#", |_| {}).await;
 
     let response = server
         .http
@@ -86,12 +103,7 @@ async fn published_message_arrives_with_body_properties_and_headers() {
 
 #[tokio::test]
 async fn text_and_base64_bodies_get_their_content_types() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
 
     let text = server
         .publish(
@@ -114,16 +126,7 @@ async fn text_and_base64_bodies_get_their_content_types() {
 
     let first = rabbit.get(&queue).await.unwrap();
     assert_eq!(first.delivery.data, "héllo".as_bytes());
-    assert_eq!(
-        first
-            .delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .unwrap()
-            .as_str(),
-        "text/plain; charset=utf-8"
-    );
+    assert_eq!(content_type_of(&first), "text/plain; charset=utf-8");
     assert_eq!(
         first
             .delivery
@@ -136,56 +139,28 @@ async fn text_and_base64_bodies_get_their_content_types() {
     );
     let second = rabbit.get(&queue).await.unwrap();
     assert_eq!(second.delivery.data, vec![0u8, 1, 255]);
-    assert_eq!(
-        second
-            .delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .unwrap()
-            .as_str(),
-        "application/x-thing"
-    );
+    assert_eq!(content_type_of(&second), "application/x-thing");
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn unroutable_is_422_and_non_mandatory_is_202_not_routed() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "bound.key").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, tenant, server, token) =
+        publishing_on("bound.key", "#", |_| {}).await;
 
-    let unroutable = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1}),
-        )
-        .await;
-    assert_eq!(unroutable.status, 422, "{:?}", unroutable.body);
-    assert_eq!(unroutable.code(), "unroutable");
+    let unroutable = publish_one(&server, &token, &exchange, "nobody.listens").await;
+    assert_problem(&unroutable, 422, "unroutable");
     assert_eq!(
         unroutable.header("content-type"),
         Some("application/problem+json")
     );
 
     let fire_and_forget = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "nobody.listens", "payload": 1, "mandatory": false}),
-        )
+        .publish_fire_and_forget(&token, &exchange, "nobody.listens")
         .await;
-    assert_eq!(fire_and_forget.status, 202, "{:?}", fire_and_forget.body);
     assert_eq!(fire_and_forget.body["routed"], json!(false));
 
-    let routed = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "bound.key", "payload": 1}),
-        )
-        .await;
+    let routed = publish_one(&server, &token, &exchange, "bound.key").await;
     assert_eq!(routed.status, 202);
     assert_eq!(routed.body["routed"], json!(true));
     assert_eq!(rabbit.wait_count(&queue, 1).await, 1);
@@ -208,14 +183,8 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
     let token = server.token(&tenant, "publish");
 
     let missing = unique("missing");
-    let resp = server
-        .publish(
-            &token,
-            &json!({"exchange": missing, "routing_key": "k", "payload": 1}),
-        )
-        .await;
-    assert_eq!(resp.status, 404, "{:?}", resp.body);
-    assert_eq!(resp.code(), "exchange_not_found");
+    let resp = publish_one(&server, &token, &missing, "k").await;
+    assert_problem(&resp, 404, "exchange_not_found");
 
     // Found by schemathesis: RabbitMQ drops CR/LF from the name it quotes in NOT_FOUND,
     // which once made this a 503 "outcome unknown" that no retry could fix.
@@ -224,12 +193,7 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
         format!("\n{missing}"),
         format!("a\rb{missing}"),
     ] {
-        let resp = server
-            .publish(
-                &token,
-                &json!({"exchange": name, "routing_key": "k", "payload": 1}),
-            )
-            .await;
+        let resp = publish_one(&server, &token, &name, "k").await;
         assert_eq!(resp.status, 404, "{name:?}: {:?}", resp.body);
     }
 
@@ -259,18 +223,8 @@ async fn missing_exchange_is_404_and_the_tenant_keeps_publishing() {
         )
         .await
         .unwrap();
-    let late = server
-        .publish(
-            &token,
-            &json!({"exchange": missing, "routing_key": "k", "payload": 1, "mandatory": false}),
-        )
-        .await;
-    assert_eq!(late.status, 202, "{:?}", late.body);
-    rabbit
-        .channel
-        .exchange_delete(missing.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    server.publish_fire_and_forget(&token, &missing, "k").await;
+    rabbit.delete_exchange(&missing).await;
     server.shutdown().await.unwrap();
 }
 
@@ -290,14 +244,8 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
     let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "#")).await;
     let token = server.token(&tenant, "publish");
 
-    let resp = server
-        .publish(
-            &token,
-            &json!({"exchange": exchange, "routing_key": "full", "payload": 1}),
-        )
-        .await;
-    assert_eq!(resp.status, 503, "{:?}", resp.body);
-    assert_eq!(resp.code(), "broker_rejected");
+    let resp = publish_one(&server, &token, &exchange, "full").await;
+    assert_problem(&resp, 503, "broker_rejected");
     assert!(resp.header("retry-after").is_some());
     assert_eq!(rabbit.count(&queue).await, 0);
     server.shutdown().await.unwrap();
@@ -305,14 +253,10 @@ async fn nack_from_a_full_reject_publish_queue_is_503_broker_rejected() {
 
 #[tokio::test]
 async fn bad_input_gets_problem_json_with_codes() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.max_body_bytes = 4096;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.max_body_bytes = 4096;
+    })
+    .await;
     let url = format!("{}/v1/publish", server.base);
 
     let send = |content_type: &'static str, body: String| {
@@ -382,14 +326,10 @@ async fn bad_input_gets_problem_json_with_codes() {
 
 #[tokio::test]
 async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "load.#").await;
-    let tenant = unique("t");
-    let server = TestServer::start_ready(tenant_config(&tenant, &exchange, "load.#")).await;
-    let token = server.token(&tenant, "publish");
     const TOTAL: usize = 10_000;
     const CLIENTS: usize = 64;
+    let (rabbit, exchange, queue, _, server, token) =
+        publishing_on("load.#", "load.#", |_| {}).await;
 
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
@@ -429,10 +369,6 @@ async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
         elapsed.as_secs_f64(),
         TOTAL as f64 / elapsed.as_secs_f64()
     );
-    rabbit
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    rabbit.delete_queue(&queue).await;
     server.shutdown().await.unwrap();
 }

@@ -106,6 +106,31 @@ fn client_trusting(pem: &[u8]) -> reqwest::Client {
         .unwrap()
 }
 
+/// Sends `request` (a POST to `/v1/publish`) as `token` with a non-mandatory message
+/// for `amq.topic`.
+async fn send_fire_and_forget(request: reqwest::RequestBuilder, token: &str) -> reqwest::Response {
+    request
+        .bearer_auth(token)
+        .json(
+            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Whether `client` gets a 200 from `url` within 10 s.
+async fn answers_200_within_10s(client: &reqwest::Client, url: &str) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,14 +152,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     let base = format!("https://127.0.0.1:{port}");
 
     let first = client_trusting(&first_pem);
-    let ok = eventually(Duration::from_secs(10), || async {
-        first
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let ok = answers_200_within_10s(&first, &format!("{base}/readyz")).await;
     assert!(ok, "HTTPS with the first certificate");
     let token = warren::auth::mint(
         &state.config.auth,
@@ -147,15 +165,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
         },
     )
     .unwrap();
-    let r = first
-        .post(format!("{base}/v1/publish"))
-        .bearer_auth(&token)
-        .json(
-            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = send_fire_and_forget(first.post(format!("{base}/v1/publish")), &token).await;
     assert_eq!(r.status(), 202);
     // Plain HTTP on the TLS port gets nowhere.
     assert!(
@@ -169,14 +179,7 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     std::fs::copy(&renewed_key, &key).unwrap();
     std::fs::copy(&renewed_cert, &cert).unwrap();
     let second = client_trusting(&second_pem);
-    let renewed = eventually(Duration::from_secs(10), || async {
-        second
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let renewed = answers_200_within_10s(&second, &format!("{base}/healthz")).await;
     assert!(
         renewed,
         "the renewed certificate is served without a restart"
@@ -195,6 +198,21 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
 
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// Asserts that `response` allows the origin `https://app.example` and that its header
+/// `list` (a list of header names) names each of `names`, in any case.
+#[track_caller]
+fn assert_app_origin_and_listed(response: &reqwest::Response, list: &str, names: &[&str]) {
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let listed = response.headers()[list]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(names.iter().all(|name| listed.contains(name)), "{listed}");
 }
 
 #[tokio::test]
@@ -220,17 +238,10 @@ async fn cors_allows_configured_origins_only() {
     };
     let allowed = preflight("https://app.example").await.unwrap();
     assert!(allowed.status().is_success(), "{}", allowed.status());
-    assert_eq!(
-        allowed.headers()["access-control-allow-origin"],
-        "https://app.example"
-    );
-    let headers = allowed.headers()["access-control-allow-headers"]
-        .to_str()
-        .unwrap()
-        .to_ascii_lowercase();
-    assert!(
-        headers.contains("authorization") && headers.contains("idempotency-key"),
-        "{headers}"
+    assert_app_origin_and_listed(
+        &allowed,
+        "access-control-allow-headers",
+        &["authorization", "idempotency-key"],
     );
 
     let denied = preflight("https://evil.example").await.unwrap();
@@ -242,29 +253,16 @@ async fn cors_allows_configured_origins_only() {
     );
 
     let token = server.token(&tenant, "publish");
-    let r = server
+    let request = server
         .http
         .post(format!("{}/v1/publish", server.base))
-        .header("origin", "https://app.example")
-        .bearer_auth(&token)
-        .json(
-            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "mandatory": false}),
-        )
-        .send()
-        .await
-        .unwrap();
+        .header("origin", "https://app.example");
+    let r = send_fire_and_forget(request, &token).await;
     assert_eq!(r.status(), 202);
-    assert_eq!(
-        r.headers()["access-control-allow-origin"],
-        "https://app.example"
-    );
-    let exposed = r.headers()["access-control-expose-headers"]
-        .to_str()
-        .unwrap()
-        .to_ascii_lowercase();
-    assert!(
-        exposed.contains("x-request-id") && exposed.contains("retry-after"),
-        "{exposed}"
+    assert_app_origin_and_listed(
+        &r,
+        "access-control-expose-headers",
+        &["x-request-id", "retry-after"],
     );
     server.shutdown().await.unwrap();
 }
@@ -314,15 +312,11 @@ async fn amqps_urls_work_with_a_configured_ca_bundle() {
     let ca = dir.path().join("ca-bundle.pem");
     std::fs::write(&ca, &ca_pem).unwrap();
     let port = tls_terminating_proxy(&cert, &key).await;
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
-    config.amqp.tls.ca_file = Some(ca.clone());
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, tenant, server, token) = publishing_tenant(|config| {
+        config.amqp.url = Some(format!("amqps://guest:guest@localhost:{port}"));
+        config.amqp.tls.ca_file = Some(ca.clone());
+    })
+    .await;
     let r = server
         .publish(
             &token,
@@ -392,15 +386,11 @@ async fn trickling_publish(
 
 #[tokio::test]
 async fn trickled_bodies_time_out_and_probes_never_wait_behind_them() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "#").await;
-    let tenant = unique("t");
-    let mut config = tenant_config(&tenant, &exchange, "#");
-    config.server.max_concurrent_requests = 2;
-    config.server.body_read_timeout_s = 1;
-    let server = TestServer::start_ready(config).await;
-    let token = server.token(&tenant, "publish");
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|config| {
+        config.server.max_concurrent_requests = 2;
+        config.server.body_read_timeout_s = 1;
+    })
+    .await;
     let addr = server.base.trim_start_matches("http://").to_owned();
 
     // Two authenticated requests take both request slots and trickle their bodies.

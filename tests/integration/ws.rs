@@ -21,13 +21,18 @@ pub(crate) async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
-/// The next JSON frame (pings skipped), or panic after the deadline.
+/// The next JSON frame (pings skipped), or panic after 10 s.
 pub(crate) async fn recv(ws: &mut Ws) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    recv_within(ws, Duration::from_secs(10)).await
+}
+
+/// The next JSON frame (pings skipped), or panic after `within`.
+pub(crate) async fn recv_within(ws: &mut Ws, within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let next = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .expect("a frame within 10s")
+            .unwrap_or_else(|e| panic!("a frame within {within:?}: {e:?}"))
             .expect("socket open")
             .expect("frame");
         match next {
@@ -249,11 +254,7 @@ async fn durable_subscription_resumes_after_a_disconnect_without_loss() {
         "the five unacked messages came back marked redelivered"
     );
     ws.close(None).await.unwrap();
-    rabbit
-        .channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
+    rabbit.delete_queue(&queue).await;
     server.shutdown().await.unwrap();
 }
 
