@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Claim, Fingerprint, StoredOutcome};
+use super::{Claim, Fingerprint, Finished, StoredOutcome};
 use crate::telemetry;
 
 /// The memory store's bounds: in total, and for each tenant's share.
@@ -146,14 +146,12 @@ impl MemoryStore {
         Claim::New { token }
     }
 
-    pub fn finish(
-        &self,
-        key: &str,
-        token: &str,
-        fingerprint: Fingerprint,
-        response: StoredOutcome,
-        retention: Duration,
-    ) {
+    pub fn finish(&self, key: &str, token: &str, done: Finished) {
+        let Finished {
+            fingerprint,
+            outcome: response,
+            retention,
+        } = done;
         let now = Instant::now();
         let mut inner = self.lock();
         if !inner.owns(key, token) {
@@ -347,6 +345,14 @@ impl Share {
 mod tests {
     use super::*;
 
+    fn finished(fingerprint: Fingerprint, outcome: StoredOutcome, retention: Duration) -> Finished {
+        Finished {
+            fingerprint,
+            outcome,
+            retention,
+        }
+    }
+
     fn fp(n: u8) -> Fingerprint {
         Fingerprint([n; 32])
     }
@@ -370,13 +376,13 @@ mod tests {
         };
         assert_eq!(store.claim("t", "k", fp(1), LOCK), Claim::InFlight);
         assert_eq!(store.claim("t", "k", fp(2), LOCK), Claim::Mismatch);
-        store.finish("k", "someone-else", fp(1), response("x"), KEEP);
+        store.finish("k", "someone-else", finished(fp(1), response("x"), KEEP));
         assert_eq!(
             store.claim("t", "k", fp(1), LOCK),
             Claim::InFlight,
             "wrong token ignored"
         );
-        store.finish("k", &token, fp(1), response("done"), KEEP);
+        store.finish("k", &token, finished(fp(1), response("done"), KEEP));
         assert_eq!(
             store.claim("t", "k", fp(1), LOCK),
             Claim::Done(response("done"))
@@ -413,7 +419,7 @@ mod tests {
             let Claim::New { token } = store.claim("t", key, fp(1), LOCK) else {
                 panic!()
             };
-            store.finish(key, &token, fp(1), response(key), KEEP);
+            store.finish(key, &token, finished(fp(1), response(key), KEEP));
         }
         assert_eq!(store.len(), 3);
         assert!(
@@ -437,7 +443,7 @@ mod tests {
             let Claim::New { token } = store.claim("t", &key, fp(1), LOCK) else {
                 panic!("distinct keys are new")
             };
-            store.finish(&key, &token, fp(1), response(&body), KEEP);
+            store.finish(&key, &token, finished(fp(1), response(&body), KEEP));
             if i % 100_000 == 0 {
                 assert!(store.len() <= max_entries);
                 assert!(store.bytes() <= max_bytes);
@@ -458,7 +464,7 @@ mod tests {
         let Claim::New { token } = store.claim(tenant, key, fp(1), LOCK) else {
             panic!("{key} is new")
         };
-        store.finish(key, &token, fp(1), response(key), KEEP);
+        store.finish(key, &token, finished(fp(1), response(key), KEEP));
     }
 
     #[test]
@@ -537,7 +543,7 @@ mod tests {
             let Claim::New { token } = store.claim("a", key, fp(1), LOCK) else {
                 panic!()
             };
-            store.finish(key, &token, fp(1), response(key), Duration::ZERO);
+            store.finish(key, &token, finished(fp(1), response(key), Duration::ZERO));
         }
         store_done(&store, "b", "b1");
         assert_eq!(

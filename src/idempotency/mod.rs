@@ -195,20 +195,13 @@ impl Store {
         }
     }
 
-    async fn finish(
-        &self,
-        key: &str,
-        token: &str,
-        fingerprint: Fingerprint,
-        response: StoredOutcome,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
+    async fn finish(&self, key: &str, token: &str, done: Finished) -> Result<(), StoreError> {
         match self {
             Self::Memory(s) => {
-                s.finish(key, token, fingerprint, response, retention);
+                s.finish(key, token, done);
                 Ok(())
             }
-            Self::Redis(s) => s.finish(key, token, fingerprint, response, retention).await,
+            Self::Redis(s) => s.finish(key, token, done).await,
         }
     }
 
@@ -239,6 +232,14 @@ impl Store {
 }
 
 /// The idempotency layer: store plus retention and lock times.
+/// A finished request's answer, to keep under its key for `retention`.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub fingerprint: Fingerprint,
+    pub outcome: StoredOutcome,
+    pub retention: Duration,
+}
+
 pub struct Idempotency {
     pub store: Store,
     retention: Duration,
@@ -341,7 +342,15 @@ impl Idempotency {
         let finished = match stored {
             Ok(stored) => {
                 self.store
-                    .finish(&store_key, &token, fingerprint, stored, self.retention)
+                    .finish(
+                        &store_key,
+                        &token,
+                        Finished {
+                            fingerprint,
+                            outcome: stored,
+                            retention: self.retention,
+                        },
+                    )
                     .await
             }
             Err(e) => Err(StoreError(format!("could not serialise the answer: {e}"))),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use super::{Claim, Fingerprint, StoreError, StoredOutcome};
+use super::{Claim, Fingerprint, Finished, StoreError, StoredOutcome};
 use crate::config::IdempotencyConfig;
 
 pub struct RedisStore {
@@ -147,14 +147,12 @@ impl RedisStore {
         })
     }
 
-    pub async fn finish(
-        &self,
-        key: &str,
-        token: &str,
-        fingerprint: Fingerprint,
-        response: StoredOutcome,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
+    pub async fn finish(&self, key: &str, token: &str, done: Finished) -> Result<(), StoreError> {
+        let Finished {
+            fingerprint,
+            outcome: response,
+            retention,
+        } = done;
         let mut connection = self.connection().await?;
         let done = encode(&Record::Done {
             fp: fingerprint,
