@@ -261,18 +261,51 @@ pub struct Grant {
 
 impl Grant {
     pub fn new(exchange: String, pattern: GrantPattern) -> Self {
-        let exchange = if exchange == "*" {
-            ExchangeMatch::Any
-        } else {
-            ExchangeMatch::Exact(exchange)
-        };
-        Self { exchange, pattern }
+        Self {
+            exchange: ExchangeMatch::from_name(exchange),
+            pattern,
+        }
     }
 
     fn exchange_matches(&self, exchange: &str) -> bool {
         match &self.exchange {
             ExchangeMatch::Any => true,
             ExchangeMatch::Exact(name) => name == exchange,
+        }
+    }
+}
+
+/// What a tenant's subscribe grants allow (SPEC §3): bindings on exchanges, consuming
+/// existing queues (§11) and reading streams (§9).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscribeGrants {
+    /// `{ exchange, routing_key }`: bind to the exchange with a covered binding key.
+    pub exchanges: Vec<Grant>,
+    /// `{ queue }`: consume this existing queue (`*`: every queue of the vhost).
+    pub queues: Vec<ExchangeMatch>,
+    /// `{ stream, routing_key? }`: read this stream; a filter (binding key) must be
+    /// covered by the grant's pattern (`#` when the grant names none). The grant's
+    /// "exchange" is the stream's name.
+    pub streams: Vec<Grant>,
+}
+
+impl SubscribeGrants {
+    /// May this queue be consumed?
+    pub fn allows_queue(&self, queue: &str) -> bool {
+        self.queues.iter().any(|q| match q {
+            ExchangeMatch::Any => true,
+            ExchangeMatch::Exact(name) => name == queue,
+        })
+    }
+}
+
+impl ExchangeMatch {
+    /// `*` is every name; anything else is that name exactly.
+    pub fn from_name(name: String) -> Self {
+        if name == "*" {
+            Self::Any
+        } else {
+            Self::Exact(name)
         }
     }
 }

@@ -122,12 +122,7 @@ impl Config {
     /// tenant `default` on vhost `/` with full grants, and a random HS256 secret.
     pub fn dev() -> Self {
         let secret: [u8; 32] = rand::random();
-        let full = || {
-            vec![GrantConfig {
-                exchange: "*".to_owned(),
-                routing_key: "#".to_owned(),
-            }]
-        };
+        let full = || vec![GrantConfig::exchange("*", "#")];
         let mut tenants = BTreeMap::new();
         tenants.insert(
             "default".to_owned(),

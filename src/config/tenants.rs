@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use super::check::{all_positive, amqp_url_setting};
-use crate::auth::grants::{Grant, GrantPattern};
+use crate::auth::grants::{ExchangeMatch, Grant, GrantPattern, SubscribeGrants};
 
 /// Per-tenant quotas; unset means unlimited.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,9 +88,30 @@ pub struct TenantConfig {
 #[serde(deny_unknown_fields)]
 pub struct GrantConfig {
     /// Exchange name, or `*` for every exchange (including the default exchange `""`).
-    pub exchange: String,
-    /// AMQP topic pattern: `*` is one word, `#` zero or more.
-    pub routing_key: String,
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// AMQP topic pattern: `*` is one word, `#` zero or more. Required with `exchange`;
+    /// optional with `stream` (default `#`).
+    #[serde(default)]
+    pub routing_key: Option<String>,
+    /// Subscribe grants only: consume this existing queue (SPEC §11); `*` for any.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Subscribe grants only: read this stream (SPEC §9); `*` for any.
+    #[serde(default)]
+    pub stream: Option<String>,
+}
+
+impl GrantConfig {
+    /// `{ exchange, routing_key }`.
+    pub fn exchange(exchange: &str, routing_key: &str) -> Self {
+        Self {
+            exchange: Some(exchange.to_owned()),
+            routing_key: Some(routing_key.to_owned()),
+            queue: None,
+            stream: None,
+        }
+    }
 }
 
 /// The template every dynamic tenant is made from.
@@ -99,7 +120,7 @@ pub struct ResolvedDynamic {
     pub vhost_template: String,
     pub urls: Vec<String>,
     pub publish: Vec<Grant>,
-    pub subscribe: Vec<Grant>,
+    pub subscribe: SubscribeGrants,
     pub limits: LimitsConfig,
     pub max_pools: usize,
     pub pool_idle: Duration,
@@ -113,7 +134,7 @@ pub struct ResolvedTenant {
     /// Broker URLs for this tenant (its own credentials, or the shared ones).
     pub urls: Vec<String>,
     pub publish: Vec<Grant>,
-    pub subscribe: Vec<Grant>,
+    pub subscribe: SubscribeGrants,
     pub limits: LimitsConfig,
 }
 
@@ -157,8 +178,8 @@ pub(super) fn resolve_tenants(
                 name: name.clone(),
                 vhost: t.vhost.clone(),
                 urls,
-                publish: compile_grants(&format!("{prefix}.publish"), &t.publish)?,
-                subscribe: compile_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
+                publish: compile_publish_grants(&format!("{prefix}.publish"), &t.publish)?,
+                subscribe: compile_subscribe_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
                 limits: check_limits(&format!("{prefix}.limits"), &t.limits)?,
             },
         );
@@ -198,8 +219,8 @@ impl DynamicTenantsConfig {
         Ok(Some(ResolvedDynamic {
             vhost_template: self.vhost_template.clone(),
             urls,
-            publish: compile_grants("dynamic_tenants.publish", &self.publish)?,
-            subscribe: compile_grants("dynamic_tenants.subscribe", &self.subscribe)?,
+            publish: compile_publish_grants("dynamic_tenants.publish", &self.publish)?,
+            subscribe: compile_subscribe_grants("dynamic_tenants.subscribe", &self.subscribe)?,
             limits: check_limits("dynamic_tenants.limits", &self.limits)?,
             max_pools: self.max_pools,
             pool_idle: Duration::from_secs(self.pool_idle_s),
@@ -208,23 +229,70 @@ impl DynamicTenantsConfig {
     }
 }
 
-fn compile_grants(key: &str, grants: &[GrantConfig]) -> Result<Vec<Grant>, ConfigError> {
-    grants
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let pattern = GrantPattern::parse(&g.routing_key).map_err(|e| {
-                ConfigError::invalid(format!("{key}[{i}].routing_key"), e.to_string())
-            })?;
-            if g.exchange.len() > 255 {
+fn compile_publish_grants(key: &str, grants: &[GrantConfig]) -> Result<Vec<Grant>, ConfigError> {
+    let compiled = compile_subscribe_grants(key, grants)?;
+    if !compiled.queues.is_empty() || !compiled.streams.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            "publish grants name an exchange and a routing_key; `queue` and `stream` are subscribe grants",
+        ));
+    }
+    Ok(compiled.exchanges)
+}
+
+/// One grant is exactly one of `{ exchange, routing_key }`, `{ queue }` or
+/// `{ stream, routing_key? }`.
+fn compile_subscribe_grants(
+    key: &str,
+    grants: &[GrantConfig],
+) -> Result<SubscribeGrants, ConfigError> {
+    let mut compiled = SubscribeGrants::default();
+    for (i, g) in grants.iter().enumerate() {
+        let at = |member: &str| format!("{key}[{i}]{member}");
+        let pattern = |required: bool| -> Result<GrantPattern, ConfigError> {
+            match &g.routing_key {
+                Some(source) => GrantPattern::parse(source)
+                    .map_err(|e| ConfigError::invalid(at(".routing_key"), e.to_string())),
+                None if required => Err(ConfigError::invalid(
+                    at(".routing_key"),
+                    "is required with `exchange`",
+                )),
+                None => Ok(GrantPattern::every_key()),
+            }
+        };
+        let name = |member: &str, name: &String| -> Result<String, ConfigError> {
+            if name.len() > 255 || (member != ".exchange" && name.is_empty()) {
+                return Err(ConfigError::invalid(at(member), "must be 1-255 bytes"));
+            }
+            Ok(name.clone())
+        };
+        match (&g.exchange, &g.queue, &g.stream) {
+            (Some(exchange), None, None) => compiled
+                .exchanges
+                .push(Grant::new(name(".exchange", exchange)?, pattern(true)?)),
+            (None, Some(queue), None) => {
+                if g.routing_key.is_some() {
+                    return Err(ConfigError::invalid(
+                        at(".routing_key"),
+                        "a queue grant has no routing_key: consuming a queue takes every message in it",
+                    ));
+                }
+                compiled
+                    .queues
+                    .push(ExchangeMatch::from_name(name(".queue", queue)?));
+            }
+            (None, None, Some(stream)) => compiled
+                .streams
+                .push(Grant::new(name(".stream", stream)?, pattern(false)?)),
+            _ => {
                 return Err(ConfigError::invalid(
-                    format!("{key}[{i}].exchange"),
-                    "must be at most 255 bytes",
+                    at(""),
+                    "a grant names exactly one of `exchange` (with `routing_key`), `queue` or `stream`",
                 ));
             }
-            Ok(Grant::new(g.exchange.clone(), pattern))
-        })
-        .collect()
+        }
+    }
+    Ok(compiled)
 }
 
 fn check_limits(key: &str, limits: &LimitsConfig) -> Result<LimitsConfig, ConfigError> {

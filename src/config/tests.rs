@@ -307,3 +307,61 @@ fn dev_config_is_valid_and_loopback() {
     let resolved = config.resolve().unwrap();
     assert_eq!(resolved.tenants["default"].vhost, "/");
 }
+
+#[test]
+fn queue_and_stream_grants_compile_and_bad_shapes_name_the_grant() {
+    let config = Config::from_toml(&minimal(
+        "subscribe = [{ exchange = \"events\", routing_key = \"#\" }, { queue = \"billing\" },\n\
+         { stream = \"order-log\" }, { stream = \"audit\", routing_key = \"eu.#\" }]\n",
+    ))
+    .unwrap();
+    let subscribe = config.resolve().unwrap().tenants["acme"].subscribe.clone();
+    assert_eq!(subscribe.exchanges.len(), 1);
+    assert!(subscribe.allows_queue("billing"));
+    assert!(!subscribe.allows_queue("billing2"));
+    let streams = &subscribe.streams;
+    let every = crate::auth::grants::GrantPattern::every_key();
+    let eu = crate::auth::grants::GrantPattern::parse("eu.*").unwrap();
+    assert_eq!(
+        crate::auth::grants::allows_subscribe(streams, "order-log", &every),
+        Ok(true)
+    );
+    assert_eq!(
+        crate::auth::grants::allows_subscribe(streams, "audit", &every),
+        Ok(false)
+    );
+    assert_eq!(
+        crate::auth::grants::allows_subscribe(streams, "audit", &eu),
+        Ok(true)
+    );
+    assert_eq!(
+        crate::auth::grants::allows_subscribe(streams, "other", &eu),
+        Ok(false)
+    );
+
+    let err = |grants: &str| {
+        Config::from_toml(&minimal(&format!("subscribe = [{grants}]\n")))
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("{ queue = \"q\", stream = \"s\" }").starts_with("tenants.acme.subscribe[0]:"));
+    assert!(err("{ exchange = \"e\" }").starts_with("tenants.acme.subscribe[0].routing_key:"));
+    assert!(
+        err("{ queue = \"q\", routing_key = \"#\" }")
+            .starts_with("tenants.acme.subscribe[0].routing_key:")
+    );
+    assert!(err("{ queue = \"\" }").starts_with("tenants.acme.subscribe[0].queue:"));
+    assert!(err("{ routing_key = \"#\" }").starts_with("tenants.acme.subscribe[0]:"));
+    let publish_queue =
+        Config::from_toml(&minimal("").replace("publish = [", "publish = [{ queue = \"q\" }, "))
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+    assert!(
+        publish_queue.starts_with("tenants.acme.publish:"),
+        "{publish_queue}"
+    );
+}

@@ -10,7 +10,7 @@ pub mod quota;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::auth::grants::{self, Grant, GrantPattern};
+use crate::auth::grants::{self, Grant, GrantPattern, SubscribeGrants};
 use crate::broker::{Broker, BrokerError, BrokerLease};
 use crate::config::{AmqpConfig, Resolved, ResolvedDynamic};
 use crate::error::ApiError;
@@ -29,7 +29,7 @@ pub struct Tenant {
     pub name: String,
     pub vhost: String,
     pub publish: Vec<Grant>,
-    pub subscribe: Vec<Grant>,
+    pub subscribe: SubscribeGrants,
     pub quota: Quota,
     /// The `tenant` label in metrics: the name for configured tenants, one shared label
     /// for dynamic ones.
@@ -64,7 +64,7 @@ impl Tenant {
         exchange: &str,
         binding_key: &GrantPattern,
     ) -> Result<(), ApiError> {
-        match grants::allows_subscribe(&self.subscribe, exchange, binding_key) {
+        match grants::allows_subscribe(&self.subscribe.exchanges, exchange, binding_key) {
             Ok(true) => Ok(()),
             Ok(false) if grants::ignores_binding_key(exchange) => Err(ApiError::Forbidden(format!(
                 "exchange {exchange:?} ignores binding keys, so subscribing there needs a grant for every key (#)"
@@ -83,7 +83,40 @@ impl Tenant {
     /// May this tenant's subscribers see a message routed through `exchange` with
     /// `routing_key`? (Deliveries are filtered by it; see [`grants::allows_delivery`].)
     pub fn may_receive(&self, exchange: &str, routing_key: &str) -> bool {
-        grants::allows_delivery(&self.subscribe, exchange, routing_key)
+        grants::allows_delivery(&self.subscribe.exchanges, exchange, routing_key)
+    }
+
+    /// Consuming an existing queue (SPEC §11) needs a `{ queue }` grant naming it.
+    pub fn authorize_queue(&self, queue: &str) -> Result<(), ApiError> {
+        if self.subscribe.allows_queue(queue) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "tenant {:?} may not consume queue {queue:?}",
+                self.name
+            )))
+        }
+    }
+
+    /// Reading a stream (SPEC §9) needs a `{ stream }` grant naming it whose pattern
+    /// covers the subscription's filter (`#` when it has none).
+    pub fn authorize_stream(&self, stream: &str, filter: &GrantPattern) -> Result<(), ApiError> {
+        match grants::allows_subscribe(&self.subscribe.streams, stream, filter) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::Forbidden(format!(
+                "tenant {:?} may not read stream {stream:?} with binding key {:?}",
+                self.name,
+                filter.as_str()
+            ))),
+            Err(grants::TooComplex) => Err(ApiError::InvalidRequest(
+                "binding_key: too many combinations of `#` and `*` to check against the grants; use fewer wildcards".to_owned(),
+            )),
+        }
+    }
+
+    /// May this tenant's stream readers see a message of `stream` with `routing_key`?
+    pub fn may_receive_from_stream(&self, stream: &str, routing_key: &str) -> bool {
+        grants::allows_delivery(&self.subscribe.streams, stream, routing_key)
     }
 }
 
