@@ -366,14 +366,32 @@ impl Broker {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .backoff_min
-            .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
-            .min(self.backoff_max);
-        // Equal jitter: half fixed, half random, so replicas don't reconnect in lockstep.
-        let half = exp / 2;
-        half + half.mul_f64(rand::random::<f64>())
+        backoff(
+            self.backoff_min,
+            self.backoff_max,
+            attempt,
+            rand::random::<f64>(),
+        )
     }
+}
+
+/// The wait before reconnect attempt `attempt + 1`: `min` doubled per failed attempt up
+/// to `max`, less up to a quarter at random (so replicas don't reconnect in lockstep),
+/// never below `min`. The floor bounds how often a down broker is tried (the default
+/// 500 ms: at most twice a second per URL); the cap bounds how late a recovered broker
+/// is noticed (the default 1.5 s keeps readiness within 2 s of it). A backoff that kept
+/// growing through a long outage would leave Warren unready long after the broker is
+/// back (issue #21).
+fn backoff(min: Duration, max: Duration, attempt: u32, random: f64) -> Duration {
+    let exp = min
+        .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .min(max);
+    let random = if random.is_finite() {
+        random.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    exp.mul_f64(1.0 - 0.25 * random).max(min)
 }
 
 /// Keeps the link up: probes while healthy, reconnects with backoff while not; ends
@@ -419,5 +437,30 @@ async fn supervise(broker: Weak<Broker>, stop: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::backoff;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_never_goes_below_the_floor() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_millis(1500));
+        for random in [0.0, 0.3, 0.999, 1.0, -5.0, 7.0, f64::NAN] {
+            for attempt in 0..40 {
+                let wait = backoff(min, max, attempt, random);
+                assert!(wait >= min && wait <= max, "{attempt} {random}: {wait:?}");
+            }
+        }
+        assert_eq!(backoff(min, max, 0, 0.0), min);
+        assert_eq!(backoff(min, max, 1, 0.0), Duration::from_millis(1000));
+        assert_eq!(backoff(min, max, 1, 1.0), Duration::from_millis(750));
+        // However long the outage, the wait stays at the cap (less jitter): the broker
+        // is noticed within `max` of its return.
+        assert_eq!(backoff(min, max, u32::MAX, 0.0), max);
+        assert_eq!(backoff(min, max, 30, 1.0), Duration::from_millis(1125));
     }
 }

@@ -103,6 +103,44 @@ async fn lost_link_answers_503_then_recovers_without_restart() {
     server.shutdown().await.unwrap();
 }
 
+/// Issue #21: with the default backoff, readiness returns within 2 s of the broker
+/// accepting connections again however long the outage was, and a down broker is never
+/// tried more than twice a second. Prints the recovery time of each outage.
+#[tokio::test]
+async fn readiness_returns_within_two_seconds_of_the_broker_and_retries_are_paced() {
+    let proxy = ChaosProxy::start().await;
+    let (_rabbit, _exchange, _queue, _, server, _token) = publishing_tenant(|config| {
+        config.amqp.url = Some(proxy.url());
+        config.amqp.connections_per_vhost = 1;
+    })
+    .await;
+    let ready = || async { server.get("/readyz").await.status == 200 };
+    for outage in [1u64, 3, 12] {
+        let refused_before = proxy.refused();
+        proxy.cut();
+        let cut_at = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(5), || async { !ready().await }).await,
+            "readiness did not go red after the cut"
+        );
+        tokio::time::sleep_until((cut_at + Duration::from_secs(outage)).into()).await;
+        let attempts = proxy.refused() - refused_before;
+        proxy.restore();
+        let restored = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(2), ready).await,
+            "not ready within 2 s of the broker's return after a {outage} s outage"
+        );
+        let recovery = restored.elapsed();
+        println!("outage {outage} s: ready {recovery:?} after the broker, {attempts} attempts");
+        assert!(
+            attempts as u64 <= 2 * outage + 1,
+            "{attempts} connection attempts in a {outage} s outage (at most 2 a second)"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
 /// A TCP proxy that can stall: bytes are held (the TCP connections stay open) until
 /// it is released — a broker that stopped answering, not one that went away.
 async fn stalling_proxy(upstream: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {

@@ -562,6 +562,8 @@ pub async fn closed_port() -> u16 {
 pub struct ChaosProxy {
     pub port: u16,
     up: tokio::sync::watch::Sender<bool>,
+    /// Connections closed at once because the proxy was cut (reconnect attempts).
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -572,6 +574,8 @@ impl ChaosProxy {
         let (up, _) = tokio::sync::watch::channel(true);
         let upstream = broker_addr();
         let watch = up.clone();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = refused.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -579,6 +583,7 @@ impl ChaosProxy {
                 };
                 let mut rx = watch.subscribe();
                 if !*rx.borrow() {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     drop(client);
                     continue;
                 }
@@ -594,7 +599,17 @@ impl ChaosProxy {
                 });
             }
         });
-        Self { port, up, task }
+        Self {
+            port,
+            up,
+            refused,
+            task,
+        }
+    }
+
+    /// How many connections were refused while cut, so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The broker URL through this proxy.
