@@ -22,7 +22,7 @@ pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
 };
-pub use ws::WsConfig;
+pub use ws::{DurableQueueType, WsConfig};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -30,10 +30,30 @@ pub struct WsConfig {
     pub allowed_origins: Vec<String>,
     /// `x-expires` of durable subscription queues: how long they outlive their socket.
     pub durable_queue_expiry_s: u64,
+    /// The type of durable subscription queues: `classic`, or `quorum` (replicated on
+    /// a cluster, so a subscription survives the loss of a node).
+    pub durable_queue_type: DurableQueueType,
     pub default_prefetch: u16,
     pub max_prefetch: u16,
     /// Bound on a live subscription's broker queue (oldest dropped beyond it).
     pub live_queue_max_length: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurableQueueType {
+    Classic,
+    Quorum,
+}
+
+impl DurableQueueType {
+    /// The `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Quorum => "quorum",
+        }
+    }
 }
 
 impl Default for WsConfig {
@@ -50,6 +70,7 @@ impl Default for WsConfig {
             idle_timeout_s: 60,
             allowed_origins: Vec::new(),
             durable_queue_expiry_s: 3600,
+            durable_queue_type: DurableQueueType::Classic,
             default_prefetch: 100,
             max_prefetch: 1000,
             live_queue_max_length: 10_000,

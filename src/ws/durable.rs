@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::protocol::MessageFrame;
 use super::{Outgoing, SendBudget};
 use crate::broker::{Broker, BrokerLease, ConsumerChannel};
+use crate::config::DurableQueueType;
 use crate::error::ApiError;
 use crate::telemetry;
 use crate::tenancy::Tenant;
@@ -60,6 +61,7 @@ pub struct DurableRequest<'a> {
     pub queue: String,
     pub prefetch: u16,
     pub expiry: Duration,
+    pub queue_type: DurableQueueType,
     pub slow_consumer_timeout: Duration,
     pub budget: SendBudget,
 }
@@ -123,6 +125,14 @@ impl Durable {
         let mut arguments = FieldTable::default();
         let expiry_ms = u32::try_from(request.expiry.as_millis()).unwrap_or(u32::MAX);
         arguments.insert("x-expires".into(), AMQPValue::LongUInt(expiry_ms));
+        // Only quorum is named: queues declared before this setting existed carry no
+        // type argument, and redeclaring them must stay equivalent.
+        if request.queue_type == DurableQueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(request.queue_type.as_str().into()),
+            );
+        }
         channel
             .queue_declare(
                 request.queue.as_str().into(),

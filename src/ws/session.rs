@@ -341,6 +341,7 @@ impl Session {
                     queue,
                     prefetch,
                     expiry: Duration::from_secs(config.durable_queue_expiry_s),
+                    queue_type: config.durable_queue_type,
                     slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
                     budget: self.budget.clone(),
                 };

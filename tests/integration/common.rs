@@ -354,7 +354,7 @@ impl Rabbit {
         Self::connect_to(broker_url()).await
     }
 
-    async fn connect_to(url: String) -> Self {
+    pub async fn connect_to(url: String) -> Self {
         let (connection, channel) = Self::open(&url).await;
         Self {
             url,

@@ -172,13 +172,29 @@ impl FaultRun {
     /// for it to be steady. The exchange and queue are durable, so they outlive a
     /// broker restart.
     pub async fn start(amqp_url: Option<String>) -> Self {
-        let rabbit = Rabbit::connect().await;
+        Self::start_with(
+            Rabbit::connect().await,
+            amqp_url.map(|url| vec![url]),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// [`FaultRun::start`] with the test's own broker client (the ledger is read
+    /// through it), Warren's broker URLs (`None`: the test broker) and the queue's
+    /// arguments (e.g. a quorum queue on a cluster).
+    pub async fn start_with(
+        rabbit: Rabbit,
+        amqp_urls: Option<Vec<String>>,
+        queue_arguments: FieldTable,
+    ) -> Self {
         let exchange = rabbit.durable_topic_exchange().await;
-        let queue = durable_queue(&rabbit, &exchange, FieldTable::default()).await;
+        let queue = durable_queue(&rabbit, &exchange, queue_arguments).await;
         let tenant = unique("t");
         let mut config = tenant_config(&tenant, &exchange, "#");
-        if let Some(url) = amqp_url {
-            config.amqp.url = Some(url);
+        if let Some(urls) = amqp_urls {
+            config.amqp.url = None;
+            config.amqp.urls = urls;
         }
         config.amqp.confirm_timeout_ms = 2000;
         config.amqp.connect_timeout_ms = 1000;
@@ -264,6 +280,39 @@ impl FaultRun {
         let (Some(broken_at), Some(healing_at)) = (self.broken_at, self.healing_at) else {
             panic!("FaultRun::check before broken() and healing()");
         };
+        let (red_after, green_after, back_after) =
+            (self.red_after, self.green_after, self.back_after);
+        let ledger = self.finish().await;
+        let log = &ledger.log;
+        for o in log {
+            if o.started >= broken_at && o.started < healing_at {
+                assert_ne!(o.status, 202, "a publish during the fault was acked: {o:?}");
+            }
+        }
+        // Once readiness is red, publishes fail fast (not after a confirm timeout).
+        let red_at = broken_at + red_after;
+        let fast_fail = log
+            .iter()
+            .filter(|o| o.started >= red_at && o.started < healing_at)
+            .map(|o| o.took)
+            .max()
+            .unwrap_or_default();
+        assert!(
+            fast_fail < Duration::from_millis(500),
+            "a publish during the fault took {fast_fail:?}"
+        );
+        eprintln!(
+            "{name} figures: {} readyz_red_after={red_after:?} readyz_green_after={green_after:?} \
+             100_acks_after_green={back_after:?} fault_slowest={fast_fail:?}",
+            ledger.summary(),
+        );
+    }
+
+    /// Stops the load and checks what holds whatever the fault: every acknowledged
+    /// message is in the queue, the queue holds nothing nobody sent, no request
+    /// outlived the confirm timeout by more than 1 s, and every failure was a 503 with
+    /// `Retry-After` or a 504. Deletes the queue and stops Warren.
+    pub async fn finish(self) -> Ledger {
         self.stop.store(true, Ordering::Release);
         for client in self.clients {
             tokio::time::timeout(Duration::from_secs(20), client)
@@ -303,42 +352,54 @@ impl FaultRun {
             if o.status == 503 {
                 assert!(o.retry_after, "503 without Retry-After: {o:?}");
             }
-            if o.started >= broken_at && o.started < healing_at {
-                assert_ne!(o.status, 202, "a publish during the fault was acked: {o:?}");
-            }
         }
-        // Once readiness is red, publishes fail fast (not after a confirm timeout).
-        let red_at = broken_at + self.red_after;
-        let fast_fail = log
-            .iter()
-            .filter(|o| o.started >= red_at && o.started < healing_at)
-            .map(|o| o.took)
-            .max()
-            .unwrap_or_default();
-        assert!(
-            fast_fail < Duration::from_millis(500),
-            "a publish during the fault took {fast_fail:?}"
-        );
-        let count = |f: &dyn Fn(&Outcome) -> bool| log.iter().filter(|o| f(o)).count();
-        eprintln!(
-            "{name} figures: requests={} acked={} 503={} 504={} in_queue={} duplicates={} \
-             readyz_red_after={:?} readyz_green_after={:?} 100_acks_after_green={:?} \
-             slowest={slowest:?} fault_slowest={fast_fail:?}",
-            log.len(),
-            acked.len(),
-            count(&|o| o.status == 503),
-            count(&|o| o.status == 504),
-            in_queue.len(),
-            duplicates,
-            self.red_after,
-            self.green_after,
-            self.back_after,
-        );
+        let acked = acked.len();
         let _ = self
             .rabbit
             .channel
             .queue_delete(self.queue.as_str().into(), Default::default())
             .await;
         self.server.shutdown().await.unwrap();
+        Ledger {
+            log,
+            acked,
+            in_queue: in_queue.len(),
+            duplicates,
+            slowest,
+        }
+    }
+}
+
+/// What a [`FaultRun`] did, once checked.
+pub struct Ledger {
+    pub log: Vec<Outcome>,
+    pub acked: usize,
+    pub in_queue: usize,
+    pub duplicates: usize,
+    pub slowest: Duration,
+}
+
+impl Ledger {
+    /// Acknowledged publishes that started in `[from, to)`.
+    #[allow(dead_code)] // tests/solo/cluster.rs
+    pub fn acked_between(&self, from: Instant, to: Instant) -> usize {
+        self.log
+            .iter()
+            .filter(|o| o.status == 202 && o.started >= from && o.started < to)
+            .count()
+    }
+
+    pub fn summary(&self) -> String {
+        let count = |status: u16| self.log.iter().filter(|o| o.status == status).count();
+        format!(
+            "requests={} acked={} 503={} 504={} in_queue={} duplicates={} slowest={:?}",
+            self.log.len(),
+            self.acked,
+            count(503),
+            count(504),
+            self.in_queue,
+            self.duplicates,
+            self.slowest
+        )
     }
 }

@@ -2,7 +2,8 @@
 //! the memory alarm blocks every publisher, a restart drops every connection. Each is
 //! `#[ignore]`d in the normal `cargo test` run, and scripts/test.sh runs them one at a
 //! time after it: `cargo test --locked --test solo -- --ignored --test-threads=1`.
-//! They drive the broker with `rabbitmqctl`, and fail when it cannot reach the broker.
+//! They drive the broker with `rabbitmqctl`, and fail when it cannot reach the broker;
+//! `cluster.rs` drives a throwaway 3-node cluster (`scripts/cluster.sh`) instead.
 
 #[allow(dead_code)]
 #[path = "../integration/common.rs"]
@@ -12,6 +13,7 @@ mod common;
 mod load;
 
 mod alarm;
+mod cluster;
 mod restart;
 
 use std::process::Command;

@@ -240,7 +240,33 @@ async fn subscribe_until_ok(
 #[ignore = "restarts the shared broker; scripts/test.sh runs it alone"]
 async fn a_durable_websocket_subscription_survives_a_broker_restart() {
     require_rabbitmqctl();
-    let mut rabbit = Rabbit::connect().await;
+    durable_subscription_survives(Outage::BrokerRestart).await;
+}
+
+/// How the broker goes away in [`durable_subscription_survives`].
+pub(crate) enum Outage {
+    /// The shared broker's application stopped for 2 s, then started.
+    BrokerRestart,
+    /// Node `n` of the test cluster (`scripts/cluster.sh`) killed with SIGKILL, then
+    /// restarted; Warren has every node's URL and a quorum queue.
+    KillNode(u8),
+}
+
+/// A durable subscriber and a REST publisher across `outage`: every message the
+/// broker confirmed reaches the subscriber, which is told when its subscription ends.
+pub(crate) async fn durable_subscription_survives(outage: Outage) {
+    let name_of_run = match outage {
+        Outage::BrokerRestart => "ws-restart",
+        Outage::KillNode(_) => "ws-node-loss",
+    };
+    let cluster = match outage {
+        Outage::BrokerRestart => None,
+        Outage::KillNode(_) => Some(crate::cluster::urls()),
+    };
+    let mut rabbit = match &cluster {
+        None => Rabbit::connect().await,
+        Some(urls) => Rabbit::connect_to(urls[1].clone()).await,
+    };
     let exchange = rabbit.durable_topic_exchange().await;
     let tenant = unique("t");
     let mut config = config(&format!(
@@ -248,6 +274,11 @@ async fn a_durable_websocket_subscription_survives_a_broker_restart() {
          publish = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}]\n\
          subscribe = [{{ exchange = \"{exchange}\", routing_key = \"order.#\" }}]\n"
     ));
+    if let Some(urls) = &cluster {
+        config.amqp.url = None;
+        config.amqp.urls = urls.clone();
+        config.ws.durable_queue_type = warren::config::DurableQueueType::Quorum;
+    }
     config.amqp.connect_timeout_ms = 1000;
     config.amqp.reconnect_backoff_max_ms = 500;
     let server = TestServer::start_ready(config).await;
@@ -317,11 +348,21 @@ async fn a_durable_websocket_subscription_survives_a_broker_restart() {
     let warm = eventually(Duration::from_secs(10), || async { acked_count() >= 50 }).await;
     assert!(warm, "no publishes before the restart");
 
-    let broker = StoppedBroker::stop().await;
     let before_restart = acked_count();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    broker.start().await;
-    let started_at = Instant::now();
+    let started_at = match outage {
+        Outage::BrokerRestart => {
+            let broker = StoppedBroker::stop().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            broker.start().await;
+            Instant::now()
+        }
+        Outage::KillNode(n) => {
+            let node = crate::cluster::KilledNode::kill(n);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            node.restart().await;
+            Instant::now()
+        }
+    };
     let after = eventually(Duration::from_secs(15), || async {
         acked_count() >= before_restart + 50
     })
@@ -385,7 +426,7 @@ async fn a_durable_websocket_subscription_survives_a_broker_restart() {
         .resumed_at
         .map(|at| at.saturating_duration_since(started_at));
     eprintln!(
-        "ws-restart figures: publishes={} acked={} delivered={} distinct={} redelivered={} \
+        "{name_of_run} figures: publishes={} acked={} delivered={} distinct={} redelivered={} \
          subscribe_attempts={} error_frames={:?} closes={:?} first_message_after_start_app={resumed:?}",
         statuses.len(),
         acked.len(),
