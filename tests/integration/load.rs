@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicGetOptions;
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
@@ -23,21 +24,40 @@ pub async fn durable_queue(rabbit: &Rabbit, exchange: &str, arguments: FieldTabl
     name
 }
 
-/// Empties `queue` with basic.get and returns the message ids it held (with repeats
-/// counted once; `duplicates` says how many ids came more than once).
+/// Empties `queue` (every message it held when called) and returns the message ids
+/// it held (with repeats counted once; `duplicates` says how many ids came more than
+/// once). Consumes with a large prefetch: one basic.get per message is too slow for a
+/// quorum queue whose leader is on another cluster node.
 pub async fn drain(rabbit: &Rabbit, queue: &str) -> (HashSet<String>, usize) {
+    let held = rabbit.count(queue).await;
     let mut ids = HashSet::new();
     let mut duplicates = 0;
-    let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end {
-        let got = rabbit
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic_get");
-        let Some(message) = got else { break };
-        let id = message
-            .delivery
+    let channel = &rabbit.channel;
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .expect("basic_qos");
+    let tag = unique("drain");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic_consume");
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut received = 0u32;
+    while received < held {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(end, consumer.next()).await else {
+            break;
+        };
+        received += 1;
+        let id = delivery
             .properties
             .message_id()
             .as_ref()
@@ -47,6 +67,9 @@ pub async fn drain(rabbit: &Rabbit, queue: &str) -> (HashSet<String>, usize) {
             duplicates += 1;
         }
     }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
     (ids, duplicates)
 }
 
@@ -321,6 +344,7 @@ impl FaultRun {
                 .unwrap();
         }
         let log = self.log.lock().unwrap().clone();
+        let held = self.rabbit.count(&self.queue).await;
         let (in_queue, duplicates) = drain(&self.rabbit, &self.queue).await;
         let acked: HashSet<&str> = log
             .iter()
@@ -330,8 +354,9 @@ impl FaultRun {
         let lost: Vec<&&str> = acked.iter().filter(|id| !in_queue.contains(**id)).collect();
         assert!(
             lost.is_empty(),
-            "{} acknowledged messages are not in the queue: {:?}",
+            "{} acknowledged messages are not in the queue (it held {held}, {} drained): {:?}",
             lost.len(),
+            in_queue.len(),
             &lost[..lost.len().min(5)]
         );
         let sent: HashSet<&str> = log.iter().map(|o| o.message_id.as_str()).collect();
@@ -346,7 +371,8 @@ impl FaultRun {
         for o in &log {
             match (o.status, o.code.as_str()) {
                 (202, _) => {}
-                (503, "broker_unavailable") | (504, "confirm_timeout") => {}
+                // A quorum queue nacks (broker_rejected) while it has no leader.
+                (503, "broker_unavailable" | "broker_rejected") | (504, "confirm_timeout") => {}
                 other => panic!("unexpected answer {other:?} ({:?}): {o:?}", o.error),
             }
             if o.status == 503 {

@@ -377,7 +377,9 @@ pub(crate) async fn durable_subscription_survives(outage: Outage) {
         assert!(
             matches!(
                 (*status, code.as_str()),
-                (202, _) | (503, "broker_unavailable") | (504, "confirm_timeout")
+                (202, _)
+                    | (503, "broker_unavailable" | "broker_rejected")
+                    | (504, "confirm_timeout")
             ),
             "unexpected publish answer {status} {code}"
         );
