@@ -164,8 +164,17 @@ impl AmqpConfig {
             return Ok(vec![check_url("amqp.url", url)?]);
         }
         if let Some(path) = &self.url_file {
-            let url = read_file("amqp.url_file", path)?;
-            return Ok(vec![check_url("amqp.url_file", url.trim())?]);
+            // One URL, or several (a cluster's nodes) separated by whitespace or commas.
+            let text = read_file("amqp.url_file", path)?;
+            let urls: Vec<String> = text
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|url| !url.is_empty())
+                .map(|url| check_url("amqp.url_file", url))
+                .collect::<Result<_, _>>()?;
+            if urls.is_empty() {
+                return Err(ConfigError::invalid("amqp.url_file", "holds no URL"));
+            }
+            return Ok(urls);
         }
         if self.urls.is_empty() {
             return Ok(vec![DEFAULT_BROKER_URL.to_owned()]);

@@ -121,6 +121,22 @@ fn secrets_come_from_files() {
     let signing = resolved.signing_secret.unwrap();
     assert_eq!(signing.secret(), SECRET.as_bytes());
     assert_eq!(resolved.broker_urls, vec!["amqp://u:p@127.0.0.1:5672"]);
+    // A cluster's URLs, one per line or comma-separated.
+    std::fs::write(
+        &url,
+        "amqp://u:p@n1:5672\namqp://u:p@n2:5672, amqp://u:p@n3:5672\n",
+    )
+    .unwrap();
+    let resolved = Config::from_toml(&text).unwrap().resolve().unwrap();
+    assert_eq!(resolved.broker_urls.len(), 3);
+    assert_eq!(resolved.broker_urls[2], "amqp://u:p@n3:5672");
+    std::fs::write(&url, "amqp://u:p@n1:5672 http://n2\n").unwrap();
+    let err = Config::from_toml(&text).unwrap().resolve().unwrap_err();
+    assert!(err.to_string().starts_with("amqp.url_file:"), "{err}");
+    std::fs::write(&url, " \n").unwrap();
+    let err = Config::from_toml(&text).unwrap().resolve().unwrap_err();
+    assert!(err.to_string().starts_with("amqp.url_file:"), "{err}");
+    std::fs::write(&url, "amqp://u:p@127.0.0.1:5672\n").unwrap();
     let missing = text.replace("secret\"", "nope\"");
     let err = Config::from_toml(&missing).unwrap().resolve().unwrap_err();
     assert!(
