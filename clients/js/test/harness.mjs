@@ -59,8 +59,9 @@ export async function until(check, ms = 10000, what = "condition") {
  * replicas of one deployment). `start()`, `stop(signal)`, `restart()` keep the port.
  */
 export class WarrenProcess {
-  constructor({ secret = randomBytes(32).toString("hex"), extraToml = "", tenants = ["js"] } = {}) {
+  constructor({ secret = randomBytes(32).toString("hex"), extraToml = "", tenants = ["js"], amqpUrl } = {}) {
     this.secret = secret;
+    this.amqpUrl = amqpUrl || process.env.WARREN_TEST_AMQP_URL || "amqp://guest:guest@127.0.0.1:5672";
     this.extraToml = extraToml;
     this.tenants = tenants;
     this.dir = mkdtempSync(join(tmpdir(), "warren-js-"));
@@ -94,7 +95,7 @@ subscribe = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
 [server]
 listen = "127.0.0.1:${this.port ?? 0}"
 [amqp]
-url = "${process.env.WARREN_TEST_AMQP_URL || "amqp://guest:guest@127.0.0.1:5672"}"
+url = "${this.amqpUrl}"
 [auth]
 hs256_secret = "${this.secret}"
 leeway_s = 0
