@@ -279,7 +279,7 @@ fn validate(attributes: BTreeMap<String, Value>, data: Data) -> Result<Event, St
         }
     }
     let source = attributes.get("source").and_then(Value::as_str);
-    if source.is_some_and(|s| s.chars().any(|c| c.is_whitespace() || c.is_control())) {
+    if source.is_some_and(|s| s.chars().any(is_space_or_control)) {
         return Err("source: must be a URI-reference (no spaces or control characters)".into());
     }
     if let Some(time) = attributes.get("time").and_then(Value::as_str)
@@ -312,7 +312,13 @@ fn is_absolute_uri(text: &str) -> bool {
     let mut chars = scheme.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        && !text.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !text.chars().any(is_space_or_control)
+}
+
+/// What a URI never holds: white space (JSON Schema's `\s`, which counts U+FEFF) and
+/// control characters.
+fn is_space_or_control(c: char) -> bool {
+    c.is_whitespace() || c.is_control() || c == '\u{feff}'
 }
 
 /// Structured mode: one event as a JSON object.
@@ -334,18 +340,15 @@ fn from_members(members: BTreeMap<String, &RawValue>) -> Result<Event, String> {
                 }
             }
             "data_base64" => {
-                if raw.get() != "null" {
-                    let text: String = serde_json::from_str(raw.get())
-                        .map_err(|_| "data_base64: must be a base64 string".to_owned())?;
-                    base64 = Some(text);
-                }
+                let text: String = serde_json::from_str(raw.get())
+                    .map_err(|_| "data_base64: must be a base64 string".to_owned())?;
+                base64 = Some(text);
             }
             _ => {
                 check_name(&name)?;
                 let value: serde_json::Value =
                     serde_json::from_str(raw.get()).map_err(|e| format!("{name}: {e}"))?;
                 let value = match value {
-                    serde_json::Value::Null => continue,
                     serde_json::Value::String(s) => Value::String(s),
                     serde_json::Value::Bool(b) => Value::Boolean(b),
                     serde_json::Value::Number(n) => match n.as_i64() {
@@ -432,7 +435,10 @@ pub fn from_binary<'a>(
                     .to_owned(),
             );
         }
+        // A value whose %-sequences do not decode to UTF-8 was not percent-encoded by
+        // its sender: it is kept as sent.
         let text = String::from_utf8(percent_decode(value))
+            .or_else(|_| String::from_utf8(value.to_vec()))
             .map_err(|_| format!("{name}: must be UTF-8 (percent-encoded)"))?;
         if attributes
             .insert(name.clone(), Value::String(text))

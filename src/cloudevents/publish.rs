@@ -105,8 +105,14 @@ where
             .run(&tenant.name, caller.subject, key, caller.fingerprint, work)
             .await;
     }
-    let results = futures::stream::iter(events.iter().zip(prepared))
+    // The futures are built first: a `map` closure inside the stream would make the
+    // handler's future fail to be `Send` for every lifetime (rust-lang/rust#102211).
+    let pending: Vec<_> = events
+        .iter()
+        .zip(prepared)
         .map(|(event, prepared)| one_of_batch(idempotency, tenant, destination, event, prepared))
+        .collect();
+    let results = futures::stream::iter(pending)
         .buffered(EVENT_CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
