@@ -57,11 +57,8 @@ pub fn prepare(
     if event.id().len() > 255 {
         return Err("id: must be at most 255 bytes (it is the AMQP message_id)".to_owned());
     }
-    if destination.routing_key.is_none() && event.kind().len() > 255 {
-        return Err(
-            "type: must be at most 255 bytes to be the routing key (or pass ?routing_key=)"
-                .to_owned(),
-        );
+    if event.kind().len() > 255 {
+        return Err("type: must be at most 255 bytes (it is the default routing key)".to_owned());
     }
     let (headers, content_type, body) = match destination.mode {
         Mode::Binary => {

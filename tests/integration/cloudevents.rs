@@ -587,12 +587,53 @@ async fn websocket_subscribers_can_ask_for_cloudevents() {
         .await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     let frame = recv(&mut ce).await;
-    let event = &frame["event"];
-    assert_eq!(event["id"], "m-9");
-    assert_eq!(event["type"], "plain.key");
-    assert_eq!(event["source"], format!("/warren/{tenant}/{exchange}"));
-    assert_eq!(event["data"], json!([1]));
-    assert!(event["time"].as_str().unwrap().ends_with('Z'));
+    let synthesized = &frame["event"];
+    assert_eq!(synthesized["id"], "m-9");
+    assert_eq!(synthesized["type"], "plain.key");
+    assert_eq!(
+        synthesized["source"],
+        format!("/warren/{tenant}/{exchange}")
+    );
+    assert_eq!(synthesized["data"], json!([1]));
+    assert!(synthesized["time"].as_str().unwrap().ends_with('Z'));
     let _ = recv(&mut plain).await;
+
+    // Durable subscriptions too: the event, with a delivery tag to ack.
+    let name = unique("ce");
+    send(
+        &mut ce,
+        json!({"type": "subscribe", "id": "d", "exchange": exchange,
+        "binding_key": "order.#", "mode": "durable", "queue": name, "format": "cloudevents"}),
+    )
+    .await;
+    let answer = recv(&mut ce).await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    let queue = answer["queue"].as_str().unwrap().to_owned();
+    let r = structured(
+        &server,
+        &token,
+        &format!("/v1/events/{exchange}"),
+        &event("w-2", "order.paid"),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let mut durable = None;
+    for _ in 0..2 {
+        let frame = recv(&mut ce).await;
+        if frame["subscription"] == "d" {
+            durable = Some(frame);
+        }
+    }
+    let frame = durable.expect("a durable frame");
+    assert!(frame["delivery_tag"].as_u64().unwrap() > 0);
+    assert_eq!(frame["event"]["id"], "w-2");
+    assert_eq!(frame["event"]["data"], json!({"id": "w-2"}));
+    send(
+        &mut ce,
+        json!({"type": "ack", "subscription": "d", "delivery_tag": frame["delivery_tag"]}),
+    )
+    .await;
+    drop(ce);
     server.shutdown().await.unwrap();
+    rabbit.delete_queue(&queue).await;
 }
