@@ -19,6 +19,7 @@ use crate::cloudevents::publish::{self as service, Caller};
 use crate::cloudevents::{self, BATCH, BatchError, Destination, Mode, STRUCTURED};
 use crate::error::ApiError;
 use crate::idempotency::{Fingerprint, Outcome};
+use crate::telemetry;
 
 /// Where the event goes on AMQP, beyond the exchange in the path.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -198,6 +199,7 @@ pub async fn publish_event(
                 .into_response();
             }
         };
+        telemetry::cloudevents_received("batch", events.len());
         let fingerprint = Fingerprint::of("POST", target, &body);
         let answer = |results: Vec<crate::publishing::ItemResult>| {
             let response = BatchResponse {
@@ -215,6 +217,11 @@ pub async fn publish_event(
         .await;
         return respond(answered);
     }
+    let mode = if essence == STRUCTURED {
+        "structured"
+    } else {
+        "binary"
+    };
     let event = if essence == STRUCTURED {
         cloudevents::from_structured(&body)
     } else if essence.starts_with("application/cloudevents") {
@@ -230,6 +237,7 @@ pub async fn publish_event(
         Ok(event) => event,
         Err(detail) => return ApiError::InvalidRequest(detail).into_response(),
     };
+    telemetry::cloudevents_received(mode, 1);
     // The event as read (binary and structured mode alike), so a retry in either mode
     // with the same key and the same event is the same request.
     let fingerprint = Fingerprint::of("POST", target, event.to_structured_json().as_bytes());

@@ -9,7 +9,6 @@
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
-use serde_json::value::RawValue;
 
 use super::event::{Event, push_json_string, write_data};
 use super::time::{format_rfc3339, parse_rfc3339};
@@ -177,7 +176,7 @@ pub fn delivery_json(delivery: &Delivery, tenant: &str, exchange: &str) -> Strin
 }
 
 /// A message as a structured CloudEvent (JSON text):
-/// - a structured body (`application/cloudevents+json` holding a JSON object) as it is;
+/// - a structured body (`application/cloudevents+json` holding a valid event) as it is;
 /// - a binary-mode event (a `specversion` header under one of [`PREFIXES`]): its
 ///   attributes from those headers, `datacontenttype` from `content_type`, the data from
 ///   the body;
@@ -197,12 +196,10 @@ pub fn render(
     if content_type.is_some_and(|ct| {
         ct.get(..STRUCTURED.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(STRUCTURED))
-    }) && let Some(raw) = std::str::from_utf8(body)
-        .ok()
-        .and_then(|t| serde_json::from_str::<&RawValue>(t).ok())
-        .filter(|raw| raw.get().trim_start().starts_with('{'))
+    }) && super::event::from_structured(body).is_ok()
+        && let Ok(text) = std::str::from_utf8(body)
     {
-        return raw.get().trim().to_owned();
+        return text.trim().to_owned();
     }
     let mut attributes: Vec<(String, serde_json::Value)> = Vec::new();
     if let Some(headers) = properties.headers() {
@@ -542,10 +539,20 @@ mod tests {
         assert!(uuid::Uuid::parse_str(v["id"].as_str().unwrap()).is_ok());
         assert!(v.get("data").is_none() && v.get("data_base64").is_none());
 
-        // A structured body that is not JSON is not a structured event.
+        // A structured body that is not JSON, or not a valid event, is not a structured
+        // event: synthesized around it.
         let props = BasicProperties::default().with_content_type(STRUCTURED.into());
         let v: Value = serde_json::from_str(&render(&props, b"{oops", "rk", origin())).unwrap();
         assert_eq!(v["data_base64"], "e29vcHM=");
         assert_eq!(v["type"], "rk");
+        let v: Value = serde_json::from_str(&render(
+            &props,
+            br#"{"specversion":"1.0","id":"x"}"#,
+            "rk",
+            origin(),
+        ))
+        .unwrap();
+        assert_eq!(v["type"], "rk");
+        assert_eq!(v["data"], json!({"specversion":"1.0","id":"x"}));
     }
 }

@@ -113,6 +113,13 @@ async fn binary_mode_follows_the_rabbitmq_binding() {
     }
     assert_eq!(header(&m, "ce-datacontenttype"), None);
     assert!(header(&m, "traceparent").is_some());
+    let metrics = server.metrics().await;
+    let received = metrics
+        .lines()
+        .find(|l| l.starts_with("warren_cloudevents_received_total{mode=\"binary\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(received.is_some_and(|n| n >= 1.0), "{metrics}");
     server.shutdown().await.unwrap();
 }
 
