@@ -419,6 +419,7 @@ pub fn from_binary<'a>(
     body: Bytes,
 ) -> Result<Event, String> {
     let mut attributes = BTreeMap::new();
+    let mut any = false;
     for (header, value) in headers {
         let Some(name) = header
             .get(..3)
@@ -427,6 +428,7 @@ pub fn from_binary<'a>(
         else {
             continue;
         };
+        any = true;
         check_name(&name)?;
         if name == "datacontenttype" {
             return Err(
@@ -446,6 +448,14 @@ pub fn from_binary<'a>(
         {
             return Err(format!("{name}: sent more than once"));
         }
+    }
+    if !any {
+        return Err(
+            "specversion: required attribute is missing: send the attributes as \
+                    ce-* headers (binary mode), or the event as application/cloudevents+json \
+                    (structured mode)"
+                .to_owned(),
+        );
     }
     if let Some(ct) = content_type {
         attributes.insert("datacontenttype".to_owned(), Value::String(ct.to_owned()));
@@ -624,6 +634,16 @@ mod tests {
         assert_eq!(json["data_base64"], "AAH/");
         assert_eq!(json["myext"], "100%");
 
+        let err = from_binary(
+            [("content-type", &b"application/json"[..])],
+            Some("application/json"),
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("specversion:") && err.contains("ce-* headers"),
+            "{err}"
+        );
         let base: Vec<(&str, &[u8])> = vec![
             ("ce-specversion", b"1.0"),
             ("ce-id", b"1"),

@@ -22,8 +22,10 @@ use crate::tenancy::Tenant;
 /// unit separator is the only way to meet it, and only within the same tenant.
 const EVENT_SCOPE: &str = "\u{1f}cloudevents";
 
-/// Events of a batch published at once when each has its own (`source`, `id`) key.
-const EVENT_CONCURRENCY: usize = 32;
+/// Events of a batch published at once when each has its own (`source`, `id`) key: each
+/// takes a pooled channel while it waits for its confirm, so a batch takes at most a
+/// quarter of the default `amqp.channels_per_vhost` (32) and leaves the rest to others.
+const EVENT_CONCURRENCY: usize = 8;
 
 /// Who publishes, and how the request is keyed.
 pub struct Caller<'a> {
