@@ -4,7 +4,8 @@
 #   1. openapi/openapi.json validates as OpenAPI 3.1;
 #   2. a Python client generated from it (openapi-python-client) publishes, the message is
 #      read back from RabbitMQ, and 401/403/422 come back as typed problems
-#      (tests/contract/test_client.py);
+#      (tests/contract/test_client.py); CloudEvents conformance with the official
+#      CloudEvents SDK and its RabbitMQ binding (tests/contract/test_cloudevents.py);
 #   3. schemathesis sends generated requests (>= 500) to every operation: no 500, no
 #      response outside the spec, schema-valid requests accepted, invalid ones rejected.
 # Needs python3 (3.11+) with venv/pip, Rust, RabbitMQ and Redis. The pinned Python tools
@@ -83,11 +84,13 @@ while True:
 PYTHON
 TOKEN="$("$BIN" token --config "$WORK/warren.toml" --tenant contract --sub contract --scope publish --ttl 1h)"
 SUBSCRIBE_ONLY_TOKEN="$("$BIN" token --config "$WORK/warren.toml" --tenant contract --sub contract --scope subscribe --ttl 1h)"
+PUBSUB_TOKEN="$("$BIN" token --config "$WORK/warren.toml" --tenant contract --sub contract --scope "publish subscribe" --ttl 1h)"
 
 echo "== 2. a generated Python client against Warren and RabbitMQ"
 "$VENV/bin/openapi-python-client" generate --path openapi/openapi.json --meta none \
   --config tests/contract/openapi-python-client.yaml --output-path "$WORK/client/warren_client"
 WARREN_URL="$BASE" WARREN_TOKEN="$TOKEN" WARREN_SUBSCRIBE_ONLY_TOKEN="$SUBSCRIBE_ONLY_TOKEN" \
+  WARREN_PUBSUB_TOKEN="$PUBSUB_TOKEN" \
   WARREN_TEST_AMQP_URL="$AMQP_URL/%2F" PYTHONPATH="$WORK/client" \
   "$VENV/bin/pytest" -q -p no:cacheprovider tests/contract
 

@@ -46,6 +46,15 @@ pub enum ApiError {
     IdempotencyKeyInUse,
     #[error("this Idempotency-Key was used with a different request (method, path or body)")]
     IdempotencyKeyMismatch,
+    /// A CloudEvent with the same (`source`, `id`) is still being published (SPEC §12).
+    #[error("an event with this source and id is still being published; retry after it finishes")]
+    EventInFlight,
+    /// A CloudEvent reused an earlier event's (`source`, `id`) with other content.
+    #[error(
+        "an event with this source and id was already published with other content; \
+         CloudEvents needs a new id for a distinct event"
+    )]
+    EventIdReused,
     #[error("{0}; not publishing without retry protection")]
     IdempotencyStoreUnavailable(String),
     #[error("{detail}")]
@@ -173,8 +182,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::ConfirmTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
-            Self::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyKeyInUse | Self::EventInFlight => StatusCode::CONFLICT,
+            Self::IdempotencyKeyMismatch | Self::EventIdReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -200,8 +209,10 @@ impl ApiError {
             Self::BrokerUnavailable { .. } => ProblemCode::BrokerUnavailable,
             Self::BrokerRejected(_) => ProblemCode::BrokerRejected,
             Self::ConfirmTimeout(_) => ProblemCode::ConfirmTimeout,
-            Self::IdempotencyKeyInUse => ProblemCode::IdempotencyKeyInUse,
-            Self::IdempotencyKeyMismatch => ProblemCode::IdempotencyKeyMismatch,
+            Self::IdempotencyKeyInUse | Self::EventInFlight => ProblemCode::IdempotencyKeyInUse,
+            Self::IdempotencyKeyMismatch | Self::EventIdReused => {
+                ProblemCode::IdempotencyKeyMismatch
+            }
             Self::IdempotencyStoreUnavailable(_) => ProblemCode::IdempotencyStoreUnavailable,
             Self::RateLimited { .. } => ProblemCode::RateLimited,
             Self::Internal(_) => ProblemCode::InternalError,
@@ -223,8 +234,8 @@ impl ApiError {
             Self::BrokerUnavailable { .. } => "Broker unavailable",
             Self::BrokerRejected(_) => "Broker rejected the message",
             Self::ConfirmTimeout(_) => "Confirm timeout",
-            Self::IdempotencyKeyInUse => "Idempotency key in use",
-            Self::IdempotencyKeyMismatch => "Idempotency key mismatch",
+            Self::IdempotencyKeyInUse | Self::EventInFlight => "Idempotency key in use",
+            Self::IdempotencyKeyMismatch | Self::EventIdReused => "Idempotency key mismatch",
             Self::IdempotencyStoreUnavailable(_) => "Idempotency store unavailable",
             Self::RateLimited { .. } => "Rate limited",
             Self::Internal(_) => "Internal error",
@@ -241,6 +252,7 @@ impl ApiError {
             }
             Self::BrokerRejected(_)
             | Self::IdempotencyKeyInUse
+            | Self::EventInFlight
             | Self::IdempotencyStoreUnavailable(_) => Some(REJECTED_RETRY_AFTER_S),
             _ => None,
         }

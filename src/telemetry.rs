@@ -36,6 +36,7 @@ pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
 pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
 pub const WS_FILTERED: &str = "warren_ws_deliveries_filtered_total";
 pub const POISON: &str = "warren_poison_messages_total";
+pub const CLOUDEVENTS: &str = "warren_cloudevents_received_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
 pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
@@ -195,6 +196,10 @@ fn describe() {
         "Deliveries not forwarded because their headers nest too deep or hold too many values, by mode (live: dropped, durable: rejected without requeue) and reason (too_deep, too_large)."
     );
     describe_counter!(
+        CLOUDEVENTS,
+        "Valid CloudEvents received by POST /v1/events, by HTTP content mode (binary, structured, batch: each event of a batch)."
+    );
+    describe_counter!(
         AUTH_KEY_RELOADS,
         "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
     );
@@ -206,6 +211,9 @@ fn describe() {
     counter!(WS_DROPPED).increment(0);
     counter!(WS_FILTERED, "mode" => "live").increment(0);
     counter!(WS_FILTERED, "mode" => "durable").increment(0);
+    for mode in ["binary", "structured", "batch"] {
+        counter!(CLOUDEVENTS, "mode" => mode).increment(0);
+    }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -325,6 +333,11 @@ pub fn ws_dropped() {
 }
 
 /// `mode`: `live` or `durable`.
+/// `mode` is `binary`, `structured` or `batch`.
+pub fn cloudevents_received(mode: &'static str, events: usize) {
+    counter!(CLOUDEVENTS, "mode" => mode).increment(events as u64);
+}
+
 pub fn ws_filtered(mode: &'static str) {
     counter!(WS_FILTERED, "mode" => mode).increment(1);
 }

@@ -1,4 +1,4 @@
-//! The JSON body extractor: 415 for non-JSON, 413 over `server.max_body_bytes`, 408 when
+//! The JSON body extractor (and [`RawBody`] for any content type): 415 for non-JSON, 413 over `server.max_body_bytes`, 408 when
 //! the body does not arrive within `server.body_read_timeout_s`, and 400 naming the JSON
 //! path of whatever is wrong. Rejections use our problem+json format.
 
@@ -21,8 +21,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.config.server.max_body_bytes;
         check_content_type(request.headers().get(CONTENT_TYPE))?;
+        let RawBody(raw) = RawBody::from_request(request, state).await?;
+        let value = parse_json(&raw)?;
+        Ok(Self { value, raw })
+    }
+}
+
+/// A body of any content type, read under the same size and time limits (for
+/// CloudEvents in binary mode, whose body is the event's data).
+pub struct RawBody(pub Bytes);
+
+impl FromRequest<AppState> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.config.server.max_body_bytes;
         let too_large = || {
             ApiError::PayloadTooLarge(format!(
                 "the request body exceeds server.max_body_bytes ({limit} bytes)"
@@ -52,8 +66,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     ApiError::InvalidRequest(format!("could not read the request body: {detail}"))
                 }
             })?;
-        let value = parse_json(&raw)?;
-        Ok(Self { value, raw })
+        Ok(Self(raw))
     }
 }
 

@@ -1,6 +1,7 @@
 //! HTTP surface: routes, middleware (request id, tracing, metrics, limits), fallbacks.
 
 pub mod body;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod model;
@@ -44,6 +45,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(publish::publish))
         .routes(routes!(publish::publish_batch))
+        .routes(routes!(events::publish_event))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so

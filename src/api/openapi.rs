@@ -120,6 +120,7 @@ pub fn document() -> Value {
     let (_, openapi) = super::documented_routes(true).split_for_parts();
     let mut doc = serde_json::to_value(&openapi).unwrap_or_else(|_| json!({}));
     require_exactly_one_body(&mut doc);
+    super::events::document_schemas(&mut doc);
     add_request_id_headers(&mut doc);
     doc
 }

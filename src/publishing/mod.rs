@@ -29,6 +29,12 @@ pub async fn publish_one(
     let prepared = request
         .prepare(trace, message_id, max_headers_bytes)
         .map_err(ApiError::InvalidRequest)?;
+    publish_prepared(tenant, prepared).await
+}
+
+/// Publishes one message already validated (a CloudEvent's, which adjusts the prepared
+/// message before it goes out): grants, quotas, publish with confirm, count.
+pub async fn publish_prepared(tenant: &Tenant, prepared: Prepared) -> Result<Accepted, ApiError> {
     authorize(tenant, &prepared)?;
     let _admitted = admit(tenant, 1, prepared.message.body.len())?;
     let broker = tenant.broker().await?;
@@ -68,7 +74,14 @@ pub async fn publish_batch(
                 .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    publish_prepared_batch(tenant, prepared).await
+}
 
+/// Publishes a batch of messages already validated, pipelined; every failure is per item.
+pub async fn publish_prepared_batch(
+    tenant: &Tenant,
+    prepared: Vec<Prepared>,
+) -> Result<Vec<ItemResult>, ApiError> {
     let mut results: Vec<Option<ItemResult>> = vec![None; prepared.len()];
     let mut allowed = Vec::with_capacity(prepared.len());
     for (index, item) in prepared.into_iter().enumerate() {

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 
-use super::protocol::MessageFrame;
+use super::protocol::{Format, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::broker::{Broker, BrokerLease, ConsumerChannel};
 use crate::config::DurableQueueType;
@@ -72,6 +72,16 @@ impl Durable {
         request: DurableRequest<'_>,
         sink: mpsc::Sender<Outgoing>,
     ) -> Result<Self, ApiError> {
+        Self::start_as(tenant, request, sink, Format::Warren).await
+    }
+
+    /// [`Self::start`], with the deliveries' frames in `format`.
+    pub async fn start_as(
+        tenant: Arc<Tenant>,
+        request: DurableRequest<'_>,
+        sink: mpsc::Sender<Outgoing>,
+        format: Format,
+    ) -> Result<Self, ApiError> {
         let consumer_permit = tenant.quota.admit_consumer()?;
         let broker = tenant.broker().await?;
         let channel = Arc::new(
@@ -99,6 +109,7 @@ impl Durable {
             budget: request.budget.clone(),
             timeout: request.slow_consumer_timeout,
             outstanding: outstanding.clone(),
+            format,
         };
         let task = tokio::spawn(forwarder.run(consumer));
         Ok(Self {
@@ -225,6 +236,7 @@ struct Forwarder {
     budget: SendBudget,
     timeout: Duration,
     outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    format: Format,
 }
 
 /// Starts a consumer on `queue` with the channel's current prefetch.
@@ -341,7 +353,12 @@ impl Forwarder {
                     .await;
                 continue;
             }
-            let frame = MessageFrame::new(&self.subscription, &delivery);
+            let frame = MessageFrame::formatted(
+                &self.subscription,
+                &delivery,
+                self.format,
+                &self.tenant.name,
+            );
             // The reader is too slow: the socket's writer is stuck too, and closes it
             // with 4408 on its own timer.
             let Some(bytes) = self

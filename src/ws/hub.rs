@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, mpsc};
 
-use super::protocol::{DeliveryJson, FrameId, MessageFrame};
+use super::protocol::{DeliveryJson, Format, FrameId, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::auth::grants::GrantPattern;
 use crate::broker::ConsumerChannel;
@@ -36,6 +36,8 @@ struct Topic {
     queue: String,
     channel: ConsumerChannel,
     consumer_tag: String,
+    /// The tenant, for the `source` of CloudEvents synthesized from plain messages.
+    tenant: String,
     /// Deliveries whose routing key this does not match are not fanned out: on an
     /// exchange that ignores binding keys (fanout, headers) the broker sends
     /// everything, and a subscriber must see only what its grants allow.
@@ -53,6 +55,7 @@ struct Subscriber {
     frame_id: FrameId,
     sink: mpsc::Sender<Outgoing>,
     budget: SendBudget,
+    format: Format,
 }
 
 /// A topic being created or live; subscribers of the same key wait on the cell.
@@ -121,6 +124,28 @@ impl LiveHub {
         target: LiveSink<'_>,
         max_queue_length: u32,
     ) -> Result<LiveSubscription, ApiError> {
+        self.join_as(
+            tenant,
+            exchange,
+            binding_key,
+            target,
+            max_queue_length,
+            Format::Warren,
+        )
+        .await
+    }
+
+    /// [`Self::join`], with the deliveries' frames in `format`. Subscribers of one topic
+    /// may ask different formats; each delivery is rendered once per format in use.
+    pub async fn join_as(
+        &self,
+        tenant: &Tenant,
+        exchange: &str,
+        binding_key: &GrantPattern,
+        target: LiveSink<'_>,
+        max_queue_length: u32,
+        format: Format,
+    ) -> Result<LiveSubscription, ApiError> {
         let key = TopicKey {
             tenant: tenant.name.clone(),
             exchange: exchange.to_owned(),
@@ -132,6 +157,7 @@ impl LiveHub {
             frame_id: FrameId::new(target.subscription),
             sink: target.sink,
             budget: target.budget,
+            format,
         };
         loop {
             let slot = self.registry.lock().entry(key.clone()).or_default().clone();
@@ -279,6 +305,7 @@ async fn create(
         queue,
         channel,
         consumer_tag,
+        tenant: tenant.name.clone(),
         filter: (!binding_key.matches_every_key()).then(|| binding_key.clone()),
         subscribers: Mutex::new(HashMap::new()),
         _consumer: consumer_permit,
@@ -324,11 +351,20 @@ async fn consume(
         }
         // Built once for every subscriber: the JSON (and base64) of a delivery is most
         // of the fan-out's work. Each subscriber's frame only adds its id around it.
-        let shared = Arc::new(DeliveryJson::new(&delivery));
+        // Rendered on first use, so a format nobody asked for costs nothing.
+        let (mut warren, mut cloudevents) = (None, None);
         // Nothing below waits (`try_take`, `try_send`), so the lock is held for one pass
         // over the subscribers and no per-delivery copy of their list is made.
         for subscriber in lock(&topic.subscribers).values() {
-            let frame = MessageFrame::shared(&subscriber.frame_id, 0, &shared);
+            let shared = match subscriber.format {
+                Format::Warren => {
+                    warren.get_or_insert_with(|| Arc::new(DeliveryJson::new(&delivery)))
+                }
+                Format::CloudEvents => cloudevents.get_or_insert_with(|| {
+                    Arc::new(DeliveryJson::cloudevent(&delivery, &topic.tenant))
+                }),
+            };
+            let frame = MessageFrame::shared(&subscriber.frame_id, 0, shared);
             let Some(bytes) = subscriber.budget.try_take(frame.approximate_len()) else {
                 telemetry::ws_dropped();
                 continue;

@@ -38,6 +38,17 @@ pub enum Mode {
     Durable,
 }
 
+/// How a subscription's `message` frames carry each message (SPEC §12).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// `properties` and `payload` or `body_base64`.
+    #[default]
+    Warren,
+    /// `event`: the message as a structured CloudEvent (see [`DeliveryJson::cloudevent`]).
+    CloudEvents,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
@@ -50,6 +61,8 @@ pub struct Subscribe {
     pub queue: Option<String>,
     #[serde(default)]
     pub prefetch: Option<u16>,
+    #[serde(default)]
+    pub format: Format,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -324,6 +337,34 @@ impl DeliveryJson {
         // frame well-formed if it ever did.
         Self(serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()))
     }
+
+    /// `format: cloudevents`: `exchange`, `routing_key`, `redelivered`, then `event`,
+    /// the message as a structured CloudEvent ([`crate::cloudevents::delivery_json`];
+    /// `source` of a non-CloudEvents message names `tenant` and the exchange).
+    pub fn cloudevent(delivery: &Delivery, tenant: &str) -> Self {
+        let exchange = delivery.exchange.as_str();
+        let event = crate::cloudevents::delivery_json(delivery, tenant, exchange);
+        let head = serde_json::json!({
+            "exchange": exchange,
+            "routing_key": delivery.routing_key.as_str(),
+            "redelivered": delivery.redelivered,
+        })
+        .to_string();
+        let mut out = String::with_capacity(head.len() + event.len() + 10);
+        out.push_str(head.strip_suffix('}').unwrap_or("{"));
+        out.push_str(",\"event\":");
+        out.push_str(&event);
+        out.push('}');
+        Self(out)
+    }
+
+    /// The members for `format`.
+    pub fn formatted(delivery: &Delivery, format: Format, tenant: &str) -> Self {
+        match format {
+            Format::Warren => Self::new(delivery),
+            Format::CloudEvents => Self::cloudevent(delivery, tenant),
+        }
+    }
 }
 
 const FRAME_START: &str = r#"{"type":"message","subscription":"#;
@@ -336,6 +377,17 @@ impl MessageFrame {
     /// The frame of a delivery that goes to one subscriber only.
     pub fn new(subscription: &str, delivery: &Delivery) -> Self {
         let shared = Arc::new(DeliveryJson::new(delivery));
+        Self::shared(&FrameId::new(subscription), delivery.delivery_tag, &shared)
+    }
+
+    /// The frame of a delivery that goes to one subscriber only, in `format`.
+    pub fn formatted(
+        subscription: &str,
+        delivery: &Delivery,
+        format: Format,
+        tenant: &str,
+    ) -> Self {
+        let shared = Arc::new(DeliveryJson::formatted(delivery, format, tenant));
         Self::shared(&FrameId::new(subscription), delivery.delivery_tag, &shared)
     }
 
@@ -473,6 +525,53 @@ mod tests {
             p.request.payload.as_ref().unwrap().get(),
             r##"{"a": [1, 2]}"##
         );
+    }
+
+    #[test]
+    fn cloudevents_format_puts_the_event_in_the_frame() {
+        let f = parse(r##"{"type":"subscribe","id":"s","exchange":"e","binding_key":"#","format":"cloudevents"}"##).unwrap();
+        assert!(matches!(f, ClientFrame::Subscribe(s) if s.format == Format::CloudEvents));
+        let f =
+            parse(r##"{"type":"subscribe","id":"s","exchange":"e","binding_key":"#"}"##).unwrap();
+        assert!(matches!(f, ClientFrame::Subscribe(s) if s.format == Format::Warren));
+        assert!(
+            parse(
+                r##"{"type":"subscribe","id":"s","exchange":"e","binding_key":"#","format":"xml"}"##
+            )
+            .is_err()
+        );
+
+        let mut headers = FieldTable::default();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e1"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+        ] {
+            headers.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let f = MessageFrame::formatted(
+            "s1",
+            &delivery(4, &props, br##"{"n":1}"##),
+            Format::CloudEvents,
+            "acme",
+        );
+        let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","subscription":"s1","delivery_tag":4,"exchange":"e",
+                "routing_key":"k","redelivered":true,
+                "event":{"specversion":"1.0","id":"e1","source":"/s","type":"t",
+                         "datacontenttype":"application/json","data":{"n":1}}})
+        );
+        assert!(f.approximate_len() >= f.to_json().len());
+        // The default format is unchanged.
+        let f = MessageFrame::formatted("s1", &delivery(4, &props, b"{}"), Format::Warren, "acme");
+        let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert!(v.get("event").is_none() && v.get("payload").is_some());
     }
 
     #[test]

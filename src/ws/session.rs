@@ -312,12 +312,13 @@ impl Session {
                 let live = self
                     .state
                     .live
-                    .join(
+                    .join_as(
                         &tenant,
                         &s.exchange,
                         &pattern,
                         target,
                         config.live_queue_max_length,
+                        s.format,
                     )
                     .await?;
                 (Kind::Live(live), None)
@@ -345,7 +346,8 @@ impl Session {
                     slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
                     budget: self.budget.clone(),
                 };
-                let durable = Durable::start(tenant.clone(), request, self.tx.clone()).await?;
+                let durable =
+                    Durable::start_as(tenant.clone(), request, self.tx.clone(), s.format).await?;
                 telemetry::ws_subscriptions("durable", 1);
                 let queue = durable.queue.clone();
                 (Kind::Durable(durable), Some(queue))

@@ -4,6 +4,7 @@ mod auth;
 mod batch;
 mod broker_faults;
 mod cli;
+mod cloudevents;
 mod common;
 mod deploy;
 mod faults;
