@@ -17,6 +17,7 @@ pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
+pub mod topology;
 pub mod ws;
 
 use std::future::Future;

@@ -30,6 +30,7 @@ use crate::config::AmqpConfig;
 use crate::telemetry;
 use channel::ChannelManager;
 use connection::{Connections, Connector};
+pub use connection::connect_once;
 pub use error::BrokerError;
 use exchanges::ExchangeCache;
 pub use health::{Health, HealthReport};

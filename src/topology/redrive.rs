@@ -1,0 +1,76 @@
+//! Redrive: moves up to N messages from `<queue>.dlq` back to the queue, each one
+//! published (confirmed, mandatory) before its dead letter is acknowledged, so a
+//! failure part way leaves every message in one of the two queues.
+
+use lapin::Connection;
+use lapin::message::BasicReturnMessage;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    ConfirmSelectOptions,
+};
+use lapin::Confirmation;
+
+use super::TopologyError;
+use super::retry::with_attempt;
+
+/// Moves at most `limit` messages from `dlq` to `queue` (through the default exchange)
+/// and returns how many moved. `x-warren-attempt` is removed, so the queue's retry
+/// policy starts over; `x-death` stays.
+pub async fn redrive(
+    connection: &Connection,
+    dlq: &str,
+    queue: &str,
+    limit: u64,
+) -> Result<u64, TopologyError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut moved = 0;
+    while moved < limit {
+        let Some(message) = channel
+            .basic_get(dlq.into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let tag = message.delivery.delivery_tag;
+        let properties = with_attempt(&message.delivery.properties, None);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.delivery.data,
+                properties,
+            )
+            .await?
+            .await?;
+        let returned: Option<BasicReturnMessage> = match confirm {
+            Confirmation::Ack(returned) => returned,
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                channel
+                    .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                    .await?;
+                return Err(TopologyError(format!(
+                    "the broker refused the message for queue {queue:?} after {moved} moved; it stays in {dlq:?}"
+                )));
+            }
+        };
+        if returned.is_some() {
+            channel
+                .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                .await?;
+            return Err(TopologyError(format!(
+                "queue {queue:?} does not exist (the message was returned) after {moved} moved; it stays in {dlq:?}"
+            )));
+        }
+        channel.basic_ack(tag, BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "redriven".into()).await;
+    Ok(moved)
+}
