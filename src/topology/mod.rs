@@ -19,6 +19,7 @@
 pub mod redrive;
 pub mod retry;
 pub mod run;
+pub mod startup;
 
 use std::fmt;
 

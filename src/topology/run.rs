@@ -210,13 +210,20 @@ pub async fn redrive_command(
     result
 }
 
-/// `topology.apply_on_start`: applies every tenant's topology; `Err` is the reason to
-/// show on `/readyz` (object and argument names only: no vhost, no broker text). The
-/// log gets the full report.
+/// Why `topology.apply_on_start` did not succeed: the reason for `/readyz` (object and
+/// argument names only: no vhost, no broker text; the log gets the full report), and
+/// whether trying again may help (the broker was unreachable) or not (a conflict).
+#[derive(Debug, Clone)]
+pub struct StartFailure {
+    pub reason: String,
+    pub retryable: bool,
+}
+
+/// `topology.apply_on_start`: applies every tenant's topology.
 pub async fn apply_on_start<'a>(
     amqp: &AmqpConfig,
     tenants: impl Iterator<Item = &'a ResolvedTenant> + Clone,
-) -> Result<(), String> {
+) -> Result<(), StartFailure> {
     let (verdict, report) = apply_command(amqp, tenants.clone(), None).await;
     match verdict {
         Verdict::Clean => {
@@ -224,31 +231,35 @@ pub async fn apply_on_start<'a>(
             Ok(())
         }
         Verdict::Conflicts => {
-            tracing::error!(report = %report, "Topology conflicts with the broker; not ready.");
-            let selected = selected(tenants, None);
+            tracing::error!(report = %report, "The topology conflicts with the broker; not ready.");
             let mut reasons = Vec::new();
-            for tenant in selected {
-                // Re-planning only to phrase the reason without the broker's text.
-                if let Ok(connection) = connect(amqp, tenant).await {
-                    if let Ok(plan) = plan(&connection, &tenant.topology).await {
-                        for item in plan.blockers() {
-                            let why = match &item.state {
-                                State::Conflict { argument, .. } => {
-                                    format!("argument {argument} differs")
-                                }
-                                _ => "refers to an exchange or queue that does not exist".to_owned(),
-                            };
-                            reasons.push(format!("tenant {}: {}: {why}", tenant.name, item.object));
-                        }
+            for tenant in selected(tenants, None) {
+                // Planned again only to phrase the reason without the broker's text.
+                let Ok(connection) = connect(amqp, tenant).await else {
+                    continue;
+                };
+                if let Ok(plan) = plan(&connection, &tenant.topology).await {
+                    for item in plan.blockers() {
+                        let why = match &item.state {
+                            State::Conflict { argument, .. } => format!("argument {argument} differs"),
+                            _ => "refers to an exchange or queue that does not exist".to_owned(),
+                        };
+                        reasons.push(format!("tenant {}: {}: {why}", tenant.name, item.object));
                     }
-                    let _ = connection.close(200, "done".into()).await;
                 }
+                let _ = connection.close(200, "done".into()).await;
             }
-            Err(format!("topology conflicts: {}", reasons.join("; ")))
+            Err(StartFailure {
+                reason: format!("topology conflicts with the broker: {}", reasons.join("; ")),
+                retryable: false,
+            })
         }
         Verdict::Failed => {
-            tracing::error!(report = %report, "Topology could not be applied; not ready.");
-            Err("the topology could not be applied; see the log".to_owned())
+            tracing::warn!(report = %report, "The topology could not be applied yet; retrying.");
+            Err(StartFailure {
+                reason: "the topology is not applied yet (the broker did not answer)".to_owned(),
+                retryable: true,
+            })
         }
     }
 }

@@ -17,5 +17,6 @@ mod publish;
 mod security;
 mod shutdown;
 mod tenancy;
+mod topology;
 mod transport;
 mod ws;
