@@ -292,10 +292,16 @@ fn topology(command: TopologyCommand) -> ExitCode {
             ..
         } => {
             let Some(t) = resolved.tenants.get(tenant) else {
-                return fail(format!("tenant {tenant:?} is not configured in {}", path.display()));
+                return fail(format!(
+                    "tenant {tenant:?} is not configured in {}",
+                    path.display()
+                ));
             };
             match runtime.block_on(redrive_command(&config.amqp, t, queue, *limit)) {
-                Ok(moved) => (Verdict::Clean, format!("redriven {moved} message(s) to queue {queue:?}\n")),
+                Ok(moved) => (
+                    Verdict::Clean,
+                    format!("redriven {moved} message(s) to queue {queue:?}\n"),
+                ),
                 Err(e) => (Verdict::Failed, format!("redrive failed: {e}\n")),
             }
         }

@@ -265,8 +265,7 @@ pub async fn connect_once(
         let props = ConnectionProperties::default()
             .with_connection_name(format!("warren topology vhost={vhost}").into());
         let connect = Connection::connect_uri_with_config(uri, props, tls.clone(), runtime);
-        match tokio::time::timeout(Duration::from_millis(amqp.connect_timeout_ms), connect).await
-        {
+        match tokio::time::timeout(Duration::from_millis(amqp.connect_timeout_ms), connect).await {
             Ok(Ok(connection)) => return Ok(connection),
             Ok(Err(e)) => last_error = BrokerError::Amqp(e),
             Err(_) => last_error = BrokerError::Timeout("connecting to the broker"),

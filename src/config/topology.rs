@@ -428,7 +428,10 @@ fn check_queue(
         }
     };
     if kind != QueueType::Classic {
-        put("x-queue-type", Some(ArgValue::Str(kind.as_str().to_owned())));
+        put(
+            "x-queue-type",
+            Some(ArgValue::Str(kind.as_str().to_owned())),
+        );
     }
     let int = |v: Option<u64>| v.map(|v| ArgValue::Int(i64::try_from(v).unwrap_or(i64::MAX)));
     put("x-message-ttl", int(q.message_ttl_ms.map(u64::from)));
@@ -495,7 +498,10 @@ fn check_queue(
         ));
     }
     if retry.delays_ms.contains(&0) {
-        return Err(ConfigError::invalid(at, "every delay must be greater than 0"));
+        return Err(ConfigError::invalid(
+            at,
+            "every delay must be greater than 0",
+        ));
     }
     let policy = RetryPolicy {
         queue: q.name.clone(),
@@ -689,10 +695,16 @@ mod tests {
         let billing = &topology.queues[0].arguments;
         assert_eq!(billing["x-queue-type"], ArgValue::Str("quorum".into()));
         assert_eq!(billing["x-delivery-limit"], ArgValue::Int(5));
-        assert_eq!(billing["x-overflow"], ArgValue::Str("reject-publish".into()));
+        assert_eq!(
+            billing["x-overflow"],
+            ArgValue::Str("reject-publish".into())
+        );
         let delay = &topology.queues[2].arguments;
         assert_eq!(delay["x-message-ttl"], ArgValue::Int(10000));
-        assert_eq!(delay["x-dead-letter-exchange"], ArgValue::Str(String::new()));
+        assert_eq!(
+            delay["x-dead-letter-exchange"],
+            ArgValue::Str(String::new())
+        );
         assert_eq!(
             delay["x-dead-letter-routing-key"],
             ArgValue::Str("billing".into())
@@ -749,10 +761,7 @@ mod tests {
                 "name = \"q\"\ndead_letter_routing_key = \"x\"",
                 "tenants.acme.queues[0].dead_letter_routing_key:",
             ),
-            (
-                "name = \"amq.q\"",
-                "tenants.acme.queues[0].name:",
-            ),
+            ("name = \"amq.q\"", "tenants.acme.queues[0].name:"),
         ];
         for (queue, key) in cases {
             let err = error(&format!("[[tenants.acme.queues]]\n{queue}\n"));

@@ -38,7 +38,10 @@ pub enum State {
     Missing,
     /// Exists with different settings; `argument` is the broker's name for the first
     /// one that differs, `detail` the broker's words (for operators: it names the vhost).
-    Conflict { argument: String, detail: String },
+    Conflict {
+        argument: String,
+        detail: String,
+    },
     /// A binding: declared on apply (idempotent); AMQP cannot tell whether it exists.
     Bind,
     /// A binding whose exchange or queue neither exists nor is declared here.
@@ -205,9 +208,7 @@ where
         }
         Err(e) => match reply(&e) {
             Some((406, text)) => Ok(State::Conflict {
-                argument: inequivalent_argument(&text)
-                    .unwrap_or("unknown")
-                    .to_owned(),
+                argument: inequivalent_argument(&text).unwrap_or("unknown").to_owned(),
                 detail: text,
             }),
             Some((405, text)) => Ok(State::Conflict {
@@ -273,7 +274,11 @@ async fn check_queue(connection: &Connection, spec: &QueueSpec) -> Result<State,
 }
 
 /// Whether an exchange (`true`) or queue (`false`) named `name` exists.
-async fn exists(connection: &Connection, name: &str, exchange: bool) -> Result<bool, TopologyError> {
+async fn exists(
+    connection: &Connection,
+    name: &str,
+    exchange: bool,
+) -> Result<bool, TopologyError> {
     let channel = connection.create_channel().await?;
     let result = if exchange {
         channel
@@ -313,7 +318,10 @@ async fn exists(connection: &Connection, name: &str, exchange: bool) -> Result<b
 }
 
 /// Compares `topology` with the vhost `connection` is on. Declares nothing new.
-pub async fn plan(connection: &Connection, topology: &TenantTopology) -> Result<Plan, TopologyError> {
+pub async fn plan(
+    connection: &Connection,
+    topology: &TenantTopology,
+) -> Result<Plan, TopologyError> {
     let mut plan = Plan::default();
     for spec in &topology.exchanges {
         let state = check_exchange(connection, spec).await?;

@@ -2,13 +2,12 @@
 //! published (confirmed, mandatory) before its dead letter is acknowledged, so a
 //! failure part way leaves every message in one of the two queues.
 
+use lapin::Confirmation;
 use lapin::Connection;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
-use lapin::Confirmation;
 
 use super::TopologyError;
 use super::retry::with_attempt;
@@ -53,7 +52,13 @@ pub async fn redrive(
             Confirmation::Ack(returned) => returned,
             Confirmation::Nack(_) | Confirmation::NotRequested => {
                 channel
-                    .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        },
+                    )
                     .await?;
                 return Err(TopologyError(format!(
                     "the broker refused the message for queue {queue:?} after {moved} moved; it stays in {dlq:?}"
@@ -62,7 +67,13 @@ pub async fn redrive(
         };
         if returned.is_some() {
             channel
-                .basic_nack(tag, BasicNackOptions { multiple: false, requeue: true })
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
                 .await?;
             return Err(TopologyError(format!(
                 "queue {queue:?} does not exist (the message was returned) after {moved} moved; it stays in {dlq:?}"

@@ -128,6 +128,9 @@ mod tests {
         assert_eq!(attempt(&BasicProperties::default().with_headers(odd)), 0);
         let mut negative = FieldTable::default();
         negative.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(-4));
-        assert_eq!(attempt(&BasicProperties::default().with_headers(negative)), 0);
+        assert_eq!(
+            attempt(&BasicProperties::default().with_headers(negative)),
+            0
+        );
     }
 }

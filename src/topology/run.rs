@@ -47,12 +47,9 @@ fn write_plan(out: &mut String, tenant: &ResolvedTenant, plan: &Plan) {
                 label(&item.state),
                 item.object
             ),
-            State::Unresolved(why) => writeln!(
-                out,
-                "  {:<10} {}: {why}",
-                label(&item.state),
-                item.object
-            ),
+            State::Unresolved(why) => {
+                writeln!(out, "  {:<10} {}: {why}", label(&item.state), item.object)
+            }
             state => writeln!(out, "  {:<10} {}", label(state), item.object),
         };
     }
@@ -133,7 +130,12 @@ pub async fn apply_command<'a>(
     let mut out = String::new();
     let plans = match plan_all(amqp, &tenants).await {
         Ok(plans) => plans,
-        Err(e) => return (Verdict::Failed, format!("apply failed, nothing applied: {e}\n")),
+        Err(e) => {
+            return (
+                Verdict::Failed,
+                format!("apply failed, nothing applied: {e}\n"),
+            );
+        }
     };
     if plans.iter().any(|(_, p)| !p.is_clean()) {
         for (tenant, (_, plan)) in tenants.iter().zip(&plans) {
@@ -241,7 +243,9 @@ pub async fn apply_on_start<'a>(
                 if let Ok(plan) = plan(&connection, &tenant.topology).await {
                     for item in plan.blockers() {
                         let why = match &item.state {
-                            State::Conflict { argument, .. } => format!("argument {argument} differs"),
+                            State::Conflict { argument, .. } => {
+                                format!("argument {argument} differs")
+                            }
                             _ => "refers to an exchange or queue that does not exist".to_owned(),
                         };
                         reasons.push(format!("tenant {}: {}: {why}", tenant.name, item.object));

@@ -5,9 +5,9 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 
 use crate::common::*;
 
@@ -116,8 +116,14 @@ async fn every_argument_applies_to_an_empty_vhost_then_plan_is_clean_and_apply_a
     let after = run(&dir, &toml, &["topology", "plan"]);
     assert_success(&after);
     let text = stdout(&after);
-    assert!(text.contains("13 exist, 0 missing, 0 conflicting, 5 bindings"), "{text}");
-    assert!(!text.contains("CONFLICT") && !text.contains("missing "), "{text}");
+    assert!(
+        text.contains("13 exist, 0 missing, 0 conflicting, 5 bindings"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("CONFLICT") && !text.contains("missing "),
+        "{text}"
+    );
 
     let again = run(&dir, &toml, &["topology", "apply"]);
     assert_success(&again);
@@ -194,7 +200,10 @@ async fn a_conflicting_queue_argument_is_reported_by_plan_and_refused_by_apply()
     let apply = run(&dir, &toml, &["topology", "apply"]);
     assert_eq!(apply.status.code(), Some(2));
     let text = stdout(&apply);
-    assert!(text.contains("queue \"jobs\": argument x-max-priority differs"), "{text}");
+    assert!(
+        text.contains("queue \"jobs\": argument x-max-priority differs"),
+        "{text}"
+    );
     assert!(text.contains("nothing was applied"), "{text}");
     // Not half-applied: the queue that was missing still is.
     let channel = rabbit.channel.clone();
@@ -208,7 +217,10 @@ async fn a_conflicting_queue_argument_is_reported_by_plan_and_refused_by_apply()
             FieldTable::default(),
         )
         .await;
-    assert!(passive.is_err(), "apply declared `fresh` despite the conflict");
+    assert!(
+        passive.is_err(),
+        "apply declared `fresh` despite the conflict"
+    );
 }
 
 #[tokio::test]
@@ -248,6 +260,9 @@ async fn apply_on_start_with_a_conflict_keeps_warren_unready_without_naming_the_
     };
     let error = body["topology"]["error"].as_str().unwrap_or_default();
     assert!(error.contains("queue \"jobs\""), "{error}");
-    assert!(!error.contains(&vhost), "the reason names the vhost: {error}");
+    assert!(
+        !error.contains(&vhost),
+        "the reason names the vhost: {error}"
+    );
     assert_eq!(body["status"], "not_ready");
 }
