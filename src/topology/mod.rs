@@ -176,8 +176,8 @@ pub fn inequivalent_argument(text: &str) -> Option<&str> {
 /// then (when it exists) a declare with the desired settings, which changes nothing
 /// and fails on the first inequivalent argument. Each failure closes its channel, so
 /// each check opens its own.
-async fn check<'a, P, D, FP, FD>(
-    connection: &'a Connection,
+async fn check<P, D, FP, FD>(
+    connection: &Connection,
     passive: P,
     declare: D,
 ) -> Result<State, TopologyError>
