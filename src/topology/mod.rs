@@ -394,37 +394,46 @@ pub async fn apply(
     };
     let channel = connection.create_channel().await?;
     let mut applied = Applied::default();
-    for spec in &topology.exchanges {
-        let object = Object::Exchange(spec.name.clone());
-        if !missing(&object) {
-            continue;
-        }
-        let result = channel
-            .exchange_declare(
-                spec.name.as_str().into(),
-                exchange_kind(spec),
-                exchange_options(spec, false),
-                field_table(&spec.arguments),
-            )
-            .await;
-        if let Err(e) = result {
-            applied.failed = Some((object, e.to_string()));
-            return Ok(applied);
-        }
-        applied.declared.push(object);
-    }
-    for spec in &topology.queues {
-        let object = Object::Queue(spec.name.clone());
-        if !missing(&object) {
-            continue;
-        }
-        let result = channel
-            .queue_declare(
-                spec.name.as_str().into(),
-                queue_options(spec, false),
-                field_table(&spec.arguments),
-            )
-            .await;
+    // Exchanges first (bindings and alternate exchanges name them), then queues.
+    let declarations = topology
+        .exchanges
+        .iter()
+        .map(|x| Object::Exchange(x.name.clone()))
+        .chain(
+            topology
+                .queues
+                .iter()
+                .map(|q| Object::Queue(q.name.clone())),
+        )
+        .filter(|object| missing(object));
+    for object in declarations {
+        let result = match &object {
+            Object::Exchange(name) => match topology.exchanges.iter().find(|x| &x.name == name) {
+                Some(spec) => {
+                    channel
+                        .exchange_declare(
+                            name.as_str().into(),
+                            exchange_kind(spec),
+                            exchange_options(spec, false),
+                            field_table(&spec.arguments),
+                        )
+                        .await
+                }
+                None => Ok(()),
+            },
+            Object::Queue(name) => match topology.queues.iter().find(|q| &q.name == name) {
+                Some(spec) => channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        queue_options(spec, false),
+                        field_table(&spec.arguments),
+                    )
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            },
+            Object::Binding(_) => Ok(()),
+        };
         if let Err(e) = result {
             applied.failed = Some((object, e.to_string()));
             return Ok(applied);

@@ -4,7 +4,6 @@
 
 use lapin::Confirmation;
 use lapin::Connection;
-use lapin::message::BasicReturnMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
@@ -48,35 +47,19 @@ pub async fn redrive(
             )
             .await?
             .await?;
-        let returned: Option<BasicReturnMessage> = match confirm {
-            Confirmation::Ack(returned) => returned,
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await?;
-                return Err(TopologyError(format!(
-                    "the broker refused the message for queue {queue:?} after {moved} moved; it stays in {dlq:?}"
-                )));
-            }
+        let refused = match confirm {
+            Confirmation::Ack(None) => None,
+            Confirmation::Ack(Some(_)) => Some("was returned: the queue does not exist"),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Some("was refused by the broker"),
         };
-        if returned.is_some() {
-            channel
-                .basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await?;
+        if let Some(why) = refused {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            channel.basic_nack(tag, requeue).await?;
             return Err(TopologyError(format!(
-                "queue {queue:?} does not exist (the message was returned) after {moved} moved; it stays in {dlq:?}"
+                "the message for queue {queue:?} {why}; it stays in {dlq:?} ({moved} moved before it)"
             )));
         }
         channel.basic_ack(tag, BasicAckOptions::default()).await?;
