@@ -788,4 +788,26 @@ mod tests {
         let apply = error("[topology]\napply_on_start = \"yes\"\n");
         assert!(apply.contains("topology.apply_on_start"), "{apply}");
     }
+
+    #[test]
+    fn the_readme_topology_example_resolves() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Topology: work queues, retries and dead letters")
+            .nth(1)
+            .expect("the README's Topology section");
+        let example = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("its TOML example");
+        let text =
+            format!("[auth]\nhs256_secret = \"0123456789abcdef0123456789abcdef\"\n{example}");
+        let config = Config::from_toml(&text).unwrap();
+        assert!(config.topology.apply_on_start);
+        let resolved = config.resolve().unwrap();
+        let acme = &resolved.tenants["acme"].topology;
+        assert_eq!(acme.retry["billing"].delays_ms, [1000, 10000, 60000]);
+        assert_eq!(resolved.tenants["globex"].topology.queues.len(), 1);
+    }
 }
