@@ -214,7 +214,8 @@ pub async fn redrive_command(
 
 /// Why `topology.apply_on_start` did not succeed: the reason for `/readyz` (object and
 /// argument names only: no vhost, no broker text; the log gets the full report), and
-/// whether trying again may help (the broker was unreachable) or not (a conflict).
+/// whether trying again may help (the broker was unreachable or refused a declaration)
+/// or not (a conflict, which needs an operator).
 #[derive(Debug, Clone)]
 pub struct StartFailure {
     pub reason: String,
@@ -261,7 +262,8 @@ pub async fn apply_on_start<'a>(
         Verdict::Failed => {
             tracing::warn!(report = %report, "The topology could not be applied yet; retrying.");
             Err(StartFailure {
-                reason: "the topology is not applied yet (the broker did not answer)".to_owned(),
+                reason: "the topology could not be applied yet (the log says why); retrying"
+                    .to_owned(),
                 retryable: true,
             })
         }

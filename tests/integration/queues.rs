@@ -338,3 +338,37 @@ async fn a_priority_queue_delivers_higher_priorities_first_to_a_slow_consumer() 
     }
     assert_eq!(order, [9, 9, 9, 9, 9, 1, 1, 1, 1, 1]);
 }
+
+#[tokio::test]
+async fn queue_subscriptions_count_as_consumers_and_unsubscribing_keeps_the_queue() {
+    let (_admin, rabbit, _vhost, server, token) = setup(
+        "[tenants.acme.limits]\nmax_consumers = 1\n\
+         [[tenants.acme.queues]]\nname = \"jobs\"\n",
+    )
+    .await;
+    publish(&rabbit, "jobs", "1", None).await;
+    let mut ws = connect(&server, &token).await;
+    assert_eq!(
+        subscribe_queue(&mut ws, "one", "jobs", 5).await["type"],
+        "subscribed"
+    );
+    let second = subscribe_queue(&mut ws, "two", "jobs", 5).await;
+    // The first delivery may come before the answer to the second subscribe.
+    let (delivery, refused) = if second["type"] == "message" {
+        (second, recv(&mut ws).await)
+    } else {
+        (recv(&mut ws).await, second)
+    };
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(delivery["payload"], 1);
+    send(&mut ws, json!({"type": "unsubscribe", "id": "one"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "unsubscribed");
+    // Not acked: back in the queue, which is still there.
+    assert_eq!(rabbit.wait_count("jobs", 1).await, 1);
+    assert_eq!(
+        subscribe_queue(&mut ws, "two", "jobs", 5).await["type"],
+        "subscribed"
+    );
+    let again = recv(&mut ws).await;
+    assert_eq!(again["redelivered"], true, "{again}");
+}
