@@ -319,24 +319,39 @@ async fn a_quorum_queue_with_a_delivery_limit_dead_letters_a_poison_message() {
 
 #[tokio::test]
 async fn a_priority_queue_delivers_higher_priorities_first_to_a_slow_consumer() {
-    let (_admin, rabbit, _vhost, server, token) =
-        setup("[[tenants.acme.queues]]\nname = \"urgent\"\nmax_priority = 10\n").await;
-    for i in 0..5 {
-        publish(&rabbit, "urgent", &format!("{{\"low\":{i}}}"), Some(1)).await;
+    let (_admin, rabbit, _vhost, server, token) = setup(
+        "publish = [{ exchange = \"work\", routing_key = \"#\" }]\n\
+         [[tenants.acme.exchanges]]\nname = \"work\"\ntype = \"direct\"\n\
+         [[tenants.acme.queues]]\nname = \"urgent\"\nmax_priority = 10\n\
+         bindings = [{ exchange = \"work\", routing_key = \"urgent\" }]\n",
+    )
+    .await;
+    // Published through Warren, low priorities first.
+    let publisher = server.token("acme", "publish");
+    for (priority, n) in [(1, 0), (1, 1), (1, 2), (9, 3), (9, 4), (9, 5)] {
+        let r = server
+            .publish(
+                &publisher,
+                &json!({"exchange": "work", "routing_key": "urgent", "payload": n,
+                        "properties": {"priority": priority}}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
     }
-    for i in 0..5 {
-        publish(&rabbit, "urgent", &format!("{{\"high\":{i}}}"), Some(9)).await;
-    }
-    assert_eq!(rabbit.wait_count("urgent", 10).await, 10);
+    assert_eq!(rabbit.wait_count("urgent", 6).await, 6);
     let mut ws = connect(&server, &token).await;
     subscribe_queue(&mut ws, "u", "urgent", 1).await;
     let mut order = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..6 {
         let frame = recv(&mut ws).await;
-        order.push(frame["properties"]["priority"].as_u64().unwrap_or(0));
+        order.push(frame["payload"].as_u64().unwrap_or(99));
         settle(&mut ws, "ack", &frame, false).await;
     }
-    assert_eq!(order, [9, 9, 9, 9, 9, 1, 1, 1, 1, 1]);
+    assert_eq!(
+        order,
+        [3, 4, 5, 0, 1, 2],
+        "high priorities first, FIFO within one"
+    );
 }
 
 #[tokio::test]
