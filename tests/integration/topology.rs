@@ -266,3 +266,93 @@ async fn apply_on_start_with_a_conflict_keeps_warren_unready_without_naming_the_
     );
     assert_eq!(body["status"], "not_ready");
 }
+
+#[tokio::test]
+async fn a_binding_to_an_exchange_that_nothing_declares_blocks_apply() {
+    let admin = Admin::new();
+    let vhost = unique("topo");
+    admin.vhost(&vhost).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = topology_toml(
+        &vhost,
+        "[[tenants.acme.queues]]\nname = \"jobs\"\nbindings = [{ exchange = \"ghost\", routing_key = \"k\" }]\n",
+    );
+    let plan = run(&dir, &toml, &["topology", "plan"]);
+    assert_eq!(plan.status.code(), Some(2));
+    assert!(stdout(&plan).contains("UNRESOLVED"), "{}", stdout(&plan));
+    let apply = run(&dir, &toml, &["topology", "apply"]);
+    assert_eq!(apply.status.code(), Some(2));
+    let rabbit = rabbit_in(&vhost).await;
+    let passive = rabbit
+        .channel
+        .queue_declare(
+            "jobs".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(
+        passive.is_err(),
+        "apply declared `jobs` despite the unresolved binding"
+    );
+    let unknown = run(&dir, &toml, &["topology", "plan", "--tenant", "nobody"]);
+    assert_failure_mentions(&unknown, "not configured");
+}
+
+#[tokio::test]
+async fn redrive_moves_at_most_the_limit_and_restarts_the_attempts() {
+    let admin = Admin::new();
+    let vhost = unique("topo");
+    admin.vhost(&vhost).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = topology_toml(
+        &vhost,
+        "[[tenants.acme.queues]]\nname = \"jobs\"\nretry = { delays_ms = [100] }\n",
+    );
+    assert_success(&run(&dir, &toml, &["topology", "apply"]));
+    let rabbit = rabbit_in(&vhost).await;
+    for i in 0..3u8 {
+        let mut headers = FieldTable::default();
+        headers.insert("x-warren-attempt".into(), AMQPValue::LongInt(1));
+        rabbit
+            .channel
+            .basic_publish(
+                "".into(),
+                "jobs.dlq".into(),
+                BasicPublishOptions::default(),
+                &[i],
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(rabbit.wait_count("jobs.dlq", 3).await, 3);
+    let out = run(
+        &dir,
+        &toml,
+        &[
+            "topology", "redrive", "--tenant", "acme", "--queue", "jobs", "--limit", "2",
+        ],
+    );
+    assert_success(&out);
+    assert!(stdout(&out).contains("redriven 2 message(s)"));
+    assert_eq!(rabbit.wait_count("jobs", 2).await, 2);
+    assert_eq!(rabbit.count("jobs.dlq").await, 1);
+    let moved = rabbit.get("jobs").await.expect("a redriven message");
+    assert_eq!(moved.delivery.data, [0]);
+    let headers = moved
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        !headers.inner().contains_key("x-warren-attempt"),
+        "the attempt restarts: {headers:?}"
+    );
+}
