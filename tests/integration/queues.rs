@@ -212,6 +212,10 @@ async fn nacks_go_through_each_delay_then_the_dlq_with_x_death_and_redrive_bring
             "one x-death entry per delay queue: {frame}"
         );
         let expected = Duration::from_millis(*delay);
+        eprintln!(
+            "retry {}: redelivered {waited:?} after the nack (delay {expected:?})",
+            i + 1
+        );
         assert!(
             waited >= expected && waited < expected + Duration::from_millis(1500),
             "retry {} after {waited:?}, configured {expected:?}",
