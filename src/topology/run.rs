@@ -80,9 +80,25 @@ async fn plan_all(
 ) -> Result<Vec<(Connection, Plan)>, TopologyError> {
     let mut plans = Vec::with_capacity(tenants.len());
     for tenant in tenants {
-        let connection = connect(amqp, tenant).await?;
-        let plan = plan(&connection, &tenant.topology).await?;
-        plans.push((connection, plan));
+        let planned = match connect(amqp, tenant).await {
+            Ok(connection) => match plan(&connection, &tenant.topology).await {
+                Ok(plan) => Ok((connection, plan)),
+                Err(e) => {
+                    let _ = connection.close(200, "done".into()).await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match planned {
+            Ok(planned) => plans.push(planned),
+            Err(e) => {
+                // The connections already open must not outlive a failed plan (the
+                // startup apply retries it).
+                close(plans).await;
+                return Err(e);
+            }
+        }
     }
     Ok(plans)
 }
