@@ -159,7 +159,7 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
             let s: Subscribe = parse_json(body.as_bytes()).map_err(decode)?;
             let (required, refused): (&[&str], &[&str]) = match s.mode {
                 Mode::Queue => (&["queue"], &["exchange", "binding_key"]),
-                _ => (&["exchange", "binding_key"], &[]),
+                Mode::Live | Mode::Durable => (&["exchange", "binding_key"], &[]),
             };
             if let Some(m) = required.iter().find(|m| !members.contains_key(**m)) {
                 return Err(fail(format!("subscribe frame: missing field `{m}`")));
