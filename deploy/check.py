@@ -55,16 +55,37 @@ compose_cfg = parsed[root / "warren/warren.toml"]
 if tomllib.loads(configmap["data"]["warren.toml"]) != compose_cfg:
     fail("kubernetes/configmap.yaml warren.toml differs from warren/warren.toml")
 
-# Tenants point at vhosts and exchanges the broker definitions create.
+# Tenants point at vhosts the broker definitions create, and at exchanges and queues
+# that the definitions or the tenant's own topology (Warren's config, SPEC §11) declare.
+# Warren's broker user may configure (declare) every object of that topology.
 defs = parsed[root / "rabbitmq/definitions.json"]
 vhosts = {v["name"] for v in defs["vhosts"]}
 exchanges = {(e["vhost"], e["name"]) for e in defs["exchanges"]}
+queues = {(q["vhost"], q["name"]) for q in defs["queues"]}
+configure = {p["vhost"]: p["configure"] for p in defs["permissions"] if p["user"] == "warren"}
 for name, tenant in compose_cfg.get("tenants", {}).items():
     vhost = tenant["vhost"]
     if vhost not in vhosts:
         fail(f"tenant {name}: vhost {vhost!r} is not in rabbitmq/definitions.json")
+    declared = [x["name"] for x in tenant.get("exchanges", [])]
+    exchanges |= {(vhost, x) for x in declared}
+    for q in tenant.get("queues", []):
+        declared.append(q["name"])
+        delays = q.get("retry", {}).get("delays_ms", [])
+        declared += [f"{q['name']}.retry.{i + 1}" for i in range(len(delays))]
+        declared += [f"{q['name']}.dlq"] if delays else []
+        queues.add((vhost, q["name"]))
+    for obj in declared:
+        if not re.search(configure.get(vhost, "^$"), obj):
+            fail(f"tenant {name}: user warren may not configure {obj!r} in vhost {vhost!r}")
     for kind in ("publish", "subscribe"):
         for grant in tenant.get(kind, []):
+            if "queue" in grant:
+                if grant["queue"] != "*" and (vhost, grant["queue"]) not in queues:
+                    fail(f"tenant {name}: {kind} queue {grant['queue']!r} is not declared in vhost {vhost!r}")
+                continue
+            if "stream" in grant:
+                continue
             ex = grant["exchange"]
             if ex not in ("*", "") and not ex.startswith("amq.") and (vhost, ex) not in exchanges:
                 fail(f"tenant {name}: {kind} exchange {ex!r} is not declared in vhost {vhost!r}")

@@ -25,6 +25,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("exchange {0:?} does not exist in this tenant's vhost")]
     ExchangeNotFound(String),
+    #[error("queue {0:?} does not exist in this tenant's vhost")]
+    QueueNotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -102,6 +104,7 @@ pub enum ProblemCode {
     NotFound,
     MethodNotAllowed,
     ExchangeNotFound,
+    QueueNotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     RequestTimeout,
@@ -117,13 +120,14 @@ pub enum ProblemCode {
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::ExchangeNotFound,
+        Self::QueueNotFound,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
         Self::RequestTimeout,
@@ -146,6 +150,7 @@ impl ProblemCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ExchangeNotFound => "exchange_not_found",
+            Self::QueueNotFound => "queue_not_found",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RequestTimeout => "request_timeout",
@@ -172,7 +177,9 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) | Self::ExchangeNotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::ExchangeNotFound(_) | Self::QueueNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -202,6 +209,7 @@ impl ApiError {
             Self::NotFound(_) => ProblemCode::NotFound,
             Self::MethodNotAllowed(_) => ProblemCode::MethodNotAllowed,
             Self::ExchangeNotFound(_) => ProblemCode::ExchangeNotFound,
+            Self::QueueNotFound(_) => ProblemCode::QueueNotFound,
             Self::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
             Self::UnsupportedMediaType(_) => ProblemCode::UnsupportedMediaType,
             Self::RequestTimeout(_) => ProblemCode::RequestTimeout,
@@ -227,6 +235,7 @@ impl ApiError {
             Self::NotFound(_) => "Not found",
             Self::MethodNotAllowed(_) => "Method not allowed",
             Self::ExchangeNotFound(_) => "Exchange not found",
+            Self::QueueNotFound(_) => "Queue not found",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::RequestTimeout(_) => "Request timeout",

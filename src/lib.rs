@@ -18,6 +18,7 @@ pub mod publishing;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
+pub mod topology;
 pub mod ws;
 
 use std::future::Future;
@@ -48,6 +49,8 @@ pub struct App {
     pub idempotency: Idempotency,
     pub live: ws::hub::LiveHub,
     pub sockets: ws::Sockets,
+    /// `topology.apply_on_start`: what `/readyz` reports about it.
+    pub topology: Arc<topology::startup::Startup>,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -84,6 +87,11 @@ impl App {
         }
         let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
+        let startup = Arc::new(topology::startup::Startup::default());
+        if config.topology.apply_on_start {
+            let tenants = resolved.tenants.values().cloned().collect();
+            startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
+        }
         Ok(AppState(Arc::new(App {
             config,
             resolved,
@@ -92,6 +100,7 @@ impl App {
             idempotency,
             live: ws::hub::LiveHub::default(),
             sockets: ws::Sockets::default(),
+            topology: startup,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

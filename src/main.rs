@@ -1,4 +1,4 @@
-//! The `warren` command line: serve, token, check-config, openapi.
+//! The `warren` command line: serve, token, check-config, openapi, topology.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,38 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the OpenAPI 3.1 document (what openapi/openapi.json holds and /openapi.json serves).
     Openapi,
+    /// Topology as code (SPEC §11): compare, declare, redrive dead letters.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Per tenant: what exists, what is missing, what conflicts (exit 2 on conflicts).
+    Plan {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Declare what is missing; refuses (exit 2, nothing applied) on any conflict.
+    Apply {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Move up to --limit messages from <queue>.dlq back to the queue.
+    Redrive {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        queue: String,
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        limit: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +102,7 @@ fn main() -> ExitCode {
             ttl,
         } => token(config, &tenant, &sub, &scope, ttl),
         Command::CheckConfig { file } => check_config(file),
+        Command::Topology(command) => topology(command),
         Command::Openapi => {
             print!("{}", warren::api::openapi::to_pretty_json());
             ExitCode::SUCCESS
@@ -213,5 +246,70 @@ fn check_config(path: PathBuf) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(format!("{}: {e}", path.display())),
+    }
+}
+
+fn topology(command: TopologyCommand) -> ExitCode {
+    use warren::topology::run::{Verdict, apply_command, plan_command, redrive_command};
+    let path = match &command {
+        TopologyCommand::Plan { config, .. }
+        | TopologyCommand::Apply { config, .. }
+        | TopologyCommand::Redrive { config, .. } => config,
+    };
+    let (config, resolved) = match Config::load(path).and_then(|c| c.resolve().map(|r| (c, r))) {
+        Ok(loaded) => loaded,
+        Err(e) => return fail(format!("{}: {e}", path.display())),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let tenants = resolved.tenants.values();
+    let known = |tenant: &Option<String>| match tenant {
+        Some(t) if !resolved.tenants.contains_key(t) => Err(fail(format!(
+            "tenant {t:?} is not configured in {}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    };
+    let (verdict, report) = match &command {
+        TopologyCommand::Plan { tenant, .. } => {
+            if let Err(code) = known(tenant) {
+                return code;
+            }
+            runtime.block_on(plan_command(&config.amqp, tenants, tenant.as_deref()))
+        }
+        TopologyCommand::Apply { tenant, .. } => {
+            if let Err(code) = known(tenant) {
+                return code;
+            }
+            runtime.block_on(apply_command(&config.amqp, tenants, tenant.as_deref()))
+        }
+        TopologyCommand::Redrive {
+            tenant,
+            queue,
+            limit,
+            ..
+        } => {
+            let Some(t) = resolved.tenants.get(tenant) else {
+                return fail(format!(
+                    "tenant {tenant:?} is not configured in {}",
+                    path.display()
+                ));
+            };
+            match runtime.block_on(redrive_command(&config.amqp, t, queue, *limit)) {
+                Ok(moved) => (
+                    Verdict::Clean,
+                    format!("redriven {moved} message(s) to queue {queue:?}\n"),
+                ),
+                Err(e) => (Verdict::Failed, format!("redrive failed: {e}\n")),
+            }
+        }
+    };
+    print!("{report}");
+    match verdict {
+        Verdict::Clean => ExitCode::SUCCESS,
+        Verdict::Conflicts => ExitCode::from(2),
+        Verdict::Failed => ExitCode::FAILURE,
     }
 }

@@ -35,6 +35,7 @@ pub const WS_FRAMES: &str = "warren_ws_frames_total";
 pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
 pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
 pub const WS_FILTERED: &str = "warren_ws_deliveries_filtered_total";
+pub const WS_RETRIED: &str = "warren_ws_retries_total";
 pub const POISON: &str = "warren_poison_messages_total";
 pub const CLOUDEVENTS: &str = "warren_cloudevents_received_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
@@ -214,6 +215,13 @@ fn describe() {
     for mode in ["binary", "structured", "batch"] {
         counter!(CLOUDEVENTS, "mode" => mode).increment(0);
     }
+    describe_counter!(
+        WS_RETRIED,
+        "Nacked deliveries of queues with a retry policy (SPEC §11), by outcome: delay (moved to the next delay queue), dlq (moved to <queue>.dlq), failed (requeued instead)."
+    );
+    for outcome in ["delay", "dlq", "failed"] {
+        counter!(WS_RETRIED, "outcome" => outcome).increment(0);
+    }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -330,6 +338,11 @@ pub fn ws_frame(direction: &'static str, kind: &'static str) {
 
 pub fn ws_dropped() {
     counter!(WS_DROPPED).increment(1);
+}
+
+/// `outcome`: `delay`, `dlq` or `failed`.
+pub fn ws_retried(outcome: &'static str) {
+    counter!(WS_RETRIED, "outcome" => outcome).increment(1);
 }
 
 /// `mode`: `live` or `durable`.

@@ -70,6 +70,20 @@ pub struct Readiness {
     /// One entry per vhost the configured tenants use.
     brokers: Vec<HealthReport>,
     idempotency: StoreReport,
+    /// Present with `topology.apply_on_start`: ready only once the topology is applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    topology: Option<TopologyReport>,
+}
+
+/// The startup apply of the configured topology (`topology.apply_on_start`).
+#[derive(Serialize, ToSchema)]
+pub struct TopologyReport {
+    applied: bool,
+    /// Why it is not applied: e.g. the queue and the argument that conflicts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    error: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -120,7 +134,14 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         ok: store.is_ok(),
         error: store.err().map(|e| e.to_string()),
     };
-    let ready = !state.is_shutting_down() && idempotency.ok && brokers.iter().all(|b| b.connected);
+    let topology = state
+        .topology
+        .report()
+        .map(|(applied, error)| TopologyReport { applied, error });
+    let ready = !state.is_shutting_down()
+        && idempotency.ok
+        && brokers.iter().all(|b| b.connected)
+        && topology.as_ref().is_none_or(|t| t.applied);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -134,6 +155,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         },
         brokers,
         idempotency,
+        topology,
     };
     (status, Json(body))
 }

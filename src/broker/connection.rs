@@ -49,15 +49,7 @@ impl Connector {
     ) -> Result<Self, BrokerError> {
         let uris = urls
             .iter()
-            .map(|url| {
-                let mut uri: AMQPUri = url
-                    .parse()
-                    .map_err(|e| BrokerError::Config(format!("invalid AMQP URL: {e}")))?;
-                uri.vhost = vhost.to_owned();
-                uri.query.heartbeat = Some(amqp.heartbeat_s);
-                uri.query.connection_timeout = Some(amqp.connect_timeout_ms);
-                Ok(uri)
-            })
+            .map(|url| vhost_uri(url, vhost, amqp))
             .collect::<Result<Vec<_>, BrokerError>>()?;
         Ok(Self {
             uris,
@@ -242,4 +234,40 @@ fn tls_config(tls: &TlsConfig) -> Result<OwnedTLSConfig, BrokerError> {
         identity,
         cert_chain,
     })
+}
+
+/// `url` pointed at `vhost`, with the configured heartbeat and connect timeout.
+fn vhost_uri(url: &str, vhost: &str, amqp: &AmqpConfig) -> Result<AMQPUri, BrokerError> {
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|e| BrokerError::Config(format!("invalid AMQP URL: {e}")))?;
+    uri.vhost = vhost.to_owned();
+    uri.query.heartbeat = Some(amqp.heartbeat_s);
+    uri.query.connection_timeout = Some(amqp.connect_timeout_ms);
+    Ok(uri)
+}
+
+/// One connection to `vhost` outside any pool (the topology commands and
+/// `topology.apply_on_start` use it and close it): each URL in turn, same TLS and
+/// timeouts as the pools.
+pub async fn connect_once(
+    urls: &[String],
+    vhost: &str,
+    amqp: &AmqpConfig,
+) -> Result<Connection, BrokerError> {
+    let tls = tls_config(&amqp.tls)?;
+    let mut last_error = BrokerError::Config("no broker URL configured".to_owned());
+    for url in urls {
+        let uri = vhost_uri(url, vhost, amqp)?;
+        let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Amqp)?;
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("warren topology vhost={vhost}").into());
+        let connect = Connection::connect_uri_with_config(uri, props, tls.clone(), runtime);
+        match tokio::time::timeout(Duration::from_millis(amqp.connect_timeout_ms), connect).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(e)) => last_error = BrokerError::Amqp(e),
+            Err(_) => last_error = BrokerError::Timeout("connecting to the broker"),
+        }
+    }
+    Err(last_error)
 }

@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 use crate::config::AmqpConfig;
 use crate::telemetry;
 use channel::ChannelManager;
+pub use connection::connect_once;
 use connection::{Connections, Connector};
 pub use error::BrokerError;
 use exchanges::ExchangeCache;

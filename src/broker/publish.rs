@@ -95,7 +95,7 @@ pub(super) enum AmqpFailure {
 /// `NOT_FOUND` from the broker. On a channel that did nothing but declare one exchange
 /// passively, that can only be about that exchange. (The reply text is no proof: RabbitMQ
 /// drops control characters such as CR and LF from the name it quotes.)
-pub(super) fn is_not_found(error: &lapin::Error) -> bool {
+pub fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 

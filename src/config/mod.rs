@@ -12,6 +12,7 @@ mod server;
 mod tenants;
 #[cfg(test)]
 mod tests;
+mod topology;
 mod ws;
 
 pub use amqp::{AmqpConfig, TlsConfig};
@@ -21,6 +22,10 @@ pub use log::{LogConfig, LogFormat};
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
+};
+pub use topology::{
+    ArgValue, BindingSpec, Destination, ExchangeSpec, QueueSpec, RetryPolicy, TenantTopology,
+    TopologyConfig,
 };
 pub use ws::{DurableQueueType, WsConfig};
 
@@ -71,6 +76,8 @@ pub struct Config {
     pub dynamic_tenants: DynamicTenantsConfig,
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    #[serde(default)]
+    pub topology: TopologyConfig,
 }
 
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
@@ -133,6 +140,8 @@ impl Config {
                 publish: full(),
                 subscribe: full(),
                 limits: LimitsConfig::default(),
+                exchanges: Vec::new(),
+                queues: Vec::new(),
             },
         );
         Self {
@@ -153,6 +162,7 @@ impl Config {
             ws: WsConfig::default(),
             dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
+            topology: TopologyConfig::default(),
         }
     }
 

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 use super::check::{all_positive, amqp_url_setting};
+use super::topology::{ExchangeConfig, QueueConfig, TenantTopology};
 use crate::auth::grants::{ExchangeMatch, Grant, GrantPattern, SubscribeGrants};
 
 /// Per-tenant quotas; unset means unlimited.
@@ -82,6 +83,11 @@ pub struct TenantConfig {
     pub subscribe: Vec<GrantConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Topology as code (SPEC §11): `warren topology plan|apply`, `topology.apply_on_start`.
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeConfig>,
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +142,7 @@ pub struct ResolvedTenant {
     pub publish: Vec<Grant>,
     pub subscribe: SubscribeGrants,
     pub limits: LimitsConfig,
+    pub topology: TenantTopology,
 }
 
 /// Checks every `[tenants.*]` table; a tenant without its own URL uses `broker_urls`.
@@ -181,6 +188,7 @@ pub(super) fn resolve_tenants(
                 publish: compile_publish_grants(&format!("{prefix}.publish"), &t.publish)?,
                 subscribe: compile_subscribe_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
                 limits: check_limits(&format!("{prefix}.limits"), &t.limits)?,
+                topology: super::topology::resolve(&prefix, &t.exchanges, &t.queues)?,
             },
         );
     }

@@ -1,8 +1,11 @@
-//! Durable subscriptions: a tenant-scoped named queue that outlives the socket for
-//! `ws.durable_queue_expiry_s`, consumed with a prefetch on the socket's own channel;
-//! the client acks and nacks. Closing the channel requeues whatever was not acked.
+//! Acknowledged subscriptions: `durable` ones (a tenant-scoped named queue that
+//! outlives the socket for `ws.durable_queue_expiry_s`) and `queue` ones (an existing
+//! queue, SPEC §11, shared with competing consumers, never deleted by Warren), consumed
+//! with a prefetch on the socket's own channel; the client acks and nacks. Closing the
+//! channel requeues whatever was not acked. On a queue with a retry policy, a nack
+//! without requeue republishes to the next delay queue or the DLQ (`topology::retry`).
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,23 +21,47 @@ use tokio::task::JoinHandle;
 use super::protocol::{Format, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::broker::{Broker, BrokerLease, ConsumerChannel};
-use crate::config::DurableQueueType;
+use crate::config::{DurableQueueType, RetryPolicy};
 use crate::error::ApiError;
 use crate::telemetry;
 use crate::tenancy::Tenant;
+use crate::topology::retry::{self, Retained};
+
+/// Delivery tags handed to the client and not yet acknowledged (at most the window),
+/// with the message itself when a nack may have to republish it (retry policy).
+type Outstanding = Arc<Mutex<BTreeMap<u64, Option<Retained>>>>;
 
 pub struct Durable {
     channel: Arc<ConsumerChannel>,
     task: JoinHandle<()>,
     pub queue: String,
+    /// `durable` or `queue`: the mode label of `warren_ws_subscriptions`.
+    pub mode: &'static str,
     /// Delivery tags handed to the client and not yet acknowledged (at most the
     /// prefetch): an ack for any other tag is refused here, since the broker would
     /// answer it by closing the subscription's channel.
-    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    outstanding: Outstanding,
+    retry: Option<RetryPolicy>,
     /// Counts against the tenant's `limits.max_consumers`.
     _consumer: OwnedSemaphorePermit,
-    /// Keeps a lazily opened pool from being closed under the consumer.
-    _lease: BrokerLease,
+    /// Keeps a lazily opened pool from being closed under the consumer; republishes
+    /// (retries) go through its publish pool.
+    broker: BrokerLease,
+}
+
+/// Where an acknowledged subscription's messages come from.
+pub enum Source<'a> {
+    /// `durable`: Warren declares the queue (expiring `expiry` after its last consumer)
+    /// and binds it; deliveries are filtered by the tenant's grants.
+    Bound {
+        exchange: &'a str,
+        binding_key: &'a str,
+        expiry: Duration,
+        queue_type: DurableQueueType,
+    },
+    /// `queue`: an existing queue (404 otherwise), consumed whole (the `queue` grant
+    /// covers every message in it), with its retry policy if the topology has one.
+    Existing { retry: Option<RetryPolicy> },
 }
 
 /// The broker queue behind a durable subscription name: scoped by tenant, so two
@@ -56,12 +83,9 @@ pub fn queue_name(tenant: &str, name: &str) -> Result<String, ApiError> {
 
 pub struct DurableRequest<'a> {
     pub subscription: &'a str,
-    pub exchange: &'a str,
-    pub binding_key: &'a str,
+    pub source: Source<'a>,
     pub queue: String,
     pub prefetch: u16,
-    pub expiry: Duration,
-    pub queue_type: DurableQueueType,
     pub slow_consumer_timeout: Duration,
     pub budget: SendBudget,
 }
@@ -98,8 +122,14 @@ impl Durable {
                 return Err(e);
             }
         };
-        let outstanding = Arc::new(Mutex::new(BTreeSet::new()));
+        let outstanding = Arc::new(Mutex::new(BTreeMap::new()));
+        let (mode, filter, retry) = match request.source {
+            Source::Bound { .. } => ("durable", true, None),
+            Source::Existing { retry } => ("queue", false, retry),
+        };
         let forwarder = Forwarder {
+            filter,
+            retain: retry.is_some(),
             queue: request.queue.clone(),
             window: Window::new(request.prefetch, request.budget.max()),
             tenant,
@@ -116,9 +146,11 @@ impl Durable {
             channel,
             task,
             queue: request.queue,
+            mode,
             outstanding,
+            retry,
             _consumer: consumer_permit,
-            _lease: broker,
+            broker,
         })
     }
 
@@ -127,21 +159,51 @@ impl Durable {
         channel: &lapin::Channel,
         request: &DurableRequest<'_>,
     ) -> Result<lapin::Consumer, ApiError> {
-        let fail = |e: lapin::Error| super::subscribe_failure(broker.failure(&e, request.exchange));
+        let exchange = match &request.source {
+            Source::Bound { exchange, .. } => exchange,
+            Source::Existing { .. } => "",
+        };
+        let fail = |e: lapin::Error| super::subscribe_failure(broker.failure(&e, exchange));
         // One message first: its size tells how many fit the byte budget (`Window`).
         channel
             .basic_qos(1, BasicQosOptions::default())
             .await
             .map_err(fail)?;
+        let Source::Bound {
+            exchange,
+            binding_key,
+            expiry,
+            queue_type,
+        } = request.source
+        else {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let declared = channel
+                .queue_declare(
+                    request.queue.as_str().into(),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await;
+            return match declared {
+                Ok(_) => consume(channel, &request.queue).await.map_err(fail),
+                Err(e) if crate::broker::publish::is_not_found(&e) => {
+                    Err(ApiError::QueueNotFound(request.queue.clone()))
+                }
+                Err(e) => Err(fail(e)),
+            };
+        };
         let mut arguments = FieldTable::default();
-        let expiry_ms = u32::try_from(request.expiry.as_millis()).unwrap_or(u32::MAX);
+        let expiry_ms = u32::try_from(expiry.as_millis()).unwrap_or(u32::MAX);
         arguments.insert("x-expires".into(), AMQPValue::LongUInt(expiry_ms));
         // Only quorum is named: queues declared before this setting existed carry no
         // type argument, and redeclaring them must stay equivalent.
-        if request.queue_type == DurableQueueType::Quorum {
+        if queue_type == DurableQueueType::Quorum {
             arguments.insert(
                 "x-queue-type".into(),
-                AMQPValue::LongString(request.queue_type.as_str().into()),
+                AMQPValue::LongString(queue_type.as_str().into()),
             );
         }
         channel
@@ -158,8 +220,8 @@ impl Durable {
         channel
             .queue_bind(
                 request.queue.as_str().into(),
-                request.exchange.into(),
-                request.binding_key.into(),
+                exchange.into(),
+                binding_key.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -169,7 +231,7 @@ impl Durable {
     }
 
     pub async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), ApiError> {
-        self.settle(delivery_tag, multiple)?;
+        let _ = self.settle(delivery_tag, multiple)?;
         self.channel
             .basic_ack(delivery_tag, BasicAckOptions { multiple })
             .await
@@ -182,29 +244,88 @@ impl Durable {
         multiple: bool,
         requeue: bool,
     ) -> Result<(), ApiError> {
-        self.settle(delivery_tag, multiple)?;
-        self.channel
-            .basic_nack(delivery_tag, BasicNackOptions { multiple, requeue })
-            .await
-            .map_err(|_| ack_error())
+        let settled = self.settle(delivery_tag, multiple)?;
+        match &self.retry {
+            Some(policy) if !requeue => self.retry(policy, settled).await,
+            _ => self
+                .channel
+                .basic_nack(delivery_tag, BasicNackOptions { multiple, requeue })
+                .await
+                .map_err(|_| ack_error()),
+        }
+    }
+
+    /// Republishes each settled delivery to its next hop (confirmed), then acks it; one
+    /// that cannot be republished goes back to the queue instead (nack with requeue),
+    /// so none is lost either way.
+    async fn retry(
+        &self,
+        policy: &RetryPolicy,
+        settled: Vec<(u64, Option<Retained>)>,
+    ) -> Result<(), ApiError> {
+        let mut failed = None;
+        for (tag, message) in settled {
+            let republished = match &message {
+                Some(message) => retry::republish(&self.broker, policy, message).await,
+                None => Err(crate::broker::PublishError::Rejected),
+            };
+            let settle = match republished {
+                Ok(hop) => {
+                    telemetry::ws_retried(if hop == policy.dlq() { "dlq" } else { "delay" });
+                    self.channel
+                        .basic_ack(tag, BasicAckOptions { multiple: false })
+                        .await
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %policy.queue, error = %e, "Could not move a nacked message to its retry queue; requeued it.");
+                    telemetry::ws_retried("failed");
+                    failed = Some(ApiError::BrokerUnavailable {
+                        detail:
+                            "the message could not be moved to its retry queue; it was requeued"
+                                .to_owned(),
+                        retry_after: Duration::from_secs(1),
+                    });
+                    self.channel
+                        .basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
+                        .await
+                }
+            };
+            settle.map_err(|_| ack_error())?;
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Takes `delivery_tag` (and with `multiple` every earlier one) off the outstanding
     /// set, or refuses a tag this subscription never handed out or already settled.
-    fn settle(&self, delivery_tag: u64, multiple: bool) -> Result<(), ApiError> {
+    /// Returns the settled tags with what was retained of them.
+    fn settle(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<(u64, Option<Retained>)>, ApiError> {
         let mut outstanding = self.outstanding.lock().unwrap_or_else(|e| e.into_inner());
-        if !outstanding.contains(&delivery_tag) {
+        if !outstanding.contains_key(&delivery_tag) {
             return Err(ApiError::InvalidRequest(
                 "delivery_tag: no unacknowledged delivery of this subscription has this tag"
                     .to_owned(),
             ));
         }
         if multiple {
-            *outstanding = outstanding.split_off(&(delivery_tag + 1));
+            let rest = outstanding.split_off(&(delivery_tag + 1));
+            let settled = std::mem::replace(&mut *outstanding, rest);
+            Ok(settled.into_iter().collect())
         } else {
-            outstanding.remove(&delivery_tag);
+            Ok(outstanding
+                .remove_entry(&delivery_tag)
+                .into_iter()
+                .collect())
         }
-        Ok(())
     }
 
     /// Stops consuming; unacked deliveries go back to the queue, which stays.
@@ -228,6 +349,10 @@ fn ack_error() -> ApiError {
 /// slow-consumer timeout is closed.
 struct Forwarder {
     queue: String,
+    /// Only deliveries the tenant's exchange grants allow reach the client (`durable`).
+    filter: bool,
+    /// Keep each delivery's body and properties until settled (retry policy).
+    retain: bool,
     window: Window,
     tenant: Arc<Tenant>,
     channel: Arc<ConsumerChannel>,
@@ -235,7 +360,7 @@ struct Forwarder {
     sink: mpsc::Sender<Outgoing>,
     budget: SendBudget,
     timeout: Duration,
-    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    outstanding: Outstanding,
     format: Format,
 }
 
@@ -342,9 +467,10 @@ impl Forwarder {
             // A queue may be fed by more than this subscription's binding (an earlier
             // one, an exchange that ignores binding keys): the client sees only what
             // its grants allow; the rest is rejected (dead-lettered if so configured).
-            if !self
-                .tenant
-                .may_receive(delivery.exchange.as_str(), delivery.routing_key.as_str())
+            if self.filter
+                && !self
+                    .tenant
+                    .may_receive(delivery.exchange.as_str(), delivery.routing_key.as_str())
             {
                 telemetry::ws_filtered("durable");
                 let _ = self
@@ -368,10 +494,14 @@ impl Forwarder {
             else {
                 return;
             };
+            let retained = self.retain.then(|| Retained {
+                body: bytes::Bytes::from(delivery.data.clone()),
+                properties: delivery.properties.clone(),
+            });
             self.outstanding
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(delivery.delivery_tag);
+                .insert(delivery.delivery_tag, retained);
             let sent = self
                 .sink
                 .send_timeout(Outgoing::Message(Box::new(frame), bytes), self.timeout)
@@ -385,7 +515,7 @@ impl Forwarder {
             .send(Outgoing::Ended {
                 subscription: self.subscription,
                 error: ApiError::BrokerUnavailable {
-                    detail: "the durable subscription lost its broker consumer; subscribe again to resume where it stopped".to_owned(),
+                    detail: "the subscription lost its broker consumer; subscribe again to resume where it stopped".to_owned(),
                     retry_after: Duration::from_secs(1),
                 },
             })

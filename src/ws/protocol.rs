@@ -36,6 +36,8 @@ pub enum Mode {
     Live,
     /// At-least-once, a named tenant-scoped queue that outlives the socket.
     Durable,
+    /// At-least-once, an existing queue (SPEC §11), shared with other consumers.
+    Queue,
 }
 
 /// How a subscription's `message` frames carry each message (SPEC §12).
@@ -53,7 +55,10 @@ pub enum Format {
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
     pub id: String,
+    /// Required except with `mode: "queue"`, which takes neither (checked by [`parse`]).
+    #[serde(default)]
     pub exchange: String,
+    #[serde(default)]
     pub binding_key: String,
     #[serde(default)]
     pub mode: Mode,
@@ -163,9 +168,22 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let body = typed(&members);
     let decode = |e: ApiError| fail(format!("{kind} frame: {e}"));
     match kind.as_str() {
-        "subscribe" => parse_json(body.as_bytes())
-            .map(ClientFrame::Subscribe)
-            .map_err(decode),
+        "subscribe" => {
+            let s: Subscribe = parse_json(body.as_bytes()).map_err(decode)?;
+            let (required, refused): (&[&str], &[&str]) = match s.mode {
+                Mode::Queue => (&["queue"], &["exchange", "binding_key"]),
+                Mode::Live | Mode::Durable => (&["exchange", "binding_key"], &[]),
+            };
+            if let Some(m) = required.iter().find(|m| !members.contains_key(**m)) {
+                return Err(fail(format!("subscribe frame: missing field `{m}`")));
+            }
+            if let Some(m) = refused.iter().find(|m| members.contains_key(**m)) {
+                return Err(fail(format!(
+                    "subscribe frame: `{m}` does not apply to mode \"queue\", which consumes the whole queue"
+                )));
+            }
+            Ok(ClientFrame::Subscribe(s))
+        }
         "unsubscribe" => parse_json(body.as_bytes())
             .map(ClientFrame::Unsubscribe)
             .map_err(decode),
@@ -591,6 +609,29 @@ mod tests {
         );
         assert!(parse(r##"{"type":"publish","id":"p","exchange":"e","routing_key":"k","body":"","extra":1}"##).is_err());
         assert!(parse(r##"{"type":"subscribe","id":"s","exchange":"e","binding_key":"#","mode":"forever"}"##).is_err());
+    }
+
+    #[test]
+    fn a_queue_subscription_names_a_queue_and_no_exchange() {
+        let f = parse(
+            r##"{"type":"subscribe","id":"w1","mode":"queue","queue":"billing","prefetch":10}"##,
+        )
+        .unwrap();
+        assert!(
+            matches!(f, ClientFrame::Subscribe(s) if s.mode == Mode::Queue && s.queue.as_deref() == Some("billing") && s.prefetch == Some(10))
+        );
+        let e = parse(r##"{"type":"subscribe","id":"w1","mode":"queue"}"##).unwrap_err();
+        assert!(e.detail.contains("`queue`"), "{}", e.detail);
+        let e =
+            parse(r##"{"type":"subscribe","id":"w1","mode":"queue","queue":"q","exchange":"e"}"##)
+                .unwrap_err();
+        assert!(
+            e.detail.contains("`exchange` does not apply"),
+            "{}",
+            e.detail
+        );
+        let e = parse(r##"{"type":"subscribe","id":"s","binding_key":"#"}"##).unwrap_err();
+        assert!(e.detail.contains("`exchange`"), "{}", e.detail);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::durable::{Durable, DurableRequest, queue_name};
+use super::durable::{Durable, DurableRequest, Source, queue_name};
 use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
 use super::{Outgoing, SendBudget, SocketGuard};
@@ -43,6 +43,8 @@ enum Kind {
 struct Subscription {
     exchange: String,
     binding_key: GrantPattern,
+    /// `mode: "queue"`: the queue its grant must still cover.
+    queue_grant: Option<String>,
     kind: Kind,
 }
 
@@ -211,11 +213,11 @@ impl Session {
                 error,
             } => {
                 if let Some(Subscription {
-                    kind: Kind::Durable(_),
+                    kind: Kind::Durable(durable),
                     ..
                 }) = self.subscriptions.remove(&subscription)
                 {
-                    telemetry::ws_subscriptions("durable", -1);
+                    telemetry::ws_subscriptions(durable.mode, -1);
                 }
                 ServerFrame::error(Some(subscription), &error)
             }
@@ -293,6 +295,22 @@ impl Session {
                 config.max_subscriptions
             )));
         }
+        if s.mode == Mode::Queue {
+            let tenant = self.principal.tenant.clone();
+            let sink = self.tx.clone();
+            let queue = super::queue::start(&self.state, tenant, &s, sink, self.budget.clone());
+            let durable = queue.await?;
+            telemetry::ws_subscriptions(durable.mode, 1);
+            let queue = durable.queue.clone();
+            let subscription = Subscription {
+                exchange: String::new(),
+                binding_key: GrantPattern::every_key(),
+                queue_grant: Some(queue.clone()),
+                kind: Kind::Durable(durable),
+            };
+            self.subscriptions.insert(s.id, subscription);
+            return Ok(Some(queue));
+        }
         if s.exchange.len() > 255 {
             return Err(ApiError::InvalidRequest(
                 "exchange: must be at most 255 bytes".into(),
@@ -326,23 +344,16 @@ impl Session {
             Mode::Durable => {
                 let name = s.queue.as_deref().unwrap_or_default();
                 let queue = queue_name(&tenant.name, name)?;
-                let prefetch = match s.prefetch {
-                    Some(0) => {
-                        return Err(ApiError::InvalidRequest(
-                            "prefetch: must be at least 1".into(),
-                        ));
-                    }
-                    Some(p) => p.min(config.max_prefetch),
-                    None => config.default_prefetch,
-                };
                 let request = DurableRequest {
                     subscription: &s.id,
-                    exchange: &s.exchange,
-                    binding_key: &s.binding_key,
+                    source: Source::Bound {
+                        exchange: &s.exchange,
+                        binding_key: &s.binding_key,
+                        expiry: Duration::from_secs(config.durable_queue_expiry_s),
+                        queue_type: config.durable_queue_type,
+                    },
                     queue,
-                    prefetch,
-                    expiry: Duration::from_secs(config.durable_queue_expiry_s),
-                    queue_type: config.durable_queue_type,
+                    prefetch: super::queue::prefetch(s.prefetch, config)?,
                     slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
                     budget: self.budget.clone(),
                 };
@@ -352,12 +363,18 @@ impl Session {
                 let queue = durable.queue.clone();
                 (Kind::Durable(durable), Some(queue))
             }
+            Mode::Queue => {
+                return Err(ApiError::Internal(
+                    "queue subscriptions are started above".into(),
+                ));
+            }
         };
         self.subscriptions.insert(
             s.id,
             Subscription {
                 exchange: s.exchange,
                 binding_key: pattern,
+                queue_grant: None,
                 kind,
             },
         );
@@ -396,12 +413,14 @@ impl Session {
             .subscriptions
             .iter()
             .filter(|(_, s)| {
+                let tenant = &self.principal.tenant;
                 self.principal.require(Scope::Subscribe).is_err()
-                    || self
-                        .principal
-                        .tenant
-                        .authorize_subscribe(&s.exchange, &s.binding_key)
-                        .is_err()
+                    || match &s.queue_grant {
+                        Some(queue) => tenant.authorize_queue(queue).is_err(),
+                        None => tenant
+                            .authorize_subscribe(&s.exchange, &s.binding_key)
+                            .is_err(),
+                    }
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -424,8 +443,9 @@ impl Session {
         match subscription.kind {
             Kind::Live(live) => self.state.live.leave(live).await,
             Kind::Durable(durable) => {
+                let mode = durable.mode;
                 durable.stop().await;
-                telemetry::ws_subscriptions("durable", -1);
+                telemetry::ws_subscriptions(mode, -1);
             }
         }
     }
