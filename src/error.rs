@@ -53,6 +53,16 @@ pub enum ApiError {
         detail: String,
         retry_after: Duration,
     },
+    /// Request/reply (SPEC §10): no reply within the request's `timeout_ms`.
+    #[error("{0}")]
+    ReplyTimeout(String),
+    /// Request/reply: the reply is larger than `rpc.max_reply_bytes`.
+    #[error("{0}")]
+    ReplyTooLarge(String),
+    /// Request/reply: this `correlation_id` is already awaiting a reply on every
+    /// reply channel of the vhost.
+    #[error("{0}")]
+    CorrelationIdInUse(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -105,10 +115,13 @@ pub enum ProblemCode {
     IdempotencyStoreUnavailable,
     RateLimited,
     InternalError,
+    ReplyTimeout,
+    ReplyTooLarge,
+    CorrelationIdInUse,
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 21] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -127,6 +140,9 @@ impl ProblemCode {
         Self::IdempotencyStoreUnavailable,
         Self::RateLimited,
         Self::InternalError,
+        Self::ReplyTimeout,
+        Self::ReplyTooLarge,
+        Self::CorrelationIdInUse,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -149,6 +165,9 @@ impl ProblemCode {
             Self::IdempotencyStoreUnavailable => "idempotency_store_unavailable",
             Self::RateLimited => "rate_limited",
             Self::InternalError => "internal_error",
+            Self::ReplyTimeout => "reply_timeout",
+            Self::ReplyTooLarge => "reply_too_large",
+            Self::CorrelationIdInUse => "correlation_id_in_use",
         }
     }
 }
@@ -178,6 +197,9 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ReplyTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ReplyTooLarge(_) => StatusCode::BAD_GATEWAY,
+            Self::CorrelationIdInUse(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -205,6 +227,9 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => ProblemCode::IdempotencyStoreUnavailable,
             Self::RateLimited { .. } => ProblemCode::RateLimited,
             Self::Internal(_) => ProblemCode::InternalError,
+            Self::ReplyTimeout(_) => ProblemCode::ReplyTimeout,
+            Self::ReplyTooLarge(_) => ProblemCode::ReplyTooLarge,
+            Self::CorrelationIdInUse(_) => ProblemCode::CorrelationIdInUse,
         }
     }
 
@@ -228,6 +253,9 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => "Idempotency store unavailable",
             Self::RateLimited { .. } => "Rate limited",
             Self::Internal(_) => "Internal error",
+            Self::ReplyTimeout(_) => "Reply timeout",
+            Self::ReplyTooLarge(_) => "Reply too large",
+            Self::CorrelationIdInUse(_) => "Correlation id in use",
         }
     }
 
@@ -241,6 +269,7 @@ impl ApiError {
             }
             Self::BrokerRejected(_)
             | Self::IdempotencyKeyInUse
+            | Self::CorrelationIdInUse(_)
             | Self::IdempotencyStoreUnavailable(_) => Some(REJECTED_RETRY_AFTER_S),
             _ => None,
         }

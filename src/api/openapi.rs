@@ -35,6 +35,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
     ),
     tags(
         (name = "publish", description = "Publish messages with publisher confirms."),
+        (name = "request", description = "Request/reply: publish a request and wait for its reply (direct reply-to)."),
         (name = "operations", description = "Liveness, readiness and metrics (no token needed)."),
     ),
     components(
@@ -54,6 +55,9 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::PublishUnavailable,
             problems::IdempotencyStoreUnavailable,
             problems::ConfirmTimeout,
+            problems::RequestConflict,
+            problems::ReplyTooLarge,
+            problems::RequestTimedOut,
         ),
     ),
     modifiers(&BearerScheme),
@@ -426,6 +430,43 @@ pub mod problems {
         /// outcome is unknown: retry with the same `Idempotency-Key` (consumers can
         /// de-duplicate on the derived `message_id`).
         ConfirmTimeout => [
+            ("confirm_timeout", ApiError::from(PublishError::ConfirmTimeout(
+                std::time::Duration::from_secs(5)))),
+        ]
+    }
+
+    problem_response! {
+        /// `idempotency_key_in_use`: a request with this `Idempotency-Key` is still in
+        /// flight; or `correlation_id_in_use`: a request with this `correlation_id` is
+        /// still awaiting its reply on every reply channel. Retry after `Retry-After`
+        /// seconds (or leave `correlation_id` out: Warren then makes a unique one).
+        RequestConflict => [
+            ("idempotency_key_in_use", ApiError::IdempotencyKeyInUse),
+            ("correlation_id_in_use", ApiError::CorrelationIdInUse(
+                "properties.correlation_id: a request with this correlation id is still awaiting its reply; retry later, or leave correlation_id out and Warren makes a unique one"
+                    .to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `reply_too_large`: the reply is larger than `rpc.max_reply_bytes`; it was
+        /// dropped. The request was handled: retrying sends it again.
+        ReplyTooLarge => [
+            ("reply_too_large", ApiError::ReplyTooLarge(
+                "the reply is larger than rpc.max_reply_bytes (1048576 bytes) and was dropped"
+                    .to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `reply_timeout`: the request was confirmed and routed, and no reply came within
+        /// `timeout_ms` (a later reply is dropped); or `confirm_timeout`: no publisher
+        /// confirm within `amqp.confirm_timeout_ms`. Retry with the same
+        /// `Idempotency-Key`.
+        RequestTimedOut => [
+            ("reply_timeout", ApiError::ReplyTimeout(
+                "no reply within 5000 ms; the request was delivered, and a reply that comes later is dropped"
+                    .to_owned())),
             ("confirm_timeout", ApiError::from(PublishError::ConfirmTimeout(
                 std::time::Duration::from_secs(5)))),
         ]

@@ -146,7 +146,10 @@ pub async fn publish_batch(
 }
 
 /// Scope first, then a well-formed key (if any).
-fn checks(principal: &Principal, headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+pub(super) fn checks(
+    principal: &Principal,
+    headers: &HeaderMap,
+) -> Result<Option<IdempotencyKey>, ApiError> {
     principal.require(Scope::Publish)?;
     IdempotencyKey::from_header_values(
         headers
@@ -158,7 +161,7 @@ fn checks(principal: &Principal, headers: &HeaderMap) -> Result<Option<Idempoten
 
 /// W3C trace context from the request headers (each at most 512 bytes), for the AMQP
 /// headers.
-fn trace_context(headers: &HeaderMap) -> TraceContext {
+pub(super) fn trace_context(headers: &HeaderMap) -> TraceContext {
     let get = |name: &str| {
         headers
             .get(name)
@@ -174,7 +177,7 @@ fn trace_context(headers: &HeaderMap) -> TraceContext {
 
 /// The HTTP answer: a success as JSON with its status, a stored problem as
 /// problem+json, an error as its problem; a replay says so in `Idempotent-Replayed`.
-fn respond<T: Serialize>(answer: Result<Answered<T>, ApiError>) -> Response {
+pub(super) fn respond<T: Serialize>(answer: Result<Answered<T>, ApiError>) -> Response {
     let answered = match answer {
         Ok(answered) => answered,
         Err(error) => return error.into_response(),
