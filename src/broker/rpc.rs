@@ -304,10 +304,12 @@ impl Broker {
         if let Some(channel) = live(slot) {
             return Ok(channel);
         }
-        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        // One deadline for queueing behind the opener and opening: a burst of requests
+        // after a restart waits for the one channel being opened, not for its own.
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout + self.confirm_timeout;
         let Ok(_opening) = tokio::time::timeout_at(deadline, slot.opening.lock()).await else {
             return Err(PublishError::unavailable(
-                "no RPC channel became available within amqp.acquire_timeout_ms",
+                "no RPC channel could be opened in time",
                 Duration::from_secs(1),
             )
             .into());
@@ -315,8 +317,8 @@ impl Broker {
         if let Some(channel) = live(slot) {
             return Ok(channel);
         }
-        let opened = tokio::time::timeout(
-            self.acquire_timeout.max(Duration::from_millis(100)) * 5,
+        let opened = tokio::time::timeout_at(
+            deadline,
             self.open_rpc_channel(rpc.settings.max_reply_bytes),
         )
         .await;

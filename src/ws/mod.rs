@@ -5,6 +5,7 @@
 pub mod durable;
 pub mod hub;
 pub mod protocol;
+mod request;
 pub mod session;
 
 use std::collections::HashMap;

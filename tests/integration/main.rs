@@ -14,6 +14,7 @@ mod openapi;
 mod poison;
 mod properties;
 mod publish;
+mod request;
 mod security;
 mod shutdown;
 mod tenancy;
