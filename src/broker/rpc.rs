@@ -78,7 +78,7 @@ pub enum RpcError {
 
 /// What the reply consumer hands a waiting request.
 enum Arrived {
-    Reply(BasicProperties, Vec<u8>),
+    Reply(Box<(BasicProperties, Vec<u8>)>),
     TooLarge(usize),
 }
 
@@ -257,11 +257,14 @@ impl Broker {
             }
         }
         match tokio::time::timeout_at((started + timeout).into(), reply).await {
-            Ok(Ok(Arrived::Reply(properties, body))) => Ok(Reply {
-                properties,
-                body,
-                round_trip: started.elapsed(),
-            }),
+            Ok(Ok(Arrived::Reply(reply))) => {
+                let (properties, body) = *reply;
+                Ok(Reply {
+                    properties,
+                    body,
+                    round_trip: started.elapsed(),
+                })
+            }
             Ok(Ok(Arrived::TooLarge(size))) => Err(RpcError::TooLarge {
                 size,
                 max: rpc.settings.max_reply_bytes,
@@ -479,7 +482,7 @@ async fn dispatch(
         let arrived = if size > max_reply_bytes {
             Arrived::TooLarge(size)
         } else {
-            Arrived::Reply(delivery.properties, delivery.data)
+            Arrived::Reply(Box::new((delivery.properties, delivery.data)))
         };
         if waiter.send(arrived).is_err() {
             // The caller gave up between the lookup and now: late as well.

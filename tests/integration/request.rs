@@ -444,8 +444,8 @@ async fn tenants_on_separate_vhosts_never_see_each_others_replies() {
         assert_eq!(r.body["reply"]["payload"], json!({"who": who, "n": n}));
         assert_eq!(r.body["reply"]["properties"]["headers"]["responder"], who);
     }
-    assert_eq!(inflight(&server, &tenant_a).await, 0);
-    assert_eq!(inflight(&server, &tenant_b).await, 0);
+    assert_eq!(inflight(server, &tenant_a).await, 0);
+    assert_eq!(inflight(server, &tenant_b).await, 0);
 }
 
 #[tokio::test]
@@ -593,4 +593,23 @@ async fn a_lost_link_fails_waiting_requests_fast_and_requests_work_again_after()
         recovered,
         "requests are answered again once the link is back"
     );
+}
+
+#[tokio::test]
+async fn a_reply_over_the_size_bound_is_dropped_and_answered_502() {
+    let (_rabbit, exchange, queue, tenant, server, token) = publishing_tenant(|config| {
+        config.rpc.max_reply_bytes = 64;
+    })
+    .await;
+    let _responder = Responder::start(&broker_url(), &queue, Answer::Echo, "echo").await;
+    let body = |text: String| json!({"exchange": exchange, "routing_key": "q", "body": text});
+    let r = request(&server, &token, &body("x".repeat(65))).await;
+    assert_problem(&r, 502, "reply_too_large");
+    assert!(
+        !r.body["detail"].as_str().unwrap_or("").contains("65"),
+        "the size is not quoted"
+    );
+    let r = request(&server, &token, &body("x".repeat(64))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(inflight(&server, &tenant).await, 0);
 }
