@@ -12,6 +12,7 @@ mod common;
 mod load;
 
 mod alarm;
+mod request;
 mod restart;
 
 use std::process::Command;
