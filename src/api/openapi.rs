@@ -124,6 +124,7 @@ pub fn document() -> Value {
     let (_, openapi) = super::documented_routes(true).split_for_parts();
     let mut doc = serde_json::to_value(&openapi).unwrap_or_else(|_| json!({}));
     require_exactly_one_body(&mut doc);
+    constrain_request(&mut doc);
     add_request_id_headers(&mut doc);
     doc
 }
@@ -157,6 +158,44 @@ fn require_exactly_one_body(doc: &mut Value) {
         both("payload", "body_base64"),
         both("body", "body_base64")
     ] });
+}
+
+/// A request (`POST /v1/request`) is a publish plus `timeout_ms`, whose `reply_to`
+/// Warren sets, which is always mandatory, and whose `correlation_id`, when given, is
+/// not empty. utoipa renders the flattened publish body as `allOf`, which the publish
+/// schema's `additionalProperties: false` would make unsatisfiable with `timeout_ms`;
+/// so the request schema is the publish schema (its body-kind rule included) with
+/// `timeout_ms` added, and the request's rules joined to its `not`.
+fn constrain_request(doc: &mut Value) {
+    let Some(publish) = doc.pointer("/components/schemas/PublishRequest").cloned() else {
+        return;
+    };
+    let Some(schema) = doc.pointer_mut("/components/schemas/RequestBody") else {
+        return;
+    };
+    let timeout_ms = schema
+        .pointer("/allOf/1/properties/timeout_ms")
+        .cloned()
+        .unwrap_or_else(|| json!({ "type": "integer", "minimum": 1 }));
+    let mut merged = publish;
+    merged["properties"]["timeout_ms"] = timeout_ms;
+    merged["description"] = schema["description"].clone();
+    merged["example"] = schema["example"].clone();
+    let in_properties = |member: &str, value: Value| {
+        json!({ "required": ["properties"], "properties": { "properties": {
+            "type": "object", "required": [member], "properties": { member: value }
+        } } })
+    };
+    let rules = [
+        in_properties("reply_to", json!({ "not": { "type": "null" } })),
+        in_properties("correlation_id", json!({ "type": "string", "maxLength": 0 })),
+        json!({ "required": ["mandatory"], "properties": { "mandatory": { "const": false } } }),
+    ];
+    match merged.pointer_mut("/not/anyOf").and_then(Value::as_array_mut) {
+        Some(any_of) => any_of.extend(rules),
+        None => merged["not"] = json!({ "anyOf": rules }),
+    }
+    *schema = merged;
 }
 
 /// Every response carries `X-Request-Id`, and every documented response header is always

@@ -39,8 +39,9 @@ pub struct RequestBody {
     #[serde(flatten)]
     pub publish: PublishRequest,
     /// How long to wait for the reply after publishing, in milliseconds, from 1 to
-    /// `rpc.max_timeout_ms` (default `rpc.default_timeout_ms`).
-    #[schema(minimum = 1)]
+    /// `rpc.max_timeout_ms` (the maximum shown is that key's default); when absent,
+    /// `rpc.default_timeout_ms`.
+    #[schema(minimum = 1, maximum = 60_000)]
     pub timeout_ms: Option<u64>,
 }
 
