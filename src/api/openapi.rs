@@ -188,10 +188,16 @@ fn constrain_request(doc: &mut Value) {
     };
     let rules = [
         in_properties("reply_to", json!({ "not": { "type": "null" } })),
-        in_properties("correlation_id", json!({ "type": "string", "maxLength": 0 })),
+        in_properties(
+            "correlation_id",
+            json!({ "type": "string", "maxLength": 0 }),
+        ),
         json!({ "required": ["mandatory"], "properties": { "mandatory": { "const": false } } }),
     ];
-    match merged.pointer_mut("/not/anyOf").and_then(Value::as_array_mut) {
+    match merged
+        .pointer_mut("/not/anyOf")
+        .and_then(Value::as_array_mut)
+    {
         Some(any_of) => any_of.extend(rules),
         None => merged["not"] = json!({ "anyOf": rules }),
     }

@@ -51,11 +51,7 @@ impl RequestBody {
     pub fn from_members(mut members: BTreeMap<String, Box<RawValue>>) -> Result<Self, ApiError> {
         let timeout_ms = match members.remove("timeout_ms") {
             None => None,
-            Some(raw) => serde_json::from_str::<Option<u64>>(raw.get()).map_err(|_| {
-                ApiError::InvalidRequest(
-                    "timeout_ms: must be a whole number of milliseconds".to_owned(),
-                )
-            })?,
+            Some(raw) => whole_ms(raw.get())?,
         };
         let rest = serde_json::to_string(&members)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
@@ -64,6 +60,26 @@ impl RequestBody {
             publish,
             timeout_ms,
         })
+    }
+}
+
+/// `timeout_ms` as a whole number; like the publish body's numbers, `5.0` counts (JSON
+/// Schema calls it an integer, and clients whose numbers are floats send it so).
+fn whole_ms(raw: &str) -> Result<Option<u64>, ApiError> {
+    let invalid = || {
+        ApiError::InvalidRequest("timeout_ms: must be a whole number of milliseconds".to_owned())
+    };
+    let Some(number) =
+        serde_json::from_str::<Option<serde_json::Number>>(raw).map_err(|_| invalid())?
+    else {
+        return Ok(None);
+    };
+    if let Some(ms) = number.as_u64() {
+        return Ok(Some(ms));
+    }
+    match number.as_f64() {
+        Some(f) if f.fract() == 0.0 && (0.0..1e15).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(invalid()),
     }
 }
 
@@ -266,6 +282,16 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(body.timeout_ms, Some(250));
+        let body = RequestBody::from_members(members(
+            r#"{"exchange":"","routing_key":"q","body":"hi","timeout_ms":1523.0}"#,
+        ))
+        .unwrap();
+        assert_eq!(body.timeout_ms, Some(1523));
+        for bad in ["1.5", "-1", "\"5\""] {
+            let text =
+                format!(r#"{{"exchange":"","routing_key":"q","body":"hi","timeout_ms":{bad}}}"#);
+            assert!(RequestBody::from_members(members(&text)).is_err(), "{bad}");
+        }
         assert_eq!(body.publish.body.as_deref(), Some("hi"));
         let error = RequestBody::from_members(members(
             r#"{"exchange":"","routing_key":"q","body":"hi","timeout_ms":-1}"#,
