@@ -22,7 +22,7 @@
 //! request that picks its slot.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -104,11 +104,21 @@ struct RpcChannel {
     /// it in publish order (many requests publish on one channel at once).
     publishing: tokio::sync::Mutex<()>,
     /// Requests awaiting a reply, by correlation id; `None` once the channel is lost.
-    pending: Mutex<Option<HashMap<String, oneshot::Sender<Arrived>>>>,
+    pending: Mutex<Option<HashMap<String, Waiter>>>,
+    /// Numbers the waiters, so a request only ever removes its own entry.
+    registered: AtomicU64,
+}
+
+/// A request awaiting its reply.
+struct Waiter {
+    /// Which registration this is: after a reply took the entry, a later request may
+    /// register the same correlation id before the first one has cleaned up.
+    number: u64,
+    reply: oneshot::Sender<Arrived>,
 }
 
 impl RpcChannel {
-    fn pending(&self) -> MutexGuard<'_, Option<HashMap<String, oneshot::Sender<Arrived>>>> {
+    fn pending(&self) -> MutexGuard<'_, Option<HashMap<String, Waiter>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -129,11 +139,16 @@ impl RpcChannel {
 struct PendingEntry {
     channel: Arc<RpcChannel>,
     correlation_id: String,
+    number: u64,
 }
 
 impl Drop for PendingEntry {
     fn drop(&mut self) {
-        if let Some(pending) = self.channel.pending().as_mut() {
+        if let Some(pending) = self.channel.pending().as_mut()
+            && pending
+                .get(&self.correlation_id)
+                .is_some_and(|w| w.number == self.number)
+        {
             pending.remove(&self.correlation_id);
         }
     }
@@ -219,10 +234,11 @@ impl Broker {
         if let [Some(Err(error))] = checked {
             return Err(error.into());
         }
-        let (channel, reply) = self.register(rpc, correlation_id).await?;
+        let (channel, number, reply) = self.register(rpc, correlation_id).await?;
         let _entry = PendingEntry {
             channel: channel.clone(),
             correlation_id: correlation_id.to_owned(),
+            number,
         };
         let started = Instant::now();
         let confirmed = self
@@ -280,7 +296,7 @@ impl Broker {
         &self,
         rpc: &Rpc,
         correlation_id: &str,
-    ) -> Result<(Arc<RpcChannel>, oneshot::Receiver<Arrived>), RpcError> {
+    ) -> Result<(Arc<RpcChannel>, u64, oneshot::Receiver<Arrived>), RpcError> {
         let count = rpc.slots.len();
         let start = rpc.next.fetch_add(1, Ordering::Relaxed);
         for offset in 0..count {
@@ -293,10 +309,11 @@ impl Broker {
             if waiting.contains_key(correlation_id) {
                 continue;
             }
-            let (tx, rx) = oneshot::channel();
-            waiting.insert(correlation_id.to_owned(), tx);
+            let (reply, rx) = oneshot::channel();
+            let number = channel.registered.fetch_add(1, Ordering::Relaxed);
+            waiting.insert(correlation_id.to_owned(), Waiter { number, reply });
             drop(pending);
-            return Ok((channel, rx));
+            return Ok((channel, number, rx));
         }
         Err(RpcError::CorrelationIdInUse)
     }
@@ -386,6 +403,7 @@ impl Broker {
             sequencer,
             publishing: tokio::sync::Mutex::new(()),
             pending: Mutex::new(Some(HashMap::new())),
+            registered: AtomicU64::new(0),
         });
         self.tasks.spawn(dispatch(
             rpc.clone(),
@@ -484,7 +502,7 @@ async fn dispatch(
         } else {
             Arrived::Reply(Box::new((delivery.properties, delivery.data)))
         };
-        if waiter.send(arrived).is_err() {
+        if waiter.reply.send(arrived).is_err() {
             // The caller gave up between the lookup and now: late as well.
             telemetry::rpc_late_reply();
         }
