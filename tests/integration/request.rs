@@ -613,3 +613,42 @@ async fn a_reply_over_the_size_bound_is_dropped_and_answered_502() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(inflight(&server, &tenant).await, 0);
 }
+
+#[tokio::test]
+async fn past_rpc_max_inflight_a_request_is_refused_at_once_with_503() {
+    let (_rabbit, exchange, queue, tenant, server, token) = publishing_tenant(|config| {
+        config.rpc.max_inflight = 1;
+    })
+    .await;
+    let _silent = Responder::start(&broker_url(), &queue, Answer::Never, "silent").await;
+    let waiting_body =
+        json!({"exchange": exchange, "routing_key": "q", "payload": 1, "timeout_ms": 2000});
+    let waiting = request(&server, &token, &waiting_body);
+    let refused = async {
+        let full = eventually(Duration::from_secs(5), || async {
+            inflight(&server, &tenant).await == 1
+        })
+        .await;
+        assert!(full, "the first request awaits its reply");
+        let started = Instant::now();
+        let r = request(&server, &token, &waiting_body).await;
+        (r, started.elapsed())
+    };
+    let (first, (second, took)) = tokio::join!(waiting, refused);
+    assert_problem(&first, 504, "reply_timeout");
+    assert_problem(&second, 503, "broker_unavailable");
+    assert!(second.header("retry-after").is_some());
+    assert!(
+        second.body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rpc.max_inflight"),
+        "{:?}",
+        second.body
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "refused at once, not after {took:?}"
+    );
+    assert_eq!(inflight(&server, &tenant).await, 0);
+}
