@@ -42,6 +42,10 @@ impl Default for RpcConfig {
 const MAX_TIMEOUT_BOUND_MS: u64 = 3_600_000;
 /// More channels than this buys nothing (each is one consumer and one confirm stream).
 const MAX_CHANNELS: usize = 64;
+/// Waiting requests per vhost beyond this would be a typo (and a semaphore has a bound).
+const MAX_INFLIGHT: usize = 1_000_000;
+/// RabbitMQ's own ceiling on a message (its `max_message_size` cannot go above 512 MiB).
+const MAX_REPLY_BYTES: usize = 512 * 1024 * 1024;
 
 impl RpcConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
@@ -62,6 +66,18 @@ impl RpcConfig {
             return Err(ConfigError::invalid(
                 "rpc.default_timeout_ms",
                 "must not exceed rpc.max_timeout_ms",
+            ));
+        }
+        if self.max_inflight > MAX_INFLIGHT {
+            return Err(ConfigError::invalid(
+                "rpc.max_inflight",
+                format!("must be at most {MAX_INFLIGHT}"),
+            ));
+        }
+        if self.max_reply_bytes > MAX_REPLY_BYTES {
+            return Err(ConfigError::invalid(
+                "rpc.max_reply_bytes",
+                format!("must be at most {MAX_REPLY_BYTES} (RabbitMQ's largest message)"),
             ));
         }
         if self.channels_per_vhost > MAX_CHANNELS {
@@ -108,5 +124,15 @@ mod tests {
             ..RpcConfig::default()
         };
         assert_eq!(key_of(many), "rpc.channels_per_vhost");
+        let crowded = RpcConfig {
+            max_inflight: MAX_INFLIGHT + 1,
+            ..RpcConfig::default()
+        };
+        assert_eq!(key_of(crowded), "rpc.max_inflight");
+        let huge_reply = RpcConfig {
+            max_reply_bytes: MAX_REPLY_BYTES + 1,
+            ..RpcConfig::default()
+        };
+        assert_eq!(key_of(huge_reply), "rpc.max_reply_bytes");
     }
 }
