@@ -99,7 +99,9 @@ struct Slot {
 
 struct RpcChannel {
     channel: Channel,
-    sequencer: mpsc::UnboundedSender<Tracked>,
+    /// The channel's confirm sequencer; dropped when the channel is lost, so the
+    /// sequencer ends (shutdown waits for it) even while a slot still holds this.
+    sequencer: Mutex<Option<mpsc::UnboundedSender<Tracked>>>,
     /// Held while a publish is written and handed to the sequencer, so confirms reach
     /// it in publish order (many requests publish on one channel at once).
     publishing: tokio::sync::Mutex<()>,
@@ -131,6 +133,8 @@ impl RpcChannel {
     fn lost(&self) {
         let waiting = self.pending().take();
         drop(waiting);
+        let sequencer = lock(&self.sequencer).take();
+        drop(sequencer);
     }
 }
 
@@ -400,7 +404,7 @@ impl Broker {
         self.tasks.spawn(sequence(tracked));
         let rpc = Arc::new(RpcChannel {
             channel,
-            sequencer,
+            sequencer: Mutex::new(Some(sequencer)),
             publishing: tokio::sync::Mutex::new(()),
             pending: Mutex::new(Some(HashMap::new())),
             registered: AtomicU64::new(0),
@@ -440,6 +444,7 @@ impl Broker {
         };
         let on_channel = rpc.channel.clone();
         let _order = rpc.publishing.lock().await;
+        let sequencer = lock(&rpc.sequencer).clone().ok_or(RpcError::Lost)?;
         // As in the pipeline: the first poll registers the confirm and queues the
         // frames; the rest (the write) is awaited by the sequencer.
         let mut write = Box::pin(async move {
@@ -461,7 +466,7 @@ impl Broker {
             std::task::Poll::Pending => confirm_future(write),
         };
         let (reply, outcome) = oneshot::channel();
-        rpc.sequencer
+        sequencer
             .send(Tracked {
                 key,
                 confirm,

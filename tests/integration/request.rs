@@ -230,6 +230,12 @@ async fn a_round_trip_carries_json_text_and_binary_bodies_and_properties() {
         r.body["reply"]["properties"]["content_type"],
         "application/octet-stream"
     );
+    // The RPC channels and their tasks end with the pool: shutdown does not hang.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), server.shutdown()).await;
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "shut down in time: {stopped:?}"
+    );
 }
 
 #[tokio::test]
