@@ -9,7 +9,9 @@
 //! 3. `POST /v1/publish/batch`, 100 messages per request;
 //! 4. the RabbitMQ management API publish endpoint;
 //! 5. WebSocket live fan-out to many sockets on one binding key;
-//! 6. Warren's RSS per idle authenticated socket holding one live subscription.
+//! 6. Warren's RSS per idle authenticated socket holding one live subscription;
+//! 7. request/reply: `POST /v1/request` vs the same RPC with lapin (`rpc.rs`;
+//!    `--rpc-only` runs just this).
 //!
 //! Not a test: it never runs under `cargo test`.
 
@@ -32,6 +34,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+mod rpc;
 
 /// The same allocator as the `warren` binary.
 #[global_allocator]
@@ -80,6 +84,12 @@ struct Args {
     /// Where the plot goes.
     #[arg(long, default_value = "bench/results.png")]
     plot: PathBuf,
+    /// Concurrency levels (calls in flight) of the request/reply comparison.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    rpc_levels: Vec<usize>,
+    /// Run only the request/reply comparison.
+    #[arg(long)]
+    rpc_only: bool,
     /// Publish transient messages (delivery mode 1: no disk write before the
     /// confirm) instead of persistent ones; a diagnostic, not the benchmark.
     #[arg(long)]
@@ -933,6 +943,21 @@ async fn main() -> anyhow::Result<()> {
         &mgmt_body(),
     );
 
+    if args.rpc_only {
+        let pid = warren.pid();
+        rpc::run(
+            &conn,
+            &warren.addr,
+            &bearer,
+            &args.rpc_levels,
+            args.seconds,
+            args.channels,
+            pid,
+        )
+        .await?;
+        warren.stop();
+        return Ok(());
+    }
     println!(
         "Warren load generator: {BODY_BYTES}-byte JSON, {}, durable queue, \
          mandatory; {:.1} s measured per point after 0.5 s warm-up; batch = {BATCH} msgs/request",
@@ -1021,6 +1046,17 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
         }
     }
+
+    rpc::run(
+        &conn,
+        &warren.addr,
+        &bearer,
+        &args.rpc_levels,
+        args.seconds,
+        args.channels,
+        warren.pid(),
+    )
+    .await?;
 
     println!("\nratios at equal concurrency");
     println!(

@@ -64,6 +64,16 @@ pub enum ApiError {
         detail: String,
         retry_after: Duration,
     },
+    /// Request/reply (SPEC §10): no reply within the request's `timeout_ms`.
+    #[error("{0}")]
+    ReplyTimeout(String),
+    /// Request/reply: the reply is larger than `rpc.max_reply_bytes`.
+    #[error("{0}")]
+    ReplyTooLarge(String),
+    /// Request/reply: this `correlation_id` is already awaiting a reply on every
+    /// reply channel of the vhost.
+    #[error("{0}")]
+    CorrelationIdInUse(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -117,10 +127,12 @@ pub enum ProblemCode {
     IdempotencyStoreUnavailable,
     RateLimited,
     InternalError,
+    ReplyTimeout,
+    ReplyTooLarge,
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 21] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -140,6 +152,8 @@ impl ProblemCode {
         Self::IdempotencyStoreUnavailable,
         Self::RateLimited,
         Self::InternalError,
+        Self::ReplyTimeout,
+        Self::ReplyTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +177,8 @@ impl ProblemCode {
             Self::IdempotencyStoreUnavailable => "idempotency_store_unavailable",
             Self::RateLimited => "rate_limited",
             Self::InternalError => "internal_error",
+            Self::ReplyTimeout => "reply_timeout",
+            Self::ReplyTooLarge => "reply_too_large",
         }
     }
 }
@@ -194,6 +210,9 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ReplyTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ReplyTooLarge(_) => StatusCode::BAD_GATEWAY,
+            Self::CorrelationIdInUse(_) => StatusCode::CONFLICT,
         }
     }
 
@@ -224,6 +243,10 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => ProblemCode::IdempotencyStoreUnavailable,
             Self::RateLimited { .. } => ProblemCode::RateLimited,
             Self::Internal(_) => ProblemCode::InternalError,
+            Self::ReplyTimeout(_) => ProblemCode::ReplyTimeout,
+            Self::ReplyTooLarge(_) => ProblemCode::ReplyTooLarge,
+            // The same answer as a key in flight (SPEC §4): retry after Retry-After.
+            Self::CorrelationIdInUse(_) => ProblemCode::IdempotencyKeyInUse,
         }
     }
 
@@ -248,6 +271,9 @@ impl ApiError {
             Self::IdempotencyStoreUnavailable(_) => "Idempotency store unavailable",
             Self::RateLimited { .. } => "Rate limited",
             Self::Internal(_) => "Internal error",
+            Self::ReplyTimeout(_) => "Reply timeout",
+            Self::ReplyTooLarge(_) => "Reply too large",
+            Self::CorrelationIdInUse(_) => "Correlation id in use",
         }
     }
 
@@ -262,6 +288,7 @@ impl ApiError {
             Self::BrokerRejected(_)
             | Self::IdempotencyKeyInUse
             | Self::EventInFlight
+            | Self::CorrelationIdInUse(_)
             | Self::IdempotencyStoreUnavailable(_) => Some(REJECTED_RETRY_AFTER_S),
             _ => None,
         }

@@ -15,6 +15,7 @@ pub mod idempotency;
 mod idle;
 mod linger;
 pub mod publishing;
+pub mod rpc;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;

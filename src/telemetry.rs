@@ -43,6 +43,10 @@ pub const IDEMPOTENCY_EVICTIONS: &str = "warren_idempotency_evictions_total";
 pub const IDEMPOTENCY_ENTRIES: &str = "warren_idempotency_entries";
 pub const IDEMPOTENCY_BYTES: &str = "warren_idempotency_bytes";
 pub const IDEMPOTENCY_STORE_UP: &str = "warren_idempotency_store_up";
+pub const RPC_REQUESTS: &str = "warren_rpc_requests_total";
+pub const RPC_DURATION: &str = "warren_rpc_round_trip_seconds";
+pub const RPC_LATE_REPLIES: &str = "warren_rpc_late_replies_total";
+pub const RPC_INFLIGHT: &str = "warren_rpc_inflight";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -205,6 +209,23 @@ fn describe() {
         "Token key reloads: changed key files re-read and JWKS URL fetches, by source and outcome."
     );
     describe_gauge!(AUTH_KEYS, "Token verification keys in force.");
+    describe_counter!(
+        RPC_REQUESTS,
+        "Request/reply calls, by tenant and outcome (replied, reply_timeout, reply_too_large, unroutable, nacked, timeout, unavailable, exchange_not_found, forbidden, rate_limited, correlation_id_in_use)."
+    );
+    describe_histogram!(
+        RPC_DURATION,
+        "Request/reply round trip: from publishing the request to its reply arriving."
+    );
+    describe_counter!(
+        RPC_LATE_REPLIES,
+        "Replies that matched no waiting request (late after a timeout, duplicate, or an unknown correlation id), dropped."
+    );
+    describe_gauge!(
+        RPC_INFLIGHT,
+        "Requests awaiting their reply, by vhost (read at scrape)."
+    );
+    counter!(RPC_LATE_REPLIES).increment(0);
     gauge!(WS_CONNECTIONS).set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "live").set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
@@ -376,4 +397,22 @@ pub fn ws_slow_consumer_closed() {
 
 pub fn idempotency_store_up(up: bool) {
     gauge!(IDEMPOTENCY_STORE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// One request/reply call's outcome (see [`RPC_REQUESTS`] for the set).
+pub fn rpc_outcome(tenant: &str, outcome: &'static str) {
+    tracing::Span::current().record("outcome", outcome);
+    counter!(RPC_REQUESTS, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn rpc_round_trip(elapsed: Duration) {
+    histogram!(RPC_DURATION).record(elapsed.as_secs_f64());
+}
+
+pub fn rpc_late_reply() {
+    counter!(RPC_LATE_REPLIES).increment(1);
+}
+
+pub fn rpc_inflight(vhost: &str, inflight: usize) {
+    gauge!(RPC_INFLIGHT, "vhost" => vhost.to_owned()).set(inflight as f64);
 }

@@ -189,6 +189,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 inflight_confirms: stats.inflight_confirms,
             },
         );
+        telemetry::rpc_inflight(broker.vhost(), broker.rpc_inflight());
     }
     telemetry::idempotency_store_up(state.idempotency.store.ping().await.is_ok());
     (

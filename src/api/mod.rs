@@ -8,6 +8,7 @@ pub mod model;
 pub mod openapi;
 mod problem;
 pub mod publish;
+pub mod request;
 pub mod track;
 
 use std::any::Any;
@@ -46,6 +47,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::publish))
         .routes(routes!(publish::publish_batch))
         .routes(routes!(events::publish_event))
+        .routes(routes!(request::request))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so

@@ -35,6 +35,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
     ),
     tags(
         (name = "publish", description = "Publish messages with publisher confirms."),
+        (name = "request", description = "Request/reply: publish a request and wait for its reply (direct reply-to)."),
         (name = "operations", description = "Liveness, readiness and metrics (no token needed)."),
     ),
     components(
@@ -54,6 +55,9 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::PublishUnavailable,
             problems::IdempotencyStoreUnavailable,
             problems::ConfirmTimeout,
+            problems::RequestConflict,
+            problems::ReplyTooLarge,
+            problems::RequestTimedOut,
         ),
     ),
     modifiers(&BearerScheme),
@@ -121,6 +125,7 @@ pub fn document() -> Value {
     let mut doc = serde_json::to_value(&openapi).unwrap_or_else(|_| json!({}));
     require_exactly_one_body(&mut doc);
     super::events::document_schemas(&mut doc);
+    constrain_request(&mut doc);
     add_request_id_headers(&mut doc);
     doc
 }
@@ -154,6 +159,50 @@ fn require_exactly_one_body(doc: &mut Value) {
         both("payload", "body_base64"),
         both("body", "body_base64")
     ] });
+}
+
+/// A request (`POST /v1/request`) is a publish plus `timeout_ms`, whose `reply_to`
+/// Warren sets, which is always mandatory, and whose `correlation_id`, when given, is
+/// not empty. utoipa renders the flattened publish body as `allOf`, which the publish
+/// schema's `additionalProperties: false` would make unsatisfiable with `timeout_ms`;
+/// so the request schema is the publish schema (its body-kind rule included) with
+/// `timeout_ms` added, and the request's rules joined to its `not`.
+fn constrain_request(doc: &mut Value) {
+    let Some(publish) = doc.pointer("/components/schemas/PublishRequest").cloned() else {
+        return;
+    };
+    let Some(schema) = doc.pointer_mut("/components/schemas/RequestBody") else {
+        return;
+    };
+    let timeout_ms = schema
+        .pointer("/allOf/1/properties/timeout_ms")
+        .cloned()
+        .unwrap_or_else(|| json!({ "type": "integer", "minimum": 1 }));
+    let mut merged = publish;
+    merged["properties"]["timeout_ms"] = timeout_ms;
+    merged["description"] = schema["description"].clone();
+    merged["example"] = schema["example"].clone();
+    let in_properties = |member: &str, value: Value| {
+        json!({ "required": ["properties"], "properties": { "properties": {
+            "type": "object", "required": [member], "properties": { member: value }
+        } } })
+    };
+    let rules = [
+        in_properties("reply_to", json!({ "not": { "type": "null" } })),
+        in_properties(
+            "correlation_id",
+            json!({ "type": "string", "maxLength": 0 }),
+        ),
+        json!({ "required": ["mandatory"], "properties": { "mandatory": { "const": false } } }),
+    ];
+    match merged
+        .pointer_mut("/not/anyOf")
+        .and_then(Value::as_array_mut)
+    {
+        Some(any_of) => any_of.extend(rules),
+        None => merged["not"] = json!({ "anyOf": rules }),
+    }
+    *schema = merged;
 }
 
 /// Every response carries `X-Request-Id`, and every documented response header is always
@@ -427,6 +476,43 @@ pub mod problems {
         /// outcome is unknown: retry with the same `Idempotency-Key` (consumers can
         /// de-duplicate on the derived `message_id`).
         ConfirmTimeout => [
+            ("confirm_timeout", ApiError::from(PublishError::ConfirmTimeout(
+                std::time::Duration::from_secs(5)))),
+        ]
+    }
+
+    problem_response! {
+        /// `idempotency_key_in_use`: a request with this `Idempotency-Key` is still in
+        /// flight, or (request/reply) a request with this `correlation_id` is still
+        /// awaiting its reply on every reply channel. Retry after `Retry-After` seconds
+        /// (or leave `correlation_id` out: Warren then makes a unique one).
+        RequestConflict => [
+            ("idempotency_key_in_use", ApiError::IdempotencyKeyInUse),
+            ("correlation_id_in_flight", ApiError::CorrelationIdInUse(
+                "properties.correlation_id: a request with this correlation id is still awaiting its reply; retry later, or leave correlation_id out and Warren makes a unique one"
+                    .to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `reply_too_large`: the reply is larger than `rpc.max_reply_bytes`; it was
+        /// dropped. The request was handled: retrying sends it again.
+        ReplyTooLarge => [
+            ("reply_too_large", ApiError::ReplyTooLarge(
+                "the reply is larger than rpc.max_reply_bytes (1048576 bytes) and was dropped"
+                    .to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `reply_timeout`: the request was confirmed and routed, and no reply came within
+        /// `timeout_ms` (a later reply is dropped); or `confirm_timeout`: no publisher
+        /// confirm within `amqp.confirm_timeout_ms`. Retry with the same
+        /// `Idempotency-Key`.
+        RequestTimedOut => [
+            ("reply_timeout", ApiError::ReplyTimeout(
+                "no reply within 5000 ms; the request was delivered, and a reply that comes later is dropped"
+                    .to_owned())),
             ("confirm_timeout", ApiError::from(PublishError::ConfirmTimeout(
                 std::time::Duration::from_secs(5)))),
         ]

@@ -121,7 +121,7 @@ struct Entry {
 
 /// Resolves a channel's confirms in publish order and pairs returns with their
 /// messages. Ends when the pool drops the channel and nothing is left in flight.
-async fn sequence(mut incoming: mpsc::UnboundedReceiver<Tracked>) {
+pub(super) async fn sequence(mut incoming: mpsc::UnboundedReceiver<Tracked>) {
     let mut queue: VecDeque<Entry> = VecDeque::new();
     // Returns seen but not yet matched to their message's confirm, by key (a count,
     // since equal keys may be in flight more than once).

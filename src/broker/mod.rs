@@ -5,7 +5,8 @@
 //!
 //! Layout: `connection` (connections, failover, watcher), `channel` (channel pool and
 //! confirm sequencer), `pipeline` (publish/confirm), `exchanges` (exchange cache),
-//! `publish` (outcomes), `health`, `poison`, `error`.
+//! `publish` (outcomes), `rpc` (request/reply over direct reply-to), `health`, `poison`,
+//! `error`.
 
 mod channel;
 mod connection;
@@ -15,6 +16,7 @@ pub mod health;
 mod pipeline;
 pub mod poison;
 pub mod publish;
+mod rpc;
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -36,6 +38,7 @@ use exchanges::ExchangeCache;
 pub use health::{Health, HealthReport};
 use publish::{AmqpFailure, classify};
 pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
+pub use rpc::{DIRECT_REPLY_TO, Reply, RpcError, RpcSettings};
 
 pub type ChannelPool = managed::Pool<ChannelManager>;
 
@@ -68,6 +71,8 @@ pub struct Broker {
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
     holds: Arc<std::sync::atomic::AtomicUsize>,
     metrics: bool,
+    /// Request/reply channels, made on the vhost's first request (`rpc.rs`).
+    rpc: std::sync::OnceLock<rpc::Rpc>,
 }
 
 /// A pool in use: derefs to the [`Broker`] and keeps it from being closed as idle.
@@ -185,6 +190,7 @@ impl Broker {
             stop,
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics,
+            rpc: std::sync::OnceLock::new(),
         });
         broker
             .tasks
@@ -210,6 +216,7 @@ impl Broker {
     pub fn is_idle(&self) -> bool {
         self.holds.load(std::sync::atomic::Ordering::Acquire) == 0
             && self.inflight.available_permits() == self.max_inflight
+            && self.rpc_inflight() == 0
     }
 
     /// Whether this pool exports per-vhost metrics.
@@ -244,6 +251,9 @@ impl Broker {
         // costs its connection's clean close, not the pool's.
         let consumers = self.consumers.acquire_many(self.max_consumers);
         let _ = tokio::time::timeout(CONSUMERS_CLOSE_WAIT, consumers).await;
+        if let Some(rpc) = self.rpc.get() {
+            rpc.close().await;
+        }
         let idle = self.channels.retain(|_, _| false).removed;
         self.channels.close();
         join_all(idle.into_iter().map(|publish| async move {

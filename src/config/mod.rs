@@ -8,6 +8,7 @@ mod auth;
 mod check;
 mod idempotency;
 mod log;
+mod rpc;
 mod server;
 mod tenants;
 #[cfg(test)]
@@ -19,6 +20,7 @@ pub use amqp::{AmqpConfig, TlsConfig};
 pub use auth::{AuthConfig, HsSecretConfig, PublicKeyFileConfig};
 pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
+pub use rpc::RpcConfig;
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
@@ -72,6 +74,8 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     #[serde(default)]
     pub ws: WsConfig,
+    #[serde(default)]
+    pub rpc: RpcConfig,
     #[serde(default)]
     pub dynamic_tenants: DynamicTenantsConfig,
     #[serde(default)]
@@ -160,6 +164,7 @@ impl Config {
             log: LogConfig::default(),
             idempotency: IdempotencyConfig::default(),
             ws: WsConfig::default(),
+            rpc: RpcConfig::default(),
             dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
             topology: TopologyConfig::default(),
@@ -173,6 +178,7 @@ impl Config {
         self.amqp.validate()?;
         self.idempotency.validate(self.amqp.confirm_timeout_ms)?;
         self.ws.validate()?;
+        self.rpc.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants =

@@ -6,6 +6,7 @@ pub mod durable;
 pub mod hub;
 pub mod protocol;
 pub mod queue;
+mod request;
 pub mod session;
 
 use std::collections::HashMap;

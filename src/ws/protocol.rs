@@ -19,14 +19,28 @@ use serde_json::{Map, Value};
 
 use crate::api::body::parse_json;
 use crate::api::model::PublishRequest;
+use crate::api::request::{ReplyMessage, RequestBody};
 use crate::error::ApiError;
 
 /// Every client frame type, as named in the `type` member.
-pub const CLIENT_FRAME_TYPES: &[&str] =
-    &["subscribe", "unsubscribe", "ack", "nack", "publish", "auth"];
+pub const CLIENT_FRAME_TYPES: &[&str] = &[
+    "subscribe",
+    "unsubscribe",
+    "ack",
+    "nack",
+    "publish",
+    "auth",
+    "request",
+];
 /// Every server frame type.
-pub const SERVER_FRAME_TYPES: &[&str] =
-    &["subscribed", "unsubscribed", "confirm", "message", "error"];
+pub const SERVER_FRAME_TYPES: &[&str] = &[
+    "subscribed",
+    "unsubscribed",
+    "confirm",
+    "message",
+    "error",
+    "reply",
+];
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,6 +130,16 @@ pub struct Publish {
     pub raw: String,
 }
 
+/// A request frame (SPEC §10): the `POST /v1/request` body plus `id` and an optional key.
+#[derive(Debug)]
+pub struct Request {
+    pub id: String,
+    pub idempotency_key: Option<String>,
+    pub request: RequestBody,
+    /// The request body with its members in sorted order (a stable idempotency fingerprint).
+    pub raw: String,
+}
+
 #[derive(Debug)]
 pub enum ClientFrame {
     Subscribe(Subscribe),
@@ -124,6 +148,7 @@ pub enum ClientFrame {
     Nack(Nack),
     Publish(Box<Publish>),
     Auth(Auth),
+    Request(Box<Request>),
 }
 
 /// A frame that could not be understood; answered with an error frame, socket kept.
@@ -221,6 +246,31 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
                 raw,
             })))
         }
+        "request" => {
+            let mut rest = members;
+            rest.remove("type");
+            let id = rest
+                .remove("id")
+                .ok_or_else(|| fail("request frame: `id` is required".to_owned()))
+                .and_then(|v| {
+                    serde_json::from_str::<String>(v.get())
+                        .map_err(|_| fail("request frame: `id` must be a string".to_owned()))
+                })?;
+            let idempotency_key = match rest.remove("idempotency_key") {
+                None => None,
+                Some(v) => Some(serde_json::from_str::<String>(v.get()).map_err(|_| {
+                    fail("request frame: `idempotency_key` must be a string".to_owned())
+                })?),
+            };
+            let raw = typed(&rest);
+            let request = RequestBody::from_members(rest).map_err(decode)?;
+            Ok(ClientFrame::Request(Box::new(Request {
+                id,
+                idempotency_key,
+                request,
+                raw,
+            })))
+        }
         other => Err(fail(format!(
             "unknown frame type {other:?}; expected one of {}",
             CLIENT_FRAME_TYPES.join(", ")
@@ -255,6 +305,13 @@ pub enum ServerFrame {
         code: String,
         detail: String,
     },
+    /// The reply to a `request` frame, as `POST /v1/request` answers it.
+    Reply {
+        id: String,
+        message_id: String,
+        correlation_id: String,
+        reply: ReplyMessage,
+    },
 }
 
 impl ServerFrame {
@@ -273,6 +330,7 @@ impl ServerFrame {
             Self::Confirm { .. } => "confirm",
             Self::Message(_) => "message",
             Self::Error { .. } => "error",
+            Self::Reply { .. } => "reply",
         }
     }
 
@@ -535,6 +593,17 @@ mod tests {
         assert!(matches!(f, ClientFrame::Unsubscribe(u) if u.id == "s1"));
         let f = parse(r##"{"type":"auth","token":"t"}"##).unwrap();
         assert!(matches!(f, ClientFrame::Auth(a) if a.token == "t"));
+        let f = parse(r##"{"type":"request","id":"r1","exchange":"e","routing_key":"k","body":"b","timeout_ms":50,"idempotency_key":"k2"}"##).unwrap();
+        let ClientFrame::Request(r) = f else { panic!() };
+        assert_eq!(
+            (r.id.as_str(), r.idempotency_key.as_deref()),
+            ("r1", Some("k2"))
+        );
+        assert_eq!(r.request.timeout_ms, Some(50));
+        assert_eq!(r.request.publish.body.as_deref(), Some("b"));
+        let e = parse(r##"{"type":"request","id":"r2","exchange":"e","routing_key":"k","body":"b","timeout_ms":"soon"}"##).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("r2"));
+        assert!(e.detail.contains("timeout_ms"), "{}", e.detail);
         let f = parse(r##"{"type":"publish","id":"p1","exchange":"e","routing_key":"k","payload":{"a": [1, 2]},"idempotency_key":"k1"}"##).unwrap();
         let ClientFrame::Publish(p) = f else { panic!() };
         assert_eq!(p.id, "p1");
@@ -770,11 +839,11 @@ mod tests {
 
         #[test]
         fn parsing_frame_shaped_json_never_panics(
-            kind in proptest::sample::select(vec!["subscribe", "unsubscribe", "ack", "nack", "publish", "auth", "other"]),
+            kind in proptest::sample::select(vec!["subscribe", "unsubscribe", "ack", "nack", "publish", "auth", "request", "other"]),
             keys in proptest::collection::vec(
                 proptest::sample::select(vec!["id", "exchange", "binding_key", "mode", "queue", "prefetch",
                     "subscription", "delivery_tag", "multiple", "requeue", "token", "routing_key",
-                    "payload", "body", "body_base64", "properties", "idempotency_key", "type"]), 0..8),
+                    "payload", "body", "body_base64", "properties", "idempotency_key", "type", "timeout_ms"]), 0..8),
             values in proptest::collection::vec(
                 proptest::sample::select(vec!["1", "-1", "\"x\"", "null", "true", "{}", "[]", "\"durable\"",
                     "18446744073709551616", "{\"headers\":{\"a\":[1,{}]}}", "\"#\"", "1.5"]), 0..8),

@@ -273,6 +273,18 @@ impl Session {
                 Err(e) => ServerFrame::error(Some(p.id), &e),
             },
             ClientFrame::Auth(a) => return self.reauthenticate(&a.token, expiry).await,
+            // Request frames share the publish frames' in-flight bound (they are
+            // publishes that wait longer) and answer through the same set.
+            ClientFrame::Request(r) => match self.principal.require(Scope::Publish) {
+                Ok(()) => {
+                    let state = self.state.clone();
+                    let principal = self.principal.clone();
+                    self.publishes
+                        .spawn(super::request::request(state, principal, *r));
+                    return Step::Write(Vec::new());
+                }
+                Err(e) => ServerFrame::error(Some(r.id), &e),
+            },
         };
         Step::Write(vec![reply])
     }

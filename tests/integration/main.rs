@@ -16,6 +16,7 @@ mod poison;
 mod properties;
 mod publish;
 mod queues;
+mod request;
 mod security;
 mod shutdown;
 mod tenancy;

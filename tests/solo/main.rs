@@ -14,6 +14,7 @@ mod load;
 
 mod alarm;
 mod cluster;
+mod request;
 mod restart;
 
 use std::process::Command;

@@ -19,13 +19,13 @@ use crate::{rabbitmqctl, require_rabbitmqctl};
 
 /// The broker application stopped; started again by [`StoppedBroker::start`], or on
 /// drop (also when the test fails) so no later test meets a stopped broker.
-struct StoppedBroker {
+pub(crate) struct StoppedBroker {
     running: bool,
 }
 
 impl StoppedBroker {
     /// Stops the broker application; returns once it has stopped.
-    async fn stop() -> Self {
+    pub(crate) async fn stop() -> Self {
         let stopped = tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
             .await
             .expect("rabbitmqctl ran");
@@ -37,7 +37,7 @@ impl StoppedBroker {
     }
 
     /// Starts the broker application; returns once it accepts connections again.
-    async fn start(mut self) {
+    pub(crate) async fn start(mut self) {
         let started = tokio::task::spawn_blocking(|| rabbitmqctl(&["start_app"]))
             .await
             .expect("rabbitmqctl ran");

@@ -1,0 +1,261 @@
+//! Request/reply: Warren's `POST /v1/request` round trip against the same RPC done with
+//! lapin directly (direct reply-to on confirm-mode channels, mandatory, a reply
+//! consumer per channel and a correlation-id map), both answered by one lapin
+//! responder that echoes the request body to `reply_to`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::oneshot;
+
+use crate::{
+    CpuProbe, EXCHANGE, Recorder, Stat, Window, collect, fmt_cpu, http_loop, message_json, post,
+    props,
+};
+
+const RPC_QUEUE: &str = "warren-bench-rpc";
+const RPC_KEY: &str = "rpc.call";
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+/// Runs the comparison at each level and prints a table and the ratios.
+pub async fn run(
+    conn: &Connection,
+    addr: &str,
+    bearer: &str,
+    levels: &[usize],
+    seconds: f64,
+    channels: usize,
+    warren_pid: u32,
+) -> anyhow::Result<()> {
+    let admin = conn.create_channel().await?;
+    admin
+        .queue_declare(
+            RPC_QUEUE.into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    admin
+        .queue_bind(
+            RPC_QUEUE.into(),
+            EXCHANGE.into(),
+            "rpc.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let responder = responder(conn).await?;
+    let body = message_json("\"id\":\"rpc\",");
+    let request = post(
+        addr,
+        "/v1/request",
+        bearer,
+        &format!(
+            "{{\"exchange\":\"{EXCHANGE}\",\"routing_key\":\"{RPC_KEY}\",\"payload\":{body},\
+             \"properties\":{{\"persistent\":{}}},\"timeout_ms\":10000}}",
+            crate::delivery_mode() == 2
+        ),
+    );
+    println!(
+        "\nrequest/reply: {}-byte JSON echoed by one lapin responder; direct = lapin with \
+         direct reply-to on {channels} confirm-mode channels, mandatory",
+        body.len()
+    );
+    println!(
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}",
+        "path", "conc", "calls/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq/other"
+    );
+    let mut rows = Vec::new();
+    for &n in levels {
+        let mut pair = [Stat::default(); 2];
+        for (k, name) in ["1 direct RPC (lapin)", "2 warren request"]
+            .iter()
+            .enumerate()
+        {
+            let probe = CpuProbe::start(warren_pid);
+            let stat = if k == 0 {
+                direct_rpc(conn, n, channels, seconds, body.as_bytes()).await
+            } else {
+                http_loop(addr, request.clone(), 200, 1, None, n, seconds, None).await
+            }
+            .with_context(|| format!("{name} at {n}"))?;
+            println!(
+                "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}",
+                stat.rate,
+                stat.p50,
+                stat.p99,
+                stat.p999,
+                fmt_cpu(probe.stop())
+            );
+            pair[k] = stat;
+        }
+        rows.push((n, pair));
+    }
+    println!("\nrequest/reply: Warren vs direct at equal concurrency");
+    println!("{:>5} {:>14} {:>14}", "conc", "throughput", "p50 +ms");
+    for (n, [direct, warren]) in rows {
+        println!(
+            "{n:>5} {:>13.2}x {:>14.2}",
+            warren.rate / direct.rate,
+            warren.p50 - direct.p50
+        );
+    }
+    responder.abort();
+    let _ = admin
+        .queue_delete(RPC_QUEUE.into(), QueueDeleteOptions::default())
+        .await;
+    Ok(())
+}
+
+/// Echoes every request to its `reply_to` with its correlation id.
+async fn responder(conn: &Connection) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            RPC_QUEUE.into(),
+            "bench-responder".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let p = &delivery.properties;
+            let (Some(reply_to), Some(id)) = (p.reply_to(), p.correlation_id()) else {
+                continue;
+            };
+            let reply = BasicProperties::default()
+                .with_correlation_id(id.clone())
+                .with_content_type("application/json".into());
+            let _ = channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    reply,
+                )
+                .await;
+        }
+    }))
+}
+
+/// A confirm-mode channel consuming direct reply-to, with its waiting calls.
+async fn rpc_channel(conn: &Connection) -> anyhow::Result<(Channel, Waiting)> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "bench-replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let waiting: Waiting = Arc::default();
+    let map = waiting.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = replies.next().await {
+            let Some(id) = delivery.properties.correlation_id() else {
+                continue;
+            };
+            let waiter = map
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id.as_str());
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(delivery.data);
+            }
+        }
+    });
+    Ok((channel, waiting))
+}
+
+async fn direct_rpc(
+    conn: &Connection,
+    n: usize,
+    channels: usize,
+    seconds: f64,
+    body: &[u8],
+) -> anyhow::Result<Stat> {
+    let mut chans = Vec::new();
+    for _ in 0..channels.min(n).max(1) {
+        chans.push(rpc_channel(conn).await?);
+    }
+    let body = Arc::new(body.to_vec());
+    let w = Window::new(seconds);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (channel, waiting) = chans[i % chans.len()].clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rec = Recorder::new(w, None);
+            let mut call = 0u64;
+            loop {
+                let t0 = Instant::now();
+                let id = format!("{i}-{call}");
+                call += 1;
+                let (tx, rx) = oneshot::channel();
+                waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone(), tx);
+                let confirm = channel
+                    .basic_publish(
+                        EXCHANGE.into(),
+                        RPC_KEY.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        props()
+                            .with_reply_to(DIRECT_REPLY_TO.into())
+                            .with_correlation_id(id.as_str().into()),
+                    )
+                    .await?
+                    .await?;
+                ensure!(
+                    matches!(confirm, lapin::Confirmation::Ack(None)),
+                    "not acked: {confirm:?}"
+                );
+                let reply = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+                    .await
+                    .context("no reply in 10 s")??;
+                ensure!(reply == *body, "another call's reply");
+                if !rec.record(t0, 1) {
+                    break;
+                }
+            }
+            anyhow::Ok(rec)
+        }));
+    }
+    let stat = collect(tasks, w).await?;
+    for (channel, _) in chans {
+        let _ = channel.close(200, "bye".into()).await;
+    }
+    Ok(stat)
+}

@@ -1,0 +1,68 @@
+//! WebSocket `request` frames (SPEC §10): the same service and answers as
+//! `POST /v1/request`, answered by a `reply` frame or an `error` frame with the code
+//! the HTTP answer would carry.
+
+use super::protocol::{Request, ServerFrame};
+use crate::AppState;
+use crate::api::request::RequestReplied;
+use crate::error::ApiError;
+use crate::idempotency::{Fingerprint, IdempotencyKey, Outcome};
+use crate::publishing::TraceContext;
+use crate::rpc::{self, KeyedRequest};
+use crate::tenancy::Principal;
+
+/// Runs one request frame to its answer frame.
+pub async fn request(state: AppState, principal: Principal, frame: Request) -> ServerFrame {
+    let Request {
+        id,
+        idempotency_key,
+        request,
+        raw,
+    } = frame;
+    let key = match idempotency_key
+        .map(|k| IdempotencyKey::parse(k.as_bytes()))
+        .transpose()
+    {
+        Ok(key) => key,
+        Err(e) => return ServerFrame::error(Some(id), &e),
+    };
+    let call = KeyedRequest {
+        tenant: &principal.tenant,
+        subject: &principal.subject,
+        key: key.as_ref(),
+        fingerprint: Fingerprint::of("WS", "/v1/ws#request", raw.as_bytes()),
+        trace: TraceContext::default(),
+        max_headers_bytes: state.config.server.max_headers_bytes,
+        rpc: &state.config.rpc,
+        timeout_ms: request.timeout_ms,
+    };
+    let answer = rpc::request_keyed(
+        &state.idempotency,
+        call,
+        request.publish.into(),
+        RequestReplied::from,
+    )
+    .await;
+    let outcome = match answer {
+        Ok(answered) => answered.outcome,
+        Err(error) => {
+            if let ApiError::Internal(cause) = &error {
+                tracing::error!(error = %cause, "Request failed unexpectedly.");
+            }
+            Outcome::Failure(error.problem().into())
+        }
+    };
+    match outcome {
+        Outcome::Success { body, .. } => ServerFrame::Reply {
+            id,
+            message_id: body.message_id,
+            correlation_id: body.correlation_id,
+            reply: body.reply,
+        },
+        Outcome::Failure(problem) => ServerFrame::Error {
+            id: Some(id),
+            code: problem.code.as_str().to_owned(),
+            detail: problem.detail,
+        },
+    }
+}
