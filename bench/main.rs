@@ -90,6 +90,11 @@ struct Args {
     /// Run only the request/reply comparison.
     #[arg(long)]
     rpc_only: bool,
+    /// Run only a cluster comparison: direct AMQP and `POST /v1/publish` to a quorum
+    /// queue at `--levels`, on the local broker and then on the cluster at these AMQP
+    /// URLs (`scripts/cluster.sh urls`; Warren gets all of them, direct AMQP the first).
+    #[arg(long, value_delimiter = ',')]
+    cluster: Vec<String>,
     /// Publish transient messages (delivery mode 1: no disk write before the
     /// confirm) instead of persistent ones; a diagnostic, not the benchmark.
     #[arg(long)]
@@ -545,6 +550,21 @@ struct Warren {
 
 impl Warren {
     async fn start(bin: &Path, dir: &Path, name: &str) -> anyhow::Result<Self> {
+        Self::start_on(bin, dir, name, &[AMQP_URL.to_owned()]).await
+    }
+
+    /// [`Warren::start`] against the broker (or cluster) at `urls`.
+    async fn start_on(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        urls: &[String],
+    ) -> anyhow::Result<Self> {
+        let urls = urls
+            .iter()
+            .map(|u| format!("{u:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -554,7 +574,7 @@ impl Warren {
             &config,
             format!(
                 "[server]\nlisten = \"{addr}\"\nmax_concurrent_requests = 100000\n\
-                 [amqp]\nurl = \"{AMQP_URL}\"\n\
+                 [amqp]\nurls = [{urls}]\n\
                  [auth]\nhs256_secret = \"{SECRET}\"\n\
                  [log]\nlevel = \"warn\"\n\
                  [ws]\nmax_sockets_per_tenant = 100000\n\
@@ -896,6 +916,9 @@ async fn main() -> anyhow::Result<()> {
         DELIVERY_MODE.store(1, std::sync::atomic::Ordering::Relaxed);
     }
     let dir = tempfile::tempdir()?;
+    if !args.cluster.is_empty() {
+        return cluster_comparison(&args, dir.path()).await;
+    }
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let admin = conn.create_channel().await?;
     admin
@@ -1185,5 +1208,97 @@ async fn main() -> anyhow::Result<()> {
         ],
     )?;
     println!("\nplot: {}", args.plot.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cluster comparison
+
+/// Direct AMQP and `POST /v1/publish` into a quorum queue, on the single local broker
+/// and on the cluster (`--cluster`), at `--levels`, side by side (issue #21).
+async fn cluster_comparison(args: &Args, dir: &Path) -> anyhow::Result<()> {
+    let queue = "warren-bench-quorum";
+    println!(
+        "Cluster comparison: {BODY_BYTES}-byte JSON, persistent, mandatory, into the quorum \
+         queue {queue}; {:.1} s measured per point",
+        args.seconds
+    );
+    println!(
+        "{:<10} {:<22} {:>5} {:>10} {:>9} {:>9} {:>9}",
+        "broker", "path", "conc", "msg/s", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    let single = vec![AMQP_URL.to_owned()];
+    for (label, urls) in [("1 node", &single), ("3 nodes", &args.cluster)] {
+        let conn = Connection::connect(&urls[0], ConnectionProperties::default()).await?;
+        let admin = conn.create_channel().await?;
+        admin
+            .exchange_declare(
+                EXCHANGE.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        admin
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await?;
+        admin
+            .queue_bind(
+                queue.into(),
+                EXCHANGE.into(),
+                "bench.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let warren = Warren::start_on(&args.warren, dir, &format!("warren-{}", urls.len()), urls)
+            .await?;
+        let bearer = format!("Bearer {}", warren.token);
+        let single_publish = post(&warren.addr, "/v1/publish", &bearer, &publish_body());
+        for &n in &args.levels {
+            for path in ["1 direct AMQP", "2 warren publish"] {
+                let s = if path.starts_with('1') {
+                    direct(&conn, n, args.channels, args.seconds, None).await?
+                } else {
+                    http_loop(
+                        &warren.addr,
+                        single_publish.clone(),
+                        202,
+                        1,
+                        None,
+                        n,
+                        args.seconds,
+                        None,
+                    )
+                    .await?
+                };
+                println!(
+                    "{label:<10} {path:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}",
+                    s.rate, s.p50, s.p99, s.p999
+                );
+                admin
+                    .queue_purge(queue.into(), QueuePurgeOptions::default())
+                    .await?;
+            }
+        }
+        warren.stop();
+        admin
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
     Ok(())
 }
