@@ -71,8 +71,10 @@ pub struct Broker {
     /// Long-lived users (WebSocket consumers) that keep an idle pool from being closed.
     holds: Arc<std::sync::atomic::AtomicUsize>,
     metrics: bool,
-    /// Request/reply channels, made on the vhost's first request (`rpc.rs`).
-    rpc: std::sync::OnceLock<rpc::Rpc>,
+    /// Request/reply channels of each tenant on this vhost, made on its first request
+    /// (`rpc.rs`). Per tenant: a direct reply-to address belongs to a channel, so
+    /// tenants sharing a vhost never share a channel a reply could reach.
+    rpc: std::sync::Mutex<std::collections::HashMap<String, Arc<rpc::Rpc>>>,
 }
 
 /// A pool in use: derefs to the [`Broker`] and keeps it from being closed as idle.
@@ -190,7 +192,7 @@ impl Broker {
             stop,
             holds: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             metrics,
-            rpc: std::sync::OnceLock::new(),
+            rpc: std::sync::Mutex::default(),
         });
         broker
             .tasks
@@ -251,7 +253,14 @@ impl Broker {
         // costs its connection's clean close, not the pool's.
         let consumers = self.consumers.acquire_many(self.max_consumers);
         let _ = tokio::time::timeout(CONSUMERS_CLOSE_WAIT, consumers).await;
-        if let Some(rpc) = self.rpc.get() {
+        let tenants: Vec<Arc<rpc::Rpc>> = self
+            .rpc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for rpc in tenants {
             rpc.close().await;
         }
         let idle = self.channels.retain(|_, _| false).removed;

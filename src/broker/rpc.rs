@@ -201,7 +201,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Broker {
     /// Requests awaiting their reply on this vhost.
     pub fn rpc_inflight(&self) -> usize {
-        self.rpc.get().map_or(0, Rpc::inflight)
+        lock(&self.rpc).values().map(|rpc| rpc.inflight()).sum()
+    }
+
+    /// `tenant`'s RPC channels on this vhost, made with `settings` on its first request.
+    fn rpc_of(&self, tenant: &str, settings: RpcSettings) -> Arc<Rpc> {
+        lock(&self.rpc)
+            .entry(tenant.to_owned())
+            .or_insert_with(|| Arc::new(Rpc::new(settings)))
+            .clone()
     }
 
     /// Publishes `message` as a request (mandatory as the message says, confirmed,
@@ -211,6 +219,7 @@ impl Broker {
     #[tracing::instrument(name = "request", skip_all, fields(vhost = %self.vhost))]
     pub async fn request(
         &self,
+        tenant: &str,
         message: &OutgoingMessage,
         correlation_id: &str,
         settings: RpcSettings,
@@ -221,7 +230,8 @@ impl Broker {
                 PublishError::unavailable(unavailable.reason, unavailable.retry_after).into(),
             );
         }
-        let rpc = self.rpc.get_or_init(|| Rpc::new(settings));
+        let rpc = self.rpc_of(tenant, settings);
+        let rpc = rpc.as_ref();
         let Ok(_permit) = rpc.inflight.clone().try_acquire_owned() else {
             return Err(PublishError::unavailable(
                 format!(

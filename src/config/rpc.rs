@@ -14,11 +14,14 @@ pub struct RpcConfig {
     pub default_timeout_ms: u64,
     /// The largest `timeout_ms` a client may ask for (400 above it).
     pub max_timeout_ms: u64,
-    /// Requests awaiting their reply at once, per vhost pool; past it a request is
-    /// answered 503 `broker_unavailable` with `Retry-After` at once.
+    /// Requests awaiting their reply at once, per tenant on each vhost (tenants that
+    /// share a vhost each have their own); past it a request is answered 503
+    /// `broker_unavailable` with `Retry-After` at once.
     pub max_inflight: usize,
-    /// Channels per vhost that carry requests, each with its own direct reply-to
-    /// consumer; requests are spread over them round robin.
+    /// Channels per tenant on each vhost that carry requests, each with its own direct
+    /// reply-to consumer; requests are spread over them round robin. Per tenant: a
+    /// reply reaches whichever request waits on its correlation id on the channel, so
+    /// tenants sharing a vhost never share a channel.
     pub channels_per_vhost: usize,
     /// Largest reply body relayed; a larger reply is dropped and the request answered
     /// 502 `reply_too_large`.

@@ -141,7 +141,10 @@ pub async fn request_one(
         max_inflight: call.rpc.max_inflight,
         max_reply_bytes: call.rpc.max_reply_bytes,
     };
-    match broker.request(m, &correlation_id, settings, timeout).await {
+    match broker
+        .request(&tenant.name, m, &correlation_id, settings, timeout)
+        .await
+    {
         Ok(reply) => {
             telemetry::rpc_round_trip(reply.round_trip);
             telemetry::rpc_outcome(&tenant.metrics_label, "replied");

@@ -454,6 +454,51 @@ async fn tenants_on_separate_vhosts_never_see_each_others_replies() {
     assert_eq!(inflight(server, &tenant_b).await, 0);
 }
 
+/// Two tenants sharing one vhost (one RPC channel each, so the old shared channel would
+/// hand the late reply over): tenant A's request times out; tenant B then waits on the
+/// same correlation id; A's late reply must not reach B.
+#[tokio::test]
+async fn a_late_reply_never_reaches_another_tenant_on_the_same_vhost() {
+    let rabbit = Rabbit::connect().await;
+    let slow_queue = rabbit.queue(FieldTable::default()).await;
+    let silent_queue = rabbit.queue(FieldTable::default()).await;
+    let slow = Duration::from_millis(500);
+    let _slow =
+        Responder::start(&broker_url(), &slow_queue, Answer::SlowWhenAsked(slow), "a").await;
+    let (tenant_a, tenant_b) = (unique("t"), unique("t"));
+    let mut config = config(&format!(
+        "[tenants.{tenant_a}]\nvhost = \"/\"\npublish = [{{ exchange = \"\", routing_key = \"#\" }}]\n\
+         [tenants.{tenant_b}]\nvhost = \"/\"\npublish = [{{ exchange = \"\", routing_key = \"#\" }}]\n"
+    ));
+    config.rpc.channels_per_vhost = 1;
+    let server = TestServer::start_ready(config).await;
+    let (token_a, token_b) = (
+        server.token(&tenant_a, "publish"),
+        server.token(&tenant_b, "publish"),
+    );
+    let a = request(
+        &server,
+        &token_a,
+        &json!({"exchange": "", "routing_key": slow_queue, "payload": {"secret": "of a"},
+                "properties": {"correlation_id": "guessable-1", "headers": {"slow": true}},
+                "timeout_ms": 100}),
+    )
+    .await;
+    assert_problem(&a, 504, "reply_timeout");
+    // B waits on the same id while A's reply is on its way (nobody answers B).
+    let b = request(
+        &server,
+        &token_b,
+        &json!({"exchange": "", "routing_key": silent_queue, "payload": "b",
+                "properties": {"correlation_id": "guessable-1"}, "timeout_ms": 1500}),
+    )
+    .await;
+    assert_problem(&b, 504, "reply_timeout");
+    assert!(!b.body.to_string().contains("of a"), "{:?}", b.body);
+    assert_eq!(inflight(&server, &tenant_b).await, 0);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_correlation_id_in_flight_on_every_channel_is_refused() {
     let (_rabbit, exchange, queue, _tenant, server, token) = publishing_tenant(|config| {
