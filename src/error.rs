@@ -25,6 +25,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("exchange {0:?} does not exist in this tenant's vhost")]
     ExchangeNotFound(String),
+    /// SPEC §9: no stream of this name in the tenant's vhost (or a queue that is not one).
+    #[error("{0}")]
+    StreamNotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -93,6 +96,7 @@ pub enum ProblemCode {
     NotFound,
     MethodNotAllowed,
     ExchangeNotFound,
+    StreamNotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     RequestTimeout,
@@ -108,13 +112,14 @@ pub enum ProblemCode {
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::ExchangeNotFound,
+        Self::StreamNotFound,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
         Self::RequestTimeout,
@@ -137,6 +142,7 @@ impl ProblemCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ExchangeNotFound => "exchange_not_found",
+            Self::StreamNotFound => "stream_not_found",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RequestTimeout => "request_timeout",
@@ -163,7 +169,9 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) | Self::ExchangeNotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::ExchangeNotFound(_) | Self::StreamNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -193,6 +201,7 @@ impl ApiError {
             Self::NotFound(_) => ProblemCode::NotFound,
             Self::MethodNotAllowed(_) => ProblemCode::MethodNotAllowed,
             Self::ExchangeNotFound(_) => ProblemCode::ExchangeNotFound,
+            Self::StreamNotFound(_) => ProblemCode::StreamNotFound,
             Self::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
             Self::UnsupportedMediaType(_) => ProblemCode::UnsupportedMediaType,
             Self::RequestTimeout(_) => ProblemCode::RequestTimeout,
@@ -216,6 +225,7 @@ impl ApiError {
             Self::NotFound(_) => "Not found",
             Self::MethodNotAllowed(_) => "Method not allowed",
             Self::ExchangeNotFound(_) => "Exchange not found",
+            Self::StreamNotFound(_) => "Stream not found",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::RequestTimeout(_) => "Request timeout",

@@ -9,6 +9,8 @@ mod check;
 mod idempotency;
 mod log;
 mod server;
+mod sse;
+mod streams;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -19,6 +21,8 @@ pub use auth::{AuthConfig, HsSecretConfig, PublicKeyFileConfig};
 pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
+pub use sse::SseConfig;
+pub use streams::StreamsConfig;
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
 };
@@ -67,6 +71,10 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     #[serde(default)]
     pub ws: WsConfig,
+    #[serde(default)]
+    pub streams: StreamsConfig,
+    #[serde(default)]
+    pub sse: SseConfig,
     #[serde(default)]
     pub dynamic_tenants: DynamicTenantsConfig,
     #[serde(default)]
@@ -151,6 +159,8 @@ impl Config {
             log: LogConfig::default(),
             idempotency: IdempotencyConfig::default(),
             ws: WsConfig::default(),
+            streams: StreamsConfig::default(),
+            sse: SseConfig::default(),
             dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
         }
@@ -163,6 +173,8 @@ impl Config {
         self.amqp.validate()?;
         self.idempotency.validate(self.amqp.confirm_timeout_ms)?;
         self.ws.validate()?;
+        self.streams.validate()?;
+        self.sse.validate(self.server.header_read_timeout_s)?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants =

@@ -6,6 +6,7 @@ pub mod durable;
 pub mod hub;
 pub mod protocol;
 pub mod session;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::stream::StreamOffset;
 use crate::api::body::parse_json;
 use crate::api::model::PublishRequest;
 use crate::error::ApiError;
@@ -36,13 +37,20 @@ pub enum Mode {
     Live,
     /// At-least-once, a named tenant-scoped queue that outlives the socket.
     Durable,
+    /// Replay of a RabbitMQ stream from an offset (SPEC §9); Warren acks.
+    Stream,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
     pub id: String,
+    /// Required for `live` and `durable` (checked by [`parse`]); not for `stream`.
+    #[serde(default)]
     pub exchange: String,
+    /// Required for `live` and `durable`; a `stream` subscription's optional routing-key
+    /// filter (`#`, everything, when absent).
+    #[serde(default)]
     pub binding_key: String,
     #[serde(default)]
     pub mode: Mode,
@@ -50,6 +58,41 @@ pub struct Subscribe {
     pub queue: Option<String>,
     #[serde(default)]
     pub prefetch: Option<u16>,
+    /// `mode: "stream"`: the stream to read.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// `mode: "stream"`: where to start (`next` when absent).
+    #[serde(default)]
+    pub offset: Option<StreamOffset>,
+}
+
+impl Subscribe {
+    /// The members each mode needs (and those it cannot take), given the members the
+    /// frame had.
+    fn check(&mut self, members: &BTreeMap<String, Box<RawValue>>) -> Result<(), String> {
+        let has = |name: &str| members.contains_key(name);
+        if self.mode == Mode::Stream {
+            if self.stream.is_none() {
+                return Err("missing field `stream` (mode \"stream\")".to_owned());
+            }
+            if let Some(extra) = ["exchange", "queue"].into_iter().find(|m| has(m)) {
+                return Err(format!("`{extra}` is not part of a stream subscription"));
+            }
+            if !has("binding_key") {
+                "#".clone_into(&mut self.binding_key);
+            }
+            return Ok(());
+        }
+        for required in ["exchange", "binding_key"] {
+            if !has(required) {
+                return Err(format!("missing field `{required}`"));
+            }
+        }
+        if let Some(extra) = ["stream", "offset"].into_iter().find(|m| has(m)) {
+            return Err(format!("`{extra}` is only part of a stream subscription"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -150,9 +193,13 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let body = typed(&members);
     let decode = |e: ApiError| fail(format!("{kind} frame: {e}"));
     match kind.as_str() {
-        "subscribe" => parse_json(body.as_bytes())
-            .map(ClientFrame::Subscribe)
-            .map_err(decode),
+        "subscribe" => {
+            let mut subscribe: Subscribe = parse_json(body.as_bytes()).map_err(decode)?;
+            subscribe
+                .check(&members)
+                .map_err(|e| fail(format!("subscribe frame: {e}")))?;
+            Ok(ClientFrame::Subscribe(subscribe))
+        }
         "unsubscribe" => parse_json(body.as_bytes())
             .map(ClientFrame::Unsubscribe)
             .map_err(decode),
@@ -265,6 +312,9 @@ pub struct MessageFrame {
     subscription: FrameId,
     /// Only meaningful for durable subscriptions (ack/nack); 0 for live ones.
     delivery_tag: u64,
+    /// A stream subscription's stream offset of the message (`"offset"` after
+    /// `"delivery_tag"`); absent for other modes.
+    offset: Option<u64>,
     delivery: Arc<DeliveryJson>,
 }
 
@@ -283,7 +333,7 @@ impl FrameId {
 /// The members of a message frame that are the same for every subscriber of a
 /// delivery, as one JSON object: `{"exchange":…,…}`.
 #[derive(Debug)]
-pub struct DeliveryJson(String);
+pub struct DeliveryJson(String, Option<Box<str>>);
 
 #[derive(Serialize)]
 struct DeliveryMembers<'a> {
@@ -320,17 +370,25 @@ impl DeliveryJson {
             payload,
             body_base64: payload.is_none().then(|| BASE64.encode(&delivery.data)),
         };
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().into());
         // Serialising plain strings, maps and raw JSON cannot fail; `{}` keeps the
         // frame well-formed if it ever did.
-        Self(serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()))
+        Self(
+            serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()),
+            message_id,
+        )
     }
 }
 
 const FRAME_START: &str = r#"{"type":"message","subscription":"#;
 const FRAME_TAG: &str = r#","delivery_tag":"#;
+const FRAME_OFFSET: &str = r#","offset":"#;
 /// What a frame adds to its subscription id and delivery, with room for the digits
-/// of any u64.
-const FRAME_OVERHEAD: usize = FRAME_START.len() + FRAME_TAG.len() + 20;
+/// of two u64s.
+const FRAME_OVERHEAD: usize = FRAME_START.len() + FRAME_TAG.len() + FRAME_OFFSET.len() + 40;
 
 impl MessageFrame {
     /// The frame of a delivery that goes to one subscriber only.
@@ -344,8 +402,24 @@ impl MessageFrame {
         Self {
             subscription: subscription.clone(),
             delivery_tag,
+            offset: None,
             delivery: delivery.clone(),
         }
+    }
+
+    /// The frame of a stream subscription: it carries the message's stream offset.
+    pub fn with_offset(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+
+    pub fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+
+    /// The AMQP `message_id` of the delivery, if it has one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.delivery.1.as_deref()
     }
 
     /// The size of the frame's JSON, at most a few bytes over.
@@ -361,6 +435,10 @@ impl MessageFrame {
         out.push_str(FRAME_TAG);
         // Writing to a String cannot fail.
         let _ = write!(out, "{}", self.delivery_tag);
+        if let Some(offset) = self.offset {
+            out.push_str(FRAME_OFFSET);
+            let _ = write!(out, "{offset}");
+        }
         match self.delivery.0.strip_prefix('{') {
             Some(members) => {
                 out.push(',');

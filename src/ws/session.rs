@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::durable::{Durable, DurableRequest, queue_name};
 use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
+use super::stream::{StreamRequest, StreamSubscription};
 use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
 use crate::auth::grants::GrantPattern;
@@ -38,9 +39,11 @@ const CLOSE_NORMAL: u16 = 1000;
 enum Kind {
     Live(LiveSubscription),
     Durable(Durable),
+    Stream(StreamSubscription),
 }
 
 struct Subscription {
+    /// The exchange; for a stream subscription, the stream.
     exchange: String,
     binding_key: GrantPattern,
     kind: Kind,
@@ -210,12 +213,10 @@ impl Session {
                 subscription,
                 error,
             } => {
-                if let Some(Subscription {
-                    kind: Kind::Durable(_),
-                    ..
-                }) = self.subscriptions.remove(&subscription)
-                {
-                    telemetry::ws_subscriptions("durable", -1);
+                match self.subscriptions.remove(&subscription).map(|s| s.kind) {
+                    Some(Kind::Durable(_)) => telemetry::ws_subscriptions("durable", -1),
+                    Some(Kind::Stream(_)) => telemetry::ws_subscriptions("stream", -1),
+                    _ => {}
                 }
                 ServerFrame::error(Some(subscription), &error)
             }
@@ -293,6 +294,9 @@ impl Session {
                 config.max_subscriptions
             )));
         }
+        if s.mode == Mode::Stream {
+            return self.subscribe_stream(s).await;
+        }
         if s.exchange.len() > 255 {
             return Err(ApiError::InvalidRequest(
                 "exchange: must be at most 255 bytes".into(),
@@ -322,6 +326,7 @@ impl Session {
                     .await?;
                 (Kind::Live(live), None)
             }
+            Mode::Stream => unreachable_stream()?,
             Mode::Durable => {
                 let name = s.queue.as_deref().unwrap_or_default();
                 let queue = queue_name(&tenant.name, name)?;
@@ -361,11 +366,53 @@ impl Session {
         Ok(queue)
     }
 
+    /// `mode: "stream"` (SPEC §9): replay from an offset; Warren acks.
+    async fn subscribe_stream(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
+        let pattern = GrantPattern::parse(&s.binding_key)
+            .map_err(|e| ApiError::InvalidRequest(format!("binding_key: {e}")))?;
+        let config = &self.state.config;
+        let prefetch = match s.prefetch {
+            Some(0) => {
+                return Err(ApiError::InvalidRequest(
+                    "prefetch: must be at least 1".into(),
+                ));
+            }
+            Some(p) => p.min(config.streams.prefetch),
+            None => config.streams.prefetch,
+        };
+        let name = s.stream.unwrap_or_default();
+        let request = StreamRequest {
+            subscription: &s.id,
+            stream: &name,
+            filter: pattern.clone(),
+            offset: s.offset.unwrap_or_default(),
+            prefetch,
+            slow_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms),
+            budget: self.budget.clone(),
+            transport: "ws",
+        };
+        let tenant = self.principal.tenant.clone();
+        let stream = StreamSubscription::start(tenant, request, self.tx.clone()).await?;
+        telemetry::ws_subscriptions("stream", 1);
+        self.subscriptions.insert(
+            s.id,
+            Subscription {
+                exchange: name,
+                binding_key: pattern,
+                kind: Kind::Stream(stream),
+            },
+        );
+        Ok(None)
+    }
+
     fn durable(&self, id: &str) -> Result<&Durable, ApiError> {
         match self.subscriptions.get(id).map(|s| &s.kind) {
             Some(Kind::Durable(durable)) => Ok(durable),
             Some(Kind::Live(_)) => Err(ApiError::InvalidRequest(
                 "live subscriptions are not acknowledged; only durable ones are".into(),
+            )),
+            Some(Kind::Stream(_)) => Err(ApiError::InvalidRequest(
+                "stream subscriptions are acknowledged by Warren; send no acks".into(),
             )),
             None => Err(unknown_subscription()),
         }
@@ -393,12 +440,12 @@ impl Session {
             .subscriptions
             .iter()
             .filter(|(_, s)| {
-                self.principal.require(Scope::Subscribe).is_err()
-                    || self
-                        .principal
-                        .tenant
-                        .authorize_subscribe(&s.exchange, &s.binding_key)
-                        .is_err()
+                let tenant = &self.principal.tenant;
+                let allowed = match s.kind {
+                    Kind::Stream(_) => tenant.authorize_stream(&s.exchange, &s.binding_key),
+                    _ => tenant.authorize_subscribe(&s.exchange, &s.binding_key),
+                };
+                self.principal.require(Scope::Subscribe).is_err() || allowed.is_err()
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -424,6 +471,10 @@ impl Session {
                 durable.stop().await;
                 telemetry::ws_subscriptions("durable", -1);
             }
+            Kind::Stream(stream) => {
+                stream.stop().await;
+                telemetry::ws_subscriptions("stream", -1);
+            }
         }
     }
 
@@ -440,6 +491,13 @@ impl Session {
         // nobody is left to tell.
         while self.publishes.join_next().await.is_some() {}
     }
+}
+
+/// Stream subscriptions return before the live/durable match.
+fn unreachable_stream() -> Result<(Kind, Option<String>), ApiError> {
+    Err(ApiError::Internal(
+        "a stream subscription reached the live/durable path".into(),
+    ))
 }
 
 fn unknown_subscription() -> ApiError {

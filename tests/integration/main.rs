@@ -16,6 +16,7 @@ mod properties;
 mod publish;
 mod security;
 mod shutdown;
+mod streams;
 mod tenancy;
 mod transport;
 mod ws;

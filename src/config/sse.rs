@@ -1,0 +1,76 @@
+//! `[sse]`: server-sent events (`GET /v1/events`, SPEC §9) limits and timing; checked
+//! here.
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use super::check::all_positive;
+
+/// Server-sent event responses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// Open event streams per tenant (`limits.max_sse_connections` overrides it).
+    pub max_connections_per_tenant: usize,
+    /// A comment line is sent after this many seconds without an event, so proxies
+    /// and browsers keep the connection. Must be below `server.header_read_timeout_s`
+    /// (a connection that moves no byte for that long is closed as idle).
+    pub keepalive_s: u64,
+    /// The `retry:` the browser's EventSource waits before reconnecting.
+    pub retry_ms: u64,
+    /// Events queued for one response.
+    pub send_buffer: usize,
+    /// Bytes of events queued for one response; a live event that does not fit is
+    /// dropped, a stream event waits (and a reader that stays that slow is cut).
+    pub max_buffered_bytes: usize,
+    /// A response that cannot take an event for this long is closed (slow reader).
+    pub slow_reader_timeout_ms: u64,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_tenant: 10_000,
+            keepalive_s: 15,
+            retry_ms: 2000,
+            send_buffer: 64,
+            max_buffered_bytes: 1024 * 1024,
+            slow_reader_timeout_ms: 5000,
+        }
+    }
+}
+
+impl SseConfig {
+    pub(super) fn validate(&self, header_read_timeout_s: u64) -> Result<(), ConfigError> {
+        all_positive(&[
+            (
+                "sse.max_connections_per_tenant",
+                self.max_connections_per_tenant as u64,
+            ),
+            ("sse.keepalive_s", self.keepalive_s),
+            ("sse.retry_ms", self.retry_ms),
+            ("sse.send_buffer", self.send_buffer as u64),
+            ("sse.max_buffered_bytes", self.max_buffered_bytes as u64),
+            ("sse.slow_reader_timeout_ms", self.slow_reader_timeout_ms),
+        ])?;
+        if self.max_buffered_bytes > u32::MAX as usize {
+            return Err(ConfigError::invalid(
+                "sse.max_buffered_bytes",
+                "must be at most 4294967295",
+            ));
+        }
+        if self.keepalive_s >= header_read_timeout_s {
+            return Err(ConfigError::invalid(
+                "sse.keepalive_s",
+                "must be below server.header_read_timeout_s (idle connections are closed after it)",
+            ));
+        }
+        if self.retry_ms > 3_600_000 {
+            return Err(ConfigError::invalid(
+                "sse.retry_ms",
+                "must be at most 3600000 (an hour)",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! Stream replay over WebSocket (SPEC §9) against real RabbitMQ streams: replay from
+//! `first`, an offset and a timestamp, exactly; resume after a cut with nothing missed
+//! or doubled; grants, filters, missing streams, and queues that are not streams.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, ExchangeKind};
+use serde_json::{Value, json};
+
+use crate::common::*;
+use crate::ws::{Ws, connect, recv, send};
+
+/// A vhost of its own (deleted on drop, with its streams) with a tenant on it whose
+/// subscribe grants are `grants` (TOML inline tables), and Warren serving it.
+pub(crate) struct StreamWorld {
+    pub rabbit: Rabbit,
+    #[allow(dead_code)]
+    pub tenant: String,
+    pub server: TestServer,
+    pub token: String,
+    // Last: the vhost goes after the connections into it.
+    _admin: Admin,
+}
+
+impl StreamWorld {
+    pub async fn start(grants: &str, extra: &str) -> Self {
+        let admin = Admin::new();
+        let vhost = unique("vh");
+        admin.vhost(&vhost).await;
+        let rabbit = rabbit_in(&vhost).await;
+        let tenant = unique("t");
+        let config = config(&format!(
+            "{extra}\n[tenants.{tenant}]\nvhost = \"{vhost}\"\nsubscribe = [{grants}]\n"
+        ));
+        let server = TestServer::start_ready(config).await;
+        let token = server.token(&tenant, "subscribe");
+        Self {
+            rabbit,
+            tenant,
+            server,
+            token,
+            _admin: admin,
+        }
+    }
+
+    /// Declares the stream `name` (the vhost's deletion removes it).
+    pub async fn stream(&self, name: &str) {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        self.rabbit
+            .channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare stream");
+    }
+
+    /// Publishes `{"n": i}` for each `i` in `range` to `exchange` with `routing_key`,
+    /// and waits for every confirm.
+    pub async fn publish(&self, exchange: &str, routing_key: &str, range: std::ops::Range<u64>) {
+        let channel = self.rabbit.channel.clone();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        let mut confirms = Vec::new();
+        for n in range {
+            let body = json!({"n": n}).to_string();
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(format!("m-{n}").into());
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.expect("confirm").is_ack());
+        }
+    }
+}
+
+/// Subscribes `id` to `stream` with `extra` members; returns the answer frame.
+async fn subscribe_stream(ws: &mut Ws, id: &str, stream: &str, extra: Value) -> Value {
+    let mut frame = json!({"type": "subscribe", "id": id, "mode": "stream", "stream": stream});
+    if let (Some(frame), Some(extra)) = (frame.as_object_mut(), extra.as_object()) {
+        frame.extend(extra.clone());
+    }
+    send(ws, frame).await;
+    recv(ws).await
+}
+
+/// Reads `count` message frames of subscription `id`: (offset, n) each.
+async fn read_messages(ws: &mut Ws, id: &str, count: usize) -> Vec<(u64, u64)> {
+    let mut seen = Vec::with_capacity(count);
+    while seen.len() < count {
+        let frame = recv(ws).await;
+        assert_eq!(frame["type"], "message", "{frame}");
+        assert_eq!(frame["subscription"], id);
+        let offset = frame["offset"].as_u64().expect("an offset");
+        let n = frame["payload"]["n"].as_u64().expect("a payload");
+        seen.push((offset, n));
+    }
+    seen
+}
+
+/// Nothing more arrives for a moment.
+async fn assert_quiet(ws: &mut Ws) {
+    let extra = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => return t,
+                Some(Ok(_)) => continue,
+                _ => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "nothing more: {extra:?}");
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the wall clock has passed the next whole second (plus a margin) and
+/// returns that second as RFC 3339: what the broker stores after it is newer.
+async fn next_second() -> (u64, String) {
+    let second = unix_seconds().floor() as u64 + 1;
+    let wait = (second as f64 + 0.2 - unix_seconds()).max(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    let text = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(second));
+    (second, text.to_string())
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_replay_exactly_from_first_an_offset_and_a_timestamp() {
+    let world = StreamWorld::start(r#"{ stream = "order-log" }"#, "").await;
+    world.stream("order-log").await;
+    world.publish("", "order-log", 0..5_000).await;
+    let (_, since) = next_second().await;
+    world.publish("", "order-log", 5_000..10_000).await;
+
+    let mut ws = connect(&world.server, &world.token).await;
+    let cases: [(&str, Value, u64); 3] = [
+        ("from-first", json!("first"), 0),
+        ("from-offset", json!(7_500), 7_500),
+        ("from-time", json!({"timestamp": since}), 5_000),
+    ];
+    for (id, offset, start) in cases {
+        let answer = subscribe_stream(&mut ws, id, "order-log", json!({"offset": offset})).await;
+        assert_eq!(answer, json!({"type": "subscribed", "id": id}));
+        let seen = read_messages(&mut ws, id, (10_000 - start) as usize).await;
+        let expected: Vec<(u64, u64)> = (start..10_000).map(|n| (n, n)).collect();
+        assert!(
+            seen == expected,
+            "{id}: exactly offsets {start}..10000, in order"
+        );
+        assert_quiet(&mut ws).await;
+        send(&mut ws, json!({"type": "unsubscribe", "id": id})).await;
+        assert_eq!(
+            recv(&mut ws).await,
+            json!({"type": "unsubscribed", "id": id})
+        );
+    }
+    // A message frame carries the usual members besides its offset.
+    let answer = subscribe_stream(&mut ws, "last", "order-log", json!({"offset": "last"})).await;
+    assert_eq!(answer["type"], "subscribed");
+    let frame = recv(&mut ws).await;
+    assert_eq!(frame["routing_key"], "order-log");
+    assert_eq!(frame["properties"]["content_type"], "application/json");
+    assert!(frame["offset"].as_u64().is_some_and(|o| o <= 9_999));
+    let metrics = world.server.metrics().await;
+    assert!(metrics.contains("warren_stream_resumes_total{kind=\"timestamp\"}"));
+}
+
+#[tokio::test]
+async fn a_consumer_cut_mid_stream_resumes_with_nothing_missed_or_doubled() {
+    let world = StreamWorld::start(r#"{ stream = "audit" }"#, "").await;
+    world.stream("audit").await;
+    world.publish("", "audit", 0..2_000).await;
+
+    let mut ws = connect(&world.server, &world.token).await;
+    let answer = subscribe_stream(&mut ws, "a", "audit", json!({"offset": "first"})).await;
+    assert_eq!(answer["type"], "subscribed");
+    let first = read_messages(&mut ws, "a", 700).await;
+    // The connection drops without a goodbye, mid-stream.
+    drop(ws);
+    // More is written meanwhile.
+    world.publish("", "audit", 2_000..2_500).await;
+
+    let last = first.last().map(|(offset, _)| *offset).expect("some");
+    let mut ws = connect(&world.server, &world.token).await;
+    let answer = subscribe_stream(&mut ws, "a", "audit", json!({"offset": last + 1})).await;
+    assert_eq!(answer["type"], "subscribed");
+    let rest = read_messages(&mut ws, "a", (2_500 - 700) as usize).await;
+    assert_quiet(&mut ws).await;
+    let all: Vec<u64> = first.iter().chain(rest.iter()).map(|(_, n)| *n).collect();
+    assert_eq!(
+        all,
+        (0..2_500).collect::<Vec<_>>(),
+        "none missed, none twice"
+    );
+    let unique: BTreeSet<u64> = first.iter().chain(rest.iter()).map(|(o, _)| *o).collect();
+    assert_eq!(unique.len(), 2_500);
+}
+
+#[tokio::test]
+async fn grants_filters_missing_streams_and_queues_that_are_not_streams() {
+    let grants = r#"{ stream = "orders", routing_key = "order.eu.*" }, { stream = "ghost" }, { stream = "plain" }"#;
+    let world = StreamWorld::start(grants, "").await;
+    world.stream("orders").await;
+    world.stream("secret").await;
+    let exchange = world.rabbit.exchange(ExchangeKind::Topic).await;
+    world
+        .rabbit
+        .channel
+        .queue_bind(
+            "orders".into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut ws = connect(&world.server, &world.token).await;
+
+    // Not granted at all, and a filter wider than the grant.
+    let answer = subscribe_stream(&mut ws, "x", "secret", json!({"offset": "first"})).await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["code"].as_str()),
+        (Some("error"), Some("forbidden")),
+        "{answer}"
+    );
+    let answer = subscribe_stream(&mut ws, "x", "orders", json!({})).await;
+    assert_eq!(
+        answer["code"], "forbidden",
+        "no binding_key means all of it: {answer}"
+    );
+    let answer = subscribe_stream(&mut ws, "x", "orders", json!({"binding_key": "order.#"})).await;
+    assert_eq!(answer["code"], "forbidden", "{answer}");
+    // Granted but missing: 404, without quoting the broker.
+    let answer = subscribe_stream(&mut ws, "x", "ghost", json!({})).await;
+    assert_eq!(answer["code"], "stream_not_found", "{answer}");
+    assert!(
+        !answer["detail"].as_str().unwrap_or("").contains("vhost '"),
+        "{answer}"
+    );
+
+    // A classic queue named as a stream is refused, and keeps every message.
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    world
+        .rabbit
+        .channel
+        .queue_declare("plain".into(), QueueDeclareOptions::default(), arguments)
+        .await
+        .expect("classic queue");
+    world.publish("", "plain", 0..5).await;
+    let answer = subscribe_stream(&mut ws, "x", "plain", json!({"offset": "first"})).await;
+    assert_eq!(answer["code"], "stream_not_found", "{answer}");
+    assert_eq!(
+        world.rabbit.wait_count("plain", 5).await,
+        5,
+        "nothing consumed"
+    );
+
+    // Within the grant: only the matching routing keys arrive, each with its offset.
+    world.publish(&exchange, "order.eu.created", 0..3).await;
+    world.publish(&exchange, "order.us.created", 3..6).await;
+    world.publish(&exchange, "order.eu.paid", 6..9).await;
+    let answer = subscribe_stream(
+        &mut ws,
+        "eu",
+        "orders",
+        json!({"binding_key": "order.eu.*", "offset": "first"}),
+    )
+    .await;
+    assert_eq!(answer["type"], "subscribed", "{answer}");
+    let seen = read_messages(&mut ws, "eu", 6).await;
+    assert_eq!(
+        seen,
+        vec![(0, 0), (1, 1), (2, 2), (6, 6), (7, 7), (8, 8)],
+        "the us messages are filtered out; offsets are the stream's"
+    );
+    assert_quiet(&mut ws).await;
+    // Streams are acknowledged by Warren, not the client.
+    send(
+        &mut ws,
+        json!({"type": "ack", "subscription": "eu", "delivery_tag": 1}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "invalid_request");
+    // A bad offset is the client's error.
+    let answer = subscribe_stream(&mut ws, "y", "orders", json!({"offset": "bogus"})).await;
+    assert_eq!(answer["code"], "invalid_request", "{answer}");
+}
