@@ -47,6 +47,8 @@ pub struct App {
     pub idempotency: Idempotency,
     pub live: ws::hub::LiveHub,
     pub sockets: ws::Sockets,
+    /// Open server-sent event streams per tenant (`GET /v1/events`).
+    pub sse: api::sse::SseConnections,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -91,6 +93,7 @@ impl App {
             idempotency,
             live: ws::hub::LiveHub::default(),
             sockets: ws::Sockets::default(),
+            sse: api::sse::SseConnections::default(),
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

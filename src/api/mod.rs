@@ -7,6 +7,7 @@ pub mod model;
 pub mod openapi;
 mod problem;
 pub mod publish;
+pub mod sse;
 pub mod track;
 
 use std::any::Any;
@@ -44,6 +45,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(publish::publish))
         .routes(routes!(publish::publish_batch))
+        .routes(routes!(sse::events))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so

@@ -381,11 +381,13 @@ impl Session {
             None => config.streams.prefetch,
         };
         let name = s.stream.unwrap_or_default();
+        let offset = s.offset.unwrap_or_default();
         let request = StreamRequest {
             subscription: &s.id,
             stream: &name,
             filter: pattern.clone(),
-            offset: s.offset.unwrap_or_default(),
+            offset,
+            resume: offset.kind(),
             prefetch,
             slow_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms),
             budget: self.budget.clone(),

@@ -183,6 +183,9 @@ pub struct StreamRequest<'a> {
     pub budget: SendBudget,
     /// `ws` or `sse`: the metrics' label.
     pub transport: &'static str,
+    /// How the client asked to start (`warren_stream_resumes_total`'s `kind`):
+    /// [`StreamOffset::kind`], or `last_event_id`.
+    pub resume: &'static str,
 }
 
 /// Checks a stream subscription against the grants before anything reaches the
@@ -235,7 +238,7 @@ impl StreamSubscription {
                 return Err(e);
             }
         };
-        telemetry::stream_resume(request.offset.kind());
+        telemetry::stream_resume(request.resume);
         telemetry::stream_subscriptions(request.transport, 1);
         let forwarder = Forwarder {
             tenant,
