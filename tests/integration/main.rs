@@ -16,6 +16,7 @@ mod properties;
 mod publish;
 mod security;
 mod shutdown;
+mod sse;
 mod streams;
 mod tenancy;
 mod transport;

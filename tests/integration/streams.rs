@@ -20,12 +20,11 @@ use crate::ws::{Ws, connect, recv, send};
 /// subscribe grants are `grants` (TOML inline tables), and Warren serving it.
 pub(crate) struct StreamWorld {
     pub rabbit: Rabbit,
-    #[allow(dead_code)]
     pub tenant: String,
     pub server: TestServer,
     pub token: String,
     // Last: the vhost goes after the connections into it.
-    _admin: Admin,
+    pub admin: Admin,
 }
 
 impl StreamWorld {
@@ -45,7 +44,7 @@ impl StreamWorld {
             tenant,
             server,
             token,
-            _admin: admin,
+            admin,
         }
     }
 
