@@ -80,6 +80,7 @@ pub fn router(state: AppState) -> Router {
     operational
         .merge(api)
         .route("/demo", get(demo))
+        .route("/demo/sse", get(sse::demo_page))
         .route("/clients/warren.js", get(client_library))
         .merge(docs)
         .route_layer(middleware::from_fn_with_state(

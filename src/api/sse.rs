@@ -44,21 +44,21 @@ const MAX_EVENT_ID_BYTES: usize = 1024;
 pub struct EventsQuery {
     /// The token, for clients that cannot set `Authorization` (a browser's
     /// `EventSource`). Prefer the header elsewhere: URLs end up in logs.
-    #[param(nullable = false)]
+    #[param(nullable = false, max_length = 8192)]
     access_token: Option<String>,
     /// A stream of the tenant's vhost to replay (needs a `{ stream }` subscribe grant).
-    #[param(nullable = false, example = "order-log")]
+    #[param(nullable = false, max_length = 255, example = "order-log")]
     stream: Option<String>,
     /// Where a stream subscription starts: `first`, `last`, `next` (default), an
     /// offset (`0`, `1`, …) or an RFC 3339 UTC timestamp. A `Last-Event-ID` header
     /// overrides it (the stream resumes after that offset).
-    #[param(nullable = false, example = "first")]
+    #[param(nullable = false, max_length = 64, example = "first")]
     offset: Option<String>,
     /// An exchange to follow live (at-most-once, as a WebSocket `live` subscription).
-    #[param(nullable = false, example = "events")]
+    #[param(nullable = false, max_length = 255, example = "events")]
     exchange: Option<String>,
     /// Live: the binding key (required). Stream: a routing-key filter (default `#`).
-    #[param(nullable = false, example = "order.*")]
+    #[param(nullable = false, max_length = 255, example = "order.*")]
     binding_key: Option<String>,
 }
 
@@ -293,6 +293,18 @@ async fn open(
         body,
     )
         .into_response())
+}
+
+/// `/demo/sse`: a plain browser `EventSource` that replays a stream and resumes by
+/// itself after a dropped connection (the browser test drives it).
+pub async fn demo_page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("../../assets/sse.html"),
+    )
 }
 
 fn pattern(binding_key: &str) -> Result<GrantPattern, ApiError> {
