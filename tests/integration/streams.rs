@@ -29,14 +29,24 @@ pub(crate) struct StreamWorld {
 
 impl StreamWorld {
     pub async fn start(grants: &str, extra: &str) -> Self {
+        Self::start_with(grants, extra, |_| {}).await
+    }
+
+    /// Like [`StreamWorld::start`], with the config edited before Warren starts.
+    pub async fn start_with(
+        grants: &str,
+        extra: &str,
+        edit: impl FnOnce(&mut warren::config::Config),
+    ) -> Self {
         let admin = Admin::new();
         let vhost = unique("vh");
         admin.vhost(&vhost).await;
         let rabbit = rabbit_in(&vhost).await;
         let tenant = unique("t");
-        let config = config(&format!(
+        let mut config = config(&format!(
             "{extra}\n[tenants.{tenant}]\nvhost = \"{vhost}\"\nsubscribe = [{grants}]\n"
         ));
+        edit(&mut config);
         let server = TestServer::start_ready(config).await;
         let token = server.token(&tenant, "subscribe");
         Self {
@@ -322,4 +332,48 @@ async fn grants_filters_missing_streams_and_queues_that_are_not_streams() {
     // A bad offset is the client's error.
     let answer = subscribe_stream(&mut ws, "y", "orders", json!({"offset": "bogus"})).await;
     assert_eq!(answer["code"], "invalid_request", "{answer}");
+}
+
+#[tokio::test]
+async fn a_lost_broker_link_ends_stream_subscriptions_with_where_to_resume() {
+    let proxy = ChaosProxy::start().await;
+    let world = StreamWorld::start_with(r#"{ stream = "log" }"#, "", |config| {
+        config.amqp.url = Some(proxy.url());
+    })
+    .await;
+    world.stream("log").await;
+    world.publish("", "log", 0..10).await;
+    let mut ws = connect(&world.server, &world.token).await;
+    let answer = subscribe_stream(&mut ws, "s", "log", json!({"offset": "first"})).await;
+    assert_eq!(answer["type"], "subscribed");
+    assert_eq!(read_messages(&mut ws, "s", 10).await.len(), 10);
+    let events = world
+        .server
+        .http
+        .get(format!(
+            "{}/v1/events?stream=log&offset=first&access_token={}",
+            world.server.base, world.token
+        ))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(events.status(), 200);
+
+    proxy.cut();
+    let ended = recv(&mut ws).await;
+    assert_eq!(ended["type"], "error", "{ended}");
+    assert_eq!(ended["id"], "s");
+    assert_eq!(ended["code"], "broker_unavailable");
+    assert!(
+        ended["detail"].as_str().unwrap_or("").contains("offset 10"),
+        "says where to resume: {ended}"
+    );
+    let body = tokio::time::timeout(Duration::from_secs(10), events.text())
+        .await
+        .expect("the event stream ends")
+        .expect("a body");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap_or("");
+    assert!(last.starts_with("event: error\ndata: "), "{last}");
+    assert!(last.contains("\"code\":\"broker_unavailable\""), "{last}");
+    assert_eq!(body.matches("event: message").count(), 10, "{body}");
 }
