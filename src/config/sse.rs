@@ -74,3 +74,43 @@ impl SseConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn error(extra: &str) -> String {
+        let text = format!(
+            "[auth]\nhs256_secret = \"0123456789abcdef0123456789abcdef\"\n{extra}\n[tenants.t]\nvhost = \"t\"\n"
+        );
+        match Config::from_toml(&text).map(|c| c.resolve()) {
+            Ok(Ok(_)) => String::new(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn sse_and_streams_settings_are_checked_with_the_key_named() {
+        assert_eq!(
+            error("[sse]\nkeepalive_s = 10\n[streams]\nprefetch = 50\n"),
+            ""
+        );
+        assert!(error("[sse]\nkeepalive_s = 0\n").starts_with("sse.keepalive_s:"));
+        assert!(
+            error("[sse]\nkeepalive_s = 30\n").starts_with("sse.keepalive_s:"),
+            "at the idle timeout a quiet stream would be closed"
+        );
+        assert!(error("[sse]\nretry_ms = 3600001\n").starts_with("sse.retry_ms:"));
+        assert!(error("[sse]\nmax_buffered_bytes = 0\n").starts_with("sse.max_buffered_bytes:"));
+        assert!(error("[sse]\nbogus = 1\n").contains("bogus"));
+        assert!(error("[streams]\nprefetch = 0\n").starts_with("streams.prefetch:"));
+        assert!(error("[streams]\nprefetch = 10001\n").starts_with("streams.prefetch:"));
+        assert!(
+            error("[tenants.a]\nvhost = \"a\"\nlimits = { max_sse_connections = 3 }\n").is_empty()
+        );
+        assert!(
+            error("[tenants.a]\nvhost = \"a\"\nlimits = { max_sse = 3 }\n").contains("max_sse")
+        );
+    }
+}

@@ -518,6 +518,81 @@ mod tests {
     }
 
     #[test]
+    fn stream_subscribe_frames_parse_with_their_own_members() {
+        use crate::ws::protocol::{ClientFrame, Mode, parse};
+        let frame = parse(
+            r#"{"type":"subscribe","id":"s3","mode":"stream","stream":"order-log","offset":{"timestamp":"2026-11-29T10:00:00Z"}}"#,
+        );
+        let Ok(ClientFrame::Subscribe(s)) = frame else {
+            panic!("{frame:?}")
+        };
+        assert_eq!(s.mode, Mode::Stream);
+        assert_eq!(s.stream.as_deref(), Some("order-log"));
+        assert_eq!(s.offset, Some(StreamOffset::Timestamp(1_795_946_400)));
+        assert_eq!(s.binding_key, "#", "no filter: every routing key");
+        let frame = parse(
+            r#"{"type":"subscribe","id":"s","mode":"stream","stream":"l","binding_key":"order.*","offset":5}"#,
+        );
+        assert!(
+            matches!(frame, Ok(ClientFrame::Subscribe(ref s)) if s.binding_key == "order.*" && s.offset == Some(StreamOffset::At(5))),
+            "{frame:?}"
+        );
+        for (bad, says) in [
+            (r#"{"type":"subscribe","id":"s","mode":"stream"}"#, "stream"),
+            (
+                r#"{"type":"subscribe","id":"s","mode":"stream","stream":"l","exchange":"e"}"#,
+                "exchange",
+            ),
+            (
+                r#"{"type":"subscribe","id":"s","mode":"stream","stream":"l","queue":"q"}"#,
+                "queue",
+            ),
+            (
+                r#"{"type":"subscribe","id":"s","mode":"stream","stream":"l","offset":"soon"}"#,
+                "offset",
+            ),
+            (
+                r#"{"type":"subscribe","id":"s","exchange":"e","binding_key":"k","offset":"first"}"#,
+                "offset",
+            ),
+            (
+                r#"{"type":"subscribe","id":"s","exchange":"e","binding_key":"k","stream":"l"}"#,
+                "stream",
+            ),
+            (
+                r#"{"type":"subscribe","id":"s","binding_key":"k"}"#,
+                "exchange",
+            ),
+        ] {
+            let error = parse(bad).expect_err(bad);
+            assert_eq!(error.id.as_deref(), Some("s"));
+            assert!(error.detail.contains(says), "{bad}: {}", error.detail);
+        }
+    }
+
+    #[test]
+    fn stream_message_frames_carry_the_offset_after_the_delivery_tag() {
+        let mut delivery =
+            lapin::message::Delivery::mock(3, "".into(), "order-log".into(), false, b"{}".to_vec());
+        delivery.properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m-1".into());
+        let frame = MessageFrame::new("s3", &delivery).with_offset(41);
+        let json = frame.to_json();
+        assert!(
+            json.starts_with(r#"{"type":"message","subscription":"s3","delivery_tag":3,"offset":41,"exchange":"","#),
+            "{json}"
+        );
+        let value: Value = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(value["payload"], json!({}));
+        assert!(frame.approximate_len() >= json.len());
+        assert_eq!(frame.offset(), Some(41));
+        assert_eq!(frame.message_id(), Some("m-1"));
+        let live = MessageFrame::new("s1", &delivery);
+        assert!(!live.to_json().contains("offset"), "other modes have none");
+    }
+
+    #[test]
     fn only_typed_offsets_reach_the_broker() {
         assert_eq!(StreamOffset::At(5).argument(), AMQPValue::LongLongInt(5));
         assert_eq!(
