@@ -31,8 +31,10 @@ use crate::ws::protocol::{MessageFrame, ServerFrame};
 use crate::ws::stream::{StreamOffset, StreamRequest, StreamSubscription};
 use crate::ws::{Outgoing, SendBudget};
 
-/// Longest `access_token` accepted in the query (tokens are a few hundred bytes).
-const MAX_TOKEN_BYTES: usize = 8192;
+/// Longest `access_token` accepted in the query (tokens are a few hundred bytes to a
+/// few KB). Keeps the longest valid URI well under hyper's 64 KiB (414) even when every
+/// character is percent-encoded UTF-8.
+const MAX_TOKEN_BYTES: usize = 4096;
 /// Longest exchange, stream or binding key accepted.
 const MAX_NAME_BYTES: usize = 255;
 /// Longest message id used as an event `id:`; a longer one is left out.
@@ -44,7 +46,7 @@ const MAX_EVENT_ID_BYTES: usize = 1024;
 pub struct EventsQuery {
     /// The token, for clients that cannot set `Authorization` (a browser's
     /// `EventSource`). Prefer the header elsewhere: URLs end up in logs.
-    #[param(nullable = false, max_length = 8192)]
+    #[param(nullable = false, max_length = 4096)]
     access_token: Option<String>,
     /// A stream of the tenant's vhost to replay (needs a `{ stream }` subscribe grant).
     #[param(nullable = false, max_length = 255, example = "order-log")]
