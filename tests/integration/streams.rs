@@ -377,3 +377,78 @@ async fn a_lost_broker_link_ends_stream_subscriptions_with_where_to_resume() {
     assert!(last.contains("\"code\":\"broker_unavailable\""), "{last}");
     assert_eq!(body.matches("event: message").count(), 10, "{body}");
 }
+
+#[tokio::test]
+async fn a_slow_websocket_stream_reader_is_closed_while_a_fast_one_keeps_up() {
+    let extra =
+        "[ws]\nslow_consumer_timeout_ms = 2000\nmax_buffered_bytes = 65536\nsend_buffer = 16\n";
+    let world = StreamWorld::start(r#"{ stream = "big" }"#, extra).await;
+    world.stream("big").await;
+    const TOTAL: usize = 8_000;
+    // ~4 KiB per message: far more than the socket buffers hold for a stalled reader.
+    let filler = "x".repeat(4096);
+    let channel = world.rabbit.channel.clone();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut confirms = Vec::new();
+    for n in 0..TOTAL {
+        let body = json!({"n": n, "filler": filler}).to_string();
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        let options = BasicPublishOptions::default();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                "big".into(),
+                options,
+                body.as_bytes(),
+                properties,
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+
+    let mut slow = connect(&world.server, &world.token).await;
+    let answer = subscribe_stream(&mut slow, "s", "big", json!({"offset": "first"})).await;
+    assert_eq!(answer["type"], "subscribed");
+    // The slow socket now reads nothing; the fast one reads everything meanwhile.
+    let mut fast = connect(&world.server, &world.token).await;
+    let answer = subscribe_stream(&mut fast, "f", "big", json!({"offset": "first"})).await;
+    assert_eq!(answer["type"], "subscribed");
+    let seen = read_messages(&mut fast, "f", TOTAL).await;
+    assert!(
+        seen.iter()
+            .enumerate()
+            .all(|(i, (o, n))| *o == i as u64 && *n == i as u64)
+    );
+
+    let closed =
+        eventually(Duration::from_secs(15), || async {
+            world.server.metrics().await.lines().any(|l| {
+                l.starts_with("warren_ws_slow_consumer_closes_total") && !l.ends_with(" 0")
+            })
+        })
+        .await;
+    assert!(closed, "the stalled socket was closed as a slow consumer");
+    let mut messages = 0;
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(Ok(frame)) = slow.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = frame
+                && text.as_str().contains("\"type\":\"message\"")
+            {
+                messages += 1;
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the slow socket ends");
+    assert!(
+        messages < TOTAL,
+        "cut before the end: {messages} of {TOTAL}"
+    );
+}
