@@ -321,7 +321,14 @@ fn start_offset(
     offset: Option<&str>,
 ) -> Result<(StreamOffset, &'static str), ApiError> {
     if let Some(last) = headers.get("last-event-id") {
-        let text = last.to_str().unwrap_or_default().trim();
+        let text = last
+            .to_str()
+            .map_err(|_| {
+                ApiError::InvalidRequest(
+                    "Last-Event-ID: must be a stream offset this gateway sent".to_owned(),
+                )
+            })?
+            .trim();
         // An EventSource that never received an event sends none; an empty one is none.
         if !text.is_empty() {
             let offset =

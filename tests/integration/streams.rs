@@ -332,6 +332,15 @@ async fn grants_filters_missing_streams_and_queues_that_are_not_streams() {
     // A bad offset is the client's error.
     let answer = subscribe_stream(&mut ws, "y", "orders", json!({"offset": "bogus"})).await;
     assert_eq!(answer["code"], "invalid_request", "{answer}");
+    // A refreshed token without the subscribe scope ends the stream subscription.
+    let publish_only = world.server.token(&world.tenant, "publish");
+    send(&mut ws, json!({"type": "auth", "token": publish_only})).await;
+    let ended = recv(&mut ws).await;
+    assert_eq!(
+        (ended["id"].as_str(), ended["code"].as_str()),
+        (Some("eu"), Some("forbidden")),
+        "{ended}"
+    );
 }
 
 #[tokio::test]
