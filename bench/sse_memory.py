@@ -72,7 +72,9 @@ def open_streams(port, token, query, count):
             if b"\r\n\r\n" in pending[s]:
                 head = pending.pop(s)
                 if not head.startswith(b"HTTP/1.1 200"):
-                    raise RuntimeError(f"not 200: {head[:200]!r}")
+                    s.setblocking(True)
+                    body = head + s.recv(65536)
+                    raise RuntimeError(f"not 200: {body[-400:]!r}")
                 selector.unregister(s)
     if pending:
         raise RuntimeError(f"{len(pending)} streams did not answer")
@@ -95,13 +97,18 @@ def main():
     work = tempfile.mkdtemp()
     config = os.path.join(work, "warren.toml")
     secret = os.urandom(32).hex()
+    # Stream mode: one consumer channel per stream, and connections for them (a broker
+    # connection takes at most 2000 channels).
+    channels = ""
+    if args.mode == "stream":
+        channels = (f"max_consumer_channels = {args.streams + 100}\n"
+                    f"connections_per_vhost = {(args.streams + 132) // 2000 + 1}\n")
     with open(config, "w") as f:
         f.write(f"""[server]
 listen = "127.0.0.1:{port}"
 [amqp]
 url = "{AMQP}"
-max_consumer_channels = {args.streams + 100}
-[auth]
+{channels}[auth]
 hs256_secret = "{secret}"
 [log]
 level = "warn"
@@ -114,7 +121,12 @@ limits = {{ max_consumers = {args.streams + 100} }}
 """)
     if args.mode == "stream":
         management("PUT", f"queues/%2F/{STREAM}", {"durable": True, "arguments": {"x-queue-type": "stream"}})
-    warren = subprocess.Popen([args.warren, "serve", "--config", config], stderr=subprocess.DEVNULL)
+    check = subprocess.run([args.warren, "check-config", config], capture_output=True, text=True)
+    if check.returncode != 0:
+        sys.exit(f"config: {check.stderr.strip()}")
+    log = open(os.path.join(work, "warren.log"), "w")
+    print(f"Warren log: {log.name}", file=sys.stderr)
+    warren = subprocess.Popen([args.warren, "serve", "--config", config], stderr=log)
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -49,6 +49,8 @@ pub struct App {
     pub sockets: ws::Sockets,
     /// Open server-sent event streams per tenant (`GET /v1/events`).
     pub sse: api::sse::SseConnections,
+    /// Stream subscriptions held at once (`streams.max_subscriptions`).
+    pub stream_slots: ws::stream::StreamSlots,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -85,6 +87,7 @@ impl App {
         }
         let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
+        let stream_slots = ws::stream::StreamSlots::new(config.streams.max_subscriptions);
         Ok(AppState(Arc::new(App {
             config,
             resolved,
@@ -94,6 +97,7 @@ impl App {
             live: ws::hub::LiveHub::default(),
             sockets: ws::Sockets::default(),
             sse: api::sse::SseConnections::default(),
+            stream_slots,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

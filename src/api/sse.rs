@@ -223,6 +223,7 @@ async fn open(
                 slow_timeout: Duration::from_millis(config.slow_reader_timeout_ms),
                 budget,
                 transport: "sse",
+                slots: &state.stream_slots,
             };
             let stream = StreamSubscription::start(tenant, request, tx).await?;
             (Subscription::Stream(stream), Kind::Stream)

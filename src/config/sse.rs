@@ -107,6 +107,9 @@ mod tests {
         assert!(error("[streams]\nprefetch = 0\n").starts_with("streams.prefetch:"));
         assert!(error("[streams]\nprefetch = 10001\n").starts_with("streams.prefetch:"));
         assert!(
+            error("[streams]\nmax_subscriptions = 0\n").starts_with("streams.max_subscriptions:")
+        );
+        assert!(
             error("[tenants.a]\nvhost = \"a\"\nlimits = { max_sse_connections = 3 }\n").is_empty()
         );
         assert!(

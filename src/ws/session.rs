@@ -389,9 +389,12 @@ impl Session {
             offset,
             resume: offset.kind(),
             prefetch,
-            slow_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms),
+            // Longer than the socket's own write timeout: a stalled socket is closed with
+            // 4408 by this session before the subscription would give up on it.
+            slow_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms) * 2,
             budget: self.budget.clone(),
             transport: "ws",
+            slots: &self.state.stream_slots,
         };
         let tenant = self.principal.tenant.clone();
         let stream = StreamSubscription::start(tenant, request, self.tx.clone()).await?;

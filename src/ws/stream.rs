@@ -186,6 +186,36 @@ pub struct StreamRequest<'a> {
     /// How the client asked to start (`warren_stream_resumes_total`'s `kind`):
     /// [`StreamOffset::kind`], or `last_event_id`.
     pub resume: &'static str,
+    /// The gateway's stream subscription slots (`streams.max_subscriptions`).
+    pub slots: &'a StreamSlots,
+}
+
+/// Stream subscriptions held at once by this gateway (`streams.max_subscriptions`).
+pub struct StreamSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl StreamSlots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+        }
+    }
+
+    fn take(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::BrokerUnavailable {
+                detail: format!(
+                    "this gateway holds as many stream subscriptions as it allows ({}, streams.max_subscriptions)",
+                    self.max
+                ),
+                retry_after: Duration::from_secs(5),
+            })
+    }
 }
 
 /// Checks a stream subscription against the grants before anything reaches the
@@ -207,6 +237,8 @@ pub struct StreamSubscription {
     transport: &'static str,
     /// Counts against the tenant's `limits.max_consumers`.
     _consumer: OwnedSemaphorePermit,
+    /// Counts against `streams.max_subscriptions`.
+    _slot: OwnedSemaphorePermit,
     /// Keeps a lazily opened pool from being closed under the consumer.
     _lease: BrokerLease,
 }
@@ -224,6 +256,7 @@ impl StreamSubscription {
     ) -> Result<Self, ApiError> {
         authorize(&tenant, request.stream, &request.filter)?;
         let consumer_permit = tenant.quota.admit_consumer()?;
+        let slot = request.slots.take()?;
         let broker = tenant.broker().await?;
         let channel = Arc::new(
             broker
@@ -260,6 +293,7 @@ impl StreamSubscription {
             filter: request.filter,
             transport: request.transport,
             _consumer: consumer_permit,
+            _slot: slot,
             _lease: broker,
         })
     }
