@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::durable::{Durable, DurableRequest, queue_name};
 use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
-use super::stream::{StreamRequest, StreamSubscription};
+use super::stream::{SocketSide, StreamSubscription};
 use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
 use crate::auth::grants::GrantPattern;
@@ -368,45 +368,25 @@ impl Session {
 
     /// `mode: "stream"` (SPEC §9): replay from an offset; Warren acks.
     async fn subscribe_stream(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
-        let pattern = GrantPattern::parse(&s.binding_key)
-            .map_err(|e| ApiError::InvalidRequest(format!("binding_key: {e}")))?;
         let config = &self.state.config;
-        let prefetch = match s.prefetch {
-            Some(0) => {
-                return Err(ApiError::InvalidRequest(
-                    "prefetch: must be at least 1".into(),
-                ));
-            }
-            Some(p) => p.min(config.streams.prefetch),
-            None => config.streams.prefetch,
-        };
-        let name = s.stream.unwrap_or_default();
-        let offset = s.offset.unwrap_or_default();
-        let request = StreamRequest {
-            subscription: &s.id,
-            stream: &name,
-            filter: pattern.clone(),
-            offset,
-            resume: offset.kind(),
-            prefetch,
-            // Longer than the socket's own write timeout: a stalled socket is closed with
-            // 4408 by this session before the subscription would give up on it.
-            slow_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms) * 2,
+        let side = SocketSide {
+            sink: self.tx.clone(),
             budget: self.budget.clone(),
-            transport: "ws",
+            slow_consumer_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms),
+            streams: &config.streams,
             slots: &self.state.stream_slots,
         };
         let tenant = self.principal.tenant.clone();
-        let stream = StreamSubscription::start(tenant, request, self.tx.clone()).await?;
+        let stream = super::stream::subscribe_socket(tenant, &s, side).await?;
         telemetry::ws_subscriptions("stream", 1);
-        self.subscriptions.insert(
-            s.id,
-            Subscription {
-                exchange: name,
-                binding_key: pattern,
-                kind: Kind::Stream(stream),
-            },
-        );
+        let (exchange, binding_key) = (stream.stream.clone(), stream.filter.clone());
+        let kind = Kind::Stream(stream);
+        let subscription = Subscription {
+            exchange,
+            binding_key,
+            kind,
+        };
+        self.subscriptions.insert(s.id, subscription);
         Ok(None)
     }
 

@@ -218,6 +218,52 @@ impl StreamSlots {
     }
 }
 
+/// What a WebSocket session lends its stream subscriptions.
+pub struct SocketSide<'a> {
+    pub sink: mpsc::Sender<Outgoing>,
+    pub budget: SendBudget,
+    /// `ws.slow_consumer_timeout_ms`: the socket's own write timeout (4408).
+    pub slow_consumer_timeout: Duration,
+    pub streams: &'a crate::config::StreamsConfig,
+    pub slots: &'a StreamSlots,
+}
+
+/// A WebSocket `subscribe` frame with `mode: "stream"` (checked by the frame parser:
+/// `stream` is set, `binding_key` is `#` when absent).
+pub async fn subscribe_socket(
+    tenant: Arc<Tenant>,
+    frame: &super::protocol::Subscribe,
+    side: SocketSide<'_>,
+) -> Result<StreamSubscription, ApiError> {
+    let filter = GrantPattern::parse(&frame.binding_key)
+        .map_err(|e| ApiError::InvalidRequest(format!("binding_key: {e}")))?;
+    let prefetch = match frame.prefetch {
+        Some(0) => {
+            return Err(ApiError::InvalidRequest(
+                "prefetch: must be at least 1".into(),
+            ));
+        }
+        Some(p) => p.min(side.streams.prefetch),
+        None => side.streams.prefetch,
+    };
+    let offset = frame.offset.unwrap_or_default();
+    let request = StreamRequest {
+        subscription: &frame.id,
+        stream: frame.stream.as_deref().unwrap_or_default(),
+        filter,
+        offset,
+        resume: offset.kind(),
+        prefetch,
+        // Longer than the socket's own write timeout: a stalled socket is closed with
+        // 4408 by its session before the subscription would give up on it.
+        slow_timeout: side.slow_consumer_timeout * 2,
+        budget: side.budget,
+        transport: "ws",
+        slots: side.slots,
+    };
+    StreamSubscription::start(tenant, request, side.sink).await
+}
+
 /// Checks a stream subscription against the grants before anything reaches the
 /// broker: the name, then a `{ stream }` grant covering the filter.
 pub fn authorize(tenant: &Tenant, stream: &str, filter: &GrantPattern) -> Result<(), ApiError> {
