@@ -2,10 +2,10 @@
 //! socket, finished publishes, token expiry, keepalive and shutdown. Writes are bounded
 //! by the slow-consumer timeout, so a stalled reader is closed (4408), never buffered.
 //!
-//! A little over 500 lines: the loop and the handlers of each client frame share the
-//! session's state (subscriptions, queues, token expiry); split apart they would pass
-//! it all around. Frame parsing lives in `protocol.rs`, subscriptions in `hub.rs` and
-//! `durable.rs`.
+//! About 600 lines: the loop and the handlers of each client frame share the session's
+//! state (subscriptions, queues, token expiry); split apart they would pass it all
+//! around. Frame parsing lives in `protocol.rs`, subscriptions in `hub.rs`,
+//! `durable.rs` and `stream.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
