@@ -268,7 +268,7 @@ async fn open(
         expiry: Box::pin(tokio::time::sleep_until(expiry_instant(
             principal.expires_at,
         ))),
-        keepalive: keepalive(Duration::from_secs(config.keepalive_s)),
+        keepalive: keepalive(config.keepalive(state.config.server.header_read_timeout_s)),
         shutdown: state.shutdown_receiver(),
         retry_ms: config.retry_ms,
         started: false,

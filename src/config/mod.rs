@@ -174,7 +174,7 @@ impl Config {
         self.idempotency.validate(self.amqp.confirm_timeout_ms)?;
         self.ws.validate()?;
         self.streams.validate()?;
-        self.sse.validate(self.server.header_read_timeout_s)?;
+        self.sse.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants =

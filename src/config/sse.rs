@@ -12,9 +12,9 @@ use super::check::all_positive;
 pub struct SseConfig {
     /// Open event streams per tenant (`limits.max_sse_connections` overrides it).
     pub max_connections_per_tenant: usize,
-    /// A comment line is sent after this many seconds without an event, so proxies
-    /// and browsers keep the connection. Must be below `server.header_read_timeout_s`
-    /// (a connection that moves no byte for that long is closed as idle).
+    /// A comment line is sent every this many seconds, so proxies and browsers keep
+    /// the connection. Capped at half of `server.header_read_timeout_s` (a connection
+    /// that moves no byte for that long is closed as idle): [`SseConfig::keepalive`].
     pub keepalive_s: u64,
     /// The `retry:` the browser's EventSource waits before reconnecting.
     pub retry_ms: u64,
@@ -41,7 +41,14 @@ impl Default for SseConfig {
 }
 
 impl SseConfig {
-    pub(super) fn validate(&self, header_read_timeout_s: u64) -> Result<(), ConfigError> {
+    /// The keep-alive interval in force: `keepalive_s`, at most half of the idle
+    /// timeout `server.header_read_timeout_s`, at least a second.
+    pub fn keepalive(&self, header_read_timeout_s: u64) -> std::time::Duration {
+        let seconds = self.keepalive_s.min(header_read_timeout_s / 2).max(1);
+        std::time::Duration::from_secs(seconds)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
         all_positive(&[
             (
                 "sse.max_connections_per_tenant",
@@ -57,12 +64,6 @@ impl SseConfig {
             return Err(ConfigError::invalid(
                 "sse.max_buffered_bytes",
                 "must be at most 4294967295",
-            ));
-        }
-        if self.keepalive_s >= header_read_timeout_s {
-            return Err(ConfigError::invalid(
-                "sse.keepalive_s",
-                "must be below server.header_read_timeout_s (idle connections are closed after it)",
             ));
         }
         if self.retry_ms > 3_600_000 {
@@ -97,10 +98,15 @@ mod tests {
             ""
         );
         assert!(error("[sse]\nkeepalive_s = 0\n").starts_with("sse.keepalive_s:"));
-        assert!(
-            error("[sse]\nkeepalive_s = 30\n").starts_with("sse.keepalive_s:"),
-            "at the idle timeout a quiet stream would be closed"
+        let config = |text: &str| Config::from_toml(text).expect("parses");
+        let sse = config("[sse]\nkeepalive_s = 30\n").sse;
+        assert_eq!(
+            sse.keepalive(30),
+            std::time::Duration::from_secs(15),
+            "under the idle timeout, or a quiet stream would be closed"
         );
+        assert_eq!(sse.keepalive(100), std::time::Duration::from_secs(30));
+        assert_eq!(sse.keepalive(1), std::time::Duration::from_secs(1));
         assert!(error("[sse]\nretry_ms = 3600001\n").starts_with("sse.retry_ms:"));
         assert!(error("[sse]\nmax_buffered_bytes = 0\n").starts_with("sse.max_buffered_bytes:"));
         assert!(error("[sse]\nbogus = 1\n").contains("bogus"));
