@@ -554,12 +554,7 @@ impl Warren {
     }
 
     /// [`Warren::start`] against the broker (or cluster) at `urls`.
-    async fn start_on(
-        bin: &Path,
-        dir: &Path,
-        name: &str,
-        urls: &[String],
-    ) -> anyhow::Result<Self> {
+    async fn start_on(bin: &Path, dir: &Path, name: &str, urls: &[String]) -> anyhow::Result<Self> {
         let urls = urls
             .iter()
             .map(|u| format!("{u:?}"))
@@ -1265,8 +1260,8 @@ async fn cluster_comparison(args: &Args, dir: &Path) -> anyhow::Result<()> {
                 FieldTable::default(),
             )
             .await?;
-        let warren = Warren::start_on(&args.warren, dir, &format!("warren-{}", urls.len()), urls)
-            .await?;
+        let warren =
+            Warren::start_on(&args.warren, dir, &format!("warren-{}", urls.len()), urls).await?;
         let bearer = format!("Bearer {}", warren.token);
         let single_publish = post(&warren.addr, "/v1/publish", &bearer, &publish_body());
         for &n in &args.levels {

@@ -28,6 +28,9 @@ trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 write_warren_config "$work/warren.toml" "$port" browser amq.topic 'demo.#'
+# tests/browser/sse.test.mjs replays this stream (it declares and deletes it).
+sse_stream="wt-sse-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+sed -i "s|^subscribe = \[\(.*\)\]$|subscribe = [\1, { stream = \"$sse_stream\" }]|" "$work/warren.toml"
 "$BIN" serve --config "$work/warren.toml" 2>"$work/warren.log" &
 pid=$!
 for _ in $(seq 1 100); do
@@ -37,5 +40,5 @@ done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/warren.log" >&2; exit 1; }
 token=$("$BIN" token --config "$work/warren.toml" --tenant browser --sub e2e --ttl 10m)
 
-WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" \
+WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" WARREN_SSE_STREAM="$sse_stream" \
   node --test tests/browser/ || { cat "$work/warren.log" >&2; exit 1; }

@@ -27,6 +27,9 @@ pub enum ApiError {
     ExchangeNotFound(String),
     #[error("queue {0:?} does not exist in this tenant's vhost")]
     QueueNotFound(String),
+    /// SPEC §9: no stream of this name in the tenant's vhost (or a queue that is not one).
+    #[error("{0}")]
+    StreamNotFound(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -115,6 +118,7 @@ pub enum ProblemCode {
     MethodNotAllowed,
     ExchangeNotFound,
     QueueNotFound,
+    StreamNotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
     RequestTimeout,
@@ -132,7 +136,7 @@ pub enum ProblemCode {
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 22] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -140,6 +144,7 @@ impl ProblemCode {
         Self::MethodNotAllowed,
         Self::ExchangeNotFound,
         Self::QueueNotFound,
+        Self::StreamNotFound,
         Self::PayloadTooLarge,
         Self::UnsupportedMediaType,
         Self::RequestTimeout,
@@ -165,6 +170,7 @@ impl ProblemCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ExchangeNotFound => "exchange_not_found",
             Self::QueueNotFound => "queue_not_found",
+            Self::StreamNotFound => "stream_not_found",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RequestTimeout => "request_timeout",
@@ -193,9 +199,10 @@ impl ApiError {
             Self::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NotFound(_) | Self::ExchangeNotFound(_) | Self::QueueNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NotFound(_)
+            | Self::ExchangeNotFound(_)
+            | Self::QueueNotFound(_)
+            | Self::StreamNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -229,6 +236,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => ProblemCode::MethodNotAllowed,
             Self::ExchangeNotFound(_) => ProblemCode::ExchangeNotFound,
             Self::QueueNotFound(_) => ProblemCode::QueueNotFound,
+            Self::StreamNotFound(_) => ProblemCode::StreamNotFound,
             Self::PayloadTooLarge(_) => ProblemCode::PayloadTooLarge,
             Self::UnsupportedMediaType(_) => ProblemCode::UnsupportedMediaType,
             Self::RequestTimeout(_) => ProblemCode::RequestTimeout,
@@ -259,6 +267,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => "Method not allowed",
             Self::ExchangeNotFound(_) => "Exchange not found",
             Self::QueueNotFound(_) => "Queue not found",
+            Self::StreamNotFound(_) => "Stream not found",
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::RequestTimeout(_) => "Request timeout",

@@ -52,6 +52,10 @@ pub struct App {
     pub sockets: ws::Sockets,
     /// `topology.apply_on_start`: what `/readyz` reports about it.
     pub topology: Arc<topology::startup::Startup>,
+    /// Open server-sent event streams per tenant (`GET /v1/events`).
+    pub sse: api::sse::SseConnections,
+    /// Stream subscriptions held at once (`streams.max_subscriptions`).
+    pub stream_slots: ws::stream::StreamSlots,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -93,6 +97,7 @@ impl App {
             let tenants = resolved.tenants.values().cloned().collect();
             startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
         }
+        let stream_slots = ws::stream::StreamSlots::new(config.streams.max_subscriptions);
         Ok(AppState(Arc::new(App {
             config,
             resolved,
@@ -102,6 +107,8 @@ impl App {
             live: ws::hub::LiveHub::default(),
             sockets: ws::Sockets::default(),
             topology: startup,
+            sse: api::sse::SseConnections::default(),
+            stream_slots,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

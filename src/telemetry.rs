@@ -36,6 +36,11 @@ pub const WS_DROPPED: &str = "warren_ws_live_dropped_total";
 pub const WS_SLOW_CLOSES: &str = "warren_ws_slow_consumer_closes_total";
 pub const WS_FILTERED: &str = "warren_ws_deliveries_filtered_total";
 pub const WS_RETRIED: &str = "warren_ws_retries_total";
+pub const SSE_CONNECTIONS: &str = "warren_sse_connections";
+pub const SSE_EVENTS: &str = "warren_sse_events_total";
+pub const SSE_SLOW_CLOSES: &str = "warren_sse_slow_reader_closes_total";
+pub const STREAM_SUBSCRIPTIONS: &str = "warren_stream_subscriptions";
+pub const STREAM_RESUMES: &str = "warren_stream_resumes_total";
 pub const POISON: &str = "warren_poison_messages_total";
 pub const CLOUDEVENTS: &str = "warren_cloudevents_received_total";
 pub const IDEMPOTENCY: &str = "warren_idempotency_requests_total";
@@ -196,6 +201,37 @@ fn describe() {
         WS_FILTERED,
         "Deliveries not passed to subscribers because their routing key is outside the subscription's binding key or grants (exchanges that ignore binding keys), by mode."
     );
+    describe_gauge!(
+        SSE_CONNECTIONS,
+        "Open server-sent event streams (GET /v1/events)."
+    );
+    describe_counter!(
+        SSE_EVENTS,
+        "Server-sent events written, by kind (message, error)."
+    );
+    describe_counter!(
+        SSE_SLOW_CLOSES,
+        "Server-sent event streams cut because their reader stayed too slow."
+    );
+    describe_gauge!(
+        STREAM_SUBSCRIPTIONS,
+        "Active stream subscriptions (SPEC §9), by transport (ws, sse)."
+    );
+    describe_counter!(
+        STREAM_RESUMES,
+        "Stream subscriptions started, by where they start (first, last, next, offset, timestamp, last_event_id)."
+    );
+    gauge!(SSE_CONNECTIONS).set(0.0);
+    counter!(SSE_SLOW_CLOSES).increment(0);
+    for kind in ["message", "error"] {
+        counter!(SSE_EVENTS, "kind" => kind).increment(0);
+    }
+    for transport in ["ws", "sse"] {
+        gauge!(STREAM_SUBSCRIPTIONS, "transport" => transport).set(0.0);
+    }
+    for kind in STREAM_RESUME_KINDS {
+        counter!(STREAM_RESUMES, "kind" => *kind).increment(0);
+    }
     describe_counter!(
         POISON,
         "Deliveries not forwarded because their headers nest too deep or hold too many values, by mode (live: dropped, durable: rejected without requeue) and reason (too_deep, too_large)."
@@ -229,6 +265,7 @@ fn describe() {
     gauge!(WS_CONNECTIONS).set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "live").set(0.0);
     gauge!(WS_SUBSCRIPTIONS, "mode" => "durable").set(0.0);
+    gauge!(WS_SUBSCRIPTIONS, "mode" => "stream").set(0.0);
     counter!(WS_SLOW_CLOSES).increment(0);
     counter!(WS_DROPPED).increment(0);
     counter!(WS_FILTERED, "mode" => "live").increment(0);
@@ -243,6 +280,7 @@ fn describe() {
     for outcome in ["delay", "dlq", "failed"] {
         counter!(WS_RETRIED, "outcome" => outcome).increment(0);
     }
+    counter!(WS_FILTERED, "mode" => "stream").increment(0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -366,12 +404,12 @@ pub fn ws_retried(outcome: &'static str) {
     counter!(WS_RETRIED, "outcome" => outcome).increment(1);
 }
 
-/// `mode`: `live` or `durable`.
 /// `mode` is `binary`, `structured` or `batch`.
 pub fn cloudevents_received(mode: &'static str, events: usize) {
     counter!(CLOUDEVENTS, "mode" => mode).increment(events as u64);
 }
 
+/// `mode`: `live`, `durable` or `stream`.
 pub fn ws_filtered(mode: &'static str) {
     counter!(WS_FILTERED, "mode" => mode).increment(1);
 }
@@ -393,6 +431,39 @@ pub fn poison_message(mode: &'static str, reason: &'static str) {
 
 pub fn ws_slow_consumer_closed() {
     counter!(WS_SLOW_CLOSES).increment(1);
+}
+
+/// The `kind` labels of [`STREAM_RESUMES`].
+pub const STREAM_RESUME_KINDS: &[&str] = &[
+    "first",
+    "last",
+    "next",
+    "offset",
+    "timestamp",
+    "last_event_id",
+];
+
+pub fn sse_connections(delta: i64) {
+    gauge!(SSE_CONNECTIONS).increment(delta as f64);
+}
+
+/// `kind`: `message` or `error`.
+pub fn sse_event(kind: &'static str) {
+    counter!(SSE_EVENTS, "kind" => kind).increment(1);
+}
+
+pub fn sse_slow_reader_closed() {
+    counter!(SSE_SLOW_CLOSES).increment(1);
+}
+
+/// `transport`: `ws` or `sse`.
+pub fn stream_subscriptions(transport: &'static str, delta: i64) {
+    gauge!(STREAM_SUBSCRIPTIONS, "transport" => transport).increment(delta as f64);
+}
+
+/// `kind`: one of [`STREAM_RESUME_KINDS`].
+pub fn stream_resume(kind: &'static str) {
+    counter!(STREAM_RESUMES, "kind" => kind).increment(1);
 }
 
 pub fn idempotency_store_up(up: bool) {

@@ -9,6 +9,7 @@ pub mod openapi;
 mod problem;
 pub mod publish;
 pub mod request;
+pub mod sse;
 pub mod track;
 
 use std::any::Any;
@@ -48,6 +49,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::publish_batch))
         .routes(routes!(events::publish_event))
         .routes(routes!(request::request))
+        .routes(routes!(sse::events))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so
@@ -82,6 +84,7 @@ pub fn router(state: AppState) -> Router {
     operational
         .merge(api)
         .route("/demo", get(demo))
+        .route("/demo/sse", get(sse::demo_page))
         .route("/clients/warren.js", get(client_library))
         .merge(docs)
         .route_layer(middleware::from_fn_with_state(

@@ -36,6 +36,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
     tags(
         (name = "publish", description = "Publish messages with publisher confirms."),
         (name = "request", description = "Request/reply: publish a request and wait for its reply (direct reply-to)."),
+        (name = "subscribe", description = "Receive messages as server-sent events (streams replay from an offset)."),
         (name = "operations", description = "Liveness, readiness and metrics (no token needed)."),
     ),
     components(
@@ -58,6 +59,8 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::RequestConflict,
             problems::ReplyTooLarge,
             problems::RequestTimedOut,
+            problems::StreamNotFound,
+            problems::SubscribeUnavailable,
         ),
     ),
     modifiers(&BearerScheme),
@@ -468,6 +471,26 @@ pub mod problems {
         IdempotencyStoreUnavailable => [
             ("idempotency_store_unavailable", ApiError::IdempotencyStoreUnavailable(
                 "idempotency store unavailable: connection refused".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `stream_not_found`: no stream of this name in the tenant's vhost (or a queue
+        /// of that name that is not a stream; it is never consumed).
+        StreamNotFound => [
+            ("stream_not_found", ApiError::StreamNotFound(
+                "stream \"order-log\" does not exist in this tenant's vhost".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `broker_unavailable`: no broker link, or the vhost has as many subscriptions
+        /// open as the gateway allows. Retry after `Retry-After` seconds.
+        SubscribeUnavailable => [
+            ("broker_unavailable", ApiError::from(PublishError::Unavailable {
+                reason: "no connection to the broker for vhost \"/\" (reconnecting)".to_owned(),
+                retry_after: std::time::Duration::from_secs(2),
+            })),
         ]
     }
 

@@ -10,6 +10,8 @@ mod idempotency;
 mod log;
 mod rpc;
 mod server;
+mod sse;
+mod streams;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -22,6 +24,8 @@ pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
 pub use rpc::RpcConfig;
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
+pub use sse::SseConfig;
+pub use streams::StreamsConfig;
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
 };
@@ -76,6 +80,10 @@ pub struct Config {
     pub ws: WsConfig,
     #[serde(default)]
     pub rpc: RpcConfig,
+    #[serde(default)]
+    pub streams: StreamsConfig,
+    #[serde(default)]
+    pub sse: SseConfig,
     #[serde(default)]
     pub dynamic_tenants: DynamicTenantsConfig,
     #[serde(default)]
@@ -165,6 +173,8 @@ impl Config {
             idempotency: IdempotencyConfig::default(),
             ws: WsConfig::default(),
             rpc: RpcConfig::default(),
+            streams: StreamsConfig::default(),
+            sse: SseConfig::default(),
             dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
             topology: TopologyConfig::default(),
@@ -179,6 +189,8 @@ impl Config {
         self.idempotency.validate(self.amqp.confirm_timeout_ms)?;
         self.ws.validate()?;
         self.rpc.validate()?;
+        self.streams.validate()?;
+        self.sse.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants =

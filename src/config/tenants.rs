@@ -28,6 +28,9 @@ pub struct LimitsConfig {
     /// durable subscription) the tenant may hold at once; default 256. Bounds what one
     /// tenant can take of a shared vhost's channels (see amqp.max_consumer_channels).
     pub max_consumers: Option<usize>,
+    /// Open server-sent event streams (`GET /v1/events`); overrides
+    /// sse.max_connections_per_tenant for this tenant.
+    pub max_sse_connections: Option<usize>,
 }
 
 /// Tenants that are not listed under [tenants], for SaaS with many customers: any

@@ -51,6 +51,8 @@ pub struct Quota {
     bytes: Option<Bucket>,
     inflight: Option<(Arc<Semaphore>, usize)>,
     pub max_websockets: Option<usize>,
+    /// `limits.max_sse_connections`: open event streams (else `sse.max_connections_per_tenant`).
+    pub max_sse_connections: Option<usize>,
     consumers: Arc<Semaphore>,
     max_consumers: usize,
 }
@@ -72,6 +74,7 @@ impl Quota {
                 .max_inflight_publishes
                 .map(|max| (Arc::new(Semaphore::new(max)), max)),
             max_websockets: limits.max_websockets,
+            max_sse_connections: limits.max_sse_connections,
             consumers: Arc::new(Semaphore::new(
                 limits.max_consumers.unwrap_or(DEFAULT_MAX_CONSUMERS),
             )),
@@ -154,6 +157,7 @@ mod tests {
             max_inflight_publishes: inflight,
             max_websockets: None,
             max_consumers: None,
+            max_sse_connections: None,
         })
     }
 

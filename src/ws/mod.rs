@@ -8,6 +8,7 @@ pub mod protocol;
 pub mod queue;
 mod request;
 pub mod session;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

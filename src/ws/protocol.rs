@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use super::stream::StreamOffset;
 use crate::api::body::parse_json;
 use crate::api::model::PublishRequest;
 use crate::api::request::{ReplyMessage, RequestBody};
@@ -52,10 +53,12 @@ pub enum Mode {
     Durable,
     /// At-least-once, an existing queue (SPEC §11), shared with other consumers.
     Queue,
+    /// Replay of a RabbitMQ stream from an offset (SPEC §9); Warren acks.
+    Stream,
 }
 
 /// How a subscription's `message` frames carry each message (SPEC §12).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `properties` and `payload` or `body_base64`.
@@ -69,9 +72,11 @@ pub enum Format {
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
     pub id: String,
-    /// Required except with `mode: "queue"`, which takes neither (checked by [`parse`]).
+    /// Required for `live` and `durable` (checked by [`parse`]); not for `queue` or `stream`.
     #[serde(default)]
     pub exchange: String,
+    /// Required for `live` and `durable`; a `stream` subscription's optional routing-key
+    /// filter (`#`, everything, when absent).
     #[serde(default)]
     pub binding_key: String,
     #[serde(default)]
@@ -82,6 +87,44 @@ pub struct Subscribe {
     pub prefetch: Option<u16>,
     #[serde(default)]
     pub format: Format,
+    /// `mode: "stream"`: the stream to read.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// `mode: "stream"`: where to start (`next` when absent).
+    #[serde(default)]
+    pub offset: Option<StreamOffset>,
+}
+
+impl Subscribe {
+    /// The members each mode needs (and those it cannot take), given the members the
+    /// frame had; a stream subscription without a filter takes every key (`#`).
+    fn check(&mut self, members: &BTreeMap<String, Box<RawValue>>) -> Result<(), String> {
+        let has = |name: &str| members.contains_key(name);
+        let (mode, required, refused): (&str, &[&str], &[&str]) = match self.mode {
+            Mode::Live => ("live", &["exchange", "binding_key"], &["stream", "offset"]),
+            Mode::Durable => (
+                "durable",
+                &["exchange", "binding_key"],
+                &["stream", "offset"],
+            ),
+            Mode::Queue => (
+                "queue",
+                &["queue"],
+                &["exchange", "binding_key", "stream", "offset"],
+            ),
+            Mode::Stream => ("stream", &["stream"], &["exchange", "queue"]),
+        };
+        if let Some(m) = required.iter().find(|m| !has(m)) {
+            return Err(format!("missing field `{m}` (mode \"{mode}\")"));
+        }
+        if let Some(m) = refused.iter().find(|m| has(m)) {
+            return Err(format!("`{m}` does not apply to mode \"{mode}\""));
+        }
+        if self.mode == Mode::Stream && !has("binding_key") {
+            "#".clone_into(&mut self.binding_key);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -194,20 +237,11 @@ pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
     let decode = |e: ApiError| fail(format!("{kind} frame: {e}"));
     match kind.as_str() {
         "subscribe" => {
-            let s: Subscribe = parse_json(body.as_bytes()).map_err(decode)?;
-            let (required, refused): (&[&str], &[&str]) = match s.mode {
-                Mode::Queue => (&["queue"], &["exchange", "binding_key"]),
-                Mode::Live | Mode::Durable => (&["exchange", "binding_key"], &[]),
-            };
-            if let Some(m) = required.iter().find(|m| !members.contains_key(**m)) {
-                return Err(fail(format!("subscribe frame: missing field `{m}`")));
-            }
-            if let Some(m) = refused.iter().find(|m| members.contains_key(**m)) {
-                return Err(fail(format!(
-                    "subscribe frame: `{m}` does not apply to mode \"queue\", which consumes the whole queue"
-                )));
-            }
-            Ok(ClientFrame::Subscribe(s))
+            let mut subscribe: Subscribe = parse_json(body.as_bytes()).map_err(decode)?;
+            subscribe
+                .check(&members)
+                .map_err(|e| fail(format!("subscribe frame: {e}")))?;
+            Ok(ClientFrame::Subscribe(subscribe))
         }
         "unsubscribe" => parse_json(body.as_bytes())
             .map(ClientFrame::Unsubscribe)
@@ -354,6 +388,9 @@ pub struct MessageFrame {
     subscription: FrameId,
     /// Only meaningful for durable subscriptions (ack/nack); 0 for live ones.
     delivery_tag: u64,
+    /// A stream subscription's stream offset of the message (`"offset"` after
+    /// `"delivery_tag"`); absent for other modes.
+    offset: Option<u64>,
     delivery: Arc<DeliveryJson>,
 }
 
@@ -369,10 +406,19 @@ impl FrameId {
     }
 }
 
+/// The delivery's AMQP `message_id` (the `id:` of a live server-sent event).
+fn message_id(delivery: &Delivery) -> Option<Box<str>> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().into())
+}
+
 /// The members of a message frame that are the same for every subscriber of a
 /// delivery, as one JSON object: `{"exchange":…,…}`.
 #[derive(Debug)]
-pub struct DeliveryJson(String);
+pub struct DeliveryJson(String, Option<Box<str>>);
 
 #[derive(Serialize)]
 struct DeliveryMembers<'a> {
@@ -409,9 +455,13 @@ impl DeliveryJson {
             payload,
             body_base64: payload.is_none().then(|| BASE64.encode(&delivery.data)),
         };
+        let message_id = message_id(delivery);
         // Serialising plain strings, maps and raw JSON cannot fail; `{}` keeps the
         // frame well-formed if it ever did.
-        Self(serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()))
+        Self(
+            serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()),
+            message_id,
+        )
     }
 
     /// `format: cloudevents`: `exchange`, `routing_key`, `redelivered`, then `event`,
@@ -431,7 +481,7 @@ impl DeliveryJson {
         out.push_str(",\"event\":");
         out.push_str(&event);
         out.push('}');
-        Self(out)
+        Self(out, message_id(delivery))
     }
 
     /// The members for `format`.
@@ -445,9 +495,10 @@ impl DeliveryJson {
 
 const FRAME_START: &str = r#"{"type":"message","subscription":"#;
 const FRAME_TAG: &str = r#","delivery_tag":"#;
+const FRAME_OFFSET: &str = r#","offset":"#;
 /// What a frame adds to its subscription id and delivery, with room for the digits
-/// of any u64.
-const FRAME_OVERHEAD: usize = FRAME_START.len() + FRAME_TAG.len() + 20;
+/// of two u64s.
+const FRAME_OVERHEAD: usize = FRAME_START.len() + FRAME_TAG.len() + FRAME_OFFSET.len() + 40;
 
 impl MessageFrame {
     /// The frame of a delivery that goes to one subscriber only.
@@ -472,8 +523,24 @@ impl MessageFrame {
         Self {
             subscription: subscription.clone(),
             delivery_tag,
+            offset: None,
             delivery: delivery.clone(),
         }
+    }
+
+    /// The frame of a stream subscription: it carries the message's stream offset.
+    pub fn with_offset(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+
+    pub fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+
+    /// The AMQP `message_id` of the delivery, if it has one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.delivery.1.as_deref()
     }
 
     /// The size of the frame's JSON, at most a few bytes over.
@@ -489,6 +556,10 @@ impl MessageFrame {
         out.push_str(FRAME_TAG);
         // Writing to a String cannot fail.
         let _ = write!(out, "{}", self.delivery_tag);
+        if let Some(offset) = self.offset {
+            out.push_str(FRAME_OFFSET);
+            let _ = write!(out, "{offset}");
+        }
         match self.delivery.0.strip_prefix('{') {
             Some(members) => {
                 out.push(',');

@@ -2,10 +2,10 @@
 //! socket, finished publishes, token expiry, keepalive and shutdown. Writes are bounded
 //! by the slow-consumer timeout, so a stalled reader is closed (4408), never buffered.
 //!
-//! A little over 500 lines: the loop and the handlers of each client frame share the
-//! session's state (subscriptions, queues, token expiry); split apart they would pass
-//! it all around. Frame parsing lives in `protocol.rs`, subscriptions in `hub.rs` and
-//! `durable.rs`.
+//! About 600 lines: the loop and the handlers of each client frame share the session's
+//! state (subscriptions, queues, token expiry); split apart they would pass it all
+//! around. Frame parsing lives in `protocol.rs`, subscriptions in `hub.rs`,
+//! `durable.rs` and `stream.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use super::durable::{Durable, DurableRequest, Source, queue_name};
 use super::hub::{LiveSink, LiveSubscription};
 use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
+use super::stream::{SocketSide, StreamSubscription};
 use super::{Outgoing, SendBudget, SocketGuard};
 use crate::AppState;
 use crate::auth::grants::GrantPattern;
@@ -38,9 +39,11 @@ const CLOSE_NORMAL: u16 = 1000;
 enum Kind {
     Live(LiveSubscription),
     Durable(Durable),
+    Stream(StreamSubscription),
 }
 
 struct Subscription {
+    /// The exchange; for a stream subscription, the stream.
     exchange: String,
     binding_key: GrantPattern,
     /// `mode: "queue"`: the queue its grant must still cover.
@@ -212,12 +215,10 @@ impl Session {
                 subscription,
                 error,
             } => {
-                if let Some(Subscription {
-                    kind: Kind::Durable(durable),
-                    ..
-                }) = self.subscriptions.remove(&subscription)
-                {
-                    telemetry::ws_subscriptions(durable.mode, -1);
+                match self.subscriptions.remove(&subscription).map(|s| s.kind) {
+                    Some(Kind::Durable(durable)) => telemetry::ws_subscriptions(durable.mode, -1),
+                    Some(Kind::Stream(_)) => telemetry::ws_subscriptions("stream", -1),
+                    _ => {}
                 }
                 ServerFrame::error(Some(subscription), &error)
             }
@@ -307,6 +308,9 @@ impl Session {
                 config.max_subscriptions
             )));
         }
+        if s.mode == Mode::Stream {
+            return self.subscribe_stream(s).await;
+        }
         if s.mode == Mode::Queue {
             let tenant = self.principal.tenant.clone();
             let sink = self.tx.clone();
@@ -353,6 +357,7 @@ impl Session {
                     .await?;
                 (Kind::Live(live), None)
             }
+            Mode::Stream => unreachable_stream()?,
             Mode::Durable => {
                 let name = s.queue.as_deref().unwrap_or_default();
                 let queue = queue_name(&tenant.name, name)?;
@@ -393,11 +398,39 @@ impl Session {
         Ok(queue)
     }
 
+    /// `mode: "stream"` (SPEC §9): replay from an offset; Warren acks.
+    async fn subscribe_stream(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
+        let config = &self.state.config;
+        let side = SocketSide {
+            sink: self.tx.clone(),
+            budget: self.budget.clone(),
+            slow_consumer_timeout: Duration::from_millis(config.ws.slow_consumer_timeout_ms),
+            streams: &config.streams,
+            slots: &self.state.stream_slots,
+        };
+        let tenant = self.principal.tenant.clone();
+        let stream = super::stream::subscribe_socket(tenant, &s, side).await?;
+        telemetry::ws_subscriptions("stream", 1);
+        let (exchange, binding_key) = (stream.stream.clone(), stream.filter.clone());
+        let kind = Kind::Stream(stream);
+        let subscription = Subscription {
+            exchange,
+            binding_key,
+            queue_grant: None,
+            kind,
+        };
+        self.subscriptions.insert(s.id, subscription);
+        Ok(None)
+    }
+
     fn durable(&self, id: &str) -> Result<&Durable, ApiError> {
         match self.subscriptions.get(id).map(|s| &s.kind) {
             Some(Kind::Durable(durable)) => Ok(durable),
             Some(Kind::Live(_)) => Err(ApiError::InvalidRequest(
                 "live subscriptions are not acknowledged; only durable ones are".into(),
+            )),
+            Some(Kind::Stream(_)) => Err(ApiError::InvalidRequest(
+                "stream subscriptions are acknowledged by Warren; send no acks".into(),
             )),
             None => Err(unknown_subscription()),
         }
@@ -426,13 +459,12 @@ impl Session {
             .iter()
             .filter(|(_, s)| {
                 let tenant = &self.principal.tenant;
-                self.principal.require(Scope::Subscribe).is_err()
-                    || match &s.queue_grant {
-                        Some(queue) => tenant.authorize_queue(queue).is_err(),
-                        None => tenant
-                            .authorize_subscribe(&s.exchange, &s.binding_key)
-                            .is_err(),
-                    }
+                let allowed = match (&s.kind, &s.queue_grant) {
+                    (Kind::Stream(_), _) => tenant.authorize_stream(&s.exchange, &s.binding_key),
+                    (_, Some(queue)) => tenant.authorize_queue(queue),
+                    _ => tenant.authorize_subscribe(&s.exchange, &s.binding_key),
+                };
+                self.principal.require(Scope::Subscribe).is_err() || allowed.is_err()
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -459,6 +491,10 @@ impl Session {
                 durable.stop().await;
                 telemetry::ws_subscriptions(mode, -1);
             }
+            Kind::Stream(stream) => {
+                stream.stop().await;
+                telemetry::ws_subscriptions("stream", -1);
+            }
         }
     }
 
@@ -475,6 +511,13 @@ impl Session {
         // nobody is left to tell.
         while self.publishes.join_next().await.is_some() {}
     }
+}
+
+/// Stream subscriptions return before the live/durable match.
+fn unreachable_stream() -> Result<(Kind, Option<String>), ApiError> {
+    Err(ApiError::Internal(
+        "a stream subscription reached the live/durable path".into(),
+    ))
 }
 
 fn unknown_subscription() -> ApiError {

@@ -19,6 +19,8 @@ mod queues;
 mod request;
 mod security;
 mod shutdown;
+mod sse;
+mod streams;
 mod tenancy;
 mod topology;
 mod transport;
