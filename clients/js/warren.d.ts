@@ -163,7 +163,7 @@ export interface SubscribeSpec {
   /** stream: its name and where to start; after a reconnect it resumes after the last offset seen. */
   stream?: string;
   offset?: "first" | "last" | "next" | number | { timestamp: string };
-  /** `cloudevents` (SPEC §12), when the server offers it. */
+  /** `cloudevents` (SPEC §12): each message as `m.event`, a structured CloudEvent. */
   format?: string;
   /** durable/queue: ack after the handler resolves (default true); a throwing handler nacks. */
   autoAck?: boolean;
@@ -182,6 +182,8 @@ export interface Message<T = unknown> {
   /** stream subscriptions: the stream offset. */
   readonly offset?: number;
   readonly properties: Properties;
+  /** `format: "cloudevents"`: the message as a structured CloudEvent (then no properties or payload). */
+  readonly event?: Record<string, unknown>;
   /** JSON content. */
   readonly payload?: T;
   /** Other content, base64. */

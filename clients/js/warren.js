@@ -139,6 +139,8 @@ class Message {
     this.properties = camelKeys(frame.properties);
     this.payload = frame.payload;
     this.bodyBase64 = frame.body_base64;
+    /** `format: "cloudevents"`: the message as a structured CloudEvent. */
+    this.event = frame.event;
     this.frame = frame;
     this.#settle = settle;
   }
@@ -689,7 +691,7 @@ export class Warren extends Emitter {
    */
   publish(message) { return this.#enqueue("publish", message); }
 
-  /** Request/reply (SPEC §10): resolves with the reply. Needs a Warren that offers it. */
+  /** Request/reply (SPEC §10): resolves with the reply (`{ messageId, correlationId, reply }`). */
   request(message) { return this.#enqueue("request", message); }
 
   #enqueue(kind, message) {

@@ -1,6 +1,6 @@
 // Publish with confirm (and rejections carrying Warren's code), live and durable
-// subscriptions, ack/nack, idempotency keys, state events, and what the server does
-// not offer yet (queue/stream modes, request/reply) answered with an error code.
+// subscriptions, ack/nack, idempotency keys and state events. Queue and stream modes
+// and request/reply are in modes.test.mjs.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Warren, WarrenError } from "../warren.js";
@@ -144,20 +144,6 @@ test("an idempotencyKey publishes once: a retry is answered with the same messag
     w.publish({ exchange: "amq.topic", routingKey: `${t}.k`, payload: { different: 1 }, idempotencyKey: key }),
     (e) => e.code === "idempotency_key_mismatch",
   );
-});
-
-test("queue and stream modes and request/reply: implemented, answered by this Warren with invalid_request", async () => {
-  // This Warren does not offer SPEC §9-§11 yet; the client's frames are those of the SPEC.
-  const w = client();
-  const q = w.subscribe({ mode: "queue", queue: "billing", prefetch: 5 }, () => {});
-  await assert.rejects(q.ready, (e) => e.code === "invalid_request");
-  const s = w.subscribe({ mode: "stream", stream: "order-log", offset: "first" }, () => {});
-  await assert.rejects(s.ready, (e) => e.code === "invalid_request");
-  await assert.rejects(
-    w.request({ exchange: "amq.topic", routingKey: "jstest.rpc", payload: {}, timeoutMs: 1000 }),
-    (e) => e.code === "invalid_request",
-  );
-  assert.equal(w.state, "connected");
 });
 
 test("close() ends for good: disconnected then closed, pending publishes rejected", async () => {

@@ -59,8 +59,16 @@ export async function until(check, ms = 10000, what = "condition") {
  * replicas of one deployment). `start()`, `stop(signal)`, `restart()` keep the port.
  */
 export class WarrenProcess {
-  constructor({ secret = randomBytes(32).toString("hex"), extraToml = "", tenants = ["js"], amqpUrl } = {}) {
+  /**
+   * `grants`: extra grant entries (TOML inline tables) of every tenant, as
+   * `{ publish: [...], subscribe: [...] }`; `tenantToml`: TOML appended after the
+   * tenants (e.g. `[[tenants.js.queues]]` for topology).
+   */
+  constructor({ secret = randomBytes(32).toString("hex"), extraToml = "", tenants = ["js"], amqpUrl,
+    grants = {}, tenantToml = "" } = {}) {
     this.secret = secret;
+    this.grants = grants;
+    this.tenantToml = tenantToml;
     this.amqpUrl = amqpUrl || process.env.WARREN_TEST_AMQP_URL || "amqp://guest:guest@127.0.0.1:5672";
     this.extraToml = extraToml;
     this.tenants = tenants;
@@ -88,8 +96,8 @@ export class WarrenProcess {
     const tenants = this.tenants.map((t) => `
 [tenants.${t}]
 vhost = "/"
-publish = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
-subscribe = [{ exchange = "amq.topic", routing_key = "jstest.#" }]
+publish = [{ exchange = "amq.topic", routing_key = "jstest.#" }${(this.grants.publish ?? []).map((g) => `, ${g}`).join("")}]
+subscribe = [{ exchange = "amq.topic", routing_key = "jstest.#" }${(this.grants.subscribe ?? []).map((g) => `, ${g}`).join("")}]
 `).join("");
     writeFileSync(this.config, `
 [server]
@@ -102,7 +110,8 @@ leeway_s = 0
 [ws]
 durable_queue_expiry_s = 600
 ${this.extraToml}
-${tenants}`);
+${tenants}
+${this.tenantToml}`);
   }
 
   get http() { return `http://127.0.0.1:${this.port}`; }
