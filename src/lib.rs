@@ -16,6 +16,7 @@ mod idle;
 mod linger;
 pub mod publishing;
 pub mod rpc;
+mod sse_conn;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
@@ -225,7 +226,10 @@ pub async fn serve(
     }
 
     let app = api::router(state.clone());
-    let header_read_timeout = Duration::from_secs(state.config.server.header_read_timeout_s);
+    let timeouts = ConnTimeouts {
+        header_read: Duration::from_secs(state.config.server.header_read_timeout_s),
+        event_write: Duration::from_millis(state.config.sse.slow_reader_timeout_ms),
+    };
     let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
         match &state.config.server.tls {
             Some(tls) => {
@@ -248,14 +252,14 @@ pub async fn serve(
                     listener,
                     app,
                     stop.clone().cancelled_owned(),
-                    header_read_timeout,
+                    timeouts,
                 ))
             }
             None => Box::pin(serve_http(
                 listener,
                 app,
                 stop.clone().cancelled_owned(),
-                header_read_timeout,
+                timeouts,
             )),
         };
     let sockets_state = state.clone();
@@ -320,6 +324,15 @@ async fn stop_background(state: &App, deadline: Instant) {
     }
 }
 
+/// The time limits of one client connection.
+#[derive(Clone, Copy)]
+struct ConnTimeouts {
+    /// A request head (and an idle connection) gets this long.
+    header_read: Duration,
+    /// An event stream's write may take this long (`sse.slow_reader_timeout_ms`).
+    event_write: Duration,
+}
+
 /// How long open connections keep serving after the listener closed on shutdown.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
 
@@ -329,12 +342,13 @@ const SHUTDOWN_LINGER: Duration = Duration::from_millis(250);
 /// headers in time (slowloris) is closed instead of held forever, and so is one that
 /// is idle that long (nothing in flight, no byte moved; see [`idle`]).
 /// On `stop` the listener closes, each connection finishes its request and closes,
-/// and this returns once all have.
+/// and this returns once all have. A connection that opens with `GET /v1/events` is
+/// served by [`sse_conn`] instead of hyper.
 async fn serve_http<L>(
     mut listener: L,
     app: axum::Router,
     stop: impl Future<Output = ()> + Send + 'static,
-    header_read_timeout: Duration,
+    timeouts: ConnTimeouts,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
@@ -372,17 +386,34 @@ where
             });
         let mut stopping = stopping_rx.clone();
         let done = done_rx.clone();
+        let events_app = app.clone();
+        let ConnTimeouts {
+            header_read: header_read_timeout,
+            event_write,
+        } = timeouts;
         tokio::spawn(async move {
+            let io = idle::Watched::new(linger::Lingering::new(io), activity.clone());
+            let io = match sse_conn::sniff(io, header_read_timeout).await {
+                sse_conn::Opening::Events(io, request) => {
+                    let in_flight = activity.request();
+                    sse_conn::serve(io, *request, events_app, event_write).await;
+                    drop(in_flight);
+                    drop(done);
+                    return;
+                }
+                sse_conn::Opening::Other(io) => io,
+                sse_conn::Opening::Gone => {
+                    drop(done);
+                    return;
+                }
+            };
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
             let mut connection = std::pin::pin!(builder.serve_connection_with_upgrades(
-                TokioIo::new(idle::Watched::new(
-                    linger::Lingering::new(io),
-                    activity.clone(),
-                )),
+                TokioIo::new(io),
                 TowerToHyperService::new(service),
             ));
             let mut signalled = false;

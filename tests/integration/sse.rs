@@ -390,3 +390,88 @@ async fn a_slow_reader_is_cut_while_a_fast_one_keeps_up() {
         .count() as u64;
     assert!(events < TOTAL, "cut before the end: {events} of {TOTAL}");
 }
+
+/// Reads from `stream` until `done` holds for what came, the peer closes, or 10 s pass.
+async fn read_until(stream: &mut tokio::net::TcpStream, done: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut chunk = [0u8; 4096];
+    while !done(&text) {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => text.push_str(&String::from_utf8_lossy(&chunk[..n])),
+        }
+    }
+    text
+}
+
+/// A connection that opens with `GET /v1/events` is answered without hyper (so an idle
+/// stream costs less memory): the same head and events as through hyper, which serves
+/// the request when it comes after another on a kept-alive connection; a problem is
+/// answered the same way, and the connection then closes.
+#[tokio::test]
+async fn an_event_stream_is_the_same_on_a_fresh_or_a_reused_connection() {
+    let world = StreamWorld::start(r#"{ stream = "log" }"#, "").await;
+    world.stream("log").await;
+    world.publish("", "log", 0..3).await;
+    let addr = world.server.base.trim_start_matches("http://").to_owned();
+    let events = format!(
+        "GET /v1/events?stream=log&offset=first&access_token={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        world.token
+    );
+    let three_events = |text: &str| text.contains("id: 2\n");
+
+    // Fresh connection: served directly.
+    let mut fresh = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    fresh.write_all(events.as_bytes()).await.unwrap();
+    let direct = read_until(&mut fresh, three_events)
+        .await
+        .to_ascii_lowercase();
+    assert!(direct.starts_with("http/1.1 200 ok\r\n"), "{direct}");
+    for header in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "x-accel-buffering: no",
+        "x-request-id: ",
+        "connection: close",
+    ] {
+        assert!(direct.contains(header), "{header} missing: {direct}");
+    }
+    assert!(!direct.contains("transfer-encoding"), "{direct}");
+    assert!(direct.contains("retry: ") && direct.contains("id: 0\n") && direct.contains("id: 1\n"));
+
+    // After another request on the same connection: hyper serves it, same events.
+    let mut reused = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    reused
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let health = read_until(&mut reused, |t| t.contains("\r\n\r\n") && t.ends_with('}')).await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    reused.write_all(events.as_bytes()).await.unwrap();
+    let via_hyper = read_until(&mut reused, three_events)
+        .await
+        .to_ascii_lowercase();
+    assert!(via_hyper.starts_with("http/1.1 200 ok\r\n"), "{via_hyper}");
+    assert!(via_hyper.contains("content-type: text/event-stream"));
+    assert!(via_hyper.contains("id: 0\n") && via_hyper.contains("id: 2\n"));
+
+    // A problem on a fresh connection: the problem+json answer, then the close.
+    let mut refused = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    refused
+        .write_all(b"GET /v1/events?stream=log HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let problem = read_until(&mut refused, |_| false).await;
+    assert!(
+        problem.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        "{problem}"
+    );
+    let lower = problem.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/problem+json"),
+        "{problem}"
+    );
+    assert!(lower.contains("www-authenticate: bearer"), "{problem}");
+    assert!(problem.contains("\"code\":\"unauthorized\""), "{problem}");
+}
