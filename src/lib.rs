@@ -393,7 +393,13 @@ where
         } = timeouts;
         tokio::spawn(async move {
             let io = idle::Watched::new(linger::Lingering::new(io), activity.clone());
-            let io = match sse_conn::sniff(io, header_read_timeout).await {
+            // The first request's start decides who serves the connection; a connection
+            // that has sent nothing when shutdown comes is closed, as hyper closes idle ones.
+            let opening = tokio::select! {
+                opening = sse_conn::sniff(io, header_read_timeout) => opening,
+                _ = stopping.wait_for(|stop| *stop) => sse_conn::Opening::Gone,
+            };
+            let io = match opening {
                 sse_conn::Opening::Events(io, request) => {
                     let in_flight = activity.request();
                     sse_conn::serve(io, *request, events_app, event_write).await;
