@@ -18,7 +18,7 @@ if (( major < 22 )); then flags+=(--experimental-websocket); fi
 # start the cluster unless it runs already, and stop it afterwards if started here.
 if ! (exec 3<>/dev/tcp/127.0.0.1/5684) 2>/dev/null; then
   scripts/cluster.sh start
-  trap 'scripts/cluster.sh stop' EXIT
+  trap "$PWD/scripts/cluster.sh stop" EXIT
 fi
 cd clients/js
 node "${flags[@]}" --check warren.js

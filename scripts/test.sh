@@ -12,13 +12,12 @@ cargo test --locked "$@"
 # The memory alarm and broker restart tests change the shared broker (every publisher
 # is blocked, every connection dropped), so the run above skips them (#[ignore]) and
 # they run here, alone and one at a time.
-# The scale-out tests (tests/solo/cluster.rs) need a throwaway 3-node cluster beside
-# the broker; it is stopped and its data deleted afterwards, whatever happens.
+# The scale-out tests (tests/solo/cluster.rs) and the JavaScript client's broker
+# restart test need a throwaway 3-node cluster beside the broker; it is stopped and its
+# data deleted at the end, whatever happens.
 scripts/cluster.sh start
 trap 'scripts/cluster.sh stop' EXIT
 cargo test --locked --test solo -- --ignored --test-threads=1
-scripts/cluster.sh stop
-trap - EXIT
 scripts/browser-test.sh
 scripts/js-client-test.sh
 scripts/api-contract.sh

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::types::{AMQPValue, FieldTable};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use warren::auth::{TokenRequest, mint};
 use warren::config::Config;
@@ -471,5 +471,178 @@ async fn readiness_returns_within_two_seconds_of_a_restarted_node() {
             "ready {recovery:?} after a {outage} s outage (limit 2 s)"
         );
     }
+    server.shutdown().await.unwrap();
+}
+
+/// A WebSocket stream subscription through the node that is killed: it is told
+/// `broker_unavailable`, subscribes again from the offset after the last one it saw
+/// (Warren now reads through another node; the stream is replicated on all three), and
+/// gets every confirmed message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the test cluster (scripts/cluster.sh); scripts/test.sh runs it alone"]
+async fn a_stream_subscription_resumes_after_node_loss_with_nothing_missed_or_doubled() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let urls = urls();
+    let rabbit = Rabbit::connect_to(urls[1].clone()).await;
+    let stream = unique("log");
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    rabbit
+        .channel
+        .queue_declare(
+            stream.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("declare the stream");
+    let tenant = unique("t");
+    let mut config = config(&format!(
+        "[tenants.{tenant}]\nvhost = \"/\"\n\
+         publish = [{{ exchange = \"\", routing_key = \"{stream}\" }}]\n\
+         subscribe = [{{ stream = \"{stream}\" }}]\n"
+    ));
+    config.amqp.url = None;
+    config.amqp.urls = urls.clone();
+    config.amqp.connect_timeout_ms = 1000;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish subscribe");
+    assert!(
+        connected_nodes().contains(&2),
+        "Warren should read through node 2"
+    );
+
+    // The publisher: REST, one message per `n`, never retried; the acked ones are the
+    // ledger.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let publisher = {
+        let (http, base, token, stream) = (
+            server.http.clone(),
+            server.base.clone(),
+            token.clone(),
+            stream.clone(),
+        );
+        let (stop, acked) = (stop.clone(), acked.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let body = json!({"exchange": "", "routing_key": stream, "payload": {"n": n}});
+                let sent = http
+                    .post(format!("{base}/v1/publish"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await;
+                if sent.is_ok_and(|r| r.status() == 202) {
+                    acked.lock().unwrap().insert(n);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    // The reader: subscribes from `first`, and again from the next offset whenever its
+    // subscription ends.
+    let mut ws = ws_connect(&server.base, &token).await;
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last_offset: Option<u64> = None;
+    let mut subscriptions = 0;
+    let mut told = 0;
+    let subscribe = |offset: Option<u64>, id: String| {
+        let offset = offset.map_or(json!("first"), |o| json!(o + 1));
+        json!({"type": "subscribe", "id": id, "mode": "stream", "stream": stream, "offset": offset})
+            .to_string()
+    };
+    subscriptions += 1;
+    ws.send(Message::text(subscribe(None, format!("s{subscriptions}"))))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut killed: Option<KilledNode> = None;
+    let mut killed_at = None;
+    let mut finished_at = None;
+    loop {
+        assert!(Instant::now() < deadline, "the test ran out of time");
+        let acked_now = acked.lock().unwrap().len();
+        if killed.is_none() && killed_at.is_none() && seen.len() >= 100 {
+            killed = Some(KilledNode::kill(2));
+            killed_at = Some(Instant::now());
+        }
+        if let (Some(at), Some(_)) = (killed_at, killed.as_ref())
+            && at.elapsed() > Duration::from_secs(5)
+        {
+            if let Some(node) = killed.take() {
+                node.restart().await;
+            }
+            finished_at = Some(acked_now + 100);
+        }
+        if let Some(target) = finished_at
+            && acked_now >= target
+            && !stop.load(Ordering::Acquire)
+        {
+            stop.store(true, Ordering::Release);
+        }
+        if stop.load(Ordering::Acquire) && publisher.is_finished() {
+            let want = acked.lock().unwrap().clone();
+            if want.iter().all(|n| seen.contains(n)) {
+                break;
+            }
+        }
+        let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
+        let Ok(Some(Ok(Message::Text(text)))) = next else {
+            if let Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) = next {
+                panic!("the socket closed: {next:?}");
+            }
+            continue;
+        };
+        let frame: Value = serde_json::from_str(text.as_str()).expect("JSON");
+        match frame["type"].as_str() {
+            Some("message") => {
+                let offset = frame["offset"].as_u64().expect("offset");
+                if let Some(last) = last_offset {
+                    assert!(offset > last, "offset {offset} after {last}");
+                }
+                last_offset = Some(offset);
+                seen.push(frame["payload"]["n"].as_u64().expect("n"));
+            }
+            Some("error") if frame["code"] == "broker_unavailable" => {
+                told += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                subscriptions += 1;
+                ws.send(Message::text(subscribe(
+                    last_offset,
+                    format!("s{subscriptions}"),
+                )))
+                .await
+                .unwrap();
+            }
+            Some("subscribed") | Some("unsubscribed") => {}
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    let _ = publisher.await;
+    let distinct: HashSet<u64> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "a message came twice");
+    let acked = acked.lock().unwrap().clone();
+    assert!(told >= 1, "the subscription was never told it ended");
+    eprintln!(
+        "stream-node-loss figures: acked={} seen={} subscriptions={subscriptions} told={told}",
+        acked.len(),
+        seen.len()
+    );
+    let _ = rabbit
+        .channel
+        .queue_delete(stream.as_str().into(), Default::default())
+        .await;
     server.shutdown().await.unwrap();
 }
