@@ -399,9 +399,9 @@ impl Broker {
 /// to `max`, less up to a quarter at random (so replicas don't reconnect in lockstep),
 /// never below `min`. The floor bounds how often a down broker is tried (the default
 /// 500 ms: at most twice a second per URL); the cap bounds how late a recovered broker
-/// is noticed (the default 1.5 s keeps readiness within 2 s of it). A backoff that kept
-/// growing through a long outage would leave Warren unready long after the broker is
-/// back (issue #21).
+/// is noticed (the default 1.2 s keeps readiness within 2 s of it, with room for the
+/// connection handshake). A backoff that kept growing through a long outage would leave
+/// Warren unready long after the broker is back (issue #21).
 fn backoff(min: Duration, max: Duration, attempt: u32, random: f64) -> Duration {
     let exp = min
         .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))

@@ -55,7 +55,7 @@ impl Default for AmqpConfig {
             channels_per_vhost: 32,
             max_inflight_confirms: 10_000,
             reconnect_backoff_min_ms: 500,
-            reconnect_backoff_max_ms: 1_500,
+            reconnect_backoff_max_ms: 1_200,
             exchange_cache_ttl_s: 30,
             exchange_cache_max_entries: 10_000,
             max_consumer_channels: 1024,
