@@ -5,8 +5,7 @@
 use super::protocol::{Request, ServerFrame};
 use crate::AppState;
 use crate::api::request::RequestReplied;
-use crate::error::ApiError;
-use crate::idempotency::{Fingerprint, IdempotencyKey, Outcome};
+use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::publishing::TraceContext;
 use crate::rpc::{self, KeyedRequest};
 use crate::tenancy::Principal;
@@ -43,26 +42,10 @@ pub async fn request(state: AppState, principal: Principal, frame: Request) -> S
         RequestReplied::from,
     )
     .await;
-    let outcome = match answer {
-        Ok(answered) => answered.outcome,
-        Err(error) => {
-            if let ApiError::Internal(cause) = &error {
-                tracing::error!(error = %cause, "Request failed unexpectedly.");
-            }
-            Outcome::Failure(error.problem().into())
-        }
-    };
-    match outcome {
-        Outcome::Success { body, .. } => ServerFrame::Reply {
-            id,
-            message_id: body.message_id,
-            correlation_id: body.correlation_id,
-            reply: body.reply,
-        },
-        Outcome::Failure(problem) => ServerFrame::Error {
-            id: Some(id),
-            code: problem.code.as_str().to_owned(),
-            detail: problem.detail,
-        },
-    }
+    super::session::frame_from_answer(id, answer, |id, body| ServerFrame::Reply {
+        id,
+        message_id: body.message_id,
+        correlation_id: body.correlation_id,
+        reply: body.reply,
+    })
 }

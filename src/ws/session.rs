@@ -555,6 +555,21 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
 /// A confirm for an accepted publish (fresh or replayed), else an error frame with the
 /// problem's code and detail, as the HTTP answer would carry them.
 fn frame_from_outcome(id: String, answer: Result<Answered<Accepted>, ApiError>) -> ServerFrame {
+    frame_from_answer(id, answer, |id, body| ServerFrame::Confirm {
+        id,
+        message_id: body.message_id,
+        routed: body.routed,
+    })
+}
+
+/// The frame of a keyed call's answer (fresh or replayed): `success` of its body, else
+/// an error frame with the problem's code and detail, as the HTTP answer would carry
+/// them.
+pub(super) fn frame_from_answer<T>(
+    id: String,
+    answer: Result<Answered<T>, ApiError>,
+    success: impl FnOnce(String, T) -> ServerFrame,
+) -> ServerFrame {
     let outcome = match answer {
         Ok(answered) => answered.outcome,
         Err(error) => {
@@ -565,11 +580,7 @@ fn frame_from_outcome(id: String, answer: Result<Answered<Accepted>, ApiError>) 
         }
     };
     match outcome {
-        Outcome::Success { body, .. } => ServerFrame::Confirm {
-            id,
-            message_id: body.message_id,
-            routed: body.routed,
-        },
+        Outcome::Success { body, .. } => success(id, body),
         Outcome::Failure(problem) => ServerFrame::Error {
             id: Some(id),
             code: problem.code.as_str().to_owned(),
