@@ -308,25 +308,34 @@ impl Session {
                 config.max_subscriptions
             )));
         }
-        if s.mode == Mode::Stream {
-            return self.subscribe_stream(s).await;
+        match s.mode {
+            Mode::Stream => self.subscribe_stream(s).await,
+            Mode::Queue => self.subscribe_queue(s).await,
+            Mode::Live | Mode::Durable => self.subscribe_bound(s).await,
         }
-        if s.mode == Mode::Queue {
-            let tenant = self.principal.tenant.clone();
-            let sink = self.tx.clone();
-            let queue = super::queue::start(&self.state, tenant, &s, sink, self.budget.clone());
-            let durable = queue.await?;
-            telemetry::ws_subscriptions(durable.mode, 1);
-            let queue = durable.queue.clone();
-            let subscription = Subscription {
-                exchange: String::new(),
-                binding_key: GrantPattern::every_key(),
-                queue_grant: Some(queue.clone()),
-                kind: Kind::Durable(durable),
-            };
-            self.subscriptions.insert(s.id, subscription);
-            return Ok(Some(queue));
-        }
+    }
+
+    /// `mode: "queue"`: an existing queue, consumed whole.
+    async fn subscribe_queue(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
+        let tenant = self.principal.tenant.clone();
+        let sink = self.tx.clone();
+        let queue = super::queue::start(&self.state, tenant, &s, sink, self.budget.clone());
+        let durable = queue.await?;
+        telemetry::ws_subscriptions(durable.mode, 1);
+        let queue = durable.queue.clone();
+        let subscription = Subscription {
+            exchange: String::new(),
+            binding_key: GrantPattern::every_key(),
+            queue_grant: Some(queue.clone()),
+            kind: Kind::Durable(durable),
+        };
+        self.subscriptions.insert(s.id, subscription);
+        Ok(Some(queue))
+    }
+
+    /// `live` and `durable`: a binding on an exchange, covered by the tenant's grants.
+    async fn subscribe_bound(&mut self, s: Subscribe) -> Result<Option<String>, ApiError> {
+        let config = &self.state.config.ws;
         if s.exchange.len() > 255 {
             return Err(ApiError::InvalidRequest(
                 "exchange: must be at most 255 bytes".into(),
@@ -336,55 +345,46 @@ impl Session {
             .map_err(|e| ApiError::InvalidRequest(format!("binding_key: {e}")))?;
         let tenant = self.principal.tenant.clone();
         tenant.authorize_subscribe(&s.exchange, &pattern)?;
-        let (kind, queue) = match s.mode {
-            Mode::Live => {
-                let target = LiveSink {
-                    subscription: &s.id,
-                    sink: self.tx.clone(),
-                    budget: self.budget.clone(),
-                };
-                let live = self
-                    .state
-                    .live
-                    .join_as(
-                        &tenant,
-                        &s.exchange,
-                        &pattern,
-                        target,
-                        config.live_queue_max_length,
-                        s.format,
-                    )
-                    .await?;
-                (Kind::Live(live), None)
-            }
-            Mode::Stream => unreachable_stream()?,
-            Mode::Durable => {
-                let name = s.queue.as_deref().unwrap_or_default();
-                let queue = queue_name(&tenant.name, name)?;
-                let request = DurableRequest {
-                    subscription: &s.id,
-                    source: Source::Bound {
-                        exchange: &s.exchange,
-                        binding_key: &s.binding_key,
-                        expiry: Duration::from_secs(config.durable_queue_expiry_s),
-                        queue_type: config.durable_queue_type,
-                    },
-                    queue,
-                    prefetch: super::queue::prefetch(s.prefetch, config)?,
-                    slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
-                    budget: self.budget.clone(),
-                };
-                let durable =
-                    Durable::start_as(tenant.clone(), request, self.tx.clone(), s.format).await?;
-                telemetry::ws_subscriptions("durable", 1);
-                let queue = durable.queue.clone();
-                (Kind::Durable(durable), Some(queue))
-            }
-            Mode::Queue => {
-                return Err(ApiError::Internal(
-                    "queue subscriptions are started above".into(),
-                ));
-            }
+        let (kind, queue) = if s.mode == Mode::Live {
+            let target = LiveSink {
+                subscription: &s.id,
+                sink: self.tx.clone(),
+                budget: self.budget.clone(),
+            };
+            let live = self
+                .state
+                .live
+                .join_as(
+                    &tenant,
+                    &s.exchange,
+                    &pattern,
+                    target,
+                    config.live_queue_max_length,
+                    s.format,
+                )
+                .await?;
+            (Kind::Live(live), None)
+        } else {
+            let name = s.queue.as_deref().unwrap_or_default();
+            let queue = queue_name(&tenant.name, name)?;
+            let request = DurableRequest {
+                subscription: &s.id,
+                source: Source::Bound {
+                    exchange: &s.exchange,
+                    binding_key: &s.binding_key,
+                    expiry: Duration::from_secs(config.durable_queue_expiry_s),
+                    queue_type: config.durable_queue_type,
+                },
+                queue,
+                prefetch: super::queue::prefetch(s.prefetch, config)?,
+                slow_consumer_timeout: Duration::from_millis(config.slow_consumer_timeout_ms),
+                budget: self.budget.clone(),
+            };
+            let durable =
+                Durable::start_as(tenant.clone(), request, self.tx.clone(), s.format).await?;
+            telemetry::ws_subscriptions("durable", 1);
+            let queue = durable.queue.clone();
+            (Kind::Durable(durable), Some(queue))
         };
         self.subscriptions.insert(
             s.id,
@@ -511,13 +511,6 @@ impl Session {
         // nobody is left to tell.
         while self.publishes.join_next().await.is_some() {}
     }
-}
-
-/// Stream subscriptions return before the live/durable match.
-fn unreachable_stream() -> Result<(Kind, Option<String>), ApiError> {
-    Err(ApiError::Internal(
-        "a stream subscription reached the live/durable path".into(),
-    ))
 }
 
 fn unknown_subscription() -> ApiError {
