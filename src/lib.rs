@@ -98,7 +98,10 @@ impl App {
             let tenants = resolved.tenants.values().cloned().collect();
             startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
         }
-        let stream_slots = ws::stream::StreamSlots::new(config.streams.max_subscriptions);
+        let stream_slots = ws::stream::StreamSlots::new(
+            config.streams.max_subscriptions,
+            config.streams.tenant_share(),
+        );
         Ok(AppState(Arc::new(App {
             config,
             resolved,

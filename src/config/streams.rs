@@ -17,6 +17,10 @@ pub struct StreamsConfig {
     /// past it). Each one keeps a couple of files open on the broker (segment and
     /// index), and a broker out of file descriptors closes the whole AMQP connection.
     pub max_subscriptions: usize,
+    /// Of those, what one tenant may hold at once (429 past it), so one tenant cannot
+    /// take every slot from the others. Default: a quarter of `max_subscriptions` (at
+    /// least 1).
+    pub max_subscriptions_per_tenant: Option<usize>,
 }
 
 impl Default for StreamsConfig {
@@ -24,16 +28,33 @@ impl Default for StreamsConfig {
         Self {
             prefetch: 200,
             max_subscriptions: 256,
+            max_subscriptions_per_tenant: None,
         }
     }
 }
 
 impl StreamsConfig {
+    /// What one tenant may hold (`max_subscriptions_per_tenant`, else a quarter).
+    pub fn tenant_share(&self) -> usize {
+        self.max_subscriptions_per_tenant
+            .unwrap_or((self.max_subscriptions / 4).max(1))
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         all_positive(&[
             ("streams.prefetch", u64::from(self.prefetch)),
             ("streams.max_subscriptions", self.max_subscriptions as u64),
+            (
+                "streams.max_subscriptions_per_tenant",
+                self.tenant_share() as u64,
+            ),
         ])?;
+        if self.tenant_share() > self.max_subscriptions {
+            return Err(ConfigError::invalid(
+                "streams.max_subscriptions_per_tenant",
+                "must not exceed streams.max_subscriptions",
+            ));
+        }
         if self.prefetch > 10_000 {
             return Err(ConfigError::invalid(
                 "streams.prefetch",

@@ -196,27 +196,70 @@ pub struct StreamRequest<'a> {
 pub struct StreamSlots {
     slots: Arc<tokio::sync::Semaphore>,
     max: usize,
+    /// Subscriptions held per tenant, so one tenant cannot take every slot.
+    per_tenant: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    max_per_tenant: usize,
+}
+
+/// One stream subscription's place: a gateway slot and its tenant's count.
+pub struct StreamSlot {
+    _slot: OwnedSemaphorePermit,
+    tenant: String,
+    per_tenant: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = counts.get_mut(&self.tenant) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl StreamSlots {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, max_per_tenant: usize) -> Self {
         Self {
             slots: Arc::new(tokio::sync::Semaphore::new(max)),
             max,
+            per_tenant: Arc::default(),
+            max_per_tenant,
         }
     }
 
-    fn take(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::BrokerUnavailable {
+    /// A slot for `tenant`: 503 when the gateway holds all it allows
+    /// (`streams.max_subscriptions`), 429 past the tenant's share
+    /// (`streams.max_subscriptions_per_tenant`).
+    fn take(&self, tenant: &str) -> Result<StreamSlot, ApiError> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::BrokerUnavailable {
                 detail: format!(
                     "this gateway holds as many stream subscriptions as it allows ({}, streams.max_subscriptions)",
                     self.max
                 ),
                 retry_after: Duration::from_secs(5),
-            })
+            }
+        })?;
+        let mut counts = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        let held = counts.get(tenant).copied().unwrap_or(0);
+        if held >= self.max_per_tenant {
+            return Err(ApiError::RateLimited {
+                detail: format!(
+                    "the tenant already holds {} stream subscriptions (streams.max_subscriptions_per_tenant); unsubscribe first",
+                    self.max_per_tenant
+                ),
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        counts.insert(tenant.to_owned(), held + 1);
+        Ok(StreamSlot {
+            _slot: slot,
+            tenant: tenant.to_owned(),
+            per_tenant: self.per_tenant.clone(),
+        })
     }
 }
 
@@ -287,7 +330,7 @@ pub struct StreamSubscription {
     /// Counts against the tenant's `limits.max_consumers`.
     _consumer: OwnedSemaphorePermit,
     /// Counts against `streams.max_subscriptions`.
-    _slot: OwnedSemaphorePermit,
+    _slot: StreamSlot,
     /// Keeps a lazily opened pool from being closed under the consumer.
     _lease: BrokerLease,
 }
@@ -305,7 +348,7 @@ impl StreamSubscription {
     ) -> Result<Self, ApiError> {
         authorize(&tenant, request.stream, &request.filter)?;
         let consumer_permit = tenant.quota.admit_consumer()?;
-        let slot = request.slots.take()?;
+        let slot = request.slots.take(&tenant.name)?;
         let broker = tenant.broker().await?;
         let channel = Arc::new(
             broker
@@ -539,6 +582,25 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tenant_holds_at_most_its_share_of_the_stream_slots() {
+        let slots = StreamSlots::new(3, 2);
+        let a1 = slots.take("a").unwrap();
+        let _a2 = slots.take("a").unwrap();
+        let refused = slots.take("a").err().expect("over the share");
+        assert_eq!(refused.code(), "rate_limited");
+        let _b1 = slots.take("b").unwrap();
+        // The gateway is full now: another tenant is told so, not rate limited.
+        let full = slots.take("c").err().expect("the gateway is full");
+        assert_eq!(full.code(), "broker_unavailable");
+        drop(a1);
+        let _a3 = slots.take("a").unwrap();
+        assert!(
+            slots.take("a").is_err(),
+            "the share holds after a slot came back"
+        );
+    }
     use serde_json::json;
 
     #[test]
