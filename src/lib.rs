@@ -83,7 +83,12 @@ impl App {
         let resolved = config.resolve()?;
         telemetry::prometheus();
         telemetry::poison_reasons(broker::poison::Reason::ALL.map(broker::poison::Reason::as_str));
-        let verifier = Verifier::start(&config.auth, &resolved.token_keys).await?;
+        let verifier = Verifier::start(
+            &config.auth,
+            &resolved.token_keys,
+            config.auth.token_cache_entries,
+        )
+        .await?;
         let tenants =
             Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;
         let tasks = TaskTracker::new();

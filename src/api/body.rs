@@ -113,7 +113,12 @@ fn check_content_type(value: Option<&axum::http::HeaderValue>) -> Result<(), Api
 }
 
 /// Parses JSON, reporting the path of the first problem (`messages[3].routing_key: ...`).
+/// A body that parses is parsed once, without path tracking (which costs about a third
+/// more); only a bad one is parsed again to find the path.
 pub fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_slice(raw) {
+        return Ok(value);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(raw);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();

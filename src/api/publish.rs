@@ -61,8 +61,9 @@ pub async fn publish(
     let publish = KeyedPublish {
         tenant: &principal.tenant,
         subject: &principal.subject,
-        key: key.as_ref(),
-        fingerprint: Fingerprint::of("POST", "/v1/publish", &body.raw),
+        key: key
+            .as_ref()
+            .map(|k| (k, Fingerprint::of("POST", "/v1/publish", &body.raw))),
         trace: trace_context(&headers),
         max_headers_bytes: state.config.server.max_headers_bytes,
     };
@@ -115,7 +116,6 @@ pub async fn publish_batch(
         Err(error) => return error.into_response(),
     };
     let trace = trace_context(&headers);
-    let fingerprint = Fingerprint::of("POST", "/v1/publish/batch", &body.raw);
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
     let max_headers = state.config.server.max_headers_bytes;
@@ -133,15 +133,10 @@ pub async fn publish_batch(
         Ok(Outcome::success(response.status(), response))
     };
     let (tenant, subject) = (&principal.tenant.name, &principal.subject);
-    let answer = publishing::idempotent(
-        &state.idempotency,
-        tenant,
-        subject,
-        key.as_ref(),
-        fingerprint,
-        work,
-    )
-    .await;
+    let keyed = key
+        .as_ref()
+        .map(|k| (k, Fingerprint::of("POST", "/v1/publish/batch", &body.raw)));
+    let answer = publishing::idempotent(&state.idempotency, tenant, subject, keyed, work).await;
     respond(answer)
 }
 

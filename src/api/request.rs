@@ -209,8 +209,9 @@ pub async fn request(
     let call = KeyedRequest {
         tenant: &principal.tenant,
         subject: &principal.subject,
-        key: key.as_ref(),
-        fingerprint: Fingerprint::of("POST", "/v1/request", &body.raw),
+        key: key
+            .as_ref()
+            .map(|k| (k, Fingerprint::of("POST", "/v1/request", &body.raw))),
         trace: trace_context(&headers),
         max_headers_bytes: state.config.server.max_headers_bytes,
         rpc: &state.config.rpc,

@@ -1,6 +1,7 @@
 //! Token verification and the request principal: who is calling (subject), for which
 //! tenant, with which scopes. Invalid tokens are 401, unknown tenants 403.
 
+mod cache;
 pub mod grants;
 pub mod keys;
 pub mod rules;
@@ -39,6 +40,8 @@ pub struct Verifier {
     validations: HashMap<Algorithm, Validation>,
     tenant_claim: String,
     refresher: Option<AbortHandle>,
+    /// Tokens already verified (`auth.token_cache_entries`).
+    cache: cache::TokenCache,
 }
 
 impl Drop for Verifier {
@@ -66,8 +69,13 @@ const ALGORITHMS: [Algorithm; 12] = [
 
 impl Verifier {
     /// Loads the keys (reading key files, fetching a JWKS URL once, bounded by its
-    /// timeout) and starts their periodic refresh.
-    pub async fn start(rules: impl Into<ClaimRules>, sources: &KeySources) -> anyhow::Result<Self> {
+    /// timeout) and starts their periodic refresh. Up to `cache_entries` verified
+    /// tokens are kept (see [`cache`]); 0 verifies every token every time.
+    pub async fn start(
+        rules: impl Into<ClaimRules>,
+        sources: &KeySources,
+        cache_entries: usize,
+    ) -> anyhow::Result<Self> {
         let config = rules.into();
         let keys = KeyStore::start(sources).await?;
         let refresher = keys.spawn_refresher();
@@ -79,6 +87,7 @@ impl Verifier {
                 .collect(),
             tenant_claim: config.tenant_claim,
             refresher,
+            cache: cache::TokenCache::new(cache_entries),
         })
     }
 
@@ -88,8 +97,20 @@ impl Verifier {
     }
 
     /// Checks the signature with the keys the token's header selects (see
-    /// [`keys::KeySet::select`]), then `exp`, `nbf`, `iss`, `aud` and the tenant claim.
+    /// [`keys::KeySet::select`]), then `exp`, `nbf`, `iss`, `aud` and the tenant claim;
+    /// or finds the token among those already verified with the keys in force.
     pub async fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        let keys = self.keys.keys();
+        let now = unix_now();
+        if let Some(claims) = self.cache.get(token, &keys, now) {
+            return Ok(claims);
+        }
+        let claims = self.verify_signed(token).await?;
+        self.cache.put(token, &keys, &claims, now);
+        Ok(claims)
+    }
+
+    async fn verify_signed(&self, token: &str) -> Result<Claims, ApiError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| {
             ApiError::Unauthorized(
                 "the token is malformed or its header names an algorithm Warren does not accept"
@@ -239,6 +260,13 @@ fn describe_jwt_error(kind: &JwtErrorKind) -> String {
     }
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Parameters for minting a token (`warren token`, dev mode, tests).
 pub struct TokenRequest<'a> {
     pub tenant: &'a str,
@@ -255,10 +283,7 @@ pub fn mint(
     request: &TokenRequest<'_>,
 ) -> Result<String, jsonwebtoken::errors::Error> {
     let config = rules.into();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = unix_now();
     let mut claims = Map::new();
     claims.insert("sub".into(), request.subject.into());
     claims.insert(config.tenant_claim.clone(), request.tenant.into());

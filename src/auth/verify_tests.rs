@@ -101,7 +101,8 @@ fn config(extra: &str) -> Config {
 
 async fn start(config: &Config) -> Verifier {
     let resolved = config.resolve().unwrap();
-    Verifier::start(&config.auth, &resolved.token_keys)
+    let entries = config.auth.token_cache_entries;
+    Verifier::start(&config.auth, &resolved.token_keys, entries)
         .await
         .unwrap()
 }

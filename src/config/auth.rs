@@ -44,6 +44,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     pub tenant_claim: String,
     pub leeway_s: u64,
+    /// Verified tokens kept so that a token sent again is not verified again (until its
+    /// `exp`, with the keys it verified against); 0 turns the cache off.
+    pub token_cache_entries: usize,
 }
 
 impl Default for AuthConfig {
@@ -63,6 +66,7 @@ impl Default for AuthConfig {
             audience: None,
             tenant_claim: "tenant".to_owned(),
             leeway_s: 30,
+            token_cache_entries: 10_000,
         }
     }
 }

@@ -29,8 +29,8 @@ pub struct Replied {
 pub struct KeyedRequest<'a> {
     pub tenant: &'a Arc<Tenant>,
     pub subject: &'a str,
-    pub key: Option<&'a IdempotencyKey>,
-    pub fingerprint: Fingerprint,
+    /// The key with the request's fingerprint (only a keyed request is fingerprinted).
+    pub key: Option<(&'a IdempotencyKey, Fingerprint)>,
     pub trace: TraceContext,
     pub max_headers_bytes: usize,
     pub rpc: &'a RpcConfig,
@@ -55,13 +55,12 @@ where
         tenant,
         subject,
         key,
-        fingerprint,
         trace,
         max_headers_bytes,
         rpc,
         timeout_ms,
     } = call;
-    let message_id = key.map(|k| k.message_id(&tenant.name, subject, None));
+    let message_id = key.map(|(k, _)| k.message_id(&tenant.name, subject, None));
     let work = || async move {
         let call = Call {
             trace: &trace,
@@ -73,7 +72,7 @@ where
         let replied = request_one(tenant, request, call).await?;
         Ok(Outcome::success(OK, render(replied)))
     };
-    publishing::idempotent(idempotency, &tenant.name, subject, key, fingerprint, work).await
+    publishing::idempotent(idempotency, &tenant.name, subject, key, work).await
 }
 
 /// The status of a request that got its reply.

@@ -28,8 +28,9 @@ pub async fn request(state: AppState, principal: Principal, frame: Request) -> S
     let call = KeyedRequest {
         tenant: &principal.tenant,
         subject: &principal.subject,
-        key: key.as_ref(),
-        fingerprint: Fingerprint::of("WS", "/v1/ws#request", raw.as_bytes()),
+        key: key
+            .as_ref()
+            .map(|k| (k, Fingerprint::of("WS", "/v1/ws#request", raw.as_bytes()))),
         trace: TraceContext::default(),
         max_headers_bytes: state.config.server.max_headers_bytes,
         rpc: &state.config.rpc,

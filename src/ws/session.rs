@@ -536,8 +536,9 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
     let publish = KeyedPublish {
         tenant: &principal.tenant,
         subject: &principal.subject,
-        key: key.as_ref(),
-        fingerprint: Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes()),
+        key: key
+            .as_ref()
+            .map(|k| (k, Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes()))),
         trace: TraceContext::default(),
         max_headers_bytes: state.config.server.max_headers_bytes,
     };

@@ -1,0 +1,226 @@
+//! A fixed amount of work for profiling a running Warren (bench/profile.sh): N requests
+//! of one kind at a given concurrency over keep-alive HTTP/1.1 connections, then the
+//! warren process's CPU time and context switches per message. A fixed count (not a
+//! fixed time) is what makes `valgrind --tool=callgrind` instruction counts comparable
+//! between two builds.
+//!
+//!     warren-profile --addr 127.0.0.1:8080 --token T --pid 1234 --kind publish \
+//!         --requests 20000 --concurrency 16
+//!
+//! Not a test: it never runs under `cargo test`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser, Debug)]
+#[command(about = "Fixed-count load for profiling Warren (see BENCHMARKS.md)")]
+struct Args {
+    #[arg(long)]
+    addr: String,
+    #[arg(long)]
+    token: String,
+    /// The warren process, whose CPU time and context switches are reported.
+    #[arg(long)]
+    pid: u32,
+    /// publish (POST /v1/publish) or batch (POST /v1/publish/batch, 100 messages).
+    #[arg(long, default_value = "publish")]
+    kind: String,
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value = "warren-bench")]
+    exchange: String,
+}
+
+const BATCH: usize = 100;
+
+fn message(exchange: &str) -> String {
+    let pad = "x".repeat(200);
+    format!(
+        "{{\"exchange\":\"{exchange}\",\"routing_key\":\"bench.msg\",\
+         \"payload\":{{\"id\":\"bench\",\"pad\":\"{pad}\"}},\"properties\":{{\"persistent\":true}}}}"
+    )
+}
+
+/// (user + system ticks, voluntary + involuntary context switches) of every thread.
+fn process_counters(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let ticks = get(14) + get(15);
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    (ticks, switches)
+}
+
+async fn call(stream: &mut TcpStream, buf: &mut Vec<u8>, request: &[u8]) -> anyhow::Result<u16> {
+    stream.write_all(request).await?;
+    buf.clear();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end])?;
+            let status: u16 = head.get(9..12).context("status line")?.parse()?;
+            let length = head
+                .split("\r\n")
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .context("no content-length")?
+                .1
+                .trim()
+                .parse::<usize>()?;
+            while buf.len() < end + 4 + length {
+                read_more(stream, buf).await?;
+            }
+            return Ok(status);
+        }
+        read_more(stream, buf).await?;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let len = buf.len();
+    buf.resize(len + 8192, 0);
+    let n = stream.read(&mut buf[len..]).await?;
+    buf.truncate(len + n);
+    ensure!(n > 0, "connection closed");
+    Ok(())
+}
+
+/// The exchange and durable queue every message goes to (as in bench/main.rs), purged.
+async fn topology(exchange: &str) -> anyhow::Result<()> {
+    let conn = Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672",
+        ConnectionProperties::default(),
+    )
+    .await?;
+    let ch = conn.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let queue = format!("{exchange}-q");
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.into(),
+        "bench.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    topology(&args.exchange).await?;
+    let (path, body, per_request, expect) = match args.kind.as_str() {
+        "publish" => ("/v1/publish", message(&args.exchange), 1, 202),
+        "batch" => {
+            let items = vec![message(&args.exchange); BATCH].join(",");
+            (
+                "/v1/publish/batch",
+                format!("{{\"messages\":[{items}]}}"),
+                BATCH as u64,
+                200,
+            )
+        }
+        other => bail!("unknown --kind {other}"),
+    };
+    let request = Arc::new(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            args.addr,
+            args.token,
+            body.len()
+        )
+        .into_bytes(),
+    );
+    let remaining = Arc::new(AtomicU64::new(args.requests));
+    let mut streams = Vec::new();
+    for _ in 0..args.concurrency {
+        let stream = TcpStream::connect(&args.addr).await?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+    }
+    let (ticks0, switches0) = process_counters(args.pid);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for mut stream in streams {
+        let (request, remaining) = (request.clone(), remaining.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(8192);
+            while remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let status = call(&mut stream, &mut buf, &request).await?;
+                ensure!(status == expect, "status {status}");
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (ticks1, switches1) = process_counters(args.pid);
+    let messages = (args.requests * per_request) as f64;
+    println!(
+        "{} requests ({} messages) at {} in flight in {:.2} s: {:.0} msg/s; warren CPU {:.1} µs/msg, {:.2} context switches/msg",
+        args.requests,
+        messages,
+        args.concurrency,
+        elapsed,
+        messages / elapsed,
+        (ticks1 - ticks0) as f64 * 10_000.0 / messages,
+        (switches1 - switches0) as f64 / messages,
+    );
+    Ok(())
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Profiles Warren on a fixed amount of work (BENCHMARKS.md, "Profiling"): starts a
+# release `warren` (bench config: tenant `bench` on vhost `/`, exchange `warren-bench`),
+# warms it up, then sends REQUESTS requests of KIND at CONCURRENCY in flight and prints
+# Warren's CPU time and context switches per message.
+#
+#   bench/profile.sh [publish|batch] [REQUESTS] [CONCURRENCY]
+#   CALLGRIND=1 bench/profile.sh publish 2000 16   # under valgrind: instructions per
+#                                                  # message, and the annotated profile
+#
+# With CALLGRIND=1 the counters are zeroed after the warm-up, so the profile
+# (bench/callgrind.out) holds the measured requests only; its instruction counts do
+# not depend on what else the machine is doing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind="${1:-publish}"
+requests="${2:-20000}"
+concurrency="${3:-16}"
+target="${CARGO_TARGET_DIR:-target}"
+scripts/ensure-services.sh >/dev/null
+cargo build -q --release --bin warren --example warren-profile
+dir="$(mktemp -d)"
+pid=""
+cleanup() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$dir"; }
+trap cleanup EXIT
+port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+cat > "$dir/warren.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+max_concurrent_requests = 100000
+[auth]
+hs256_secret = "warren-profile-secret-warren-profile-secret"
+[log]
+level = "warn"
+[tenants.bench]
+vhost = "/"
+publish = [{ exchange = "warren-bench", routing_key = "#" }]
+TOML
+token="$("$target/release/warren" token --config "$dir/warren.toml" --tenant bench --sub bench --scope publish --ttl 2h)"
+if [ -n "${CALLGRIND:-}" ]; then
+  valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+    "$target/release/warren" serve --config "$dir/warren.toml" 2>"$dir/valgrind.log" &
+else
+  "$target/release/warren" serve --config "$dir/warren.toml" 2>"$dir/warren.log" &
+fi
+pid=$!
+for _ in $(seq 600); do
+  curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+drive() { "$target/release/examples/warren-profile" --addr "127.0.0.1:$port" --token "$token" --pid "$pid" --kind "$kind" --concurrency "$concurrency" --requests "$1"; }
+drive $(( requests / 5 + 1 )) >/dev/null   # warm-up: connections, channels, caches
+if [ -n "${CALLGRIND:-}" ]; then callgrind_control --zero "$pid" >/dev/null; fi
+drive "$requests"
+if [ -n "${CALLGRIND:-}" ]; then
+  callgrind_control --dump "$pid" >/dev/null
+  # The dump (taken before the shutdown writes its own part) holds the measured requests.
+  cp "$(ls -t "$dir"/callgrind.out* | head -1)" bench/callgrind.out
+  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+  per=1; [ "$kind" = batch ] && per=100
+  total="$(callgrind_annotate bench/callgrind.out 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",","",$1); print $1; exit}')"
+  echo "instructions: $total in all, $(( total / (requests * per) )) per message (bench/callgrind.out; callgrind_annotate --inclusive=yes bench/callgrind.out)"
+fi
