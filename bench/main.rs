@@ -1119,7 +1119,69 @@ async fn publish_section(
             results[1][i].rate / results[3][i].rate
         );
     }
+    print_targets(&args.levels, &results);
     Ok(results)
+}
+
+/// One target of the issue: the measured figure and whether it is met.
+fn print_target(what: &str, measured: Option<(String, bool)>) {
+    let (figure, verdict) = match measured {
+        Some((figure, ok)) => (figure, if ok { "met" } else { "missed" }),
+        None => ("not measured".to_owned(), "-"),
+    };
+    println!("  {what:<56} {figure:>22}  {verdict}");
+}
+
+/// The publish targets of the issue "Cut Warren's CPU per message" (the fan-out one is
+/// printed with the fan-out lines).
+fn print_targets(levels: &[usize], results: &[Vec<Stat>]) {
+    let at = |k: usize, n: usize| -> Option<&Stat> {
+        levels.iter().position(|&l| l == n).map(|i| &results[k][i])
+    };
+    println!("\ntargets (issue: Cut Warren's CPU per message)");
+    for n in [16, 64] {
+        print_target(
+            &format!("Warren CPU per single publish <= 40 µs at {n} in flight"),
+            at(1, n).map(|s| {
+                let us = s.us_per_msg(1);
+                (format!("{us:.1} µs"), us <= 40.0)
+            }),
+        );
+    }
+    for n in [16, 64] {
+        print_target(
+            &format!("Warren CPU per message in batches of {BATCH} <= 5 µs at {n}"),
+            at(2, n).map(|s| {
+                let us = s.us_per_msg(1);
+                (format!("{us:.2} µs"), us <= 5.0)
+            }),
+        );
+    }
+    print_target(
+        "POST /v1/publish >= 0.8x direct AMQP msg/s at 16",
+        at(1, 16).zip(at(0, 16)).map(|(w, d)| {
+            let r = w.rate / d.rate;
+            (format!("{r:.2}x"), r >= 0.8)
+        }),
+    );
+    for n in [16, 64] {
+        print_target(
+            &format!("POST /v1/publish >= 15x management API msg/s at {n}"),
+            at(1, n).zip(at(3, n)).map(|(w, m)| {
+                let r = w.rate / m.rate;
+                (format!("{r:.1}x"), r >= 15.0)
+            }),
+        );
+    }
+    for n in [16, 64] {
+        print_target(
+            &format!("POST /v1/publish p99 <= 1.5x direct AMQP p99 at {n}"),
+            at(1, n).zip(at(0, n)).map(|(w, d)| {
+                let r = w.p99 / d.p99;
+                (format!("{:.2}/{:.2} ms {r:.2}x", w.p99, d.p99), r <= 1.5)
+            }),
+        );
+    }
 }
 
 /// Direct AMQP and `POST /v1/publish` paced at half of Warren's max single-publish rate:
