@@ -10,8 +10,12 @@
 //! 4. the RabbitMQ management API publish endpoint;
 //! 5. WebSocket live fan-out to many sockets on one binding key;
 //! 6. Warren's RSS per idle authenticated socket holding one live subscription;
-//! 7. request/reply: `POST /v1/request` vs the same RPC with lapin (`rpc.rs`;
-//!    `--rpc-only` runs just this).
+//! 7. request/reply: `POST /v1/request` vs the same RPC with lapin (`rpc.rs`);
+//! 8. RabbitMQ's Web-STOMP fan-out next to Warren's at `--stomp-sockets` (`stomp.rs`).
+//!
+//! `--only publish,rpc,openloop,fanout,stomp,memory` runs a part (`--rpc-only` is
+//! `--only rpc`). Every closed-loop, rpc and open-loop point prints the CPU time of
+//! warren and of RabbitMQ per message; the fan-out points per delivery.
 //!
 //! Not a test: it never runs under `cargo test`.
 
@@ -36,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod rpc;
+mod stomp;
 
 /// The same allocator as the `warren` binary.
 #[global_allocator]
@@ -1427,6 +1432,9 @@ async fn main() -> anyhow::Result<()> {
                 }),
             );
         }
+    }
+    if args.runs(Section::Stomp) {
+        stomp::run(&warren, &conn, args.stomp_sockets, &args.fanout_rate, 3.0).await?;
     }
     warren.stop();
 
