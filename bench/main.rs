@@ -1344,6 +1344,9 @@ async fn main() -> anyhow::Result<()> {
     if !args.cluster.is_empty() {
         return cluster_comparison(&args, dir.path()).await;
     }
+    if args.runs(Section::Stomp) {
+        stomp::check().await?;
+    }
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let admin = conn.create_channel().await?;
     admin

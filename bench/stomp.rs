@@ -23,12 +23,7 @@ pub async fn run(
     rates: &[u64],
     seconds: f64,
 ) -> anyhow::Result<()> {
-    if let Err(e) = TcpStream::connect(STOMP_ADDR).await {
-        bail!(
-            "Web-STOMP is not listening on {STOMP_ADDR} ({e}): enable it with \
-             `rabbitmq-plugins enable rabbitmq_web_stomp` (bench/run.sh does)"
-        );
-    }
+    check().await?;
     let mut rows = Vec::new();
     for &rate in rates {
         let w = warren_fanout(warren, conn, sockets, rate, seconds).await?;
@@ -53,6 +48,17 @@ pub async fn run(
             warren_us / stomp_us,
             w.p99,
             s.p99
+        );
+    }
+    Ok(())
+}
+
+/// Fails with what to do when Web-STOMP is not listening (main checks before the run).
+pub async fn check() -> anyhow::Result<()> {
+    if let Err(e) = TcpStream::connect(STOMP_ADDR).await {
+        bail!(
+            "Web-STOMP is not listening on {STOMP_ADDR} ({e}): enable it with \
+             `rabbitmq-plugins enable rabbitmq_web_stomp` (bench/run.sh does)"
         );
     }
     Ok(())
