@@ -1266,15 +1266,18 @@ async fn open_loop(
                 .await?;
             (
                 s.rate,
-                format!("Warren's single-publish rate at {n} in flight (publish section not run)"),
+                format!(
+                    "Warren's single-publish rate at {n} in flight, measured just now as the \
+                     publish section did not run"
+                ),
             )
         }
     };
     let half = max / 2.0;
     let paced_n = 64;
     println!(
-        "\nopen loop at half of {from} ({max:.0} msg/s): {half:.0} msg/s from {paced_n} paced \
-         publishers"
+        "\nopen loop at half of {from}: {max:.0} msg/s / 2 = {half:.0} msg/s from {paced_n} \
+         paced publishers"
     );
     for (k, name) in PUBLISH_PATHS.iter().enumerate().take(2) {
         let s = publish_point(
