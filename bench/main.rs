@@ -10,15 +10,19 @@
 //! 4. the RabbitMQ management API publish endpoint;
 //! 5. WebSocket live fan-out to many sockets on one binding key;
 //! 6. Warren's RSS per idle authenticated socket holding one live subscription;
-//! 7. request/reply: `POST /v1/request` vs the same RPC with lapin (`rpc.rs`;
-//!    `--rpc-only` runs just this).
+//! 7. request/reply: `POST /v1/request` vs the same RPC with lapin (`rpc.rs`);
+//! 8. RabbitMQ's Web-STOMP fan-out next to Warren's at `--stomp-sockets` (`stomp.rs`).
+//!
+//! `--only publish,rpc,openloop,fanout,stomp,memory` runs a part (`--rpc-only` is
+//! `--only rpc`). Every closed-loop, rpc and open-loop point prints the CPU time of
+//! warren and of RabbitMQ per message; the fan-out points per delivery.
 //!
 //! Not a test: it never runs under `cargo test`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
@@ -36,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod rpc;
+mod stomp;
 
 /// The same allocator as the `warren` binary.
 #[global_allocator]
@@ -87,9 +92,21 @@ struct Args {
     /// Concurrency levels (calls in flight) of the request/reply comparison.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     rpc_levels: Vec<usize>,
-    /// Run only the request/reply comparison.
-    #[arg(long)]
+    /// Sections to run, comma separated (default: all of them, in this order).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "publish,rpc,openloop,fanout,stomp,memory"
+    )]
+    only: Vec<Section>,
+    /// Run only the request/reply comparison (the same as `--only rpc`).
+    #[arg(long, conflicts_with = "only")]
     rpc_only: bool,
+    /// Sockets on each side of the Web-STOMP comparison (`stomp`): RabbitMQ's
+    /// descriptor limit here is about 1,000 and every STOMP socket takes one.
+    #[arg(long, default_value_t = 200)]
+    stomp_sockets: usize,
     /// Run only a cluster comparison: direct AMQP and `POST /v1/publish` to a quorum
     /// queue at `--levels`, on the local broker and then on the cluster at these AMQP
     /// URLs (`scripts/cluster.sh urls`; Warren gets all of them, direct AMQP the first).
@@ -99,6 +116,33 @@ struct Args {
     /// confirm) instead of persistent ones; a diagnostic, not the benchmark.
     #[arg(long)]
     transient: bool,
+}
+
+/// The parts of a run (`--only`).
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Section {
+    /// Items 1-4 at `--levels`, their ratios and the issue's targets.
+    Publish,
+    /// Request/reply (`rpc.rs`).
+    Rpc,
+    /// Direct AMQP and `POST /v1/publish` paced at half of Warren's max.
+    Openloop,
+    /// WebSocket live fan-out to `--fanout-sockets`.
+    Fanout,
+    /// RabbitMQ's Web-STOMP fan-out next to Warren's, at `--stomp-sockets`.
+    Stomp,
+    /// Warren's RSS per idle subscribed socket.
+    Memory,
+}
+
+impl Args {
+    fn runs(&self, section: Section) -> bool {
+        if self.rpc_only {
+            section == Section::Rpc
+        } else {
+            self.only.contains(&section)
+        }
+    }
 }
 
 /// AMQP delivery mode of every message: 2 (persistent) unless `--transient`.
@@ -172,12 +216,50 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Samples the CPU of the processes over exactly this window, on a thread of its
+    /// own so that a busy runtime cannot delay the samples.
+    ///
+    /// The CPU per message divides this by the operations that completed inside the
+    /// same window (`Recorder::record`). That is more accurate than a probe around the
+    /// whole point divided by every operation it completed: such a probe also charges
+    /// the messages with the connections' set-up and teardown (channels, confirm mode,
+    /// consumers, TCP accepts) and the cold start of the warm-up, whereas here the only
+    /// error is the operations straddling the two edges, which cancel out in a steady
+    /// state.
+    fn probe(&self) -> std::thread::JoinHandle<[f64; 4]> {
+        let (warm_end, end) = (self.warm_end, self.end);
+        let pids = CpuProbe::pids();
+        std::thread::spawn(move || {
+            std::thread::sleep(warm_end.saturating_duration_since(Instant::now()));
+            let probe = CpuProbe::start_with(pids);
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            probe.stop()
+        })
+    }
+}
+
 #[derive(Clone, Copy, Default, Debug)]
 struct Stat {
     rate: f64,
     p50: f64,
     p99: f64,
     p999: f64,
+    /// Percent of one core over the measured window: generator, warren, RabbitMQ, other.
+    cpu: [f64; 4],
+}
+
+impl Stat {
+    /// CPU time in µs per message of process `i` of `cpu` (1 warren, 2 RabbitMQ): CPU
+    /// seconds over the window divided by the messages completed in it.
+    fn us_per_msg(&self, i: usize) -> f64 {
+        self.cpu[i] / 100.0 * 1e6 / self.rate
+    }
+
+    /// The `µs/msg war/rmq` column.
+    fn fmt_us(&self) -> String {
+        format!("{:>7.1} {:>7.1}", self.us_per_msg(1), self.us_per_msg(2))
+    }
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -197,6 +279,7 @@ fn summarize(recs: Vec<Recorder>, measured: Duration) -> Stat {
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         p999: percentile(&lat, 0.999),
+        cpu: [0.0; 4],
     }
 }
 
@@ -251,13 +334,24 @@ struct CpuProbe {
     t0: Instant,
 }
 
+/// The running Warren, whose CPU the probes measure (set by `Warren::start_on`).
+static WARREN_PID: AtomicU32 = AtomicU32::new(0);
+
 impl CpuProbe {
-    fn start(warren_pid: u32) -> Self {
-        let pids = [
+    fn start() -> Self {
+        Self::start_with(Self::pids())
+    }
+
+    /// The generator, the current Warren and RabbitMQ (looked up once: a scan of /proc).
+    fn pids() -> [String; 3] {
+        [
             "self".to_owned(),
-            warren_pid.to_string(),
+            WARREN_PID.load(Ordering::Relaxed).to_string(),
             find_pid("beam.smp").unwrap_or_else(|| "0".to_owned()),
-        ];
+        ]
+    }
+
+    fn start_with(pids: [String; 3]) -> Self {
         let start = [
             cpu_ticks(&pids[0]),
             cpu_ticks(&pids[1]),
@@ -414,6 +508,7 @@ async fn direct(
     }
     let body = Arc::new(message_json("\"id\":\"bench\",").into_bytes());
     let w = Window::new(seconds);
+    let probe = w.probe();
     let mut tasks = Vec::new();
     for i in 0..n {
         let ch = chans[i % chans.len()].clone();
@@ -448,7 +543,7 @@ async fn direct(
             anyhow::Ok(rec)
         }));
     }
-    let stat = collect(tasks, w).await?;
+    let stat = collect(tasks, w, probe).await?;
     for ch in chans {
         let _ = ch.close(200, "bye".into()).await;
     }
@@ -462,15 +557,23 @@ fn pacing(rate: Option<f64>, n: usize, i: usize) -> Option<(Instant, Duration)> 
     })
 }
 
+/// The tasks' recorders and the window's CPU (`probe`, started with the tasks).
 async fn collect(
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Recorder>>>,
     w: Window,
+    probe: std::thread::JoinHandle<[f64; 4]>,
 ) -> anyhow::Result<Stat> {
     let mut recs = Vec::new();
     for t in tasks {
         recs.push(t.await??);
     }
-    Ok(summarize(recs, w.measured))
+    let cpu = tokio::task::spawn_blocking(move || probe.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the CPU probe panicked"))?;
+    Ok(Stat {
+        cpu,
+        ..summarize(recs, w.measured)
+    })
 }
 
 /// Closed (or paced) loop of HTTP requests, one connection per publisher.
@@ -491,6 +594,7 @@ async fn http_loop(
         conns.push(Http::connect(addr).await?);
     }
     let w = Window::new(seconds);
+    let probe = w.probe();
     let mut tasks = Vec::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         let request = request.clone();
@@ -511,7 +615,7 @@ async fn http_loop(
             anyhow::Ok(rec)
         }));
     }
-    collect(tasks, w).await
+    collect(tasks, w, probe).await
 }
 
 fn publish_body() -> String {
@@ -601,6 +705,7 @@ impl Warren {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
+        WARREN_PID.store(child.id(), Ordering::Relaxed);
         let mut warren = Warren {
             child,
             addr,
@@ -706,9 +811,40 @@ struct Fanout {
     cpu: [f64; 4],
     /// Warren's CPU time (utime + stime) over the point divided by the deliveries.
     warren_us_per_delivery: f64,
+    /// RabbitMQ's (beam.smp) likewise.
+    rabbitmq_us_per_delivery: f64,
 }
 
-async fn fanout(
+impl Fanout {
+    /// Prints the point under `title` (which names the sockets).
+    fn print(&self, title: &str, rate: u64) {
+        let expected = self.published * self.sockets as u64;
+        println!(
+            "\n{title}: {} sockets on one binding key, one AMQP publisher at {rate} msg/s\n  \
+             published {} -> delivered {} of {expected} ({:.1}%), {:.0} deliveries/s, \
+             publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}\n  \
+             CPU per delivery: Warren {:.2} µs, RabbitMQ {:.2} µs",
+            self.sockets,
+            self.published,
+            self.delivered,
+            self.delivered as f64 * 100.0 / expected.max(1) as f64,
+            self.deliveries_per_s,
+            self.p50,
+            self.p99,
+            self.p999,
+            fmt_cpu(self.cpu),
+            self.warren_us_per_delivery,
+            self.rabbitmq_us_per_delivery
+        );
+    }
+}
+
+/// What one socket of a fan-out receives: the texts that carry a message (a Warren
+/// frame, a STOMP MESSAGE body); it ends when the socket does.
+type Texts = futures::stream::BoxStream<'static, String>;
+
+/// Warren's live fan-out to `sockets` new sockets.
+async fn warren_fanout(
     warren: &Warren,
     conn: &Connection,
     sockets: usize,
@@ -716,34 +852,57 @@ async fn fanout(
     seconds: f64,
 ) -> anyhow::Result<Fanout> {
     let wss = open_sockets(&warren.addr, &warren.token, sockets).await?;
+    let texts = wss
+        .into_iter()
+        .map(|ws| {
+            ws.take_while(|frame| std::future::ready(frame.is_ok()))
+                .filter_map(|frame| {
+                    std::future::ready(match frame {
+                        Ok(Message::Text(t)) => Some(t.as_str().to_owned()),
+                        _ => None,
+                    })
+                })
+                .boxed()
+        })
+        .collect();
+    fan_out(conn, texts, rate, seconds).await
+}
+
+/// Publishes `rate` msg/s for `seconds` to EXCHANGE with FAN_KEY, each message carrying
+/// its send time (`"t":µs`), and measures what `sockets` receive until deliveries stop.
+async fn fan_out(
+    conn: &Connection,
+    sockets: Vec<Texts>,
+    rate: u64,
+    seconds: f64,
+) -> anyhow::Result<Fanout> {
+    let n = sockets.len();
     let delivered = Arc::new(AtomicU64::new(0));
     let last = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let mut readers = Vec::new();
-    for mut ws in wss {
+    for mut texts in sockets {
         let delivered = delivered.clone();
         let last = last.clone();
         let mut done = done_rx.clone();
         readers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
-                let frame = tokio::select! {
-                    f = ws.next() => f,
+                let text = tokio::select! {
+                    t = texts.next() => t,
                     _ = done.changed() => break,
                 };
-                let Some(Ok(frame)) = frame else { break };
-                if let Message::Text(t) = frame {
-                    let now = now_us();
-                    if let Some(i) = t.find("\"t\":") {
-                        let digits: String = t[i + 4..]
-                            .chars()
-                            .take_while(|c| c.is_ascii_digit())
-                            .collect();
-                        if let Ok(sent) = digits.parse::<u64>() {
-                            lat.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
-                            delivered.fetch_add(1, Ordering::Relaxed);
-                            last.fetch_max(now, Ordering::Relaxed);
-                        }
+                let Some(t) = text else { break };
+                let now = now_us();
+                if let Some(i) = t.find("\"t\":") {
+                    let digits: String = t[i + 4..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit())
+                        .collect();
+                    if let Ok(sent) = digits.parse::<u64>() {
+                        lat.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        last.fetch_max(now, Ordering::Relaxed);
                     }
                 }
             }
@@ -752,9 +911,9 @@ async fn fanout(
     }
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    // Let the subscriptions' shared broker queue settle.
+    // Let the subscriptions' broker queues settle.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let probe = CpuProbe::start(warren.pid());
+    let probe = CpuProbe::start();
     let total = (rate as f64 * seconds) as u64;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let first = now_us();
@@ -777,11 +936,12 @@ async fn fanout(
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = delivered.load(Ordering::Relaxed);
-        if now == seen || now == total * sockets as u64 {
+        if now == seen || now == total * n as u64 {
             break;
         }
         seen = now;
     }
+    // Every delivery of the point happened inside the probe, so its CPU over all of them.
     let window = probe.t0.elapsed().as_secs_f64();
     let cpu = probe.stop();
     let _ = ch.close(200, "bye".into()).await;
@@ -792,9 +952,10 @@ async fn fanout(
     }
     let delivered = delivered.load(Ordering::Relaxed);
     let span = (last.load(Ordering::Relaxed).saturating_sub(first)) as f64 / 1e6;
+    let per_delivery = |pct: f64| pct / 100.0 * window * 1e6 / delivered.max(1) as f64;
     lat.sort_unstable();
     Ok(Fanout {
-        sockets,
+        sockets: n,
         published: total,
         delivered,
         deliveries_per_s: delivered as f64 / span.max(1e-9),
@@ -802,7 +963,8 @@ async fn fanout(
         p99: percentile(&lat, 0.99),
         p999: percentile(&lat, 0.999),
         cpu,
-        warren_us_per_delivery: cpu[1] / 100.0 * window * 1e6 / delivered.max(1) as f64,
+        warren_us_per_delivery: per_delivery(cpu[1]),
+        rabbitmq_us_per_delivery: per_delivery(cpu[2]),
     })
 }
 
@@ -904,6 +1066,277 @@ fn fmt_cpu(c: [f64; 4]) -> String {
     )
 }
 
+/// The header of a table of closed-loop points (`unit`: msg/s, calls/s).
+fn print_header(unit: &str, per: &str) {
+    println!(
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>15}",
+        "path",
+        "conc",
+        unit,
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "CPU gen/war/rmq/other",
+        format!("µs/{per} war/rmq")
+    );
+}
+
+fn print_row(name: &str, n: usize, s: &Stat) {
+    println!(
+        "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}  {}",
+        s.rate,
+        s.p50,
+        s.p99,
+        s.p999,
+        fmt_cpu(s.cpu),
+        s.fmt_us()
+    );
+}
+
+/// The requests of the publish paths, for one Warren.
+struct Requests {
+    single: Vec<u8>,
+    batch: Vec<u8>,
+    mgmt: Vec<u8>,
+}
+
+impl Requests {
+    fn new(warren: &Warren) -> Self {
+        let bearer = format!("Bearer {}", warren.token);
+        Requests {
+            single: post(&warren.addr, "/v1/publish", &bearer, &publish_body()),
+            batch: post(&warren.addr, "/v1/publish/batch", &bearer, &batch_body()),
+            mgmt: post(
+                MGMT_ADDR,
+                &format!("/api/exchanges/%2F/{EXCHANGE}/publish"),
+                "Basic Z3Vlc3Q6Z3Vlc3Q=",
+                &mgmt_body(),
+            ),
+        }
+    }
+}
+
+const PUBLISH_PATHS: [&str; 4] = [
+    "1 direct AMQP",
+    "2 warren publish",
+    "3 warren batch",
+    "4 management API",
+];
+
+/// Path `k` of [`PUBLISH_PATHS`] at `n` in flight, paced at `rate` msg/s if given.
+#[allow(clippy::too_many_arguments)]
+async fn publish_point(
+    args: &Args,
+    conn: &Connection,
+    warren: &Warren,
+    req: &Requests,
+    k: usize,
+    n: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> anyhow::Result<Stat> {
+    let (addr, request, expect, msgs, check) = match k {
+        0 => return direct(conn, n, args.channels, seconds, rate).await,
+        1 => (warren.addr.as_str(), &req.single, 202, 1, None),
+        2 => (warren.addr.as_str(), &req.batch, 200, BATCH as u64, None),
+        _ => (MGMT_ADDR, &req.mgmt, 200, 1, Some(&b"\"routed\":true"[..])),
+    };
+    http_loop(addr, request.clone(), expect, msgs, check, n, seconds, rate).await
+}
+
+/// Items 1-4 at every level, the ratios and the issue's targets; `results[k][level]`.
+async fn publish_section(
+    args: &Args,
+    conn: &Connection,
+    admin: &lapin::Channel,
+    warren: &Warren,
+    req: &Requests,
+) -> anyhow::Result<Vec<Vec<Stat>>> {
+    println!();
+    print_header("msg/s", "msg");
+    let mut results: Vec<Vec<Stat>> = vec![Vec::new(); 4];
+    for &n in &args.levels {
+        for (k, name) in PUBLISH_PATHS.iter().enumerate() {
+            let s = publish_point(args, conn, warren, req, k, n, args.seconds, None)
+                .await
+                .with_context(|| format!("{name} at {n}"))?;
+            print_row(name, n, &s);
+            results[k].push(s);
+            admin
+                .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+                .await?;
+        }
+    }
+
+    println!("\nratios at equal concurrency");
+    println!(
+        "{:>5} {:>12} {:>12} {:>12}",
+        "conc", "2/1 http", "3/1 batch", "2/4 vs mgmt"
+    );
+    for (i, n) in args.levels.iter().enumerate() {
+        println!(
+            "{n:>5} {:>12.2} {:>12.2} {:>12.1}",
+            results[1][i].rate / results[0][i].rate,
+            results[2][i].rate / results[0][i].rate,
+            results[1][i].rate / results[3][i].rate
+        );
+    }
+    print_targets(&args.levels, &results);
+    Ok(results)
+}
+
+/// One target of the issue: the measured figure and whether it is met.
+fn print_target(what: &str, measured: Option<(String, bool)>) {
+    let (figure, verdict) = match measured {
+        Some((figure, ok)) => (figure, if ok { "met" } else { "missed" }),
+        None => ("not measured".to_owned(), "-"),
+    };
+    println!("  {what:<56} {figure:>22}  {verdict}");
+}
+
+/// The publish targets of the issue "Cut Warren's CPU per message" (the fan-out one is
+/// printed with the fan-out lines).
+fn print_targets(levels: &[usize], results: &[Vec<Stat>]) {
+    let at = |k: usize, n: usize| -> Option<&Stat> {
+        levels.iter().position(|&l| l == n).map(|i| &results[k][i])
+    };
+    println!("\ntargets (issue: Cut Warren's CPU per message)");
+    for n in [16, 64] {
+        print_target(
+            &format!("Warren CPU per single publish <= 40 µs at {n} in flight"),
+            at(1, n).map(|s| {
+                let us = s.us_per_msg(1);
+                (format!("{us:.1} µs"), us <= 40.0)
+            }),
+        );
+    }
+    for n in [16, 64] {
+        print_target(
+            &format!("Warren CPU per message in batches of {BATCH} <= 5 µs at {n}"),
+            at(2, n).map(|s| {
+                let us = s.us_per_msg(1);
+                (format!("{us:.2} µs"), us <= 5.0)
+            }),
+        );
+    }
+    print_target(
+        "POST /v1/publish >= 0.8x direct AMQP msg/s at 16",
+        at(1, 16).zip(at(0, 16)).map(|(w, d)| {
+            let r = w.rate / d.rate;
+            (format!("{r:.2}x"), r >= 0.8)
+        }),
+    );
+    for n in [16, 64] {
+        print_target(
+            &format!("POST /v1/publish >= 15x management API msg/s at {n}"),
+            at(1, n).zip(at(3, n)).map(|(w, m)| {
+                let r = w.rate / m.rate;
+                (format!("{r:.1}x"), r >= 15.0)
+            }),
+        );
+    }
+    for n in [16, 64] {
+        print_target(
+            &format!("POST /v1/publish p99 <= 1.5x direct AMQP p99 at {n}"),
+            at(1, n).zip(at(0, n)).map(|(w, d)| {
+                let r = w.p99 / d.p99;
+                (format!("{:.2}/{:.2} ms {r:.2}x", w.p99, d.p99), r <= 1.5)
+            }),
+        );
+    }
+}
+
+/// Direct AMQP and `POST /v1/publish` paced at half of Warren's max single-publish rate:
+/// `max` from the publish section, or else measured here at the highest level.
+async fn open_loop(
+    args: &Args,
+    conn: &Connection,
+    admin: &lapin::Channel,
+    warren: &Warren,
+    req: &Requests,
+    max: Option<f64>,
+) -> anyhow::Result<()> {
+    let (max, from) = match max {
+        Some(max) => (max, "Warren's max single-publish rate".to_owned()),
+        None => {
+            let n = args.levels.iter().copied().max().unwrap_or(64);
+            let s = publish_point(args, conn, warren, req, 1, n, args.seconds, None).await?;
+            admin
+                .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+                .await?;
+            (
+                s.rate,
+                format!(
+                    "Warren's single-publish rate at {n} in flight, measured just now as the \
+                     publish section did not run"
+                ),
+            )
+        }
+    };
+    let half = max / 2.0;
+    let paced_n = 64;
+    println!(
+        "\nopen loop at half of {from}: {max:.0} msg/s / 2 = {half:.0} msg/s from {paced_n} \
+         paced publishers"
+    );
+    for (k, name) in PUBLISH_PATHS.iter().enumerate().take(2) {
+        let s = publish_point(
+            args,
+            conn,
+            warren,
+            req,
+            k,
+            paced_n,
+            args.seconds * 1.5,
+            Some(half),
+        )
+        .await
+        .with_context(|| format!("{name} paced"))?;
+        println!(
+            "{:<22} {:>10.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms   CPU {}   \
+             µs/msg war/rmq {}",
+            name,
+            s.rate,
+            s.p50,
+            s.p99,
+            s.p999,
+            fmt_cpu(s.cpu),
+            s.fmt_us()
+        );
+        admin
+            .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Warren's RSS before and with `n` idle subscribed sockets, on a fresh Warren.
+async fn memory(args: &Args, dir: &Path) -> anyhow::Result<()> {
+    let warren = Warren::start(&args.warren, dir, "warren-mem").await?;
+    // One socket first so the vhost pool and the live topic exist in the baseline too.
+    let first = open_sockets(&warren.addr, &warren.token, 1).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = warren.rss_kib()?;
+    let t = Instant::now();
+    let sockets = open_sockets(&warren.addr, &warren.token, args.idle_sockets).await?;
+    let opened = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let with = warren.rss_kib()?;
+    println!(
+        "\nidle sockets: {} authenticated sockets each with one live subscription (opened in {:.1} s)\n  \
+         Warren RSS {} KiB before, {} KiB with them: {:.1} KiB per socket",
+        sockets.len(),
+        opened.as_secs_f64(),
+        before,
+        with,
+        (with as f64 - before as f64) / sockets.len() as f64
+    );
+    drop(sockets);
+    drop(first);
+    warren.stop();
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -913,6 +1346,9 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     if !args.cluster.is_empty() {
         return cluster_comparison(&args, dir.path()).await;
+    }
+    if args.runs(Section::Stomp) {
+        stomp::check().await?;
     }
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let admin = conn.create_channel().await?;
@@ -950,32 +1386,6 @@ async fn main() -> anyhow::Result<()> {
         .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
         .await?;
 
-    let warren = Warren::start(&args.warren, dir.path(), "warren").await?;
-    let bearer = format!("Bearer {}", warren.token);
-    let single = post(&warren.addr, "/v1/publish", &bearer, &publish_body());
-    let batch = post(&warren.addr, "/v1/publish/batch", &bearer, &batch_body());
-    let mgmt = post(
-        MGMT_ADDR,
-        &format!("/api/exchanges/%2F/{EXCHANGE}/publish"),
-        "Basic Z3Vlc3Q6Z3Vlc3Q=",
-        &mgmt_body(),
-    );
-
-    if args.rpc_only {
-        let pid = warren.pid();
-        rpc::run(
-            &conn,
-            &warren.addr,
-            &bearer,
-            &args.rpc_levels,
-            args.seconds,
-            args.channels,
-            pid,
-        )
-        .await?;
-        warren.stop();
-        return Ok(());
-    }
     println!(
         "Warren load generator: {BODY_BYTES}-byte JSON, {}, durable queue, \
          mandatory; {:.1} s measured per point after 0.5 s warm-up; batch = {BATCH} msgs/request",
@@ -988,202 +1398,55 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "CPU columns: percent of one core (the machine has {} cores) used by load generator / \
-         warren / RabbitMQ / all other processes",
+         warren / RabbitMQ / all other processes over the measured window; µs/msg: CPU time \
+         of warren / RabbitMQ per message completed in that window",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!();
-    println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}",
-        "path", "conc", "msg/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq/other"
-    );
-    let names = [
-        "1 direct AMQP",
-        "2 warren publish",
-        "3 warren batch",
-        "4 management API",
-    ];
-    let mut results: Vec<Vec<Stat>> = vec![Vec::new(); 4];
-    for &n in &args.levels {
-        for (k, name) in names.iter().enumerate() {
-            let probe = CpuProbe::start(warren.pid());
-            let s = match k {
-                0 => direct(&conn, n, args.channels, args.seconds, None).await,
-                1 => {
-                    http_loop(
-                        &warren.addr,
-                        single.clone(),
-                        202,
-                        1,
-                        None,
-                        n,
-                        args.seconds,
-                        None,
-                    )
-                    .await
-                }
-                2 => {
-                    http_loop(
-                        &warren.addr,
-                        batch.clone(),
-                        200,
-                        BATCH as u64,
-                        None,
-                        n,
-                        args.seconds,
-                        None,
-                    )
-                    .await
-                }
-                _ => {
-                    http_loop(
-                        MGMT_ADDR,
-                        mgmt.clone(),
-                        200,
-                        1,
-                        Some(b"\"routed\":true"),
-                        n,
-                        args.seconds,
-                        None,
-                    )
-                    .await
-                }
-            }
-            .with_context(|| format!("{name} at {n}"))?;
-            let cpu = probe.stop();
-            println!(
-                "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}",
-                s.rate,
-                s.p50,
-                s.p99,
-                s.p999,
-                fmt_cpu(cpu)
+
+    let warren = Warren::start(&args.warren, dir.path(), "warren").await?;
+    let req = Requests::new(&warren);
+    let mut results = None;
+    if args.runs(Section::Publish) {
+        results = Some(publish_section(&args, &conn, &admin, &warren, &req).await?);
+    }
+    if args.runs(Section::Rpc) {
+        rpc::run(
+            &conn,
+            &warren.addr,
+            &format!("Bearer {}", warren.token),
+            &args.rpc_levels,
+            args.seconds,
+            args.channels,
+        )
+        .await?;
+    }
+    if args.runs(Section::Openloop) {
+        let max = results
+            .as_ref()
+            .map(|r| r[1].iter().map(|s| s.rate).fold(0.0, f64::max));
+        open_loop(&args, &conn, &admin, &warren, &req, max).await?;
+    }
+    if args.runs(Section::Fanout) {
+        for &rate in &args.fanout_rate {
+            let f = warren_fanout(&warren, &conn, args.fanout_sockets, rate, 3.0).await?;
+            f.print("WebSocket live fan-out", rate);
+            print_target(
+                "Warren CPU per delivery <= 2 µs at 1,000 sockets",
+                (f.sockets == 1000).then(|| {
+                    let us = f.warren_us_per_delivery;
+                    (format!("{us:.2} µs"), us <= 2.0)
+                }),
             );
-            results[k].push(s);
-            admin
-                .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
-                .await?;
         }
     }
-
-    rpc::run(
-        &conn,
-        &warren.addr,
-        &bearer,
-        &args.rpc_levels,
-        args.seconds,
-        args.channels,
-        warren.pid(),
-    )
-    .await?;
-
-    println!("\nratios at equal concurrency");
-    println!(
-        "{:>5} {:>12} {:>12} {:>12}",
-        "conc", "2/1 http", "3/1 batch", "2/4 vs mgmt"
-    );
-    for (i, n) in args.levels.iter().enumerate() {
-        println!(
-            "{n:>5} {:>12.2} {:>12.2} {:>12.1}",
-            results[1][i].rate / results[0][i].rate,
-            results[2][i].rate / results[0][i].rate,
-            results[1][i].rate / results[3][i].rate
-        );
-    }
-
-    // Open loop at half of Warren's best single-publish throughput, same rate for both.
-    let max = results[1].iter().map(|s| s.rate).fold(0.0, f64::max);
-    let half = max / 2.0;
-    let paced_n = 64;
-    println!(
-        "\nopen loop at half of Warren's max single-publish rate ({max:.0} msg/s): \
-         {half:.0} msg/s from {paced_n} paced publishers"
-    );
-    for (k, name) in names.iter().enumerate().take(2) {
-        let probe = CpuProbe::start(warren.pid());
-        let s = if k == 0 {
-            direct(
-                &conn,
-                paced_n,
-                args.channels,
-                args.seconds * 1.5,
-                Some(half),
-            )
-            .await?
-        } else {
-            http_loop(
-                &warren.addr,
-                single.clone(),
-                202,
-                1,
-                None,
-                paced_n,
-                args.seconds * 1.5,
-                Some(half),
-            )
-            .await?
-        };
-        let cpu = probe.stop();
-        println!(
-            "{:<22} {:>10.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms   CPU {}",
-            name,
-            s.rate,
-            s.p50,
-            s.p99,
-            s.p999,
-            fmt_cpu(cpu)
-        );
-        admin
-            .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
-            .await?;
-    }
-
-    // WebSocket live fan-out.
-    for &rate in &args.fanout_rate {
-        let f = fanout(&warren, &conn, args.fanout_sockets, rate, 3.0).await?;
-        println!(
-            "\nWebSocket live fan-out: {} sockets on one binding key, one AMQP publisher at {} msg/s\n  \
-         published {} -> delivered {} of {} ({:.1}%), {:.0} deliveries/s, \
-         publish-to-receive p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms   CPU {}\n  \
-         Warren CPU per delivery {:.2} µs",
-            f.sockets,
-            rate,
-            f.published,
-            f.delivered,
-            f.published * f.sockets as u64,
-            f.delivered as f64 * 100.0 / (f.published * f.sockets as u64).max(1) as f64,
-            f.deliveries_per_s,
-            f.p50,
-            f.p99,
-            f.p999,
-            fmt_cpu(f.cpu),
-            f.warren_us_per_delivery
-        );
+    if args.runs(Section::Stomp) {
+        stomp::run(&warren, &conn, args.stomp_sockets, &args.fanout_rate, 3.0).await?;
     }
     warren.stop();
 
-    // Memory: a fresh Warren, RSS before and with N idle subscribed sockets.
-    let warren = Warren::start(&args.warren, dir.path(), "warren-mem").await?;
-    // One socket first so the vhost pool and the live topic exist in the baseline too.
-    let first = open_sockets(&warren.addr, &warren.token, 1).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = warren.rss_kib()?;
-    let t = Instant::now();
-    let sockets = open_sockets(&warren.addr, &warren.token, args.idle_sockets).await?;
-    let opened = t.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let with = warren.rss_kib()?;
-    println!(
-        "\nidle sockets: {} authenticated sockets each with one live subscription (opened in {:.1} s)\n  \
-         Warren RSS {} KiB before, {} KiB with them: {:.1} KiB per socket",
-        sockets.len(),
-        opened.as_secs_f64(),
-        before,
-        with,
-        (with as f64 - before as f64) / sockets.len() as f64
-    );
-    drop(sockets);
-    drop(first);
-    warren.stop();
+    if args.runs(Section::Memory) {
+        memory(&args, dir.path()).await?;
+    }
 
     admin
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
@@ -1192,17 +1455,19 @@ async fn main() -> anyhow::Result<()> {
         .exchange_delete(EXCHANGE.into(), ExchangeDeleteOptions::default())
         .await?;
 
-    plot(
-        &args.plot,
-        &args.font,
-        &args.levels,
-        &[
-            ("1 direct AMQP + confirms", results[0].clone()),
-            ("2 Warren POST /v1/publish", results[1].clone()),
-            ("4 management API", results[3].clone()),
-        ],
-    )?;
-    println!("\nplot: {}", args.plot.display());
+    if let Some(results) = results {
+        plot(
+            &args.plot,
+            &args.font,
+            &args.levels,
+            &[
+                ("1 direct AMQP + confirms", results[0].clone()),
+                ("2 Warren POST /v1/publish", results[1].clone()),
+                ("4 management API", results[3].clone()),
+            ],
+        )?;
+        println!("\nplot: {}", args.plot.display());
+    }
     Ok(())
 }
 

@@ -18,8 +18,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::oneshot;
 
 use crate::{
-    CpuProbe, EXCHANGE, Recorder, Stat, Window, collect, fmt_cpu, http_loop, message_json, post,
-    props,
+    EXCHANGE, Recorder, Stat, Window, collect, fmt_cpu, http_loop, message_json, post, props,
 };
 
 const RPC_QUEUE: &str = "warren-bench-rpc";
@@ -36,7 +35,6 @@ pub async fn run(
     levels: &[usize],
     seconds: f64,
     channels: usize,
-    warren_pid: u32,
 ) -> anyhow::Result<()> {
     let admin = conn.create_channel().await?;
     admin
@@ -76,8 +74,15 @@ pub async fn run(
         body.len()
     );
     println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}",
-        "path", "conc", "calls/s", "p50 ms", "p99 ms", "p99.9 ms", "CPU gen/war/rmq/other"
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>15}",
+        "path",
+        "conc",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "CPU gen/war/rmq/other",
+        "µs/call war/rmq"
     );
     let mut rows = Vec::new();
     for &n in levels {
@@ -86,7 +91,6 @@ pub async fn run(
             .iter()
             .enumerate()
         {
-            let probe = CpuProbe::start(warren_pid);
             let stat = if k == 0 {
                 direct_rpc(conn, n, channels, seconds, body.as_bytes()).await
             } else {
@@ -94,12 +98,13 @@ pub async fn run(
             }
             .with_context(|| format!("{name} at {n}"))?;
             println!(
-                "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}",
+                "{name:<22} {n:>5} {:>10.0} {:>9.2} {:>9.2} {:>9.2}   {}  {}",
                 stat.rate,
                 stat.p50,
                 stat.p99,
                 stat.p999,
-                fmt_cpu(probe.stop())
+                fmt_cpu(stat.cpu),
+                stat.fmt_us()
             );
             pair[k] = stat;
         }
@@ -207,6 +212,7 @@ async fn direct_rpc(
     }
     let body = Arc::new(body.to_vec());
     let w = Window::new(seconds);
+    let probe = w.probe();
     let mut tasks = Vec::new();
     for i in 0..n {
         let (channel, waiting) = chans[i % chans.len()].clone();
@@ -253,7 +259,7 @@ async fn direct_rpc(
             anyhow::Ok(rec)
         }));
     }
-    let stat = collect(tasks, w).await?;
+    let stat = collect(tasks, w, probe).await?;
     for (channel, _) in chans {
         let _ = channel.close(200, "bye".into()).await;
     }

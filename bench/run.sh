@@ -4,10 +4,20 @@
 # scripts/ensure-services.sh starts and gives its management plugin. Extra arguments
 # go to the load generator, e.g.
 #   bench/run.sh --levels 1,16,64 --seconds 3
+#   bench/run.sh --only publish,stomp
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 scripts/ensure-services.sh   # RabbitMQ up, management plugin enabled
+# The `stomp` section compares with RabbitMQ's Web-STOMP (ws://127.0.0.1:15674/ws).
+if ! (exec 3<>/dev/tcp/127.0.0.1/15674) 2>/dev/null; then
+  echo "Enabling rabbitmq_web_stomp..." >&2
+  rabbitmq-plugins enable rabbitmq_web_stomp >/dev/null
+  for _ in $(seq 60); do
+    (exec 3<>/dev/tcp/127.0.0.1/15674) 2>/dev/null && break
+    sleep 1
+  done
+fi
 cargo build --release --bin warren --example warren-bench
 # 10,000 sockets on each side of the memory test: raise the descriptor limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
