@@ -7,6 +7,7 @@
 #   bench/profile.sh [publish|batch] [REQUESTS] [CONCURRENCY]
 #   CALLGRIND=1 bench/profile.sh publish 2000 16   # under valgrind: instructions per
 #                                                  # message, and the annotated profile
+#   STRACE=1 bench/profile.sh publish 20000 16     # system calls per message (strace -c)
 #
 # With CALLGRIND=1 the counters are zeroed after the warm-up, so the profile
 # (bench/callgrind.out) holds the measured requests only; its instruction counts do
@@ -51,7 +52,17 @@ done
 drive() { "$target/release/examples/warren-profile" --addr "127.0.0.1:$port" --token "$token" --pid "$pid" --kind "$kind" --concurrency "$concurrency" --requests "$1"; }
 drive $(( requests / 5 + 1 )) >/dev/null   # warm-up: connections, channels, caches
 if [ -n "${CALLGRIND:-}" ]; then callgrind_control --zero "$pid" >/dev/null; fi
+if [ -n "${STRACE:-}" ]; then
+  strace -c -f -p "$pid" -o "$dir/strace.txt" 2>/dev/null &
+  tracer=$!
+  sleep 1
+fi
 drive "$requests"
+if [ -n "${STRACE:-}" ]; then
+  kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true
+  per=1; [ "$kind" = batch ] && per=100
+  awk -v m=$(( requests * per )) '/^[ ]*[0-9]/ && NF>=5 { name=$NF; calls=$4; if ($5 ~ /^[0-9]+$/) {} ; printf "%-16s %8.3f per message\n", name, calls/m }' "$dir/strace.txt" | sort -k2 -nr | head -12
+fi
 if [ -n "${CALLGRIND:-}" ]; then
   callgrind_control --dump "$pid" >/dev/null
   # The dump (taken before the shutdown writes its own part) holds the measured requests.

@@ -12,6 +12,7 @@ pub mod cloudevents;
 pub mod config;
 pub mod error;
 pub mod idempotency;
+pub mod ids;
 mod idle;
 mod linger;
 pub mod publishing;

@@ -392,7 +392,7 @@ impl Broker {
             channel
                 .basic_consume(
                     DIRECT_REPLY_TO.into(),
-                    format!("warren-rpc-{}", uuid::Uuid::new_v4().simple())
+                    format!("warren-rpc-{}", crate::ids::uuid_v4().simple())
                         .as_str()
                         .into(),
                     BasicConsumeOptions {

@@ -221,7 +221,7 @@ pub fn render(
             .message_id()
             .as_ref()
             .map(|m| m.as_str().to_owned())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            .unwrap_or_else(|| crate::ids::uuid_v4().to_string());
         attributes.push(("id".into(), id.into()));
     }
     if !has(&attributes, "source") {

@@ -120,7 +120,7 @@ impl MemoryStore {
             inner.remove(key);
         }
         inner.expire(now);
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = crate::ids::uuid_v4().to_string();
         let size = key.len() * 2 + token.len() + ENTRY_OVERHEAD;
         if let Err(full) = self.make_room(&mut inner, tenant, size, now) {
             self.record(&inner);

@@ -119,7 +119,7 @@ impl RedisStore {
         lock: Duration,
     ) -> Result<Claim, StoreError> {
         let mut connection = self.connection().await?;
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = crate::ids::uuid_v4().to_string();
         let pending = encode(&Record::Pending {
             fp: fingerprint,
             token: token.clone(),

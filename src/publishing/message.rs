@@ -124,7 +124,7 @@ impl Request {
                 short("properties.message_id", &id)?;
                 id
             }
-            None => message_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            None => message_id.unwrap_or_else(|| crate::ids::uuid_v4().to_string()),
         };
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -114,7 +114,7 @@ pub async fn request_one(
             ));
         }
         Some(id) => id,
-        None => uuid::Uuid::new_v4().to_string(),
+        None => crate::ids::uuid_v4().to_string(),
     };
     request.properties.correlation_id = Some(correlation_id.clone());
     let prepared = request

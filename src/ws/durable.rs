@@ -366,7 +366,7 @@ struct Forwarder {
 
 /// Starts a consumer on `queue` with the channel's current prefetch.
 async fn consume(channel: &lapin::Channel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
-    let tag = format!("warren-durable-{}", uuid::Uuid::new_v4().simple());
+    let tag = format!("warren-durable-{}", crate::ids::uuid_v4().simple());
     channel
         .basic_consume(
             queue.into(),

@@ -287,7 +287,7 @@ async fn create(
         let _ = channel.close(200, "bind failed".into()).await;
         return Err(fail(e));
     }
-    let consumer_tag = format!("warren-live-{}", uuid::Uuid::new_v4().simple());
+    let consumer_tag = format!("warren-live-{}", crate::ids::uuid_v4().simple());
     let consumer = channel
         .basic_consume(
             queue.as_str().into(),

@@ -426,7 +426,7 @@ async fn consume(
         .map_err(fail)?;
     let mut arguments = FieldTable::default();
     arguments.insert("x-stream-offset".into(), request.offset.argument());
-    let tag = format!("warren-stream-{}", uuid::Uuid::new_v4().simple());
+    let tag = format!("warren-stream-{}", crate::ids::uuid_v4().simple());
     channel
         .basic_consume(
             request.stream.into(),

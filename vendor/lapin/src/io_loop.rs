@@ -23,12 +23,21 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    thread::Builder as ThreadBuilder,
     time::Duration,
 };
 use tracing::{Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
+
+/// What a turn of the loop does after its first half.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// Nothing (not set up).
+    Done,
+    /// Wait for a socket event first.
+    Wait,
+    Go,
+}
 
 #[derive(Debug, PartialEq)]
 enum Status {
@@ -52,7 +61,9 @@ pub(crate) struct IoLoop<
     socket_state: SocketState,
     heartbeat: Heartbeat<RK>,
     runtime: Runtime<RK>,
-    connect: C,
+    // PATCHED (Warren, issue #19): shared with the blocking thread each connection
+    // attempt runs on (see `run_loop`).
+    connect: Arc<C>,
     uri: AMQPUri,
     backoff: ExponentialBuilder,
     global_backoff: ExponentialBackoff,
@@ -102,7 +113,7 @@ impl<
             socket_state,
             heartbeat,
             runtime,
-            connect,
+            connect: Arc::new(connect),
             uri,
             backoff,
             global_backoff,
@@ -198,101 +209,133 @@ impl<
         }
     }
 
-    pub(crate) fn start(mut self) -> Result<JoinHandle> {
+    // PATCHED (Warren, issue #19): the loop runs as a task on the connection's runtime
+    // instead of on a thread of its own. Every publish used to hand its frames to that
+    // thread through a channel and wake it with a futex, and every confirm came back
+    // the same way: two context switches per message. As a task, the loop is woken like
+    // any other task, on the workers that run the publishers and confirm waiters.
+    pub(crate) fn start(self) -> Result<JoinHandle> {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
         let connect_span = tracing::Span::current();
-        let handle = ThreadBuilder::new()
-            .name("lapin-io-loop".to_owned())
-            .spawn(move || {
-                let loop_span = io_loop_span(connect_span);
-                let _enter = loop_span.enter();
-                let connection_killswitch = self.channels.connection_killswitch();
-                let readable_waker = self.socket_state.readable_waker();
-                let mut readable_context = Context::from_waker(&readable_waker);
-                let writable_waker = self.socket_state.writable_waker();
-                let mut writable_context = Context::from_waker(&writable_waker);
-                let (mut stream, res) = loop {
-                    let connect = || (self.connect)(self.uri.clone(), self.runtime.clone());
-                    let runtime = self.runtime.clone();
-                    let connect = connect.retry(self.backoff).sleep(move |dur| runtime.sleep(dur));
-                    let mut stream = self.runtime.block_on(connect).inspect_err(|err| {
-                        trace!("Poison connection attempt");
-                        self.connection_status.poison(err.clone());
-                        self.frames.clear_connection_steps(err);
-                    })?;
-                    self.half_closed = false;
-                    let mut res = Ok(());
-
-                    while self.should_continue(&connection_killswitch) {
-                        if let Err(err) = self.run(Pin::new(&mut stream), &mut readable_context, &mut writable_context, &connection_killswitch) {
-                            let io_err = err.is_io_error();
-                            res = self.critical_error(&connection_killswitch, err);
-                            if self.connecting() && io_err {
-                                break;
-                            }
-                        }
-                    }
-
-                    let connecting = self.connecting();
-                    let reconnect = self.reconnecting();
-
-                    trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
-                    if self.first_connection && connecting && self.half_closed && res.is_ok() {
-                        let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
-                        if self.frames.retry_connection_header() {
-                            // Before Connection.Start, retry the protocol header with
-                            // the same promise, including if it was only partly sent.
-                            res = Err(error);
-                        } else {
-                            // Later handshake stages may own asynchronous auth work;
-                            // do not carry that exchange onto a fresh TCP connection.
-                            self.channels.set_connection_error(error.clone());
-                            self.clear_serialized_frames(error.clone());
-                            break (stream, Err(error));
-                        }
-                    }
-                    self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
-                        ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
-                    ));
-
-                    if !connecting && !reconnect {
-                        break (stream, res);
-                    }
-
-                    let throttle = match self.global_backoff.next() {
-                        Some(throttle) => throttle,
-                        None => {
-                            error!("Exponential backoff attempts exhausted, aborting recovery");
-                            let error = res.err().unwrap_or_else(|| {
-                                io::Error::from(io::ErrorKind::ConnectionAborted).into()
-                            });
-                            self.channels.set_connection_error(error.clone());
-                            break (stream, Err(error));
-                        }
-                    };
-                    debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
-                    std::thread::sleep(throttle);
-
-                    self.reset();
-                    if !self.first_connection {
-                        self.internal_rpc.start_channels_recovery();
-                    }
-                };
-
-                trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
-                self.internal_rpc.stop();
-                if self.heartbeat.killswitch().killed()
-                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(move |cx| {
-                        Pin::new(&mut stream)
-                            .poll_close(cx)
-                    })) {
-                        error!(?err, "Failed to close IO stream");
-                    }
-                res
-            }).map_err(|err| Error::io(err, &runtime))?;
+        let (done, handle) = flume::bounded(1);
+        let task = runtime.spawn(async move {
+            let loop_span = io_loop_span(connect_span);
+            let res = tracing::Instrument::instrument(self.run_loop(), loop_span).await;
+            let _ = done.send(res);
+        });
+        drop(task); // detached
         waker.wake();
-        Ok(handle)
+        Ok(JoinHandle(handle))
+    }
+
+    async fn run_loop(mut self) -> Result<()> {
+        let connection_killswitch = self.channels.connection_killswitch();
+        let readable_waker = self.socket_state.readable_waker();
+        let writable_waker = self.socket_state.writable_waker();
+        let (mut stream, res) = loop {
+            // The connector's future is not known to be Send, so the attempts (with their
+            // retries) run on the runtime's blocking pool, as they ran on the loop's
+            // thread before; only the stream comes back.
+            let (connector, uri, runtime) =
+                (self.connect.clone(), self.uri.clone(), self.runtime.clone());
+            let backoff = self.backoff;
+            let attempts = self.runtime.spawn_blocking(move || {
+                let connect = || connector(uri.clone(), runtime.clone());
+                let sleeper = runtime.clone();
+                let connect = connect.retry(backoff).sleep(move |dur| sleeper.sleep(dur));
+                runtime.block_on(connect)
+            });
+            let mut stream = attempts.await.inspect_err(|err| {
+                trace!("Poison connection attempt");
+                self.connection_status.poison(err.clone());
+                self.frames.clear_connection_steps(err);
+            })?;
+            self.half_closed = false;
+            let mut res = Ok(());
+
+            while self.should_continue(&connection_killswitch) {
+                let step = match self.run_begin(&connection_killswitch) {
+                    Ok(Step::Done) => Ok(()),
+                    Ok(step) => {
+                        if step == Step::Wait {
+                            trace!("io_loop cannot do anything for now, waiting for socket events.");
+                            self.socket_state.wait().await;
+                        }
+                        let mut readable_context = Context::from_waker(&readable_waker);
+                        let mut writable_context = Context::from_waker(&writable_waker);
+                        self.run_end(
+                            Pin::new(&mut stream),
+                            &mut readable_context,
+                            &mut writable_context,
+                            &connection_killswitch,
+                        )
+                    }
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = step {
+                    let io_err = err.is_io_error();
+                    res = self.critical_error(&connection_killswitch, err);
+                    if self.connecting() && io_err {
+                        break;
+                    }
+                }
+            }
+
+            let connecting = self.connecting();
+            let reconnect = self.reconnecting();
+
+            trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
+            if self.first_connection && connecting && self.half_closed && res.is_ok() {
+                let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
+                if self.frames.retry_connection_header() {
+                    // Before Connection.Start, retry the protocol header with
+                    // the same promise, including if it was only partly sent.
+                    res = Err(error);
+                } else {
+                    // Later handshake stages may own asynchronous auth work;
+                    // do not carry that exchange onto a fresh TCP connection.
+                    self.channels.set_connection_error(error.clone());
+                    self.clear_serialized_frames(error.clone());
+                    break (stream, Err(error));
+                }
+            }
+            self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
+                ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
+            ));
+
+            if !connecting && !reconnect {
+                break (stream, res);
+            }
+
+            let throttle = match self.global_backoff.next() {
+                Some(throttle) => throttle,
+                None => {
+                    error!("Exponential backoff attempts exhausted, aborting recovery");
+                    let error = res.err().unwrap_or_else(|| {
+                        io::Error::from(io::ErrorKind::ConnectionAborted).into()
+                    });
+                    self.channels.set_connection_error(error.clone());
+                    break (stream, Err(error));
+                }
+            };
+            debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
+            self.runtime.sleep(throttle).await;
+
+            self.reset();
+            if !self.first_connection {
+                self.internal_rpc.start_channels_recovery();
+            }
+        };
+
+        trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
+        self.internal_rpc.stop();
+        if self.heartbeat.killswitch().killed()
+            && let Err(err) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_close(cx)).await
+        {
+            error!(?err, "Failed to close IO stream");
+        }
+        res
     }
 
     fn stop(&mut self) {
@@ -309,17 +352,12 @@ impl<
         }
     }
 
-    fn run<T: AsyncRead + AsyncWrite + ?Sized>(
-        &mut self,
-        mut stream: Pin<&mut T>,
-        readable_context: &mut Context<'_>,
-        writable_context: &mut Context<'_>,
-        connection_killswitch: &KillSwitch,
-    ) -> Result<()> {
+    /// The first half of one turn of the loop: what to do before reading and writing.
+    fn run_begin(&mut self, connection_killswitch: &KillSwitch) -> Result<Step> {
         trace!("io_loop run");
         self.poll_socket_events();
         if !self.ensure_setup()? {
-            return Ok(());
+            return Ok(Step::Done);
         }
         self.check_connection_state();
         trace!(
@@ -329,9 +367,19 @@ impl<
             "io_loop do_run",
         );
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
-            trace!("io_loop cannot do anything for now, waiting for socket events.");
-            self.socket_state.wait();
+            return Ok(Step::Wait);
         }
+        Ok(Step::Go)
+    }
+
+    /// The second half of one turn: write what is queued, read and handle frames.
+    fn run_end<T: AsyncRead + AsyncWrite + ?Sized>(
+        &mut self,
+        mut stream: Pin<&mut T>,
+        readable_context: &mut Context<'_>,
+        writable_context: &mut Context<'_>,
+        connection_killswitch: &KillSwitch,
+    ) -> Result<()> {
         self.poll_socket_events();
         self.attempt_flush(stream.as_mut(), writable_context, connection_killswitch)?;
         self.write(stream.as_mut(), writable_context, connection_killswitch)?;

@@ -51,8 +51,10 @@ impl SocketState {
         self.writable
     }
 
-    pub(crate) fn wait(&mut self) {
-        match self.events.recv() {
+    // PATCHED (Warren, issue #19): the I/O loop is a task on the runtime, not a
+    // thread, so it waits for socket events asynchronously.
+    pub(crate) async fn wait(&mut self) {
+        match self.events.recv_async().await {
             Ok(event) => self.handle_event(event),
             Err(err) => error!(?err, "waiting for socket event failed"),
         }

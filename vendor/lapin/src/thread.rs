@@ -1,12 +1,9 @@
+// PATCHED (Warren, issue #19): the I/O loop runs as a task on the connection's runtime
+// instead of a thread of its own; its "join handle" is the channel its result arrives on.
 use crate::Result;
-use std::{
-    panic,
-    sync::{Arc, Mutex, MutexGuard},
-    thread,
-};
-use tracing::error;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-pub(crate) type JoinHandle = thread::JoinHandle<Result<()>>;
+pub(crate) struct JoinHandle(pub(crate) flume::Receiver<Result<()>>);
 type Inner = Option<JoinHandle>;
 
 #[derive(Clone)]
@@ -27,23 +24,12 @@ impl ThreadHandle {
         self.lock_inner().take()
     }
 
-    pub(crate) fn wait(&self, context: &'static str) -> Result<()> {
-        if let Some(handle) = self.take()
-            && handle.thread().id() != thread::current().id()
-        {
-            match handle.join() {
-                Ok(res) => return res,
-                Err(e) => {
-                    if let Some(msg) = e.downcast_ref::<&str>() {
-                        error!(%context, panic = msg, "Thread panicked");
-                    } else if let Some(msg) = e.downcast_ref::<String>() {
-                        error!(%context, panic = msg.as_str(), "Thread panicked");
-                    } else {
-                        error!(%context, "Thread panicked with unknown payload");
-                    }
-                    panic::resume_unwind(e);
-                }
-            }
+    /// Blocks the calling thread until the I/O loop ends (`Connection::run`); must not be
+    /// called from a thread of the runtime the loop runs on.
+    pub(crate) fn wait(&self, _context: &'static str) -> Result<()> {
+        if let Some(handle) = self.take() {
+            // A loop that ended without sending (its runtime shut down) ended all the same.
+            return handle.0.recv().unwrap_or(Ok(()));
         }
         Ok(())
     }
