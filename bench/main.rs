@@ -116,6 +116,10 @@ struct Args {
     /// confirm) instead of persistent ones; a diagnostic, not the benchmark.
     #[arg(long)]
     transient: bool,
+    /// Threads of Warren's runtime (`server.worker_threads`; 0 = one per core). 1 by
+    /// default: on this 2-core machine RabbitMQ needs the other core (BENCHMARKS.md).
+    #[arg(long, default_value_t = 1)]
+    warren_workers: usize,
 }
 
 /// The parts of a run (`--only`).
@@ -151,6 +155,9 @@ static DELIVERY_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8:
 fn delivery_mode() -> u8 {
     DELIVERY_MODE.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+/// `server.worker_threads` of every Warren the bench starts (`--warren-workers`).
+static WARREN_WORKERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 // ---------------------------------------------------------------- measurement window
 
@@ -256,9 +263,15 @@ impl Stat {
         self.cpu[i] / 100.0 * 1e6 / self.rate
     }
 
-    /// The `µs/msg war/rmq` column.
+    /// The `µs/msg gen/war/rmq` column (for direct AMQP the generator is the AMQP
+    /// client, lapin: its CPU per message is the floor of a client built on it).
     fn fmt_us(&self) -> String {
-        format!("{:>7.1} {:>7.1}", self.us_per_msg(1), self.us_per_msg(2))
+        format!(
+            "{:>6.1} {:>6.1} {:>6.1}",
+            self.us_per_msg(0),
+            self.us_per_msg(1),
+            self.us_per_msg(2)
+        )
     }
 }
 
@@ -668,11 +681,13 @@ impl Warren {
             .local_addr()?
             .port();
         let addr = format!("127.0.0.1:{port}");
+        let workers = WARREN_WORKERS.load(Ordering::Relaxed);
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[server]\nlisten = \"{addr}\"\nmax_concurrent_requests = 100000\n\
+                 worker_threads = {workers}\n\
                  [amqp]\nurls = [{urls}]\n\
                  [auth]\nhs256_secret = \"{SECRET}\"\n\
                  [log]\nlevel = \"warn\"\n\
@@ -1069,7 +1084,7 @@ fn fmt_cpu(c: [f64; 4]) -> String {
 /// The header of a table of closed-loop points (`unit`: msg/s, calls/s).
 fn print_header(unit: &str, per: &str) {
     println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>15}",
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>20}",
         "path",
         "conc",
         unit,
@@ -1077,7 +1092,7 @@ fn print_header(unit: &str, per: &str) {
         "p99 ms",
         "p99.9 ms",
         "CPU gen/war/rmq/other",
-        format!("µs/{per} war/rmq")
+        format!("µs/{per} gen/war/rmq")
     );
 }
 
@@ -1294,7 +1309,7 @@ async fn open_loop(
         .with_context(|| format!("{name} paced"))?;
         println!(
             "{:<22} {:>10.0} msg/s  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms   CPU {}   \
-             µs/msg war/rmq {}",
+             µs/msg gen/war/rmq {}",
             name,
             s.rate,
             s.p50,
@@ -1343,6 +1358,7 @@ async fn main() -> anyhow::Result<()> {
     if args.transient {
         DELIVERY_MODE.store(1, std::sync::atomic::Ordering::Relaxed);
     }
+    WARREN_WORKERS.store(args.warren_workers, Ordering::Relaxed);
     let dir = tempfile::tempdir()?;
     if !args.cluster.is_empty() {
         return cluster_comparison(&args, dir.path()).await;
@@ -1399,8 +1415,14 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "CPU columns: percent of one core (the machine has {} cores) used by load generator / \
          warren / RabbitMQ / all other processes over the measured window; µs/msg: CPU time \
-         of warren / RabbitMQ per message completed in that window",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+         of the generator / warren / RabbitMQ per message completed in that window; \
+         Warren runs {} (server.worker_threads)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match args.warren_workers {
+            0 => "one runtime thread per core".to_owned(),
+            1 => "1 runtime thread".to_owned(),
+            n => format!("{n} runtime threads"),
+        }
     );
 
     let warren = Warren::start(&args.warren, dir.path(), "warren").await?;

@@ -8,6 +8,8 @@
 #   CALLGRIND=1 bench/profile.sh publish 2000 16   # under valgrind: instructions per
 #                                                  # message, and the annotated profile
 #   STRACE=1 bench/profile.sh publish 20000 16     # system calls per message (strace -c)
+#   WORKERS=2 bench/profile.sh ...                 # server.worker_threads (default 1, as
+#                                                  # bench/run.sh; 0 = one per core)
 #
 # With CALLGRIND=1 the counters are zeroed after the warm-up, so the profile
 # (bench/callgrind.out) holds the measured requests only; its instruction counts do
@@ -29,6 +31,7 @@ cat > "$dir/warren.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
 max_concurrent_requests = 100000
+worker_threads = ${WORKERS:-1}
 [auth]
 hs256_secret = "warren-profile-secret-warren-profile-secret"
 [log]

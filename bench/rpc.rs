@@ -74,7 +74,7 @@ pub async fn run(
         body.len()
     );
     println!(
-        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>15}",
+        "{:<22} {:>5} {:>10} {:>9} {:>9} {:>9}   {:>23}  {:>20}",
         "path",
         "conc",
         "calls/s",
@@ -82,7 +82,7 @@ pub async fn run(
         "p99 ms",
         "p99.9 ms",
         "CPU gen/war/rmq/other",
-        "µs/call war/rmq"
+        "µs/call gen/war/rmq"
     );
     let mut rows = Vec::new();
     for &n in levels {

@@ -4,10 +4,14 @@
 //!
 //! A leaf: it takes plain values (names, numbers) and imports nothing else of Warren.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -306,20 +310,85 @@ pub fn init_tracing(level: &str, json: bool) {
     };
 }
 
+/// Metric handles of the per-request series, found by reference to their label values.
+/// Registering a series builds its labels (strings) and looks the key up in the
+/// recorder's registry; that was several allocations and hashes per request. A handle
+/// found here costs a read lock and a hash of the first label. Bounded: past
+/// `MAX_CACHED_SERIES` entries a series is registered every time instead (label values
+/// come from bounded sets anyway).
+struct Handles<K, V> {
+    by_first: std::sync::RwLock<HashMap<String, HashMap<K, V>>>,
+}
+
+const MAX_CACHED_SERIES: usize = 4096;
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
+    fn new() -> Self {
+        Self {
+            by_first: std::sync::RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, first: &str, rest: &K, register: impl FnOnce() -> V) -> V {
+        if let Ok(map) = self.by_first.read()
+            && let Some(found) = map.get(first).and_then(|m| m.get(rest))
+        {
+            return found.clone();
+        }
+        // The recorder must exist before a handle is kept: a handle registered before
+        // it would count nothing, forever.
+        prometheus();
+        let handle = register();
+        if let Ok(mut map) = self.by_first.write()
+            && map.values().map(HashMap::len).sum::<usize>() < MAX_CACHED_SERIES
+        {
+            map.entry(first.to_owned())
+                .or_default()
+                .insert(rest.clone(), handle.clone());
+        }
+        handle
+    }
+}
+
 /// One answered HTTP request, by its route template (never the raw URI).
-pub fn http_request(route: String, method: String, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
-        .increment(1);
-    histogram!(HTTP_DURATION, "route" => route, "method" => method).record(elapsed.as_secs_f64());
+pub fn http_request(route: &str, method: &http::Method, status: u16, elapsed: Duration) {
+    static HANDLES: OnceLock<Handles<(http::Method, u16), (Counter, Histogram)>> = OnceLock::new();
+    let (requests, duration) = HANDLES.get_or_init(Handles::new).get(
+        route,
+        &(method.clone(), status),
+        || {
+            let (route, method) = (route.to_owned(), method.as_str().to_owned());
+            (
+                counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()),
+                histogram!(HTTP_DURATION, "route" => route, "method" => method),
+            )
+        },
+    );
+    requests.increment(1);
+    duration.record(elapsed.as_secs_f64());
 }
 
 pub fn publish_outcome(tenant: &str, outcome: &'static str) {
+    static HANDLES: OnceLock<Handles<&'static str, Counter>> = OnceLock::new();
     tracing::Span::current().record("outcome", outcome);
-    counter!(PUBLISH, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
+    HANDLES
+        .get_or_init(Handles::new)
+        .get(
+            tenant,
+            &outcome,
+            || counter!(PUBLISH, "tenant" => tenant.to_owned(), "outcome" => outcome),
+        )
+        .increment(1);
 }
 
 pub fn confirm_latency(elapsed: Duration) {
-    histogram!(CONFIRM_DURATION).record(elapsed.as_secs_f64());
+    static HANDLE: OnceLock<Histogram> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            prometheus();
+            histogram!(CONFIRM_DURATION)
+        })
+        .record(elapsed.as_secs_f64());
 }
 
 /// Every per-vhost series exists from the start (at 0), so dashboards and alerts see it.

@@ -128,7 +128,10 @@ pub fn router(state: AppState) -> Router {
                     tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
                 ),
         )
-        .layer(SetRequestIdLayer::new(REQUEST_ID, crate::ids::MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(
+            REQUEST_ID,
+            crate::ids::MakeRequestUuid,
+        ))
         .layer(cors(&state.config.server.cors))
         .with_state(state)
 }

@@ -14,13 +14,10 @@ use crate::telemetry;
 pub async fn track_http(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let _in_flight = state.0.track_request();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
-    telemetry::http_request(route, method, response.status().as_u16(), start.elapsed());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    telemetry::http_request(route, &method, response.status().as_u16(), start.elapsed());
     response
 }

@@ -35,6 +35,11 @@ pub struct ServerConfig {
     /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
     pub tls: Option<ListenerTls>,
     pub cors: CorsConfig,
+    /// Threads of the async runtime that serve requests; 0 is one per CPU core. On a
+    /// host that also runs the broker, fewer threads than cores leave the broker its
+    /// share and spend less CPU per message (BENCHMARKS.md: on 2 cores beside RabbitMQ,
+    /// 1 thread cut Warren's CPU per publish by a quarter).
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +89,7 @@ impl Default for ServerConfig {
             body_read_timeout_s: 10,
             tls: None,
             cors: CorsConfig::default(),
+            worker_threads: 0,
         }
     }
 }
