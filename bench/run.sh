@@ -22,3 +22,5 @@ cargo build --release --bin warren --example warren-bench
 # 10,000 sockets on each side of the memory test: raise the descriptor limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 "$target/release/examples/warren-bench" --warren "$target/release/warren" "$@" | tee bench/results.txt
+# The kernel's share of one fan-out delivery on this machine (BENCHMARKS.md, fan-out).
+python3 bench/send_floor.py | tee -a bench/results.txt
