@@ -33,7 +33,11 @@ struct Args {
     /// The warren process, whose CPU time and context switches are reported.
     #[arg(long)]
     pid: u32,
-    /// publish (POST /v1/publish) or batch (POST /v1/publish/batch, 100 messages).
+    /// publish (POST /v1/publish), batch (POST /v1/publish/batch, 100 messages), or
+    /// lapin-batch: no Warren, this process publishes the same messages with lapin
+    /// directly, 100 pipelined per round then all confirms awaited (what Warren's batch
+    /// does on one channel), and reports its *own* CPU per message: the floor of the
+    /// AMQP client that Warren is built on.
     #[arg(long, default_value = "publish")]
     kind: String,
     #[arg(long, default_value_t = 20_000)]
@@ -115,6 +119,88 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<
     Ok(())
 }
 
+/// `--kind lapin-batch`: rounds of 100 pipelined publishes (persistent, mandatory, the
+/// same body and properties Warren sets) on `--concurrency` confirm-mode channels of one
+/// connection, each round's confirms awaited together; this process's CPU per message.
+async fn lapin_batch(args: &Args) -> anyhow::Result<()> {
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let conn = Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672",
+        ConnectionProperties::default(),
+    )
+    .await?;
+    let body = Arc::new(format!("{{\"id\":\"bench\",\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes());
+    let remaining = Arc::new(AtomicU64::new(args.requests));
+    let mut channels = Vec::new();
+    for _ in 0..args.concurrency {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        channels.push(ch);
+    }
+    let me = std::process::id();
+    let (ticks0, switches0) = process_counters(me);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for ch in channels {
+        let (body, remaining, exchange) = (body.clone(), remaining.clone(), args.exchange.clone());
+        tasks.push(tokio::spawn(async move {
+            while remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                let mut confirms = Vec::with_capacity(BATCH);
+                for _ in 0..BATCH {
+                    let properties = BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                        .with_delivery_mode(2)
+                        .with_timestamp(0);
+                    let options = BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    };
+                    confirms.push(
+                        ch.basic_publish(
+                            exchange.as_str().into(),
+                            "bench.msg".into(),
+                            options,
+                            &body,
+                            properties,
+                        )
+                        .await?,
+                    );
+                }
+                for confirm in confirms {
+                    ensure!(
+                        matches!(confirm.await?, lapin::Confirmation::Ack(None)),
+                        "not acked"
+                    );
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (ticks1, switches1) = process_counters(me);
+    let messages = (args.requests * BATCH as u64) as f64;
+    println!(
+        "lapin alone: {} rounds of {BATCH} pipelined publishes on {} channels in {:.2} s: {:.0} msg/s; \
+         this process's CPU {:.1} µs/msg, {:.2} context switches/msg",
+        args.requests,
+        args.concurrency,
+        elapsed,
+        messages / elapsed,
+        (ticks1 - ticks0) as f64 * 10_000.0 / messages,
+        (switches1 - switches0) as f64 / messages,
+    );
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(())
+}
+
 /// The exchange and durable queue every message goes to (as in bench/main.rs), purged.
 async fn topology(exchange: &str) -> anyhow::Result<()> {
     let conn = Connection::connect(
@@ -159,6 +245,9 @@ async fn topology(exchange: &str) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     topology(&args.exchange).await?;
+    if args.kind == "lapin-batch" {
+        return lapin_batch(&args).await;
+    }
     let (path, body, per_request, expect) = match args.kind.as_str() {
         "publish" => ("/v1/publish", message(&args.exchange), 1, 202),
         "batch" => {

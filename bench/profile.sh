@@ -26,12 +26,15 @@ dir="$(mktemp -d)"
 pid=""
 cleanup() { [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; rm -rf "$dir"; }
 trap cleanup EXIT
+# WORKERS=none leaves the key out (builds older than server.worker_threads).
+workers="worker_threads = ${WORKERS:-1}"; [ "${WORKERS:-}" = none ] && workers=""
+warren="${WARREN_BIN:-$target/release/warren}"   # WARREN_BIN: another build to profile
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 cat > "$dir/warren.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
 max_concurrent_requests = 100000
-worker_threads = ${WORKERS:-1}
+$workers
 [auth]
 hs256_secret = "warren-profile-secret-warren-profile-secret"
 [log]
@@ -40,12 +43,12 @@ level = "warn"
 vhost = "/"
 publish = [{ exchange = "warren-bench", routing_key = "#" }]
 TOML
-token="$("$target/release/warren" token --config "$dir/warren.toml" --tenant bench --sub bench --scope publish --ttl 2h)"
+token="$("$warren" token --config "$dir/warren.toml" --tenant bench --sub bench --scope publish --ttl 2h)"
 if [ -n "${CALLGRIND:-}" ]; then
   valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
-    "$target/release/warren" serve --config "$dir/warren.toml" 2>"$dir/valgrind.log" &
+    "$warren" serve --config "$dir/warren.toml" 2>"$dir/valgrind.log" &
 else
-  "$target/release/warren" serve --config "$dir/warren.toml" 2>"$dir/warren.log" &
+  "$warren" serve --config "$dir/warren.toml" 2>"$dir/warren.log" &
 fi
 pid=$!
 for _ in $(seq 600); do
