@@ -130,7 +130,8 @@ async fn lapin_batch(args: &Args) -> anyhow::Result<()> {
         ConnectionProperties::default(),
     )
     .await?;
-    let body = Arc::new(format!("{{\"id\":\"bench\",\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes());
+    let body =
+        Arc::new(format!("{{\"id\":\"bench\",\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes());
     let remaining = Arc::new(AtomicU64::new(args.requests));
     let mut channels = Vec::new();
     for _ in 0..args.concurrency {
