@@ -93,46 +93,54 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(limit_header_bytes))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // One layer of all the cross-cutting services (outermost first): axum boxes
+        // each `Router::layer` around every route and clones each box per request, so
+        // six separate layers were six boxes cloned per request.
         .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
-                    let request_id = request
-                        .headers()
-                        .get(REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    // `tenant` and `outcome` are filled in once known (auth, publish).
-                    tracing::info_span!(
-                        "http",
-                        method = %request.method(),
-                        path = %request.uri().path(),
-                        request_id,
-                        tenant = tracing::field::Empty,
-                        outcome = tracing::field::Empty,
-                    )
-                })
-                // One line per request at info: status and latency, inside the span.
-                .on_response(
-                    tower_http::trace::DefaultOnResponse::new()
-                        .level(tracing::Level::INFO)
-                        .latency_unit(tower_http::LatencyUnit::Micros),
+            tower::ServiceBuilder::new()
+                .layer(cors(&state.config.server.cors))
+                .layer(SetRequestIdLayer::new(
+                    REQUEST_ID,
+                    crate::ids::MakeRequestUuid,
+                ))
+                // CORS answers preflights with an empty body of the inner type.
+                .map_response(IntoResponse::into_response)
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+                            let request_id = request
+                                .headers()
+                                .get(REQUEST_ID)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-");
+                            // `tenant` and `outcome` are filled in once known (auth, publish).
+                            tracing::info_span!(
+                                "http",
+                                method = %request.method(),
+                                path = %request.uri().path(),
+                                request_id,
+                                tenant = tracing::field::Empty,
+                                outcome = tracing::field::Empty,
+                            )
+                        })
+                        // One line per request at info: status and latency, inside the span.
+                        .on_response(
+                            tower_http::trace::DefaultOnResponse::new()
+                                .level(tracing::Level::INFO)
+                                .latency_unit(tower_http::LatencyUnit::Micros),
+                        )
+                        // Not a second line at ERROR for every 5xx: during a broker outage
+                        // that is one line per request (thousands a second) for one event,
+                        // which the broker supervisor already logs once. The response line
+                        // above has the status; unexpected failures log at ERROR themselves.
+                        .on_failure(
+                            tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+                        ),
                 )
-                // Not a second line at ERROR for every 5xx: during a broker outage
-                // that is one line per request (thousands a second) for one event,
-                // which the broker supervisor already logs once. The response line
-                // above has the status; unexpected failures log at ERROR themselves.
-                .on_failure(
-                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-                ),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(CatchPanicLayer::custom(panic_response))
+                .layer(middleware::from_fn(limit_header_bytes)),
         )
-        .layer(SetRequestIdLayer::new(
-            REQUEST_ID,
-            crate::ids::MakeRequestUuid,
-        ))
-        .layer(cors(&state.config.server.cors))
         .with_state(state)
 }
 
