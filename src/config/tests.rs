@@ -36,6 +36,10 @@ fn new_limits_are_validated_and_shares_default_to_an_equal_split() {
             .to_string()
     };
     assert!(err("[server]\nbody_read_timeout_s = 0\n").starts_with("server.body_read_timeout_s:"));
+    assert!(err("[server]\nworker_threads = 1025\n").starts_with("server.worker_threads:"));
+    let threads = Config::from_toml(&minimal("[server]\nworker_threads = 1\n")).unwrap();
+    assert_eq!(threads.server.worker_threads, 1);
+    assert!(threads.resolve().is_ok());
     assert!(
         err("[idempotency]\nmax_entries = 10\nmax_entries_per_tenant = 11\n")
             .starts_with("idempotency.max_entries_per_tenant:")
