@@ -29,6 +29,25 @@ use tracing::{Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
 
+/// Turns of the loop between two yields to the runtime (see `run_loop`).
+const YIELD_EVERY_TURNS: u32 = 32;
+
+/// Pending once (having woken itself), then ready: lets the runtime run other tasks.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// What a turn of the loop does after its first half.
 #[derive(Debug, PartialEq)]
 enum Step {
@@ -254,7 +273,17 @@ impl<
             self.half_closed = false;
             let mut res = Ok(());
 
+            let mut turns = 0u32;
             while self.should_continue(&connection_killswitch) {
+                // A task must give its thread back now and then: the event channel can
+                // stay ready turn after turn under load, and once the runtime's
+                // cooperative budget for this poll is spent, every socket read and write
+                // answers Pending and wakes the loop at once, which would spin without
+                // ever letting the runtime reset the budget or run anything else.
+                turns += 1;
+                if turns % YIELD_EVERY_TURNS == 0 {
+                    YieldNow(false).await;
+                }
                 let step = match self.run_begin(&connection_killswitch) {
                     Ok(Step::Done) => Ok(()),
                     Ok(step) => {
