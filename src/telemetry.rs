@@ -317,15 +317,18 @@ pub fn init_tracing(level: &str, json: bool) {
 /// `MAX_CACHED_SERIES` entries a series is registered every time instead (label values
 /// come from bounded sets anyway).
 struct Handles<K, V> {
-    by_first: std::sync::RwLock<HashMap<String, HashMap<K, V>>>,
+    by_first: std::sync::RwLock<Map<String, Map<K, V>>>,
 }
+
+/// Keys of `Handles` come from bounded sets (routes, methods, tenants, outcomes).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 const MAX_CACHED_SERIES: usize = 4096;
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
     fn new() -> Self {
         Self {
-            by_first: std::sync::RwLock::new(HashMap::new()),
+            by_first: std::sync::RwLock::new(Map::default()),
         }
     }
 
@@ -340,7 +343,7 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Handles<K, V> {
         prometheus();
         let handle = register();
         if let Ok(mut map) = self.by_first.write()
-            && map.values().map(HashMap::len).sum::<usize>() < MAX_CACHED_SERIES
+            && map.values().map(Map::len).sum::<usize>() < MAX_CACHED_SERIES
         {
             map.entry(first.to_owned())
                 .or_default()

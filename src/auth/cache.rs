@@ -27,7 +27,9 @@ pub struct TokenCache {
 struct Inner {
     /// The key set every entry was verified with.
     keys: Option<Arc<KeySet>>,
-    entries: HashMap<Box<str>, Claims>,
+    /// foldhash (seeded per process): only verified tokens are ever inserted, so a
+    /// caller cannot choose keys to collide.
+    entries: HashMap<Box<str>, Claims, foldhash::fast::RandomState>,
 }
 
 impl TokenCache {

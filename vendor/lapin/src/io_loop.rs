@@ -644,7 +644,11 @@ impl<
     }
 
     fn serialize(&mut self, connection_killswitch: &KillSwitch) -> Result<()> {
-        while let Some(next_msg) = self.frames.pop(self.channels.flow()) {
+        // PATCHED (Warren, issue #19): flow is read once per batch of frames, not per
+        // frame: it locks every channel's status, and only an incoming frame (handled
+        // elsewhere, not while serializing) can change it.
+        let flow = self.channels.flow();
+        while let Some(next_msg) = self.frames.pop(flow) {
             trace!(%next_msg, "will write to buffer");
             let checkpoint = self.send_buffer.checkpoint();
             let res = gen_frame(&next_msg)((&mut self.send_buffer).into());
