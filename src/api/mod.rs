@@ -103,7 +103,8 @@ pub fn router(state: AppState) -> Router {
                     REQUEST_ID,
                     crate::ids::MakeRequestUuid,
                 ))
-                // CORS answers preflights with an empty body of the inner type.
+                // CORS answers preflights with an empty (`Default`) body of the inner
+                // response type, which the trace layer's body is not: make it axum's.
                 .map_response(IntoResponse::into_response)
                 .layer(
                     TraceLayer::new_for_http()
