@@ -16,7 +16,6 @@ use std::any::Any;
 
 use axum::Router;
 use axum::http::{HeaderName, Response};
-use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -87,10 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/demo/sse", get(sse::demo_page))
         .route("/clients/warren.js", get(client_library))
         .merge(docs)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            track::track_http,
-        ))
+        .route_layer(track::TrackLayer(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // One layer of all the cross-cutting services (outermost first): axum boxes
@@ -140,7 +136,7 @@ pub fn router(state: AppState) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(middleware::from_fn(limit_header_bytes)),
+                .layer(track::LimitHeadersLayer),
         )
         .with_state(state)
 }
@@ -212,30 +208,6 @@ async fn client_library() -> impl IntoResponse {
         ],
         include_str!("../../clients/js/warren.js"),
     )
-}
-
-/// Upper bound on a request's header section (names and values together). hyper
-/// itself only refuses about 400 KB; a token and the usual headers need a few KB.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] with `400`, before any
-/// authentication or body work.
-async fn limit_header_bytes(
-    request: axum::extract::Request,
-    next: middleware::Next,
-) -> axum::response::Response {
-    let size: usize = request
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if size > MAX_HEADER_BYTES {
-        return ApiError::InvalidRequest(format!(
-            "the request headers take {size} bytes; at most {MAX_HEADER_BYTES} are accepted"
-        ))
-        .into_response();
-    }
-    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

@@ -372,3 +372,42 @@ async fn ten_thousand_publishes_from_64_clients_lose_nothing() {
     rabbit.delete_queue(&queue).await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn oversized_request_headers_are_refused_before_anything_is_published() {
+    let (rabbit, exchange, queue, _, server, token) = publishing_tenant(|_| {}).await;
+    let body = json!({"exchange": exchange, "routing_key": "k", "payload": 1}).to_string();
+    // 20 headers of 4,000 bytes: 80 KB, over the 64 KiB bound (and under hyper's own).
+    let oversized = |path: &str| {
+        let mut request = server
+            .http
+            .post(format!("{}{path}", server.base))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.clone());
+        for i in 0..20 {
+            request = request.header(format!("x-filler-{i}"), "f".repeat(4000));
+        }
+        async move { into_resp(request.send().await.expect("request")).await }
+    };
+    let r = oversized("/v1/publish").await;
+    assert_problem(&r, 400, "invalid_request");
+    let detail = r.body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("request headers"), "{detail}");
+    // Before routing too: an unknown path gets the same answer, not a 404.
+    assert_problem(&oversized("/no/such/path").await, 400, "invalid_request");
+    // The same request with ordinary headers goes through.
+    assert_eq!(
+        server
+            .publish(&token, &serde_json::from_str(&body).unwrap())
+            .await
+            .status,
+        202
+    );
+    assert_eq!(
+        rabbit.count(&queue).await,
+        1,
+        "only the ordinary request published"
+    );
+    server.shutdown().await.unwrap();
+}
