@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+mod procstat;
 mod rpc;
 mod stomp;
 
@@ -298,23 +299,6 @@ fn summarize(recs: Vec<Recorder>, measured: Duration) -> Stat {
 
 // ---------------------------------------------------------------- CPU per process
 
-/// utime + stime (clock ticks) of a process.
-fn cpu_ticks(pid: &str) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the `(comm)`, which may contain spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime 15.
-    let get = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    get(14) + get(15)
-}
-
 fn find_pid(comm: &str) -> Option<String> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -366,9 +350,9 @@ impl CpuProbe {
 
     fn start_with(pids: [String; 3]) -> Self {
         let start = [
-            cpu_ticks(&pids[0]),
-            cpu_ticks(&pids[1]),
-            cpu_ticks(&pids[2]),
+            procstat::cpu_ticks(&pids[0]),
+            procstat::cpu_ticks(&pids[1]),
+            procstat::cpu_ticks(&pids[2]),
         ];
         CpuProbe {
             pids,
@@ -383,7 +367,7 @@ impl CpuProbe {
         let pct = |ticks: u64| ticks as f64 / 100.0 / secs * 100.0; // USER_HZ = 100
         let mut out = [0.0; 4];
         for (o, (pid, start)) in out.iter_mut().zip(self.pids.iter().zip(self.start)) {
-            *o = pct(cpu_ticks(pid).saturating_sub(start));
+            *o = pct(procstat::cpu_ticks(pid).saturating_sub(start));
         }
         let all = pct(machine_busy_ticks().saturating_sub(self.machine));
         out[3] = (all - out[0] - out[1] - out[2]).max(0.0);
@@ -1368,36 +1352,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await?;
     let admin = conn.create_channel().await?;
-    admin
-        .exchange_declare(
-            EXCHANGE.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    admin
-        .queue_declare(
-            QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    admin
-        .queue_bind(
-            QUEUE.into(),
-            EXCHANGE.into(),
-            "bench.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_bench_queue(&admin, QUEUE, FieldTable::default()).await?;
     admin
         .queue_purge(QUEUE.into(), QueuePurgeOptions::default())
         .await?;
@@ -1493,6 +1448,44 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The durable topic exchange every path publishes to and a durable queue (with
+/// `arguments`) bound to it with `bench.#`.
+async fn declare_bench_queue(
+    admin: &lapin::Channel,
+    queue: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    admin
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    admin
+        .queue_declare(queue.into(), durable, arguments)
+        .await?;
+    admin
+        .queue_bind(
+            queue.into(),
+            EXCHANGE.into(),
+            "bench.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------- cluster comparison
 
 /// Direct AMQP and `POST /v1/publish` into a quorum queue, on the single local broker
@@ -1512,41 +1505,12 @@ async fn cluster_comparison(args: &Args, dir: &Path) -> anyhow::Result<()> {
     for (label, urls) in [("1 node", &single), ("3 nodes", &args.cluster)] {
         let conn = Connection::connect(&urls[0], ConnectionProperties::default()).await?;
         let admin = conn.create_channel().await?;
-        admin
-            .exchange_declare(
-                EXCHANGE.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-queue-type".into(),
             lapin::types::AMQPValue::LongString("quorum".into()),
         );
-        admin
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                arguments,
-            )
-            .await?;
-        admin
-            .queue_bind(
-                queue.into(),
-                EXCHANGE.into(),
-                "bench.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_bench_queue(&admin, queue, arguments).await?;
         let warren =
             Warren::start_on(&args.warren, dir, &format!("warren-{}", urls.len()), urls).await?;
         let bearer = format!("Bearer {}", warren.token);

@@ -23,6 +23,8 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod procstat;
+
 #[derive(Parser, Debug)]
 #[command(about = "Fixed-count load for profiling Warren (see BENCHMARKS.md)")]
 struct Args {
@@ -58,32 +60,37 @@ fn message(exchange: &str) -> String {
     )
 }
 
-/// (user + system ticks, voluntary + involuntary context switches) of every thread.
-fn process_counters(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        f.get(i - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let ticks = get(14) + get(15);
-    let mut switches = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            for line in status.lines() {
-                if let Some(v) = line
-                    .strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-                {
-                    switches += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
+/// A process's CPU ticks and context switches from `start` to `report`.
+struct Measured {
+    pid: String,
+    ticks: u64,
+    switches: u64,
+    at: Instant,
+}
+
+impl Measured {
+    fn start(pid: u32) -> Self {
+        let pid = pid.to_string();
+        Self {
+            ticks: procstat::cpu_ticks(&pid),
+            switches: procstat::context_switches(&pid),
+            pid,
+            at: Instant::now(),
         }
     }
-    (ticks, switches)
+
+    /// "{rate} msg/s; {who} CPU {µs} µs/msg, {n} context switches/msg" since `start`.
+    fn report(&self, who: &str, messages: f64) -> String {
+        let seconds = self.at.elapsed().as_secs_f64();
+        let ticks = procstat::cpu_ticks(&self.pid) - self.ticks;
+        let switches = procstat::context_switches(&self.pid) - self.switches;
+        format!(
+            "in {seconds:.2} s: {:.0} msg/s; {who} CPU {:.1} µs/msg, {:.2} context switches/msg",
+            messages / seconds,
+            ticks as f64 * 10_000.0 / messages,
+            switches as f64 / messages,
+        )
+    }
 }
 
 async fn call(stream: &mut TcpStream, buf: &mut Vec<u8>, request: &[u8]) -> anyhow::Result<u16> {
@@ -122,14 +129,9 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<
 /// `--kind lapin-batch`: rounds of 100 pipelined publishes (persistent, mandatory, the
 /// same body and properties Warren sets) on `--concurrency` confirm-mode channels of one
 /// connection, each round's confirms awaited together; this process's CPU per message.
-async fn lapin_batch(args: &Args) -> anyhow::Result<()> {
+async fn lapin_batch(args: &Args, conn: &Connection) -> anyhow::Result<()> {
     use lapin::BasicProperties;
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let conn = Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672",
-        ConnectionProperties::default(),
-    )
-    .await?;
     let body =
         Arc::new(format!("{{\"id\":\"bench\",\"pad\":\"{}\"}}", "x".repeat(200)).into_bytes());
     let remaining = Arc::new(AtomicU64::new(args.requests));
@@ -140,8 +142,7 @@ async fn lapin_batch(args: &Args) -> anyhow::Result<()> {
         channels.push(ch);
     }
     let me = std::process::id();
-    let (ticks0, switches0) = process_counters(me);
-    let t0 = Instant::now();
+    let measured = Measured::start(me);
     let mut tasks = Vec::new();
     for ch in channels {
         let (body, remaining, exchange) = (body.clone(), remaining.clone(), args.exchange.clone());
@@ -185,30 +186,18 @@ async fn lapin_batch(args: &Args) -> anyhow::Result<()> {
     for task in tasks {
         task.await??;
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let (ticks1, switches1) = process_counters(me);
     let messages = (args.requests * BATCH as u64) as f64;
     println!(
-        "lapin alone: {} rounds of {BATCH} pipelined publishes on {} channels in {:.2} s: {:.0} msg/s; \
-         this process's CPU {:.1} µs/msg, {:.2} context switches/msg",
+        "lapin alone: {} rounds of {BATCH} pipelined publishes on {} channels {}",
         args.requests,
         args.concurrency,
-        elapsed,
-        messages / elapsed,
-        (ticks1 - ticks0) as f64 * 10_000.0 / messages,
-        (switches1 - switches0) as f64 / messages,
+        measured.report("this process's", messages),
     );
-    let _ = conn.close(200, "bye".into()).await;
     Ok(())
 }
 
 /// The exchange and durable queue every message goes to (as in bench/main.rs), purged.
-async fn topology(exchange: &str) -> anyhow::Result<()> {
-    let conn = Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672",
-        ConnectionProperties::default(),
-    )
-    .await?;
+async fn topology(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -238,17 +227,25 @@ async fn topology(exchange: &str) -> anyhow::Result<()> {
     .await?;
     ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await?;
-    let _ = conn.close(200, "bye".into()).await;
+    let _ = ch.close(200, "bye".into()).await;
     Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    topology(&args.exchange).await?;
+    let conn = Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672",
+        ConnectionProperties::default(),
+    )
+    .await?;
+    topology(&conn, &args.exchange).await?;
     if args.kind == "lapin-batch" {
-        return lapin_batch(&args).await;
+        let published = lapin_batch(&args, &conn).await;
+        let _ = conn.close(200, "bye".into()).await;
+        return published;
     }
+    let _ = conn.close(200, "bye".into()).await;
     let (path, body, per_request, expect) = match args.kind.as_str() {
         "publish" => ("/v1/publish", message(&args.exchange), 1, 202),
         "batch" => {
@@ -279,8 +276,7 @@ async fn main() -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let (ticks0, switches0) = process_counters(args.pid);
-    let t0 = Instant::now();
+    let measured = Measured::start(args.pid);
     let mut tasks = Vec::new();
     for mut stream in streams {
         let (request, remaining) = (request.clone(), remaining.clone());
@@ -299,18 +295,12 @@ async fn main() -> anyhow::Result<()> {
     for task in tasks {
         task.await??;
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let (ticks1, switches1) = process_counters(args.pid);
     let messages = (args.requests * per_request) as f64;
     println!(
-        "{} requests ({} messages) at {} in flight in {:.2} s: {:.0} msg/s; warren CPU {:.1} µs/msg, {:.2} context switches/msg",
+        "{} requests ({messages} messages) at {} in flight {}",
         args.requests,
-        messages,
         args.concurrency,
-        elapsed,
-        messages / elapsed,
-        (ticks1 - ticks0) as f64 * 10_000.0 / messages,
-        (switches1 - switches0) as f64 / messages,
+        measured.report("warren", messages),
     );
     Ok(())
 }
