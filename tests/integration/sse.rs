@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::auth::TokenRequest;
 
@@ -306,31 +306,7 @@ async fn a_slow_reader_is_cut_while_a_fast_one_keeps_up() {
     const TOTAL: u64 = 12_000;
     // ~2 KiB per event: far more than the socket buffers hold for a reader that stalls.
     let filler = "x".repeat(2048);
-    let channel = world.rabbit.channel.clone();
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    let mut confirms = Vec::new();
-    for n in 0..TOTAL {
-        let body = json!({"n": n, "filler": filler}).to_string();
-        let properties =
-            lapin::BasicProperties::default().with_content_type("application/json".into());
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                "big".into(),
-                lapin::options::BasicPublishOptions::default(),
-                body.as_bytes(),
-                properties,
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    for confirm in confirms {
-        assert!(confirm.await.expect("confirm").is_ack());
-    }
+    world.publish_padded("", "big", 0..TOTAL, &filler).await;
 
     // The slow reader: a raw connection that sends its request and then reads nothing.
     let address = world.server.base.trim_start_matches("http://").to_owned();

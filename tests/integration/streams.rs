@@ -83,6 +83,18 @@ impl StreamWorld {
     /// Publishes `{"n": i}` for each `i` in `range` to `exchange` with `routing_key`,
     /// and waits for every confirm.
     pub async fn publish(&self, exchange: &str, routing_key: &str, range: std::ops::Range<u64>) {
+        self.publish_padded(exchange, routing_key, range, "").await;
+    }
+
+    /// [`Self::publish`] with `{"n": i, "filler": filler}` (large messages) when
+    /// `filler` is not empty.
+    pub async fn publish_padded(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        range: std::ops::Range<u64>,
+        filler: &str,
+    ) {
         let channel = self.rabbit.channel.clone();
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -90,7 +102,12 @@ impl StreamWorld {
             .expect("confirm mode");
         let mut confirms = Vec::new();
         for n in range {
-            let body = json!({"n": n}).to_string();
+            let body = if filler.is_empty() {
+                json!({"n": n})
+            } else {
+                json!({"n": n, "filler": filler})
+            }
+            .to_string();
             let properties = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_message_id(format!("m-{n}").into());
@@ -445,31 +462,9 @@ async fn a_slow_websocket_stream_reader_is_closed_while_a_fast_one_keeps_up() {
     const TOTAL: usize = 8_000;
     // ~4 KiB per message: far more than the socket buffers hold for a stalled reader.
     let filler = "x".repeat(4096);
-    let channel = world.rabbit.channel.clone();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
-    let mut confirms = Vec::new();
-    for n in 0..TOTAL {
-        let body = json!({"n": n, "filler": filler}).to_string();
-        let properties = BasicProperties::default().with_content_type("application/json".into());
-        let options = BasicPublishOptions::default();
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                "big".into(),
-                options,
-                body.as_bytes(),
-                properties,
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    for confirm in confirms {
-        assert!(confirm.await.expect("confirm").is_ack());
-    }
+    world
+        .publish_padded("", "big", 0..TOTAL as u64, &filler)
+        .await;
 
     // A small receive buffer: the kernel would otherwise grow it (tcp_rmem, up to
     // 32 MiB here) until it held the whole stream.
