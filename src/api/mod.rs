@@ -94,7 +94,7 @@ pub fn router(state: AppState) -> Router {
         // six separate layers were six boxes cloned per request.
         .layer(
             tower::ServiceBuilder::new()
-                .layer(cors(&state.config.server.cors))
+                .option_layer(cors(&state.config.server.cors))
                 .layer(SetRequestIdLayer::new(
                     REQUEST_ID,
                     crate::ids::MakeRequestUuid,
@@ -141,12 +141,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// CORS for browser origins; with no origins configured the layer adds nothing.
-fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
+/// CORS for browser origins; none with no origins configured (not even the layer: an
+/// empty one would still add `Vary` to every response, at a cost per request).
+fn cors(config: &crate::config::CorsConfig) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{Method, header};
     use tower_http::cors::{AllowOrigin, CorsLayer};
     if config.allowed_origins.is_empty() {
-        return CorsLayer::new();
+        return None;
     }
     let origins = if config.allowed_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
@@ -158,7 +159,7 @@ fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
                 .filter_map(|o| o.parse::<axum::http::HeaderValue>().ok()),
         )
     };
-    CorsLayer::new()
+    let layer = CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([
@@ -174,7 +175,8 @@ fn cors(config: &crate::config::CorsConfig) -> tower_http::cors::CorsLayer {
             header::RETRY_AFTER,
             HeaderName::from_static("idempotent-replayed"),
         ])
-        .max_age(std::time::Duration::from_secs(config.max_age_s))
+        .max_age(std::time::Duration::from_secs(config.max_age_s));
+    Some(layer)
 }
 
 /// The metrics-only application for `server.metrics_listen`.

@@ -267,6 +267,43 @@ async fn cors_allows_configured_origins_only() {
     server.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn cors_is_off_without_configured_origins() {
+    let tenant = unique("t");
+    let server = TestServer::start_ready(tenant_config(&tenant, "*", "#")).await;
+    let token = server.token(&tenant, "publish");
+    let request = server
+        .http
+        .post(format!("{}/v1/publish", server.base))
+        .header("origin", "https://app.example");
+    let r = send_fire_and_forget(request, &token).await;
+    assert_eq!(r.status(), 202);
+    let cors_headers: Vec<_> = r
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-") || *name == "vary")
+        .collect();
+    assert!(cors_headers.is_empty(), "{cors_headers:?}");
+    let preflight = server
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/publish", server.base),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    server.shutdown().await.unwrap();
+}
+
 /// Terminates TLS with `cert`/`key` and forwards plaintext to RabbitMQ: an amqps://
 /// broker for the test without reconfiguring the real one.
 async fn tls_terminating_proxy(cert: &Path, key: &Path) -> u16 {
