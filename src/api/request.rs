@@ -48,14 +48,47 @@ pub struct RequestBody {
 impl RequestBody {
     /// Splits a request's members into the publish body and `timeout_ms`; errors name
     /// the JSON path, as for a publish. `members` has no `type`, `id` or key members.
-    pub fn from_members(mut members: BTreeMap<String, Box<RawValue>>) -> Result<Self, ApiError> {
-        let timeout_ms = match members.remove("timeout_ms") {
-            None => None,
-            Some(raw) => whole_ms(raw.get())?,
-        };
-        let rest = serde_json::to_string(&members)
+    pub fn from_members(members: BTreeMap<String, Box<RawValue>>) -> Result<Self, ApiError> {
+        let text = serde_json::to_string(&members)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
-        let publish = parse_json::<PublishRequest>(rest.as_bytes())?;
+        parse_json::<RequestWire>(text.as_bytes())?.checked()
+    }
+}
+
+/// A request body as parsed, in one pass: the publish body's members go to
+/// `PublishRequest`'s own deserializer and `timeout_ms` is taken out on the way
+/// ([`split::TakeTimeout`]); [`RequestWire::checked`] then judges `timeout_ms`, so its
+/// error names it as the publish body's errors name theirs.
+pub struct RequestWire {
+    publish: PublishRequest,
+    timeout_ms: split::Timeout,
+}
+
+impl RequestWire {
+    pub fn checked(self) -> Result<RequestBody, ApiError> {
+        let timeout_ms = match self.timeout_ms {
+            split::Timeout::Absent => None,
+            split::Timeout::Ms(ms) => Some(ms),
+            split::Timeout::Invalid => {
+                return Err(ApiError::InvalidRequest(
+                    "timeout_ms: must be a whole number of milliseconds".to_owned(),
+                ));
+            }
+        };
+        Ok(RequestBody {
+            publish: self.publish,
+            timeout_ms,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestWire {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut timeout_ms = split::Timeout::Absent;
+        let publish = PublishRequest::deserialize(split::TakeTimeout {
+            inner: deserializer,
+            timeout: &mut timeout_ms,
+        })?;
         Ok(Self {
             publish,
             timeout_ms,
@@ -63,23 +96,197 @@ impl RequestBody {
     }
 }
 
-/// `timeout_ms` as a whole number; like the publish body's numbers, `5.0` counts (JSON
-/// Schema calls it an integer, and clients whose numbers are floats send it so).
-fn whole_ms(raw: &str) -> Result<Option<u64>, ApiError> {
-    let invalid = || {
-        ApiError::InvalidRequest("timeout_ms: must be a whole number of milliseconds".to_owned())
+/// Taking `timeout_ms` out of an object whose other members are a publish body, while
+/// `PublishRequest`'s derived deserializer reads them (no intermediate map, no second
+/// parse).
+mod split {
+    use std::fmt;
+
+    use serde::de::value::{BorrowedStrDeserializer, StringDeserializer};
+    use serde::de::{
+        DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor,
     };
-    let Some(number) =
-        serde_json::from_str::<Option<serde_json::Number>>(raw).map_err(|_| invalid())?
-    else {
-        return Ok(None);
-    };
-    if let Some(ms) = number.as_u64() {
-        return Ok(Some(ms));
+
+    const TIMEOUT_MS: &str = "timeout_ms";
+
+    /// `timeout_ms` as found: absent (or `null`), a whole number of milliseconds (`5.0`
+    /// counts: JSON Schema calls it an integer, and clients whose numbers are floats
+    /// send it so), or anything else.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Timeout {
+        Absent,
+        Ms(u64),
+        Invalid,
     }
-    match number.as_f64() {
-        Some(f) if f.fract() == 0.0 && (0.0..1e15).contains(&f) => Ok(Some(f as u64)),
-        _ => Err(invalid()),
+
+    /// A deserializer for an object that hands every member but `timeout_ms` to the
+    /// visitor, and `timeout_ms` to `timeout`.
+    pub struct TakeTimeout<'t, D> {
+        pub inner: D,
+        pub timeout: &'t mut Timeout,
+    }
+
+    impl<'de, D: Deserializer<'de>> Deserializer<'de> for TakeTimeout<'_, D> {
+        type Error = D::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+            self.inner.deserialize_map(Members {
+                visitor,
+                timeout: self.timeout,
+            })
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            struct enum identifier ignored_any
+        }
+    }
+
+    /// Accepts only an object, whose members go through [`Filtered`].
+    struct Members<'t, V> {
+        visitor: V,
+        timeout: &'t mut Timeout,
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Members<'_, V> {
+        type Value = V::Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            self.visitor.visit_map(Filtered {
+                map,
+                timeout: self.timeout,
+            })
+        }
+    }
+
+    struct Filtered<'t, A> {
+        map: A,
+        timeout: &'t mut Timeout,
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Filtered<'_, A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            loop {
+                match self.map.next_key::<Key<'de>>()? {
+                    None => return Ok(None),
+                    Some(key) if key.is(TIMEOUT_MS) => {
+                        *self.timeout = self.map.next_value::<Timeout>()?;
+                    }
+                    Some(Key::Borrowed(key)) => {
+                        return seed
+                            .deserialize(BorrowedStrDeserializer::new(key))
+                            .map(Some);
+                    }
+                    Some(Key::Owned(key)) => {
+                        let key: StringDeserializer<A::Error> = StringDeserializer::new(key);
+                        return seed.deserialize(key).map(Some);
+                    }
+                }
+            }
+        }
+
+        fn next_value_seed<S: DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<S::Value, A::Error> {
+            self.map.next_value_seed(seed)
+        }
+    }
+
+    /// A member name, borrowed from the body unless it had escapes.
+    enum Key<'de> {
+        Borrowed(&'de str),
+        Owned(String),
+    }
+
+    impl Key<'_> {
+        fn is(&self, name: &str) -> bool {
+            match self {
+                Key::Borrowed(k) => *k == name,
+                Key::Owned(k) => k == name,
+            }
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a member name")
+                }
+                fn visit_borrowed_str<E: Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key::Borrowed(v))
+                }
+                fn visit_str<E: Error>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key::Owned(v.to_owned()))
+                }
+                fn visit_string<E: Error>(self, v: String) -> Result<Key<'de>, E> {
+                    Ok(Key::Owned(v))
+                }
+            }
+            d.deserialize_str(KeyVisitor)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for Timeout {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct TimeoutVisitor;
+            impl<'de> Visitor<'de> for TimeoutVisitor {
+                type Value = Timeout;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a whole number of milliseconds")
+                }
+                fn visit_unit<E: Error>(self) -> Result<Timeout, E> {
+                    Ok(Timeout::Absent)
+                }
+                fn visit_none<E: Error>(self) -> Result<Timeout, E> {
+                    Ok(Timeout::Absent)
+                }
+                fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Timeout, D::Error> {
+                    d.deserialize_any(self)
+                }
+                fn visit_u64<E: Error>(self, v: u64) -> Result<Timeout, E> {
+                    Ok(Timeout::Ms(v))
+                }
+                fn visit_i64<E: Error>(self, v: i64) -> Result<Timeout, E> {
+                    Ok(u64::try_from(v).map_or(Timeout::Invalid, Timeout::Ms))
+                }
+                fn visit_f64<E: Error>(self, v: f64) -> Result<Timeout, E> {
+                    Ok(if v.fract() == 0.0 && (0.0..1e15).contains(&v) {
+                        Timeout::Ms(v as u64)
+                    } else {
+                        Timeout::Invalid
+                    })
+                }
+                fn visit_bool<E: Error>(self, _: bool) -> Result<Timeout, E> {
+                    Ok(Timeout::Invalid)
+                }
+                fn visit_str<E: Error>(self, _: &str) -> Result<Timeout, E> {
+                    Ok(Timeout::Invalid)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Timeout, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Timeout::Invalid)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Timeout, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Timeout::Invalid)
+                }
+            }
+            d.deserialize_any(TimeoutVisitor)
+        }
     }
 }
 
@@ -196,13 +403,13 @@ pub async fn request(
     State(state): State<AppState>,
     principal: Principal,
     headers: HeaderMap,
-    body: JsonBody<BTreeMap<String, Box<RawValue>>>,
+    body: JsonBody<RequestWire>,
 ) -> Response {
     let key = match checks(&principal, &headers) {
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
-    let parsed = match RequestBody::from_members(body.value) {
+    let parsed = match body.value.checked() {
         Ok(parsed) => parsed,
         Err(error) => return error.into_response(),
     };
@@ -272,6 +479,52 @@ mod tests {
         let stored = serde_json::to_string(&json).unwrap();
         let back: ReplyMessage = serde_json::from_str(&stored).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), stored);
+    }
+
+    #[test]
+    fn a_request_body_is_parsed_in_one_pass() {
+        let parse =
+            |text: &str| parse_json::<RequestWire>(text.as_bytes()).and_then(RequestWire::checked);
+        let body =
+            parse(r#"{"timeout_ms":250,"exchange":"x","routing_key":"q","body":"hi"}"#).unwrap();
+        assert_eq!(body.timeout_ms, Some(250));
+        assert_eq!(
+            (
+                body.publish.exchange.as_str(),
+                body.publish.routing_key.as_str()
+            ),
+            ("x", "q")
+        );
+        // A member name with an escape is not borrowed from the body; both kinds split.
+        let body =
+            parse(r#"{"exchange":"","routing_key":"q","body":"hi","timeout\u005fms":7}"#).unwrap();
+        assert_eq!(body.timeout_ms, Some(7));
+        let body = parse(r#"{"exchange":"","rout\u0069ng_key":"q","body":"hi"}"#).unwrap();
+        assert_eq!(body.publish.routing_key, "q");
+        let body =
+            parse(r#"{"exchange":"","routing_key":"q","body":"hi","timeout_ms":null}"#).unwrap();
+        assert_eq!(body.timeout_ms, None);
+        for bad in ["[1]", "{\"a\":1}", "true", "1e300", "-3.0"] {
+            let text =
+                format!(r#"{{"exchange":"","routing_key":"q","body":"hi","timeout_ms":{bad}}}"#);
+            let error = parse(&text).unwrap_err();
+            assert!(
+                error.to_string().starts_with("timeout_ms:"),
+                "{bad}: {error}"
+            );
+        }
+        // The publish body's own checks still apply, with their paths.
+        let error = parse(r#"{"exchange":"","routing_key":"q","body":"hi","nope":1}"#).unwrap_err();
+        assert!(error.to_string().contains("nope"), "{error}");
+        let error = parse(r#"{"exchange":"","routing_key":"q","properties":{"priority":"x"}}"#)
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("properties.priority"),
+            "{error}"
+        );
+        for not_an_object in ["[]", "\"x\"", "3"] {
+            assert_eq!(parse(not_an_object).unwrap_err().code(), "invalid_request");
+        }
     }
 
     #[test]
