@@ -299,15 +299,6 @@ fn summarize(recs: Vec<Recorder>, measured: Duration) -> Stat {
 
 // ---------------------------------------------------------------- CPU per process
 
-fn find_pid(comm: &str) -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let name = e.file_name().to_string_lossy().into_owned();
-        name.parse::<u32>().ok()?;
-        let c = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        (c.trim() == comm).then_some(name)
-    })
-}
-
 /// Busy clock ticks of the whole machine (all CPUs; not idle, not iowait).
 fn machine_busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -344,7 +335,7 @@ impl CpuProbe {
         [
             "self".to_owned(),
             WARREN_PID.load(Ordering::Relaxed).to_string(),
-            find_pid("beam.smp").unwrap_or_else(|| "0".to_owned()),
+            procstat::find_pid("beam.smp").unwrap_or_else(|| "0".to_owned()),
         ]
     }
 

@@ -35,8 +35,9 @@ struct Args {
     /// The warren process, whose CPU time and context switches are reported.
     #[arg(long)]
     pid: u32,
-    /// publish (POST /v1/publish), batch (POST /v1/publish/batch, 100 messages), or
-    /// lapin-batch: no Warren, this process publishes the same messages with lapin
+    /// publish (POST /v1/publish), batch (POST /v1/publish/batch, 100 messages),
+    /// request (POST /v1/request, answered by a responder in this process that echoes
+    /// the body to `reply_to`, as bench/rpc.rs), or lapin-batch: no Warren, this process publishes the same messages with lapin
     /// directly, 100 pipelined per round then all confirms awaited (what Warren's batch
     /// does on one channel), and reports its *own* CPU per message: the floor of the
     /// AMQP client that Warren is built on.
@@ -60,34 +61,53 @@ fn message(exchange: &str) -> String {
     )
 }
 
-/// A process's CPU ticks and context switches from `start` to `report`.
+/// A process's CPU ticks and context switches from `start` to `report`, and RabbitMQ's
+/// (`beam.smp`) CPU ticks.
 struct Measured {
     pid: String,
-    ticks: u64,
+    ticks: (u64, u64),
     switches: u64,
+    broker: Option<(String, u64)>,
     at: Instant,
 }
 
 impl Measured {
     fn start(pid: u32) -> Self {
         let pid = pid.to_string();
+        let broker = procstat::find_pid("beam.smp").map(|b| {
+            let ticks = procstat::cpu_ticks(&b);
+            (b, ticks)
+        });
         Self {
-            ticks: procstat::cpu_ticks(&pid),
+            ticks: procstat::user_system_ticks(&pid),
             switches: procstat::context_switches(&pid),
             pid,
+            broker,
             at: Instant::now(),
         }
     }
 
-    /// "{rate} msg/s; {who} CPU {µs} µs/msg, {n} context switches/msg" since `start`.
+    /// "{rate} msg/s; {who} CPU {µs} µs/msg, {n} context switches/msg; RabbitMQ CPU
+    /// {µs} µs/msg" since `start`.
     fn report(&self, who: &str, messages: f64) -> String {
         let seconds = self.at.elapsed().as_secs_f64();
-        let ticks = procstat::cpu_ticks(&self.pid) - self.ticks;
+        let (user, system) = procstat::user_system_ticks(&self.pid);
+        let (user, system) = (user - self.ticks.0, system - self.ticks.1);
+        let per = |ticks: u64| ticks as f64 * 10_000.0 / messages;
         let switches = procstat::context_switches(&self.pid) - self.switches;
+        let broker = match &self.broker {
+            Some((pid, start)) => format!(
+                "; RabbitMQ CPU {:.1} µs/msg",
+                (procstat::cpu_ticks(pid) - start) as f64 * 10_000.0 / messages
+            ),
+            None => String::new(),
+        };
         format!(
-            "in {seconds:.2} s: {:.0} msg/s; {who} CPU {:.1} µs/msg, {:.2} context switches/msg",
+            "in {seconds:.2} s: {:.0} msg/s; {who} CPU {:.1} µs/msg ({:.1} user, {:.1} system), {:.2} context switches/msg{broker}",
             messages / seconds,
-            ticks as f64 * 10_000.0 / messages,
+            per(user + system),
+            per(user),
+            per(system),
             switches as f64 / messages,
         )
     }
@@ -196,6 +216,64 @@ async fn lapin_batch(args: &Args, conn: &Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--kind request`'s queue (bound `rpc.#`) and its responder, which echoes every
+/// request's body to its `reply_to` with its correlation id.
+async fn responder(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use lapin::BasicProperties;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+    let ch = conn.create_channel().await?;
+    let queue = format!("{exchange}-rpc");
+    let options = QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.into(),
+        "rpc.#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut requests = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "profile-responder".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = requests.next().await {
+            let p = &delivery.properties;
+            let (Some(reply_to), Some(id)) = (p.reply_to(), p.correlation_id()) else {
+                continue;
+            };
+            let reply = BasicProperties::default()
+                .with_correlation_id(id.clone())
+                .with_content_type("application/json".into());
+            let _ = ch
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    reply,
+                )
+                .await;
+        }
+    });
+    Ok(())
+}
+
 /// The exchange and durable queue every message goes to (as in bench/main.rs), purged.
 async fn topology(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
@@ -245,9 +323,21 @@ async fn main() -> anyhow::Result<()> {
         let _ = conn.close(200, "bye".into()).await;
         return published;
     }
-    let _ = conn.close(200, "bye".into()).await;
+    if args.kind == "request" {
+        responder(&conn, &args.exchange).await?;
+    } else {
+        let _ = conn.close(200, "bye".into()).await;
+    }
     let (path, body, per_request, expect) = match args.kind.as_str() {
         "publish" => ("/v1/publish", message(&args.exchange), 1, 202),
+        "request" => (
+            "/v1/request",
+            message(&args.exchange)
+                .replacen("bench.msg", "rpc.call", 1)
+                .replacen('{', "{\"timeout_ms\":10000,", 1),
+            1,
+            200,
+        ),
         "batch" => {
             let items = vec![message(&args.exchange); BATCH].join(",");
             (

@@ -2,12 +2,15 @@
 # Profiles Warren on a fixed amount of work (BENCHMARKS.md, "Profiling"): starts a
 # release `warren` (bench config: tenant `bench` on vhost `/`, exchange `warren-bench`),
 # warms it up, then sends REQUESTS requests of KIND at CONCURRENCY in flight and prints
-# Warren's CPU time and context switches per message.
+# Warren's CPU time (user and system) and context switches per message, and
+# RabbitMQ's CPU time per message. `request` runs a responder beside the load.
 #
-#   bench/profile.sh [publish|batch] [REQUESTS] [CONCURRENCY]
+#   bench/profile.sh [publish|batch|request] [REQUESTS] [CONCURRENCY]
 #   CALLGRIND=1 bench/profile.sh publish 2000 16   # under valgrind: instructions per
 #                                                  # message, and the annotated profile
 #   STRACE=1 bench/profile.sh publish 20000 16     # system calls per message (strace -c)
+#   SEGS=1 bench/profile.sh request 20000 16       # TCP segments per message Warren sends
+#                                                  # and receives on its AMQP connections
 #   WORKERS=2 bench/profile.sh ...                 # server.worker_threads (default 1, as
 #                                                  # bench/run.sh; 0 = one per core)
 #
@@ -63,7 +66,19 @@ if [ -n "${STRACE:-}" ]; then
   tracer=$!
   sleep 1
 fi
+# Segments out and in over Warren's TCP connections to the broker (ss -ti).
+segs() { ss -tinpH '( dport = :5672 )' | awk -v p="pid=$pid," '
+  /users:/ { keep = index($0, p) > 0; next }
+  keep { for (i = 1; i <= NF; i++) { split($i, kv, ":"); if (kv[1] == "segs_out") o += kv[2]; if (kv[1] == "segs_in") n += kv[2] } }
+  END { print o + 0, n + 0 }'; }
+[ -n "${SEGS:-}" ] && read -r out0 in0 < <(segs)
 drive "$requests"
+if [ -n "${SEGS:-}" ]; then
+  read -r out1 in1 < <(segs)
+  per=1; [ "$kind" = batch ] && per=100
+  awk -v o=$(( out1 - out0 )) -v i=$(( in1 - in0 )) -v m=$(( requests * per )) \
+    'BEGIN { printf "AMQP segments per message: %.3f out, %.3f in\n", o / m, i / m }'
+fi
 if [ -n "${STRACE:-}" ]; then
   kill -INT "$tracer"; wait "$tracer" 2>/dev/null || true
   per=1; [ "$kind" = batch ] && per=100

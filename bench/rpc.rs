@@ -56,7 +56,12 @@ pub async fn run(
             FieldTable::default(),
         )
         .await?;
-    let responder = responder(conn).await?;
+    // The responder is a service of its own, with its own connection, as it is beside
+    // Warren; sharing the direct client's connection would let the broker batch the
+    // direct path's requests and replies into the same socket reads and writes.
+    let responder_conn =
+        Connection::connect(crate::AMQP_URL, lapin::ConnectionProperties::default()).await?;
+    let responder = responder(&responder_conn).await?;
     let body = message_json("\"id\":\"rpc\",");
     let request = post(
         addr,
@@ -120,6 +125,7 @@ pub async fn run(
         );
     }
     responder.abort();
+    let _ = responder_conn.close(200, "bye".into()).await;
     let _ = admin
         .queue_delete(RPC_QUEUE.into(), QueueDeleteOptions::default())
         .await;
