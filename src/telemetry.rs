@@ -544,12 +544,26 @@ pub fn idempotency_store_up(up: bool) {
 
 /// One request/reply call's outcome (see [`RPC_REQUESTS`] for the set).
 pub fn rpc_outcome(tenant: &str, outcome: &'static str) {
+    static HANDLES: OnceLock<Handles<&'static str, Counter>> = OnceLock::new();
     tracing::Span::current().record("outcome", outcome);
-    counter!(RPC_REQUESTS, "tenant" => tenant.to_owned(), "outcome" => outcome).increment(1);
+    HANDLES
+        .get_or_init(Handles::new)
+        .get(
+            tenant,
+            &outcome,
+            || counter!(RPC_REQUESTS, "tenant" => tenant.to_owned(), "outcome" => outcome),
+        )
+        .increment(1);
 }
 
 pub fn rpc_round_trip(elapsed: Duration) {
-    histogram!(RPC_DURATION).record(elapsed.as_secs_f64());
+    static HANDLE: OnceLock<Histogram> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            prometheus();
+            histogram!(RPC_DURATION)
+        })
+        .record(elapsed.as_secs_f64());
 }
 
 pub fn rpc_late_reply() {
