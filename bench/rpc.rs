@@ -1,9 +1,12 @@
 //! Request/reply: Warren's `POST /v1/request` round trip against the same RPC done with
 //! lapin directly (direct reply-to on confirm-mode channels, mandatory, a reply
 //! consumer per channel and a correlation-id map), both answered by one lapin
-//! responder that echoes the request body to `reply_to`.
+//! responder that echoes the request body to `reply_to`; and, as a floor for any HTTP
+//! hop, the same HTTP requests through the thinnest relay we can write with Warren's
+//! libraries (`relay.rs`, a process of its own like Warren).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -89,17 +92,39 @@ pub async fn run(
         "CPU gen/war/rmq/other",
         "µs/call gen/war/rmq"
     );
+    let relay = ThinRelay::start().await?;
+    let relay_request = post(
+        &relay.addr,
+        "/",
+        bearer,
+        &String::from_utf8_lossy(&body_of(&request)),
+    );
     let mut rows = Vec::new();
     for &n in levels {
-        let mut pair = [Stat::default(); 2];
-        for (k, name) in ["1 direct RPC (lapin)", "2 warren request"]
+        let mut trio = [Stat::default(); 3];
+        for (k, name) in ["1 direct RPC (lapin)", "2 warren request", "3 thin relay"]
             .iter()
             .enumerate()
         {
-            let stat = if k == 0 {
-                direct_rpc(conn, n, channels, seconds, body.as_bytes()).await
-            } else {
-                http_loop(addr, request.clone(), 200, 1, None, n, seconds, None).await
+            let stat = match k {
+                0 => direct_rpc(conn, n, channels, seconds, body.as_bytes()).await,
+                1 => http_loop(addr, request.clone(), 200, 1, None, n, seconds, None).await,
+                _ => {
+                    let warren = crate::WARREN_PID.swap(relay.child.id(), Ordering::Relaxed);
+                    let stat = http_loop(
+                        &relay.addr,
+                        relay_request.clone(),
+                        200,
+                        1,
+                        None,
+                        n,
+                        seconds,
+                        None,
+                    )
+                    .await;
+                    crate::WARREN_PID.store(warren, Ordering::Relaxed);
+                    stat
+                }
             }
             .with_context(|| format!("{name} at {n}"))?;
             println!(
@@ -111,25 +136,89 @@ pub async fn run(
                 fmt_cpu(stat.cpu),
                 stat.fmt_us()
             );
-            pair[k] = stat;
+            trio[k] = stat;
         }
-        rows.push((n, pair));
+        rows.push((n, trio));
     }
-    println!("\nrequest/reply: Warren vs direct at equal concurrency");
-    println!("{:>5} {:>14} {:>14}", "conc", "throughput", "p50 +ms");
-    for (n, [direct, warren]) in rows {
+    println!(
+        "\nrequest/reply: Warren and the thin relay vs direct at equal concurrency \
+         (the war CPU column of the relay's rows is the relay's)"
+    );
+    println!(
+        "{:>5} {:>14} {:>14} {:>14} {:>14}",
+        "conc", "warren", "p50 +ms", "thin relay", "p50 +ms"
+    );
+    for (n, [direct, warren, thin]) in rows {
         println!(
-            "{n:>5} {:>13.2}x {:>14.2}",
+            "{n:>5} {:>13.2}x {:>14.2} {:>13.2}x {:>14.2}",
             warren.rate / direct.rate,
-            warren.p50 - direct.p50
+            warren.p50 - direct.p50,
+            thin.rate / direct.rate,
+            thin.p50 - direct.p50
         );
     }
+    drop(relay);
     responder.abort();
     let _ = responder_conn.close(200, "bye".into()).await;
     let _ = admin
         .queue_delete(RPC_QUEUE.into(), QueueDeleteOptions::default())
         .await;
     Ok(())
+}
+
+/// The body of an HTTP/1.1 request made by [`post`].
+fn body_of(request: &[u8]) -> Vec<u8> {
+    request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|end| request[end + 4..].to_vec())
+        .unwrap_or_default()
+}
+
+/// `warren-thin-relay` (built beside this binary) as a process, relaying to the bench
+/// exchange with the routing key the responder's queue is bound by.
+struct ThinRelay {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ThinRelay {
+    async fn start() -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let bin = std::env::current_exe()?.with_file_name("warren-thin-relay");
+        let mut child = std::process::Command::new(&bin)
+            .args(["--exchange", EXCHANGE, "--routing-key", RPC_KEY])
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release --example warren-thin-relay)",
+                    bin.display()
+                )
+            })?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        })
+        .await??;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("the relay said {line:?}"))?
+            .to_owned();
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for ThinRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Echoes every request to its `reply_to` with its correlation id.

@@ -1,0 +1,185 @@
+//! The thinnest HTTP-to-AMQP request/reply hop we know how to write with Warren's own
+//! libraries (hyper, lapin as patched in vendor/lapin, tokio on one worker thread as
+//! the bench runs Warren): a floor for `POST /v1/request`, not a product. It reads
+//! each request's body, publishes it whole (mandatory, persistent, confirmed, with
+//! direct reply-to and a correlation id) to `--exchange` with `--routing-key`, awaits
+//! the confirm and the reply on the same channel, and answers `200` with the reply's
+//! body. No authentication, no JSON, no validation, no metrics, no limits.
+//!
+//!     warren-thin-relay --listen 127.0.0.1:0 --exchange warren-bench --routing-key rpc.call
+//!
+//! prints `listening on ADDR` once it serves. bench/rpc.rs starts it as a process
+//! of its own, as it does Warren, so its CPU is measured the same way.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Parser;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::oneshot;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp: String,
+    #[arg(long)]
+    exchange: String,
+    #[arg(long)]
+    routing_key: String,
+    /// Channels, each with its own direct reply-to consumer (Warren's default is 4).
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+}
+
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+struct Relay {
+    channels: Vec<(Channel, Waiting)>,
+    next: AtomicUsize,
+    ids: AtomicU64,
+    exchange: String,
+    routing_key: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let conn = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
+    let mut channels = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        channels.push(reply_channel(&conn).await?);
+    }
+    let relay = Arc::new(Relay {
+        channels,
+        next: AtomicUsize::new(0),
+        ids: AtomicU64::new(0),
+        exchange: args.exchange,
+        routing_key: args.routing_key,
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let relay = relay.clone();
+                async move { Ok::<_, std::convert::Infallible>(relay.call(request).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A confirm-mode channel consuming direct reply-to, and its calls awaiting replies.
+async fn reply_channel(conn: &Connection) -> anyhow::Result<(Channel, Waiting)> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "thin-relay".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await?;
+    let waiting: Waiting = Arc::default();
+    let map = waiting.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = replies.next().await {
+            let waiter = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .and_then(|id| lock(&map).remove(id.as_str()));
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(delivery.data);
+            }
+        }
+    });
+    Ok((channel, waiting))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Relay {
+    async fn call(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        match self.round_trip(request).await {
+            Ok(reply) => Response::new(Full::new(Bytes::from(reply))),
+            Err(error) => {
+                let mut response = Response::new(Full::new(Bytes::from(error.to_string())));
+                *response.status_mut() = StatusCode::BAD_GATEWAY;
+                response
+            }
+        }
+    }
+
+    async fn round_trip(&self, request: Request<hyper::body::Incoming>) -> anyhow::Result<Vec<u8>> {
+        let body = request.into_body().collect().await?.to_bytes();
+        let (channel, waiting) =
+            &self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()];
+        let id = self.ids.fetch_add(1, Ordering::Relaxed).to_string();
+        let (tx, rx) = oneshot::channel();
+        lock(waiting).insert(id.clone(), tx);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id(id.as_str().into());
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let confirm = channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                mandatory,
+                &body,
+                properties,
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "not routed"
+        );
+        let reply = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .context("no reply in 10 s")?;
+        lock(waiting).remove(&id);
+        Ok(reply?)
+    }
+}
