@@ -81,7 +81,8 @@ impl Broker {
         }
     }
 
-    async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
+    /// Makes sure one exchange exists (as [`Broker::check_exchanges`] for one message).
+    pub(super) async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
         if exchange.is_empty() {
             return Ok(()); // the default exchange always exists
         }

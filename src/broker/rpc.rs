@@ -206,8 +206,11 @@ impl Broker {
 
     /// `tenant`'s RPC channels on this vhost, made with `settings` on its first request.
     fn rpc_of(&self, tenant: &str, settings: RpcSettings) -> Arc<Rpc> {
-        lock(&self.rpc)
-            .entry(tenant.to_owned())
+        let mut rpc = lock(&self.rpc);
+        if let Some(found) = rpc.get(tenant) {
+            return found.clone();
+        }
+        rpc.entry(tenant.to_owned())
             .or_insert_with(|| Arc::new(Rpc::new(settings)))
             .clone()
     }
@@ -242,12 +245,7 @@ impl Broker {
             )
             .into());
         };
-        let mut checked = [None];
-        self.check_exchanges(std::slice::from_ref(message), &mut checked)
-            .await;
-        if let [Some(Err(error))] = checked {
-            return Err(error.into());
-        }
+        self.ensure_exchange(&message.exchange).await?;
         let (channel, number, reply) = self.register(rpc, correlation_id).await?;
         let _entry = PendingEntry {
             channel: channel.clone(),
