@@ -18,7 +18,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/15674) 2>/dev/null; then
     sleep 1
   done
 fi
-cargo build --release --bin warren --example warren-bench
+cargo build --release --bin warren --example warren-bench --example warren-thin-relay
 # 10,000 sockets on each side of the memory test: raise the descriptor limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 "$target/release/examples/warren-bench" --warren "$target/release/warren" "$@" | tee bench/results.txt
