@@ -51,10 +51,10 @@ use crate::tenancy::{Principal, Scope};
 pub async fn publish(
     State(state): State<AppState>,
     principal: Principal,
-    headers: HeaderMap,
+    mut headers: CallHeaders,
     body: JsonBody<PublishRequest>,
 ) -> Response {
-    let key = match checks(&principal, &headers) {
+    let key = match headers.checks(&principal) {
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
@@ -64,7 +64,7 @@ pub async fn publish(
         key: key
             .as_ref()
             .map(|k| (k, Fingerprint::of("POST", "/v1/publish", &body.raw))),
-        trace: trace_context(&headers),
+        trace: headers.trace,
         max_headers_bytes: state.config.server.max_headers_bytes,
     };
     let answer = publishing::publish_keyed(&state.idempotency, publish, body.value.into()).await;
@@ -108,14 +108,14 @@ pub async fn publish(
 pub async fn publish_batch(
     State(state): State<AppState>,
     principal: Principal,
-    headers: HeaderMap,
+    mut headers: CallHeaders,
     body: JsonBody<BatchRequest>,
 ) -> Response {
-    let key = match checks(&principal, &headers) {
+    let key = match headers.checks(&principal) {
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
-    let trace = trace_context(&headers);
+    let trace = headers.trace;
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
     let max_headers = state.config.server.max_headers_bytes;
@@ -146,12 +146,45 @@ pub(super) fn checks(
     headers: &HeaderMap,
 ) -> Result<Option<IdempotencyKey>, ApiError> {
     principal.require(Scope::Publish)?;
+    idempotency_key(headers)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     IdempotencyKey::from_header_values(
         headers
             .get_all(idempotency::HEADER)
             .iter()
             .map(HeaderValue::as_bytes),
     )
+}
+
+/// What a publishing call reads of its headers (`Idempotency-Key`, trace context),
+/// taken without cloning the whole header map as the `HeaderMap` extractor does.
+pub struct CallHeaders {
+    key: Result<Option<IdempotencyKey>, ApiError>,
+    pub trace: TraceContext,
+}
+
+impl CallHeaders {
+    /// Scope first, then a well-formed key (if any), as [`checks`].
+    pub fn checks(&mut self, principal: &Principal) -> Result<Option<IdempotencyKey>, ApiError> {
+        principal.require(Scope::Publish)?;
+        std::mem::replace(&mut self.key, Ok(None))
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CallHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            key: idempotency_key(&parts.headers),
+            trace: trace_context(&parts.headers),
+        })
+    }
 }
 
 /// W3C trace context from the request headers (each at most 512 bytes), for the AMQP

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -17,13 +16,13 @@ use utoipa::ToSchema;
 use super::body::{JsonBody, parse_json};
 use super::model::PublishRequest;
 use super::openapi::{PublishHeaders, problems};
-use super::publish::{checks, respond, trace_context};
+use super::publish::{CallHeaders, respond};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::idempotency::Fingerprint;
 use crate::rpc::{self, KeyedRequest, Replied};
 use crate::tenancy::Principal;
-use crate::ws::protocol::properties_json;
+use crate::ws::protocol::{PropertiesJson, properties_json};
 
 /// A request: every member of a publish (`PublishRequest`) plus `timeout_ms`. Warren
 /// sets `reply_to` (direct reply-to) and `correlation_id` (when the client sets none);
@@ -314,7 +313,7 @@ pub struct RequestReplied {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReplyMessage {
     #[schema(value_type = Object)]
-    pub properties: Map<String, Value>,
+    pub properties: ReplyProperties,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<serde_json::Value>, nullable = false)]
     pub payload: Option<Box<RawValue>>,
@@ -326,36 +325,73 @@ pub struct ReplyMessage {
     pub body_base64: Option<String>,
 }
 
+/// A reply's properties: the AMQP ones as they arrived, written as JSON when the answer
+/// is (no map in between), or the JSON object read back from a stored answer
+/// (`Idempotency-Key` replays).
+#[derive(Debug, Clone)]
+pub enum ReplyProperties {
+    Amqp(Box<lapin::BasicProperties>),
+    Stored(Map<String, Value>),
+}
+
+impl ReplyProperties {
+    /// The properties as a JSON object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        match self {
+            Self::Amqp(properties) => properties_json(properties),
+            Self::Stored(map) => map.clone(),
+        }
+    }
+}
+
+impl Serialize for ReplyProperties {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Amqp(properties) => PropertiesJson(properties).serialize(serializer),
+            Self::Stored(map) => map.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplyProperties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::deserialize(deserializer).map(Self::Stored)
+    }
+}
+
 impl From<Replied> for RequestReplied {
     fn from(replied: Replied) -> Self {
-        let properties = &replied.reply.properties;
-        let data = replied.reply.body.as_slice();
+        let Replied {
+            message_id,
+            correlation_id,
+            reply,
+        } = replied;
+        let (properties, data) = (reply.properties, reply.body);
         let essence = properties
             .content_type()
             .as_ref()
-            .map(|ct| {
-                ct.as_str()
-                    .split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_ascii_lowercase()
-            })
+            .map(|ct| ct.as_str().split(';').next().unwrap_or_default().trim())
             .unwrap_or_default();
-        let is_json = essence == "application/json" || essence.ends_with("+json");
-        let text = std::str::from_utf8(data).ok();
+        let has = |at: Option<&str>, kind: &str| at.is_some_and(|a| a.eq_ignore_ascii_case(kind));
+        let is_json = essence.eq_ignore_ascii_case("application/json")
+            || has(
+                essence.len().checked_sub(5).and_then(|i| essence.get(i..)),
+                "+json",
+            );
+        let is_text = has(essence.get(..5), "text/");
+        let text = std::str::from_utf8(&data).ok();
         let payload = text
             .filter(|_| is_json)
             .and_then(|t| RawValue::from_string(t.to_owned()).ok());
         let body = text
-            .filter(|_| payload.is_none() && essence.starts_with("text/"))
+            .filter(|_| payload.is_none() && is_text)
             .map(str::to_owned);
-        let body_base64 = (payload.is_none() && body.is_none()).then(|| BASE64.encode(data));
+        let body_base64 = (payload.is_none() && body.is_none()).then(|| BASE64.encode(&data));
         Self {
-            message_id: replied.message_id,
-            correlation_id: replied.correlation_id,
+            message_id,
+            correlation_id,
             reply: ReplyMessage {
-                properties: properties_json(properties),
+                properties: ReplyProperties::Amqp(Box::new(properties)),
                 payload,
                 body,
                 body_base64,
@@ -402,10 +438,10 @@ impl From<Replied> for RequestReplied {
 pub async fn request(
     State(state): State<AppState>,
     principal: Principal,
-    headers: HeaderMap,
+    mut headers: CallHeaders,
     body: JsonBody<RequestWire>,
 ) -> Response {
-    let key = match checks(&principal, &headers) {
+    let key = match headers.checks(&principal) {
         Ok(key) => key,
         Err(error) => return error.into_response(),
     };
@@ -419,7 +455,7 @@ pub async fn request(
         key: key
             .as_ref()
             .map(|k| (k, Fingerprint::of("POST", "/v1/request", &body.raw))),
-        trace: trace_context(&headers),
+        trace: headers.trace,
         max_headers_bytes: state.config.server.max_headers_bytes,
         rpc: &state.config.rpc,
         timeout_ms: parsed.timeout_ms,
@@ -463,9 +499,23 @@ mod tests {
         let json = rendered(Some("application/json"), br#"{"a": 1}"#);
         assert_eq!(json.payload.as_ref().map(|p| p.get()), Some(r#"{"a": 1}"#));
         assert!(json.body.is_none() && json.body_base64.is_none());
-        assert_eq!(json.properties["correlation_id"], "c");
+        assert_eq!(json.properties.to_map()["correlation_id"], "c");
         let text = rendered(Some("text/plain; charset=utf-8"), "héllo".as_bytes());
         assert_eq!(text.body.as_deref(), Some("héllo"));
+        // Media types are case-insensitive.
+        for json_type in [
+            "Application/JSON",
+            "application/problem+JSON; charset=utf-8",
+        ] {
+            let json = rendered(Some(json_type), br#"{"a": 1}"#);
+            assert!(json.payload.is_some(), "{json_type}");
+        }
+        assert_eq!(
+            rendered(Some("TEXT/Plain"), b"hi").body.as_deref(),
+            Some("hi")
+        );
+        assert!(rendered(Some("json"), b"1").payload.is_none());
+        assert!(rendered(Some("text"), b"x").body.is_none());
         let binary = rendered(Some("application/octet-stream"), &[0, 1, 255]);
         assert_eq!(binary.body_base64.as_deref(), Some("AAH/"));
         let broken = rendered(Some("application/json"), b"{oops");

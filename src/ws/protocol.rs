@@ -425,7 +425,7 @@ struct DeliveryMembers<'a> {
     exchange: &'a str,
     routing_key: &'a str,
     redelivered: bool,
-    properties: Map<String, Value>,
+    properties: PropertiesJson<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     payload: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -451,7 +451,7 @@ impl DeliveryJson {
             exchange: delivery.exchange.as_str(),
             routing_key: delivery.routing_key.as_str(),
             redelivered: delivery.redelivered,
-            properties: properties_json(properties),
+            properties: PropertiesJson(properties),
             payload,
             body_base64: payload.is_none().then(|| BASE64.encode(&delivery.data)),
         };
@@ -572,34 +572,60 @@ impl MessageFrame {
 }
 
 /// AMQP properties as a JSON object; trace context headers come along in `headers`.
-pub fn properties_json(p: &BasicProperties) -> Map<String, Value> {
-    let mut out = Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            out.insert(k.to_owned(), v);
+/// Written straight to the serializer (no intermediate map: this runs for every
+/// delivery and every reply).
+#[derive(Debug, Clone, Copy)]
+pub struct PropertiesJson<'a>(pub &'a BasicProperties);
+
+impl Serialize for PropertiesJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let p = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        let strings = [
+            ("content_type", p.content_type()),
+            ("content_encoding", p.content_encoding()),
+            ("message_id", p.message_id()),
+            ("correlation_id", p.correlation_id()),
+            ("reply_to", p.reply_to()),
+            ("type", p.kind()),
+            ("app_id", p.app_id()),
+            ("user_id", p.user_id()),
+        ];
+        for (key, value) in strings {
+            if let Some(value) = value {
+                map.serialize_entry(key, value.as_str())?;
+            }
         }
-    };
-    let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| Value::from(s.as_str()));
-    put("content_type", s(p.content_type()));
-    put("content_encoding", s(p.content_encoding()));
-    put("message_id", s(p.message_id()));
-    put("correlation_id", s(p.correlation_id()));
-    put("reply_to", s(p.reply_to()));
-    put("type", s(p.kind()));
-    put("app_id", s(p.app_id()));
-    put("user_id", s(p.user_id()));
-    put(
-        "expiration_ms",
-        p.expiration()
+        if let Some(ms) = p
+            .expiration()
             .as_ref()
             .and_then(|e| e.as_str().parse::<u64>().ok())
-            .map(Value::from),
-    );
-    put("priority", p.priority().map(Value::from));
-    put("timestamp", p.timestamp().map(Value::from));
-    put("persistent", p.delivery_mode().map(|m| Value::from(m == 2)));
-    put("headers", p.headers().as_ref().map(table_json));
-    out
+        {
+            map.serialize_entry("expiration_ms", &ms)?;
+        }
+        if let Some(priority) = p.priority() {
+            map.serialize_entry("priority", priority)?;
+        }
+        if let Some(timestamp) = p.timestamp() {
+            map.serialize_entry("timestamp", timestamp)?;
+        }
+        if let Some(mode) = p.delivery_mode() {
+            map.serialize_entry("persistent", &(*mode == 2))?;
+        }
+        if let Some(headers) = p.headers() {
+            map.serialize_entry("headers", &table_json(headers))?;
+        }
+        map.end()
+    }
+}
+
+/// [`PropertiesJson`] as a map of values.
+pub fn properties_json(p: &BasicProperties) -> Map<String, Value> {
+    match serde_json::to_value(PropertiesJson(p)) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
 }
 
 fn table_json(table: &FieldTable) -> Value {
@@ -638,6 +664,40 @@ fn value_json(value: &AMQPValue) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_are_written_as_the_protocol_documents_them() {
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), AMQPValue::LongString("00-ab".into()));
+        headers.insert("n".into(), AMQPValue::LongInt(-3));
+        let all = BasicProperties::default()
+            .with_content_type("text/plain".into())
+            .with_content_encoding("gzip".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c\"1".into())
+            .with_reply_to("r".into())
+            .with_type("t".into())
+            .with_app_id("a".into())
+            .with_user_id("u".into())
+            .with_expiration("1500".into())
+            .with_priority(7)
+            .with_timestamp(1_700_000_000)
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        assert_eq!(
+            serde_json::to_string(&PropertiesJson(&all)).unwrap(),
+            r#"{"content_type":"text/plain","content_encoding":"gzip","message_id":"m-1","correlation_id":"c\"1","reply_to":"r","type":"t","app_id":"a","user_id":"u","expiration_ms":1500,"priority":7,"timestamp":1700000000,"persistent":true,"headers":{"n":-3,"traceparent":"00-ab"}}"#
+        );
+        let transient = BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_expiration("soon".into());
+        assert_eq!(
+            serde_json::to_string(&PropertiesJson(&transient)).unwrap(),
+            r#"{"persistent":false}"#
+        );
+        assert_eq!(properties_json(&all).len(), 13);
+        assert!(properties_json(&BasicProperties::default()).is_empty());
+    }
 
     #[test]
     fn parses_each_client_frame() {
