@@ -41,6 +41,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod procstat;
 mod rpc;
+mod rpc_parts;
 mod stomp;
 
 /// The same allocator as the `warren` binary.

@@ -15,15 +15,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
-use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod procstat;
+mod rpc_parts;
 
 #[derive(Parser, Debug)]
 #[command(about = "Fixed-count load for profiling Warren (see BENCHMARKS.md)")]
@@ -219,58 +218,14 @@ async fn lapin_batch(args: &Args, conn: &Connection) -> anyhow::Result<()> {
 /// `--kind request`'s queue (bound `rpc.#`) and its responder, which echoes every
 /// request's body to its `reply_to` with its correlation id.
 async fn responder(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    use lapin::BasicProperties;
-    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
     let ch = conn.create_channel().await?;
     let queue = format!("{exchange}-rpc");
-    let options = QueueDeclareOptions {
+    let auto_delete = QueueDeclareOptions {
         auto_delete: true,
         ..Default::default()
     };
-    ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.into(),
-        "rpc.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut requests = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "profile-responder".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await?;
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = requests.next().await {
-            let p = &delivery.properties;
-            let (Some(reply_to), Some(id)) = (p.reply_to(), p.correlation_id()) else {
-                continue;
-            };
-            let reply = BasicProperties::default()
-                .with_correlation_id(id.clone())
-                .with_content_type("application/json".into());
-            let _ = ch
-                .basic_publish(
-                    "".into(),
-                    reply_to.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &delivery.data,
-                    reply,
-                )
-                .await;
-        }
-    });
+    rpc_parts::declare_bound(&ch, &queue, auto_delete, exchange, "rpc.#").await?;
+    rpc_parts::echo_responder(conn, &queue).await?;
     Ok(())
 }
 
@@ -289,20 +244,11 @@ async fn topology(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
     )
     .await?;
     let queue = format!("{exchange}-q");
-    let options = QueueDeclareOptions {
+    let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(queue.as_str().into(), options, FieldTable::default())
-        .await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.into(),
-        "bench.#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    rpc_parts::declare_bound(&ch, &queue, durable, exchange, "bench.#").await?;
     ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await?;
     let _ = ch.close(200, "bye".into()).await;

@@ -11,21 +11,21 @@
 //! prints `listening on ADDR` once it serves. bench/rpc.rs starts it as a process
 //! of its own, as it does Warren, so its CPU is measured the same way.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
+
+mod rpc_parts;
+use rpc_parts::{DIRECT_REPLY_TO, Waiting, lock, reply_channel};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,8 +44,6 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     channels: usize,
 }
-
-type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
 struct Relay {
     channels: Vec<(Channel, Waiting)>,
@@ -95,45 +93,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// A confirm-mode channel consuming direct reply-to, and its calls awaiting replies.
-async fn reply_channel(conn: &Connection) -> anyhow::Result<(Channel, Waiting)> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "thin-relay".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await?;
-    let waiting: Waiting = Arc::default();
-    let map = waiting.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = replies.next().await {
-            let waiter = delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .and_then(|id| lock(&map).remove(id.as_str()));
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(delivery.data);
-            }
-        }
-    });
-    Ok((channel, waiting))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Relay {
     async fn call(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         match self.round_trip(request).await {
@@ -156,7 +115,7 @@ impl Relay {
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
-            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(id.as_str().into());
         let mandatory = BasicPublishOptions {
             mandatory: true,

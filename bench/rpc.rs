@@ -5,30 +5,22 @@
 //! hop, the same HTTP requests through the thinnest relay we can write with Warren's
 //! libraries (`relay.rs`, a process of its own like Warren).
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
-use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::Connection;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use tokio::sync::oneshot;
 
+use crate::rpc_parts::{DIRECT_REPLY_TO, declare_bound, echo_responder, lock, reply_channel};
 use crate::{
     EXCHANGE, Recorder, Stat, Window, collect, fmt_cpu, http_loop, message_json, post, props,
 };
 
 const RPC_QUEUE: &str = "warren-bench-rpc";
 const RPC_KEY: &str = "rpc.call";
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
-type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
 /// Runs the comparison at each level and prints a table and the ratios.
 pub async fn run(
@@ -40,31 +32,17 @@ pub async fn run(
     channels: usize,
 ) -> anyhow::Result<()> {
     let admin = conn.create_channel().await?;
-    admin
-        .queue_declare(
-            RPC_QUEUE.into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    admin
-        .queue_bind(
-            RPC_QUEUE.into(),
-            EXCHANGE.into(),
-            "rpc.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let auto_delete = QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    declare_bound(&admin, RPC_QUEUE, auto_delete, EXCHANGE, "rpc.#").await?;
     // The responder is a service of its own, with its own connection, as it is beside
     // Warren; sharing the direct client's connection would let the broker batch the
     // direct path's requests and replies into the same socket reads and writes.
     let responder_conn =
         Connection::connect(crate::AMQP_URL, lapin::ConnectionProperties::default()).await?;
-    let responder = responder(&responder_conn).await?;
+    let responder = echo_responder(&responder_conn, RPC_QUEUE).await?;
     let body = message_json("\"id\":\"rpc\",");
     let request = post(
         addr,
@@ -221,79 +199,6 @@ impl Drop for ThinRelay {
     }
 }
 
-/// Echoes every request to its `reply_to` with its correlation id.
-async fn responder(conn: &Connection) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let channel = conn.create_channel().await?;
-    channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let mut consumer = channel
-        .basic_consume(
-            RPC_QUEUE.into(),
-            "bench-responder".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let p = &delivery.properties;
-            let (Some(reply_to), Some(id)) = (p.reply_to(), p.correlation_id()) else {
-                continue;
-            };
-            let reply = BasicProperties::default()
-                .with_correlation_id(id.clone())
-                .with_content_type("application/json".into());
-            let _ = channel
-                .basic_publish(
-                    "".into(),
-                    reply_to.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &delivery.data,
-                    reply,
-                )
-                .await;
-        }
-    }))
-}
-
-/// A confirm-mode channel consuming direct reply-to, with its waiting calls.
-async fn rpc_channel(conn: &Connection) -> anyhow::Result<(Channel, Waiting)> {
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut replies = channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "bench-replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let waiting: Waiting = Arc::default();
-    let map = waiting.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = replies.next().await {
-            let Some(id) = delivery.properties.correlation_id() else {
-                continue;
-            };
-            let waiter = map
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(id.as_str());
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(delivery.data);
-            }
-        }
-    });
-    Ok((channel, waiting))
-}
-
 async fn direct_rpc(
     conn: &Connection,
     n: usize,
@@ -303,7 +208,7 @@ async fn direct_rpc(
 ) -> anyhow::Result<Stat> {
     let mut chans = Vec::new();
     for _ in 0..channels.min(n).max(1) {
-        chans.push(rpc_channel(conn).await?);
+        chans.push(reply_channel(conn).await?);
     }
     let body = Arc::new(body.to_vec());
     let w = Window::new(seconds);
@@ -320,10 +225,7 @@ async fn direct_rpc(
                 let id = format!("{i}-{call}");
                 call += 1;
                 let (tx, rx) = oneshot::channel();
-                waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id.clone(), tx);
+                lock(&waiting).insert(id.clone(), tx);
                 let confirm = channel
                     .basic_publish(
                         EXCHANGE.into(),

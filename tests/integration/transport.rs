@@ -215,28 +215,32 @@ fn assert_app_origin_and_listed(response: &reqwest::Response, list: &str, names:
     assert!(names.iter().all(|name| listed.contains(name)), "{listed}");
 }
 
+/// A CORS preflight for `POST /v1/publish` from `origin`.
+async fn preflight(server: &TestServer, origin: &str) -> reqwest::Response {
+    server
+        .http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/publish", server.base),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,idempotency-key",
+        )
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn cors_allows_configured_origins_only() {
     let tenant = unique("t");
     let mut config = tenant_config(&tenant, "*", "#");
     config.server.cors.allowed_origins = vec!["https://app.example".into()];
     let server = TestServer::start_ready(config).await;
-    let preflight = |origin: &'static str| {
-        server
-            .http
-            .request(
-                reqwest::Method::OPTIONS,
-                format!("{}/v1/publish", server.base),
-            )
-            .header("origin", origin)
-            .header("access-control-request-method", "POST")
-            .header(
-                "access-control-request-headers",
-                "authorization,content-type,idempotency-key",
-            )
-            .send()
-    };
-    let allowed = preflight("https://app.example").await.unwrap();
+    let allowed = preflight(&server, "https://app.example").await;
     assert!(allowed.status().is_success(), "{}", allowed.status());
     assert_app_origin_and_listed(
         &allowed,
@@ -244,7 +248,7 @@ async fn cors_allows_configured_origins_only() {
         &["authorization", "idempotency-key"],
     );
 
-    let denied = preflight("https://evil.example").await.unwrap();
+    let denied = preflight(&server, "https://evil.example").await;
     assert!(
         denied
             .headers()
@@ -284,17 +288,7 @@ async fn cors_is_off_without_configured_origins() {
         .filter(|name| name.as_str().starts_with("access-control-") || *name == "vary")
         .collect();
     assert!(cors_headers.is_empty(), "{cors_headers:?}");
-    let preflight = server
-        .http
-        .request(
-            reqwest::Method::OPTIONS,
-            format!("{}/v1/publish", server.base),
-        )
-        .header("origin", "https://app.example")
-        .header("access-control-request-method", "POST")
-        .send()
-        .await
-        .unwrap();
+    let preflight = preflight(&server, "https://app.example").await;
     assert!(
         preflight
             .headers()
