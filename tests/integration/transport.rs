@@ -234,6 +234,18 @@ async fn preflight(server: &TestServer, origin: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// A `POST /v1/publish` by `tenant` from the origin `https://app.example`, accepted.
+async fn cross_origin_publish(server: &TestServer, tenant: &str) -> reqwest::Response {
+    let token = server.token(tenant, "publish");
+    let request = server
+        .http
+        .post(format!("{}/v1/publish", server.base))
+        .header("origin", "https://app.example");
+    let r = send_fire_and_forget(request, &token).await;
+    assert_eq!(r.status(), 202);
+    r
+}
+
 #[tokio::test]
 async fn cors_allows_configured_origins_only() {
     let tenant = unique("t");
@@ -256,13 +268,7 @@ async fn cors_allows_configured_origins_only() {
             .is_none()
     );
 
-    let token = server.token(&tenant, "publish");
-    let request = server
-        .http
-        .post(format!("{}/v1/publish", server.base))
-        .header("origin", "https://app.example");
-    let r = send_fire_and_forget(request, &token).await;
-    assert_eq!(r.status(), 202);
+    let r = cross_origin_publish(&server, &tenant).await;
     assert_app_origin_and_listed(
         &r,
         "access-control-expose-headers",
@@ -275,13 +281,7 @@ async fn cors_allows_configured_origins_only() {
 async fn cors_is_off_without_configured_origins() {
     let tenant = unique("t");
     let server = TestServer::start_ready(tenant_config(&tenant, "*", "#")).await;
-    let token = server.token(&tenant, "publish");
-    let request = server
-        .http
-        .post(format!("{}/v1/publish", server.base))
-        .header("origin", "https://app.example");
-    let r = send_fire_and_forget(request, &token).await;
-    assert_eq!(r.status(), 202);
+    let r = cross_origin_publish(&server, &tenant).await;
     let cors_headers: Vec<_> = r
         .headers()
         .keys()
