@@ -208,6 +208,22 @@ impl Broker {
         &self.health
     }
 
+    /// Waits, at most `timeout` in all, until the pool is connected and holds one
+    /// confirm-mode channel ready to lend, so a fresh pool's first publish does not
+    /// spend its own acquisition time opening that channel. False if it did not get
+    /// there in time (the request then meets the usual 503 answers).
+    pub async fn warm_up(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if !self.health.wait_up(timeout).await {
+            return false;
+        }
+        // The channel goes straight back to the pool when dropped.
+        matches!(
+            tokio::time::timeout_at(deadline, self.channels.get()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Marks a long-lived user of this pool (a consumer) until the guard drops.
     pub fn hold(&self) -> BrokerHold {
         self.holds.fetch_add(1, std::sync::atomic::Ordering::AcqRel);

@@ -61,7 +61,8 @@ impl Pools {
     }
 
     /// The pool for `key`, opened if needed; a fresh pool is waited for (at most the
-    /// connect timeout) so the first request does not fail while it connects.
+    /// connect timeout, for its connection and first channel) so the first request
+    /// does not fail while it connects.
     /// The lease is taken under the registry lock, so the idle closer cannot close the
     /// pool between lookup and use.
     pub async fn get(&self, key: &PoolKey) -> Result<BrokerLease, ApiError> {
@@ -98,7 +99,7 @@ impl Pools {
         };
         if fresh {
             let timeout = Duration::from_millis(self.amqp.connect_timeout_ms);
-            broker.health().wait_up(timeout).await;
+            broker.warm_up(timeout).await;
         }
         Ok(broker)
     }
