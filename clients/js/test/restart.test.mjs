@@ -89,7 +89,12 @@ test("broker restart: publishes confirmed across it are all delivered once acked
   await until(() => confirmed.size >= before + 50, 30000, "publishing to resume after the restart");
   stop = true;
   await publisher;
-  await until(() => [...confirmed].every((n) => deliveries.has(n)), 30000, "every confirmed message delivered");
+  const missing = () => [...confirmed].filter((n) => !deliveries.has(n));
+  await until(() => missing().length === 0, 30000, "every confirmed message delivered")
+    .catch((e) => {
+      throw new Error(`${e.message}: missing ${missing().slice(0, 20)} of ${confirmed.size} confirmed; `
+        + `subscription ${durable.state}, errors ${errors}; Warren's log: ${warren.log.slice(-4000)}`);
+    });
 
   assert.ok(errors.includes("broker_unavailable"), `the subscription was told the broker went away: ${errors}`);
   const again = [...ackedBefore].filter((n) => deliveries.get(n) > 1);
