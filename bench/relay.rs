@@ -6,6 +6,12 @@
 //! the confirm and the reply on the same channel, and answers `200` with the reply's
 //! body. No authentication, no JSON, no validation, no metrics, no limits.
 //!
+//! `--stack axum` serves the same relay through the HTTP stack Warren is built on
+//! instead of bare hyper: an axum `Router`, hyper-util's connection builder, and
+//! Warren's cross-cutting tower-http layers (request id set and propagated, the trace
+//! span, panics caught), and nothing of Warren's own work. It measures what that
+//! stack alone costs per call.
+//!
 //!     warren-thin-relay --listen 127.0.0.1:0 --exchange warren-bench --routing-key rpc.call
 //!
 //! prints `listening on ADDR` once it serves. bench/rpc.rs starts it as a process
@@ -43,6 +49,15 @@ struct Args {
     /// Channels, each with its own direct reply-to consumer (Warren's default is 4).
     #[arg(long, default_value_t = 4)]
     channels: usize,
+    /// `hyper` (bare) or `axum` (Warren's HTTP stack around the same relay).
+    #[arg(long, default_value = "hyper")]
+    stack: Stack,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Stack {
+    Hyper,
+    Axum,
 }
 
 struct Relay {
@@ -77,6 +92,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
+    if let Stack::Axum = args.stack {
+        return serve_axum(listener, relay).await;
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
@@ -93,9 +111,65 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// The relay behind an axum `Router` with Warren's cross-cutting layers (as in
+/// `warren::api::router`, without CORS, which Warren leaves out when no origins are
+/// configured), served as Warren serves connections: hyper-util's builder, HTTP/1.
+async fn serve_axum(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> anyhow::Result<()> {
+    use axum::extract::State;
+    use axum::response::IntoResponse;
+    use tower_http::catch_panic::CatchPanicLayer;
+    use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::trace::TraceLayer;
+
+    let request_id = axum::http::HeaderName::from_static("x-request-id");
+    let app = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::post(|State(relay): State<Arc<Relay>>, body: Bytes| async move {
+                match relay.round_trip(body).await {
+                    Ok(reply) => reply.into_response(),
+                    Err(error) => (StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
+                }
+            }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(
+                    request_id.clone(),
+                    warren::ids::MakeRequestUuid,
+                ))
+                .map_response(IntoResponse::into_response)
+                .layer(TraceLayer::new_for_http())
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(CatchPanicLayer::new()),
+        )
+        .with_state(relay);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http1();
+            let _ = builder
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 impl Relay {
     async fn call(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        match self.round_trip(request).await {
+        let body = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(error) => {
+                let mut response = Response::new(Full::new(Bytes::from(error.to_string())));
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                return response;
+            }
+        };
+        match self.round_trip(body).await {
             Ok(reply) => Response::new(Full::new(Bytes::from(reply))),
             Err(error) => {
                 let mut response = Response::new(Full::new(Bytes::from(error.to_string())));
@@ -105,8 +179,7 @@ impl Relay {
         }
     }
 
-    async fn round_trip(&self, request: Request<hyper::body::Incoming>) -> anyhow::Result<Vec<u8>> {
-        let body = request.into_body().collect().await?.to_bytes();
+    async fn round_trip(&self, body: Bytes) -> anyhow::Result<Vec<u8>> {
         let (channel, waiting) =
             &self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()];
         let id = self.ids.fetch_add(1, Ordering::Relaxed).to_string();

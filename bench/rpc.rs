@@ -3,7 +3,8 @@
 //! consumer per channel and a correlation-id map), both answered by one lapin
 //! responder that echoes the request body to `reply_to`; and, as a floor for any HTTP
 //! hop, the same HTTP requests through the thinnest relay we can write with Warren's
-//! libraries (`relay.rs`, a process of its own like Warren).
+//! libraries (`relay.rs`, a process of its own like Warren), and through that relay
+//! served by Warren's HTTP stack (axum and its tower-http layers; `--stack axum`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -70,36 +71,32 @@ pub async fn run(
         "CPU gen/war/rmq/other",
         "µs/call gen/war/rmq"
     );
-    let relay = ThinRelay::start().await?;
-    let relay_request = post(
-        &relay.addr,
-        "/",
-        bearer,
-        &String::from_utf8_lossy(&body_of(&request)),
-    );
+    let relays = [
+        ThinRelay::start("hyper").await?,
+        ThinRelay::start("axum").await?,
+    ];
+    let relay_body = String::from_utf8_lossy(&body_of(&request)).into_owned();
     let mut rows = Vec::new();
     for &n in levels {
-        let mut trio = [Stat::default(); 3];
-        for (k, name) in ["1 direct RPC (lapin)", "2 warren request", "3 thin relay"]
-            .iter()
-            .enumerate()
+        let mut four = [Stat::default(); 4];
+        for (k, name) in [
+            "1 direct RPC (lapin)",
+            "2 warren request",
+            "3 thin relay",
+            "4 relay on axum",
+        ]
+        .iter()
+        .enumerate()
         {
             let stat = match k {
                 0 => direct_rpc(conn, n, channels, seconds, body.as_bytes()).await,
                 1 => http_loop(addr, request.clone(), 200, 1, None, n, seconds, None).await,
                 _ => {
+                    let relay = &relays[k - 2];
+                    let relay_request = post(&relay.addr, "/", bearer, &relay_body);
                     let warren = crate::WARREN_PID.swap(relay.child.id(), Ordering::Relaxed);
-                    let stat = http_loop(
-                        &relay.addr,
-                        relay_request.clone(),
-                        200,
-                        1,
-                        None,
-                        n,
-                        seconds,
-                        None,
-                    )
-                    .await;
+                    let stat =
+                        http_loop(&relay.addr, relay_request, 200, 1, None, n, seconds, None).await;
                     crate::WARREN_PID.store(warren, Ordering::Relaxed);
                     stat
                 }
@@ -114,28 +111,30 @@ pub async fn run(
                 fmt_cpu(stat.cpu),
                 stat.fmt_us()
             );
-            trio[k] = stat;
+            four[k] = stat;
         }
-        rows.push((n, trio));
+        rows.push((n, four));
     }
     println!(
-        "\nrequest/reply: Warren and the thin relay vs direct at equal concurrency \
-         (the war CPU column of the relay's rows is the relay's)"
+        "\nrequest/reply: Warren and the two relays vs direct at equal concurrency \
+         (the war CPU column of a relay's rows is the relay's)"
     );
     println!(
-        "{:>5} {:>14} {:>14} {:>14} {:>14}",
-        "conc", "warren", "p50 +ms", "thin relay", "p50 +ms"
+        "{:>5} {:>11} {:>9} {:>11} {:>9} {:>15} {:>9}",
+        "conc", "warren", "p50 +ms", "thin relay", "p50 +ms", "relay on axum", "p50 +ms"
     );
-    for (n, [direct, warren, thin]) in rows {
+    for (n, [direct, warren, thin, axum]) in rows {
         println!(
-            "{n:>5} {:>13.2}x {:>14.2} {:>13.2}x {:>14.2}",
+            "{n:>5} {:>10.2}x {:>9.2} {:>10.2}x {:>9.2} {:>14.2}x {:>9.2}",
             warren.rate / direct.rate,
             warren.p50 - direct.p50,
             thin.rate / direct.rate,
-            thin.p50 - direct.p50
+            thin.p50 - direct.p50,
+            axum.rate / direct.rate,
+            axum.p50 - direct.p50
         );
     }
-    drop(relay);
+    drop(relays);
     responder.abort();
     let _ = responder_conn.close(200, "bye".into()).await;
     let _ = admin
@@ -161,11 +160,19 @@ struct ThinRelay {
 }
 
 impl ThinRelay {
-    async fn start() -> anyhow::Result<Self> {
+    /// `stack`: `hyper` or `axum` (the relay's `--stack`).
+    async fn start(stack: &str) -> anyhow::Result<Self> {
         use std::io::BufRead;
         let bin = std::env::current_exe()?.with_file_name("warren-thin-relay");
         let mut child = std::process::Command::new(&bin)
-            .args(["--exchange", EXCHANGE, "--routing-key", RPC_KEY])
+            .args([
+                "--exchange",
+                EXCHANGE,
+                "--routing-key",
+                RPC_KEY,
+                "--stack",
+                stack,
+            ])
             .stdout(std::process::Stdio::piped())
             .stdin(std::process::Stdio::null())
             .spawn()

@@ -65,6 +65,54 @@ impl Drop for InFlight {
     }
 }
 
+/// The service hyper calls for each request on one connection: the application's
+/// router, with the request counted in flight on the connection's [`Activity`] until
+/// its response is ready. Written out rather than composed from tower's `map_request`,
+/// `map_future` and hyper-util's `TowerToHyperService`, which move the request and
+/// the router's future through three wrappers (and clone the stack) per request.
+#[derive(Clone)]
+pub struct Serve {
+    app: axum::Router,
+    activity: Arc<Activity>,
+}
+
+impl Serve {
+    pub fn new(app: axum::Router, activity: Arc<Activity>) -> Self {
+        Self { app, activity }
+    }
+}
+
+impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Serve {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = Answering;
+
+    fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> Answering {
+        let in_flight = self.activity.request();
+        // The router is always ready (axum's `poll_ready` is `Ready`); a clone is one
+        // reference count.
+        let answer = tower::Service::call(&mut self.app.clone(), request);
+        Answering {
+            answer,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+/// A request's answer, holding the request in flight until it is ready.
+pub struct Answering {
+    answer: axum::routing::future::RouteFuture<std::convert::Infallible>,
+    _in_flight: InFlight,
+}
+
+impl Future for Answering {
+    type Output = Result<axum::response::Response, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer).poll(cx)
+    }
+}
+
 /// A connection's IO that records every byte moved in its [`Activity`].
 pub struct Watched<I> {
     inner: I,

@@ -371,11 +371,8 @@ async fn serve_http<L>(
 where
     L: axum::serve::Listener,
 {
-    use axum::extract::Request;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    use tower::ServiceExt;
 
     // `stopping` tells connections to wind down; every connection task holds a
     // `done` receiver, so `done_tx.closed()` resolves when the last one has ended.
@@ -388,20 +385,7 @@ where
             () = &mut stop => break,
         };
         let activity = idle::Activity::new();
-        let requests = activity.clone();
-        let service = app
-            .clone()
-            .map_request(|request: Request<hyper::body::Incoming>| {
-                request.map(axum::body::Body::new)
-            })
-            .map_future(move |answer| {
-                let in_flight = requests.request();
-                async move {
-                    let answer = answer.await;
-                    drop(in_flight);
-                    answer
-                }
-            });
+        let service = idle::Serve::new(app.clone(), activity.clone());
         let mut stopping = stopping_rx.clone();
         let done = done_rx.clone();
         let events_app = app.clone();
@@ -436,10 +420,8 @@ where
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            let mut connection = std::pin::pin!(builder.serve_connection_with_upgrades(
-                TokioIo::new(io),
-                TowerToHyperService::new(service),
-            ));
+            let mut connection =
+                std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service,));
             let mut signalled = false;
             let check = tokio::time::sleep(header_read_timeout);
             let mut check = std::pin::pin!(check);
