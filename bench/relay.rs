@@ -10,7 +10,8 @@
 //! instead of bare hyper: an axum `Router`, hyper-util's connection builder, and
 //! Warren's cross-cutting tower-http layers (request id set and propagated, the trace
 //! span, panics caught), and nothing of Warren's own work. It measures what that
-//! stack alone costs per call.
+//! stack alone costs per call. `--work-us N` burns N µs of CPU per request on top,
+//! standing in for a gateway's own work.
 //!
 //!     warren-thin-relay --listen 127.0.0.1:0 --exchange warren-bench --routing-key rpc.call
 //!
@@ -52,6 +53,11 @@ struct Args {
     /// `hyper` (bare) or `axum` (Warren's HTTP stack around the same relay).
     #[arg(long, default_value = "hyper")]
     stack: Stack,
+    /// Microseconds of CPU to burn on each request before relaying it: a stand-in for
+    /// a gateway's own work per request (authentication, parsing, rendering), to find
+    /// how much of it the machine can afford at a given ratio to direct.
+    #[arg(long, default_value_t = 0)]
+    work_us: u64,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -61,6 +67,7 @@ enum Stack {
 }
 
 struct Relay {
+    work: Duration,
     channels: Vec<(Channel, Waiting)>,
     next: AtomicUsize,
     ids: AtomicU64,
@@ -84,6 +91,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         channels.push(reply_channel(&conn).await?);
     }
     let relay = Arc::new(Relay {
+        work: Duration::from_micros(args.work_us),
         channels,
         next: AtomicUsize::new(0),
         ids: AtomicU64::new(0),
@@ -121,17 +129,18 @@ async fn serve_axum(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> any
     use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
     use tower_http::trace::TraceLayer;
 
+    async fn relayed(State(relay): State<Arc<Relay>>, body: Bytes) -> axum::response::Response {
+        match relay.round_trip(body).await {
+            Ok(reply) => reply.into_response(),
+            Err(error) => (StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
+        }
+    }
+
     let request_id = axum::http::HeaderName::from_static("x-request-id");
+    // `/` for the bench, `/v1/request` for `warren-profile --kind request`.
     let app = axum::Router::new()
-        .route(
-            "/",
-            axum::routing::post(|State(relay): State<Arc<Relay>>, body: Bytes| async move {
-                match relay.round_trip(body).await {
-                    Ok(reply) => reply.into_response(),
-                    Err(error) => (StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
-                }
-            }),
-        )
+        .route("/", axum::routing::post(relayed))
+        .route("/v1/request", axum::routing::post(relayed))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(
@@ -180,6 +189,12 @@ impl Relay {
     }
 
     async fn round_trip(&self, body: Bytes) -> anyhow::Result<Vec<u8>> {
+        if !self.work.is_zero() {
+            let start = std::time::Instant::now();
+            while start.elapsed() < self.work {
+                std::hint::spin_loop();
+            }
+        }
         let (channel, waiting) =
             &self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()];
         let id = self.ids.fetch_add(1, Ordering::Relaxed).to_string();

@@ -71,9 +71,11 @@ pub async fn run(
         "CPU gen/war/rmq/other",
         "µs/call gen/war/rmq"
     );
+    // RELAY_WORK_US=N: the relay on axum burns N µs of CPU per request (its --work-us).
+    let work_us = std::env::var("RELAY_WORK_US").unwrap_or_else(|_| "0".to_owned());
     let relays = [
-        ThinRelay::start("hyper").await?,
-        ThinRelay::start("axum").await?,
+        ThinRelay::start(&["--stack", "hyper"]).await?,
+        ThinRelay::start(&["--stack", "axum", "--work-us", &work_us]).await?,
     ];
     let relay_body = String::from_utf8_lossy(&body_of(&request)).into_owned();
     let mut rows = Vec::new();
@@ -160,19 +162,13 @@ struct ThinRelay {
 }
 
 impl ThinRelay {
-    /// `stack`: `hyper` or `axum` (the relay's `--stack`).
-    async fn start(stack: &str) -> anyhow::Result<Self> {
+    /// `options`: the relay's own (`--stack`, `--work-us`).
+    async fn start(options: &[&str]) -> anyhow::Result<Self> {
         use std::io::BufRead;
         let bin = std::env::current_exe()?.with_file_name("warren-thin-relay");
         let mut child = std::process::Command::new(&bin)
-            .args([
-                "--exchange",
-                EXCHANGE,
-                "--routing-key",
-                RPC_KEY,
-                "--stack",
-                stack,
-            ])
+            .args(["--exchange", EXCHANGE, "--routing-key", RPC_KEY])
+            .args(options)
             .stdout(std::process::Stdio::piped())
             .stdin(std::process::Stdio::null())
             .spawn()
