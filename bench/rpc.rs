@@ -77,6 +77,10 @@ pub async fn run(
         ThinRelay::start(&["--stack", "hyper"]).await?,
         ThinRelay::start(&["--stack", "axum", "--work-us", &work_us]).await?,
     ];
+    let axum_name = match work_us.as_str() {
+        "0" => "4 relay on axum".to_owned(),
+        us => format!("4 axum relay +{us} µs"),
+    };
     let relay_body = String::from_utf8_lossy(&body_of(&request)).into_owned();
     let mut rows = Vec::new();
     for &n in levels {
@@ -85,7 +89,7 @@ pub async fn run(
             "1 direct RPC (lapin)",
             "2 warren request",
             "3 thin relay",
-            "4 relay on axum",
+            axum_name.as_str(),
         ]
         .iter()
         .enumerate()

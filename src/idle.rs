@@ -69,7 +69,7 @@ impl Drop for InFlight {
 /// router, with the request counted in flight on the connection's [`Activity`] until
 /// its response is ready. Written out rather than composed from tower's `map_request`,
 /// `map_future` and hyper-util's `TowerToHyperService`, which move the request and
-/// the router's future through three wrappers (and clone the stack) per request.
+/// the router's future through three wrappers per request.
 #[derive(Clone)]
 pub struct Serve {
     app: axum::Router,

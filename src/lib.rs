@@ -421,7 +421,7 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
             let mut connection =
-                std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service,));
+                std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
             let mut signalled = false;
             let check = tokio::time::sleep(header_read_timeout);
             let mut check = std::pin::pin!(check);
