@@ -380,9 +380,14 @@ where
     let (done_tx, done_rx) = watch::channel(());
     let mut stop = std::pin::pin!(stop);
     loop {
+        // Stop first: once shutdown has begun, a connection waiting in the backlog is
+        // refused, never served. (Unbiased, `select!` could pick it when both are
+        // ready, e.g. a WebSocket client reconnecting after its 1001 close, and that
+        // client would connect to a gateway that is going away.)
         let (io, _) = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             () = &mut stop => break,
+            accepted = listener.accept() => accepted,
         };
         let activity = idle::Activity::new();
         let service = idle::Serve::new(app.clone(), activity.clone());
