@@ -15,7 +15,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::oneshot;
 
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -47,6 +47,18 @@ pub async fn declare_bound(
     .await
 }
 
+/// A consumer of `queue` that needs no acks (direct reply-to requires it; the echo
+/// responder does not need them).
+async fn consume_no_ack(channel: &Channel, queue: &str, tag: &str) -> lapin::Result<Consumer> {
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    channel
+        .basic_consume(queue.into(), tag.into(), no_ack, FieldTable::default())
+        .await
+}
+
 /// Echoes every request on `queue` to its `reply_to` with its correlation id (as JSON),
 /// on a channel of its own.
 pub async fn echo_responder(
@@ -55,18 +67,7 @@ pub async fn echo_responder(
 ) -> lapin::Result<tokio::task::JoinHandle<()>> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut requests = ch
-        .basic_consume(
-            queue.into(),
-            "bench-responder".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await?;
+    let mut requests = consume_no_ack(&ch, queue, "bench-responder").await?;
     Ok(tokio::spawn(async move {
         while let Some(Ok(delivery)) = requests.next().await {
             let p = &delivery.properties;
@@ -96,18 +97,7 @@ pub async fn reply_channel(conn: &Connection) -> lapin::Result<(Channel, Waiting
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let no_ack = BasicConsumeOptions {
-        no_ack: true,
-        ..Default::default()
-    };
-    let mut replies = channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "bench-replies".into(),
-            no_ack,
-            FieldTable::default(),
-        )
-        .await?;
+    let mut replies = consume_no_ack(&channel, DIRECT_REPLY_TO, "bench-replies").await?;
     let waiting: Waiting = Arc::default();
     let map = waiting.clone();
     tokio::spawn(async move {
