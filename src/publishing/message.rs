@@ -74,7 +74,7 @@ pub struct Prepared {
 }
 
 /// The headers RabbitMQ reads as more routing keys (sender-selected distribution).
-const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+pub const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
 
 /// At most this many routing keys in `CC` and `BCC` together.
 pub const MAX_EXTRA_ROUTING_KEYS: usize = 64;
@@ -161,7 +161,10 @@ impl Request {
             properties = properties.with_priority(priority);
         }
         let mut headers = match p.headers {
-            Some(map) => table("properties.headers", map, 0)?,
+            Some(map) => {
+                reserved_headers(&map)?;
+                table("properties.headers", map, 0)?
+            }
             None => FieldTable::default(),
         };
         let extra_routing_keys = routing_headers(&headers)?;
@@ -197,6 +200,26 @@ impl Request {
             message_id,
             extra_routing_keys,
         })
+    }
+}
+
+/// Headers whose names start with this (in any case) are Warren's own: the attempt of
+/// a retry policy (`x-warren-attempt`), why push or a scheduled message dead-lettered,
+/// a scheduled message's due time and destination. A publisher may not set them: a
+/// forged `x-warren-attempt` would skip a queue's retry delays, and a forged schedule
+/// header would steer where Warren republishes a message.
+pub const RESERVED_HEADER_PREFIX: &str = "x-warren-";
+
+fn reserved_headers(map: &serde_json::Map<String, Value>) -> Result<(), String> {
+    let prefix = RESERVED_HEADER_PREFIX.len();
+    match map.keys().find(|name| {
+        name.get(..prefix)
+            .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+    }) {
+        Some(name) => Err(format!(
+            "properties.headers.{name}: headers starting with {RESERVED_HEADER_PREFIX:?} are set by Warren, not by publishers"
+        )),
+        None => Ok(()),
     }
 }
 

@@ -13,8 +13,8 @@ use crate::telemetry;
 use crate::tenancy::Tenant;
 use crate::tenancy::quota::Admitted;
 pub use message::{
-    MAX_EXPIRATION_MS, MAX_EXTRA_ROUTING_KEYS, Prepared, Properties, Request, TraceContext,
-    table_len,
+    MAX_EXPIRATION_MS, MAX_EXTRA_ROUTING_KEYS, Prepared, Properties, ROUTING_HEADERS, Request,
+    TraceContext, table_len,
 };
 pub use outcome::{Accepted, ItemResult};
 

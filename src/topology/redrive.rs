@@ -9,11 +9,11 @@ use lapin::options::{
 };
 
 use super::TopologyError;
-use super::retry::with_attempt;
+use super::retry::for_republish;
 
 /// Moves at most `limit` messages from `dlq` to `queue` (through the default exchange)
 /// and returns how many moved. `x-warren-attempt` is removed, so the queue's retry
-/// policy starts over; `x-death` stays.
+/// policy starts over; `x-death` stays; `CC` and `BCC` go ([`for_republish`]).
 pub async fn redrive(
     connection: &Connection,
     dlq: &str,
@@ -33,7 +33,7 @@ pub async fn redrive(
             break;
         };
         let tag = message.delivery.delivery_tag;
-        let properties = with_attempt(&message.delivery.properties, None);
+        let properties = for_republish(&message.delivery.properties, None);
         let confirm = channel
             .basic_publish(
                 "".into(),

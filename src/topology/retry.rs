@@ -9,6 +9,7 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use crate::broker::{Broker, OutgoingMessage, PublishError};
 use crate::config::RetryPolicy;
+use crate::publishing::ROUTING_HEADERS;
 
 /// The header that counts the delays a message has been through (absent: none).
 pub const ATTEMPT_HEADER: &str = "x-warren-attempt";
@@ -44,13 +45,21 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-/// `properties` with the attempt header set to `attempt` (removed when `None`); every
-/// other header, `x-death` included, is kept.
-pub fn with_attempt(properties: &BasicProperties, attempt: Option<u32>) -> BasicProperties {
+/// The properties a message carries when Warren republishes it to a queue of its own
+/// choosing (a retry hop, the DLQ, a redrive): the attempt header set to `attempt`
+/// (removed when `None`), every other property and header kept, `x-death` included,
+/// except the sender-selected distribution headers (`CC`, `BCC`). Those name more
+/// routing keys for whatever exchange the message is published to, and Warren
+/// republishes through the default exchange, where a routing key is a queue name: kept,
+/// they would deliver a copy to any queue of the vhost they name (security issue #27).
+/// Whoever put them there, a client through Warren or any AMQP producer, they were
+/// granted (if at all) for the exchange of the first publish, not for this one.
+pub fn for_republish(properties: &BasicProperties, attempt: Option<u32>) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(old) = properties.headers() {
         for (k, v) in old.inner() {
-            if k.as_str() != ATTEMPT_HEADER {
+            let name = k.as_str();
+            if name != ATTEMPT_HEADER && !ROUTING_HEADERS.contains(&name) {
                 headers.insert(k.clone(), v.clone());
             }
         }
@@ -84,7 +93,7 @@ pub async fn republish(
         exchange: String::new(),
         routing_key: queue.clone(),
         body: message.body.clone(),
-        properties: with_attempt(&message.properties, Some(attempt)),
+        properties: for_republish(&message.properties, Some(attempt)),
         mandatory: true,
     };
     broker.publish(&outgoing).await?;
@@ -112,17 +121,51 @@ mod tests {
     }
 
     #[test]
+    fn a_republished_message_loses_its_sender_selected_routing_keys_and_keeps_the_rest() {
+        let keys = || {
+            AMQPValue::FieldArray(vec![AMQPValue::LongString("other-tenant-queue".into())].into())
+        };
+        let mut headers = FieldTable::default();
+        headers.insert("CC".into(), keys());
+        headers.insert("BCC".into(), keys());
+        headers.insert(
+            "cc".into(),
+            AMQPValue::LongString("not a routing header".into()),
+        );
+        headers.insert("traceparent".into(), AMQPValue::LongString("00-ab".into()));
+        let props = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m1".into());
+        let out = for_republish(&props, Some(1));
+        let names: Vec<&str> = out
+            .headers()
+            .as_ref()
+            .map(|h| h.inner().keys().map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            !names.contains(&"CC") && !names.contains(&"BCC"),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"cc") && names.contains(&"traceparent"),
+            "{names:?}"
+        );
+        assert_eq!(out.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+        assert_eq!(attempt(&out), 1);
+    }
+
+    #[test]
     fn the_attempt_header_is_read_from_any_integer_and_replaced_keeping_the_rest() {
         let mut headers = FieldTable::default();
         headers.insert("x-death".into(), AMQPValue::LongString("kept".into()));
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(2));
         let props = BasicProperties::default().with_headers(headers);
         assert_eq!(attempt(&props), 2);
-        let next = with_attempt(&props, Some(3));
+        let next = for_republish(&props, Some(3));
         assert_eq!(attempt(&next), 3);
         let inner = next.headers().as_ref().map(|h| h.inner().len());
         assert_eq!(inner, Some(2));
-        assert_eq!(attempt(&with_attempt(&props, None)), 0);
+        assert_eq!(attempt(&for_republish(&props, None)), 0);
         let mut odd = FieldTable::default();
         odd.insert(ATTEMPT_HEADER.into(), AMQPValue::LongString("3".into()));
         assert_eq!(attempt(&BasicProperties::default().with_headers(odd)), 0);

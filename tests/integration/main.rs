@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod faults;
 mod idempotency;
+mod isolation;
 mod keys;
 mod load;
 mod openapi;

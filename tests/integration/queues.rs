@@ -36,7 +36,7 @@ async fn setup(tables: &str) -> (Admin, Rabbit, String, TestServer, String) {
     (admin, rabbit, vhost, server, token)
 }
 
-async fn publish(rabbit: &Rabbit, queue: &str, body: &str, priority: Option<u8>) {
+pub(crate) async fn publish(rabbit: &Rabbit, queue: &str, body: &str, priority: Option<u8>) {
     let mut properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
@@ -58,7 +58,7 @@ async fn publish(rabbit: &Rabbit, queue: &str, body: &str, priority: Option<u8>)
         .expect("publish");
 }
 
-async fn subscribe_queue(ws: &mut Ws, id: &str, queue: &str, prefetch: u16) -> Value {
+pub(crate) async fn subscribe_queue(ws: &mut Ws, id: &str, queue: &str, prefetch: u16) -> Value {
     send(
         ws,
         json!({"type": "subscribe", "id": id, "mode": "queue", "queue": queue, "prefetch": prefetch}),
@@ -67,7 +67,7 @@ async fn subscribe_queue(ws: &mut Ws, id: &str, queue: &str, prefetch: u16) -> V
     recv(ws).await
 }
 
-async fn settle(ws: &mut Ws, kind: &str, frame: &Value, requeue: bool) {
+pub(crate) async fn settle(ws: &mut Ws, kind: &str, frame: &Value, requeue: bool) {
     let mut settle = json!({"type": kind, "subscription": frame["subscription"], "delivery_tag": frame["delivery_tag"]});
     if kind == "nack" {
         settle["requeue"] = requeue.into();
@@ -75,7 +75,7 @@ async fn settle(ws: &mut Ws, kind: &str, frame: &Value, requeue: bool) {
     send(ws, settle).await;
 }
 
-fn attempt(frame: &Value) -> Option<u64> {
+pub(crate) fn attempt(frame: &Value) -> Option<u64> {
     frame["properties"]["headers"]["x-warren-attempt"].as_u64()
 }
 

@@ -1,0 +1,180 @@
+//! Attacks from the third isolation review (issue #27), each against the real broker:
+//! what Warren republishes routes only where a grant allowed, no input closes a channel
+//! other tenants share, long-held requests cannot starve other tenants, and what Warren
+//! keeps for a tenant stays bounded.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use serde_json::json;
+
+use crate::common::*;
+use crate::queues::{attempt, settle, subscribe_queue};
+use crate::topology::topology_toml;
+use crate::ws::{connect, recv, recv_within, send};
+
+/// A fresh vhost shared by tenant `acme` (publish `events`, consume queue `jobs` with
+/// a one-delay retry policy, `jobs` bound to `events` by `#`) and a queue `victim`
+/// of another tenant of the vhost, which acme has no grant for.
+async fn retrying_vhost() -> (Admin, Rabbit, String, TestServer) {
+    let admin = Admin::new();
+    let vhost = unique("iso");
+    admin.vhost(&vhost).await;
+    let tables = "publish = [{ exchange = \"events\", routing_key = \"#\" }]\n\
+                  subscribe = [{ queue = \"jobs\" }]\n\
+                  [[tenants.acme.exchanges]]\nname = \"events\"\ntype = \"topic\"\n\
+                  [[tenants.acme.queues]]\nname = \"jobs\"\n\
+                  bindings = [{ exchange = \"events\", routing_key = \"#\" }]\n\
+                  retry = { delays_ms = [100] }\n\
+                  [[tenants.acme.queues]]\nname = \"victim\"\n";
+    let toml = topology_toml(&vhost, tables).replacen(
+        "[auth]",
+        "[topology]\napply_on_start = true\n[auth]",
+        1,
+    );
+    let config = warren::config::Config::from_toml(&toml).expect("config");
+    let server = TestServer::start_ready(config).await;
+    let rabbit = rabbit_in(&vhost).await;
+    (admin, rabbit, vhost, server)
+}
+
+fn cc(queue: &str) -> AMQPValue {
+    AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(queue.into())]))
+}
+
+#[tokio::test]
+async fn cc_headers_never_route_a_retried_dead_lettered_or_redriven_message_to_another_queue() {
+    let (_admin, rabbit, vhost, server) = retrying_vhost().await;
+    // Through Warren: CC on acme's own exchange is granted (`#` covers the key), and
+    // routes nowhere there.
+    let publisher = server.token("acme", "publish");
+    let r = server
+        .publish(
+            &publisher,
+            &json!({"exchange": "events", "routing_key": "order.created", "payload": 1,
+                    "properties": {"headers": {"CC": ["victim"], "BCC": ["victim"]}}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    // From an AMQP producer, CC set (on `events` it names a key bound nowhere).
+    let mut headers = FieldTable::default();
+    headers.insert("CC".into(), cc("victim"));
+    rabbit
+        .channel
+        .basic_publish(
+            "events".into(),
+            "order.created".into(),
+            BasicPublishOptions::default(),
+            b"2",
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert_eq!(rabbit.wait_count("jobs", 2).await, 2);
+    assert_eq!(rabbit.count("victim").await, 0);
+
+    let token = server.token("acme", "subscribe");
+    let mut ws = connect(&server, &token).await;
+    assert_eq!(
+        subscribe_queue(&mut ws, "w", "jobs", 10).await["type"],
+        "subscribed"
+    );
+    // Each message: nacked once (the retry hop), then again (the DLQ).
+    let mut dead = 0;
+    while dead < 2 {
+        let frame = recv_within(&mut ws, Duration::from_secs(5)).await;
+        assert_eq!(frame["type"], "message", "{frame}");
+        if attempt(&frame) == Some(1) {
+            dead += 1;
+        }
+        settle(&mut ws, "nack", &frame, false).await;
+    }
+    assert_eq!(rabbit.wait_count("jobs.dlq", 2).await, 2);
+    assert_eq!(
+        rabbit.count("victim").await,
+        0,
+        "a retry hop or the DLQ move delivered a copy to the queue CC names"
+    );
+
+    // Redrive moves them back through the default exchange too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("warren.toml");
+    let tables = "[[tenants.acme.queues]]\nname = \"jobs\"\nretry = { delays_ms = [100] }\n";
+    std::fs::write(&path, topology_toml(&vhost, tables)).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["topology", "redrive", "--tenant", "acme", "--queue", "jobs"])
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("warren topology redrive");
+    assert_success(&out);
+    for _ in 0..2 {
+        let frame = recv_within(&mut ws, Duration::from_secs(5)).await;
+        assert_eq!(frame["type"], "message", "{frame}");
+        assert!(
+            frame["properties"]["headers"].get("CC").is_none(),
+            "{frame}"
+        );
+        settle(&mut ws, "ack", &frame, false).await;
+    }
+    assert_eq!(rabbit.wait_count("jobs", 0).await, 0);
+    assert_eq!(
+        rabbit.count("victim").await,
+        0,
+        "the redrive delivered a copy to the queue CC names"
+    );
+}
+
+#[tokio::test]
+async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
+    let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
+    for name in ["x-warren-attempt", "X-Warren-Attempt", "x-warren-anything"] {
+        let r = server
+            .publish(
+                &token,
+                &json!({"exchange": exchange, "routing_key": "a", "payload": 1,
+                        "properties": {"headers": {name: 1}}}),
+            )
+            .await;
+        assert_problem(&r, 400, "invalid_request");
+        assert!(
+            r.body["detail"].as_str().unwrap_or_default().contains(name),
+            "{:?}",
+            r.body
+        );
+    }
+    // The same rule for a batch item and a WebSocket publish frame.
+    let r = server
+        .post(
+            "/v1/publish/batch",
+            Some(&token),
+            &json!({"messages": [{"exchange": exchange, "routing_key": "a", "payload": 1,
+                                  "properties": {"headers": {"x-warren-attempt": 1}}}]}),
+        )
+        .await;
+    assert_problem(&r, 400, "invalid_request");
+    let mut ws = connect(&server, &token).await;
+    send(
+        &mut ws,
+        json!({"type": "publish", "id": "p", "exchange": exchange, "routing_key": "a",
+               "payload": 1, "properties": {"headers": {"x-warren-attempt": 1}}}),
+    )
+    .await;
+    let answer = recv(&mut ws).await;
+    assert_eq!(answer["code"], "invalid_request", "{answer}");
+    // Headers that merely look alike are the publisher's.
+    let r = server
+        .publish(
+            &token,
+            &json!({"exchange": exchange, "routing_key": "a", "payload": 1,
+                    "properties": {"headers": {"x-warrenish": 1, "warren-attempt": 1}}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+}
