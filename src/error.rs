@@ -334,6 +334,8 @@ impl From<PublishError> for ApiError {
             },
             PublishError::ExchangeNotFound(name) => Self::ExchangeNotFound(name),
             e @ PublishError::AccessRefused(_) => Self::Forbidden(e.to_string()),
+            PublishError::Refused(detail) => Self::InvalidRequest(detail),
+            e @ PublishError::TooLarge { .. } => Self::PayloadTooLarge(e.to_string()),
             e @ PublishError::Unroutable(_) => Self::Unroutable(e.to_string()),
             e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
             e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),

@@ -61,6 +61,8 @@ pub struct Broker {
     backoff_min: Duration,
     backoff_max: Duration,
     exchanges: ExchangeCache,
+    /// The largest body the broker accepts (`amqp.max_message_bytes`).
+    max_message_bytes: usize,
     /// Consumer channels open on this vhost (`amqp.max_consumer_channels`).
     consumers: Arc<Semaphore>,
     max_consumers: u32,
@@ -186,6 +188,7 @@ impl Broker {
                 Duration::from_secs(amqp.exchange_cache_ttl_s),
                 amqp.exchange_cache_max_entries,
             ),
+            max_message_bytes: amqp.max_message_bytes,
             consumers: Arc::new(Semaphore::new(amqp.max_consumer_channels)),
             max_consumers: u32::try_from(amqp.max_consumer_channels).unwrap_or(u32::MAX),
             tasks,

@@ -32,7 +32,7 @@ impl Broker {
             return vec![Err(error); messages.len()];
         }
         let mut results: Vec<Option<PublishResult>> = vec![None; messages.len()];
-        self.check_exchanges(messages, &mut results).await;
+        self.check_messages(messages, &mut results).await;
 
         let acquire_deadline = tokio::time::Instant::now() + self.acquire_timeout;
         let mut pending: Vec<Pending> = Vec::with_capacity(messages.len());

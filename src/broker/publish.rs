@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use lapin::protocol::AMQPErrorKind;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ErrorKind};
 
 /// A message ready for `basic.publish`.
@@ -49,6 +50,16 @@ pub enum PublishError {
         "no publisher confirm within {0:?}; the outcome is unknown, retry with the same Idempotency-Key"
     )]
     ConfirmTimeout(Duration),
+    /// A message the broker would answer by closing the channel it came on (which fails
+    /// every publish in flight there, of every tenant sharing the pool); refused before
+    /// it reaches one. The text says what to change.
+    #[error("{0}")]
+    Refused(String),
+    /// Larger than the broker accepts (`amqp.max_message_bytes`).
+    #[error(
+        "the message body is {bytes} bytes; the broker accepts at most {max} (amqp.max_message_bytes)"
+    )]
+    TooLarge { bytes: usize, max: usize },
     /// The cause is logged, not shown: it can quote the broker (frame sizes, vhosts).
     #[error(
         "the channel was lost before the broker confirmed; the outcome is unknown, retry with the same Idempotency-Key"
@@ -63,6 +74,7 @@ impl PublishError {
             Self::Unavailable { .. } | Self::LostBeforeConfirm(_) => "unavailable",
             Self::ExchangeNotFound(_) => "exchange_not_found",
             Self::AccessRefused(_) => "forbidden",
+            Self::Refused(_) | Self::TooLarge { .. } => "refused",
             Self::Unroutable(_) => "unroutable",
             Self::Rejected => "nacked",
             Self::ConfirmTimeout(_) => "timeout",
@@ -78,6 +90,85 @@ impl PublishError {
 }
 
 pub type PublishResult = Result<Published, PublishError>;
+
+/// The most header bytes a message may carry into `basic.publish`. A content header
+/// frame larger than the broker's frame size (RabbitMQ's 128 KiB) makes it close the
+/// whole connection; the rest of the properties and the frame's own bytes fit in the
+/// margin. Client publishes are held to the lower `server.max_headers_bytes`; this
+/// bounds what Warren republishes from the broker (a retry hop adds a header to what
+/// another producer sent).
+pub const MAX_HEADER_TABLE_BYTES: usize = 120 * 1024;
+
+/// Why the broker would close the channel `message` is published on, if it would: the
+/// inputs RabbitMQ answers with a channel close rather than a nack. Checked for every
+/// message before it reaches a pooled channel, whoever built it (a client's publish,
+/// a retry hop, a push or scheduled republish). Not here: the exchange itself (missing,
+/// internal, not writable), which [`super::Broker::ensure_exchange`] probes.
+pub fn refusal(message: &OutgoingMessage, max_message_bytes: usize) -> Option<PublishError> {
+    if message.body.len() > max_message_bytes {
+        return Some(PublishError::TooLarge {
+            bytes: message.body.len(),
+            max: max_message_bytes,
+        });
+    }
+    let p = &message.properties;
+    // PRECONDITION_FAILED "fast reply consumer does not exist": direct reply-to works
+    // only on a channel that consumes it, which a pooled channel never does. (The
+    // broker rewrites it to `amq.rabbitmq.reply-to.<suffix>` on the way out; that form
+    // is an address like any other, and a retried request carries it.)
+    if p.reply_to()
+        .as_ref()
+        .is_some_and(|r| r.as_str() == super::DIRECT_REPLY_TO)
+    {
+        return Some(PublishError::Refused(format!(
+            "properties.reply_to: {:?} is RabbitMQ's direct reply-to, which a gateway channel cannot publish with; use POST /v1/request for request/reply",
+            super::DIRECT_REPLY_TO
+        )));
+    }
+    // PRECONDITION_FAILED unless it names the user of the gateway's connection.
+    if p.user_id().is_some() {
+        return Some(PublishError::Refused(
+            "properties.user_id: the broker sets who published a message; Warren publishes as itself".to_owned(),
+        ));
+    }
+    if p.headers()
+        .as_ref()
+        .is_some_and(|h| table_len(h) > MAX_HEADER_TABLE_BYTES)
+    {
+        return Some(PublishError::Refused(format!(
+            "properties.headers: more than {MAX_HEADER_TABLE_BYTES} bytes encoded do not fit the broker's frame"
+        )));
+    }
+    None
+}
+
+/// The encoded size of a header table in an AMQP content header frame.
+pub fn table_len(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(name, value)| 1 + name.as_str().len() + value_len(value))
+        .sum::<usize>()
+}
+
+/// The encoded size of one field value, its type tag included. The parser bounds how
+/// deep a table from the broker nests (vendor/amq-protocol-types), and Warren's own
+/// tables nest at most 8 deep, so the recursion is bounded.
+fn value_len(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(items) => 4 + items.as_slice().iter().map(value_len).sum::<usize>(),
+        AMQPValue::FieldTable(table) => table_len(table),
+        AMQPValue::Void => 0,
+    }
+}
 
 /// How an AMQP error relates to the message that saw it.
 pub(super) enum AmqpFailure {

@@ -245,6 +245,9 @@ impl Broker {
             )
             .into());
         };
+        if let Some(refused) = super::publish::refusal(message, self.max_message_bytes) {
+            return Err(refused.into());
+        }
         self.ensure_exchange(&message.exchange).await?;
         let (channel, number, reply) = self.register(rpc, correlation_id).await?;
         let _entry = PendingEntry {

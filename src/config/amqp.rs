@@ -38,8 +38,18 @@ pub struct AmqpConfig {
     /// below connections_per_vhost x the broker's channel_max (2047), so the publish
     /// pool's channels can always be opened.
     pub max_consumer_channels: usize,
+    /// The largest message body the broker accepts: RabbitMQ's `max_message_size`
+    /// (128 MiB by default). A larger one is refused with 413 before it is published,
+    /// because the broker answers it by closing the channel, which fails every publish
+    /// in flight on it. Set it to the broker's value when that is lower.
+    pub max_message_bytes: usize,
     pub tls: TlsConfig,
 }
+
+/// RabbitMQ's default `max_message_size` (3.8 and later).
+pub const RABBITMQ_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+/// The highest `max_message_size` RabbitMQ accepts.
+const RABBITMQ_MAX_MESSAGE_BYTES_CEILING: usize = 512 * 1024 * 1024;
 
 impl Default for AmqpConfig {
     fn default() -> Self {
@@ -59,6 +69,7 @@ impl Default for AmqpConfig {
             exchange_cache_ttl_s: 30,
             exchange_cache_max_entries: 10_000,
             max_consumer_channels: 1024,
+            max_message_bytes: RABBITMQ_MAX_MESSAGE_BYTES,
             tls: TlsConfig::default(),
         }
     }
@@ -108,7 +119,14 @@ impl AmqpConfig {
                 "amqp.max_consumer_channels",
                 self.max_consumer_channels as u64,
             ),
+            ("amqp.max_message_bytes", self.max_message_bytes as u64),
         ])?;
+        if self.max_message_bytes > RABBITMQ_MAX_MESSAGE_BYTES_CEILING {
+            return Err(ConfigError::invalid(
+                "amqp.max_message_bytes",
+                "must be at most 536870912 (512 MiB, the most RabbitMQ's max_message_size allows)",
+            ));
+        }
         // RabbitMQ's default channel_max is 2047 per connection; leave the publish pool
         // room on every connection whatever the consumers take.
         if self.max_consumer_channels + self.channels_per_vhost > self.connections_per_vhost * 2000

@@ -12,6 +12,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::broker::OutgoingMessage;
+pub use crate::broker::publish::table_len;
 
 /// One message to publish, not yet validated: what `POST /v1/publish`, each batch item
 /// and a WebSocket publish frame carry (their wire types convert into it). At most one
@@ -254,33 +255,6 @@ fn routing_headers(headers: &FieldTable) -> Result<Vec<String>, String> {
         ));
     }
     Ok(keys)
-}
-
-/// The encoded size of a header table in an AMQP content header frame.
-pub fn table_len(table: &FieldTable) -> usize {
-    4 + table
-        .inner()
-        .iter()
-        .map(|(name, value)| 1 + name.as_str().len() + value_len(value))
-        .sum::<usize>()
-}
-
-/// The encoded size of one field value, its type tag included. Values Warren builds
-/// nest at most [`MAX_HEADER_DEPTH`] deep, so the recursion is bounded.
-fn value_len(value: &AMQPValue) -> usize {
-    1 + match value {
-        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
-        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
-        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
-        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
-        AMQPValue::DecimalValue(_) => 5,
-        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
-        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
-        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
-        AMQPValue::FieldArray(items) => 4 + items.as_slice().iter().map(value_len).sum::<usize>(),
-        AMQPValue::FieldTable(table) => table_len(table),
-        AMQPValue::Void => 0,
-    }
 }
 
 /// AMQP short strings are at most 255 bytes.

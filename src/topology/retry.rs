@@ -67,7 +67,38 @@ pub fn for_republish(properties: &BasicProperties, attempt: Option<u32>) -> Basi
     if let Some(attempt) = attempt {
         headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongUInt(attempt));
     }
-    properties.clone().with_headers(headers)
+    without_user_id(properties).with_headers(headers)
+}
+
+/// `properties` without `user_id`: the broker vouches for it only on the publishing
+/// connection (PRECONDITION_FAILED, a channel close, unless it names that connection's
+/// user), and Warren republishes as itself.
+fn without_user_id(p: &BasicProperties) -> BasicProperties {
+    if p.user_id().is_none() {
+        return p.clone();
+    }
+    let mut out = BasicProperties::default();
+    macro_rules! keep {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(v) = p.$get() { out = out.$set(v.clone()); })*
+        };
+    }
+    keep!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    out
 }
 
 /// Where a message that carried `attempt` goes when nacked: the next delay queue and
@@ -121,7 +152,7 @@ mod tests {
     }
 
     #[test]
-    fn a_republished_message_loses_its_sender_selected_routing_keys_and_keeps_the_rest() {
+    fn a_republished_message_loses_its_routing_keys_and_user_id_and_keeps_the_rest() {
         let keys = || {
             AMQPValue::FieldArray(vec![AMQPValue::LongString("other-tenant-queue".into())].into())
         };
@@ -135,7 +166,9 @@ mod tests {
         headers.insert("traceparent".into(), AMQPValue::LongString("00-ab".into()));
         let props = BasicProperties::default()
             .with_headers(headers)
-            .with_message_id("m1".into());
+            .with_message_id("m1".into())
+            .with_user_id("alice".into())
+            .with_priority(3);
         let out = for_republish(&props, Some(1));
         let names: Vec<&str> = out
             .headers()
@@ -151,6 +184,11 @@ mod tests {
             "{names:?}"
         );
         assert_eq!(out.message_id().as_ref().map(|m| m.as_str()), Some("m1"));
+        assert_eq!(*out.priority(), Some(3));
+        assert!(
+            out.user_id().is_none(),
+            "the broker refuses another user's id"
+        );
         assert_eq!(attempt(&out), 1);
     }
 

@@ -398,18 +398,33 @@ impl Rabbit {
         self.declare_exchange(kind, false).await
     }
 
+    /// A fresh `internal` topic exchange (only exchange bindings feed it), deleted on
+    /// drop.
+    pub async fn internal_exchange(&self) -> String {
+        let options = ExchangeDeclareOptions {
+            internal: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        self.declare_exchange_with(ExchangeKind::Topic, options)
+            .await
+    }
+
     async fn declare_exchange(&self, kind: ExchangeKind, durable: bool) -> String {
+        let options = ExchangeDeclareOptions {
+            durable,
+            ..ExchangeDeclareOptions::default()
+        };
+        self.declare_exchange_with(kind, options).await
+    }
+
+    async fn declare_exchange_with(
+        &self,
+        kind: ExchangeKind,
+        options: ExchangeDeclareOptions,
+    ) -> String {
         let name = unique("ex");
         self.channel
-            .exchange_declare(
-                name.as_str().into(),
-                kind,
-                ExchangeDeclareOptions {
-                    durable,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+            .exchange_declare(name.as_str().into(), kind, options, FieldTable::default())
             .await
             .expect("exchange_declare");
         self.created().exchanges.push(name.clone());
@@ -639,6 +654,7 @@ pub struct Admin {
     http: reqwest::Client,
     base: String,
     vhosts: std::sync::Mutex<Vec<String>>,
+    users: std::sync::Mutex<Vec<String>>,
 }
 
 impl Admin {
@@ -648,6 +664,7 @@ impl Admin {
             base: std::env::var("WARREN_TEST_MANAGEMENT_URL")
                 .unwrap_or_else(|_| "http://127.0.0.1:15672".into()),
             vhosts: std::sync::Mutex::new(Vec::new()),
+            users: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -685,18 +702,65 @@ impl Admin {
             .unwrap_or_else(|e| e.into_inner())
             .push(name.to_owned());
     }
+
+    /// Creates a broker user with `password` and these permission regexes on `vhost`;
+    /// deleted on drop.
+    pub async fn user(&self, name: &str, password: &str, vhost: &str, permissions: [&str; 3]) {
+        let [configure, write, read] = permissions;
+        let put = |path: String, body: serde_json::Value| {
+            self.http
+                .put(format!("{}/api/{path}", self.base))
+                .basic_auth("guest", Some("guest"))
+                .json(&body)
+                .send()
+        };
+        let r = put(
+            format!("users/{name}"),
+            serde_json::json!({"password": password, "tags": ""}),
+        )
+        .await
+        .expect("management API");
+        assert!(
+            r.status().is_success(),
+            "create user {name}: {}",
+            r.status()
+        );
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_owned());
+        let r = put(
+            format!("permissions/{}/{name}", vhost.replace('/', "%2F")),
+            serde_json::json!({"configure": configure, "write": write, "read": read}),
+        )
+        .await
+        .expect("management API");
+        assert!(
+            r.status().is_success(),
+            "permissions of {name}: {}",
+            r.status()
+        );
+    }
 }
 
 impl Drop for Admin {
     fn drop(&mut self) {
         let names = std::mem::take(self.vhosts.get_mut().unwrap_or_else(|e| e.into_inner()));
-        if names.is_empty() {
+        let users = std::mem::take(self.users.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if names.is_empty() && users.is_empty() {
             return;
         }
         let base = self.base.clone();
         run_detached(Duration::from_secs(10), async move {
             // A client of this runtime: the fixture's belongs to the test's.
             let http = reqwest::Client::new();
+            for user in users {
+                let _ = http
+                    .delete(format!("{base}/api/users/{user}"))
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await;
+            }
             for name in names {
                 let _ = http
                     .delete(format!("{base}/api/vhosts/{}", name.replace('/', "%2F")))

@@ -131,6 +131,197 @@ async fn cc_headers_never_route_a_retried_dead_lettered_or_redriven_message_to_a
     );
 }
 
+/// `mallory` and `alice` on vhost `/`, each granted every exchange and key.
+fn co_tenants(extra: &str) -> warren::config::Config {
+    config(&format!(
+        "[tenants.mallory]\nvhost = \"/\"\n\
+         publish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n\
+         [tenants.alice]\nvhost = \"/\"\n\
+         publish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n{extra}"
+    ))
+}
+
+/// Publishes to `exchange` as `token`, 16 at a time, until `stop` fires; returns
+/// (publishes answered 202, the other answers' statuses and bodies).
+fn publish_until(
+    server: &TestServer,
+    token: String,
+    exchange: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let (http, url) = (server.http.clone(), format!("{}/v1/publish", server.base));
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        let body = json!({"exchange": exchange, "routing_key": "co.tenant", "payload": 1, "mandatory": false})
+            .to_string();
+        while !*stop.borrow() {
+            let round = (0..16).map(|_| {
+                http.post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+            });
+            for answer in futures::future::join_all(round).await {
+                match answer {
+                    Ok(r) if r.status() == 202 => ok += 1,
+                    Ok(r) => failed.push(format!(
+                        "{} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+        }
+        (ok, failed)
+    })
+}
+
+#[tokio::test]
+async fn inputs_the_broker_answers_with_a_channel_close_never_reach_the_shared_channel() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let _queue = rabbit.bound_queue(&exchange, "#").await;
+    let internal = rabbit.internal_exchange().await;
+    let mut config = co_tenants("");
+    // One pooled channel: every publish of the vhost goes through it.
+    config.amqp.channels_per_vhost = 1;
+    config.amqp.max_message_bytes = 4096;
+    let server = TestServer::start_ready(config).await;
+    let mallory = server.token("mallory", "publish");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let alice = publish_until(
+        &server,
+        server.token("alice", "publish"),
+        exchange.clone(),
+        stopped,
+    );
+
+    let reply_to = json!({"exchange": exchange, "routing_key": "a", "payload": 1,
+                          "properties": {"reply_to": "amq.rabbitmq.reply-to"}});
+    let to_internal = json!({"exchange": internal, "routing_key": "a", "payload": 1});
+    let too_large = json!({"exchange": exchange, "routing_key": "a", "body": "x".repeat(5000)});
+    for round in 0..10 {
+        for (body, status, code, says) in [
+            (&reply_to, 400, "invalid_request", "reply_to"),
+            (&to_internal, 400, "invalid_request", "internal"),
+            (
+                &too_large,
+                413,
+                "payload_too_large",
+                "amqp.max_message_bytes",
+            ),
+        ] {
+            let r = server.publish(&mallory, body).await;
+            assert_problem(&r, status, code);
+            let detail = r.body["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains(says), "round {round}: {detail}");
+            assert!(!detail.contains("vhost"), "{detail}");
+        }
+        // The same through a batch and a request (its own channel, the same rule).
+        let r = server
+            .post(
+                "/v1/publish/batch",
+                Some(&mallory),
+                &json!({"messages": [to_internal]}),
+            )
+            .await;
+        assert_eq!(
+            r.body["results"][0]["code"], "invalid_request",
+            "{:?}",
+            r.body
+        );
+        let r = server
+            .post(
+                "/v1/request",
+                Some(&mallory),
+                &json!({"exchange": internal, "routing_key": "a", "payload": 1, "timeout_ms": 500}),
+            )
+            .await;
+        assert_problem(&r, 400, "invalid_request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    let (ok, failed) = alice.await.expect("alice's publisher");
+    assert!(ok > 0, "alice published nothing");
+    assert!(
+        failed.is_empty(),
+        "{} of alice's publishes failed while mallory sent channel-closing input: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("warren_publish_total{tenant=\"mallory\",outcome=\"refused\"}"),
+        "refusals are counted"
+    );
+}
+
+#[tokio::test]
+async fn an_exchange_the_gateways_credentials_may_not_write_is_403_and_closes_nothing() {
+    let admin = Admin::new();
+    let vhost = unique("perm");
+    admin.vhost(&vhost).await;
+    let user = unique("user");
+    // May write only exchanges whose names start with `wt-ok`.
+    admin
+        .user(&user, "pw", &vhost, [".*", "^wt-ok", ".*"])
+        .await;
+    let rabbit = rabbit_in(&vhost).await;
+    let open = format!("wt-ok-{}", unique("x"));
+    rabbit
+        .channel
+        .exchange_declare(
+            open.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange_declare");
+    let closed = rabbit.topic_exchange().await;
+    let url = broker_url();
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host = host.split(['/', '?']).next().unwrap_or(host);
+    let mut config = config(&format!(
+        "[tenants.acme]\nvhost = \"{vhost}\"\namqp_url = \"{scheme}://{user}:pw@{host}/\"\n\
+         publish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n"
+    ));
+    config.amqp.channels_per_vhost = 1;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token("acme", "publish");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let fine = publish_until(&server, token.clone(), open.clone(), stopped);
+    for _ in 0..10 {
+        let r = server
+            .publish(
+                &token,
+                &json!({"exchange": closed, "routing_key": "a", "payload": 1, "mandatory": false}),
+            )
+            .await;
+        assert_problem(&r, 403, "forbidden");
+        let detail = r.body["detail"].as_str().unwrap_or_default();
+        assert!(
+            !detail.contains(&vhost) && !detail.contains(&user),
+            "{detail}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send_replace(true);
+    let (ok, failed) = fine.await.expect("publisher");
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} ok, {} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+}
+
 #[tokio::test]
 async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
     let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
