@@ -58,6 +58,10 @@ pub struct App {
     pub sse: api::sse::SseConnections,
     /// Stream subscriptions held at once (`streams.max_subscriptions`).
     pub stream_slots: ws::stream::StreamSlots,
+    /// `server.max_concurrent_requests`: the `/v1` requests being worked on.
+    pub work_slots: Arc<tokio::sync::Semaphore>,
+    /// `server.max_waiting_requests`: requests waiting on something else than Warren.
+    pub waiting: WaitingSlots,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -108,6 +112,15 @@ impl App {
             config.streams.max_subscriptions,
             config.streams.tenant_share(),
         );
+        let work_slots = Arc::new(tokio::sync::Semaphore::new(
+            config.server.max_concurrent_requests,
+        ));
+        let waiting = WaitingSlots {
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config.server.max_waiting_requests,
+            )),
+            max: config.server.max_waiting_requests,
+        };
         Ok(AppState(Arc::new(App {
             config,
             resolved,
@@ -119,6 +132,8 @@ impl App {
             topology: startup,
             sse: api::sse::SseConnections::default(),
             stream_slots,
+            work_slots,
+            waiting,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -189,6 +204,45 @@ fn spawn_idle_pool_closer(
             }
         }
     });
+}
+
+/// Requests that wait on something other than Warren's own work (request/reply for its
+/// reply, a pull receive for messages) hold no `server.max_concurrent_requests` slot
+/// while they wait: one tenant holding thousands of them would otherwise hold every
+/// slot and stall every other tenant's publishes (issue #27). Instead, each one holds
+/// a waiting slot: one of the gateway's `server.max_waiting_requests` and one of its
+/// tenant's `limits.max_waiting_requests`, taken without waiting (429 when either is
+/// used up).
+pub struct WaitingSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+/// One waiting request; both slots go back when dropped.
+pub struct Waiting {
+    _gateway: tokio::sync::OwnedSemaphorePermit,
+    _tenant: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl WaitingSlots {
+    pub fn admit(&self, tenant: &tenancy::Tenant) -> Result<Waiting, error::ApiError> {
+        let tenant = tenant.quota.admit_waiting()?;
+        let gateway = self.slots.clone().try_acquire_owned().map_err(|_| {
+            error::ApiError::RateLimited {
+                detail: "the gateway holds as many waiting requests as it allows (server.max_waiting_requests)".to_owned(),
+                retry_after: Duration::from_secs(1),
+            }
+        })?;
+        Ok(Waiting {
+            _gateway: gateway,
+            _tenant: tenant,
+        })
+    }
+
+    /// Requests waiting right now, across every tenant.
+    pub fn in_use(&self) -> usize {
+        self.max.saturating_sub(self.slots.available_permits())
+    }
 }
 
 /// Marks one request in flight; see [`App::track_request`].

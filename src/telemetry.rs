@@ -56,6 +56,7 @@ pub const RPC_REQUESTS: &str = "warren_rpc_requests_total";
 pub const RPC_DURATION: &str = "warren_rpc_round_trip_seconds";
 pub const RPC_LATE_REPLIES: &str = "warren_rpc_late_replies_total";
 pub const RPC_INFLIGHT: &str = "warren_rpc_inflight";
+pub const HTTP_WAITING: &str = "warren_http_waiting_requests";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -108,6 +109,10 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    describe_gauge!(
+        HTTP_WAITING,
+        "HTTP requests waiting on something other than Warren (a reply, a long poll), holding a waiting slot (server.max_waiting_requests) instead of a work slot."
+    );
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route template, method and status."
@@ -572,4 +577,8 @@ pub fn rpc_late_reply() {
 
 pub fn rpc_inflight(vhost: &str, inflight: usize) {
     gauge!(RPC_INFLIGHT, "vhost" => vhost.to_owned()).set(inflight as f64);
+}
+
+pub fn http_waiting(waiting: usize) {
+    gauge!(HTTP_WAITING).set(waiting as f64);
 }

@@ -191,6 +191,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         );
         telemetry::rpc_inflight(broker.vhost(), broker.rpc_inflight());
     }
+    telemetry::http_waiting(state.waiting.in_use());
     telemetry::idempotency_store_up(state.idempotency.store.ping().await.is_ok());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

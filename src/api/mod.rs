@@ -9,6 +9,7 @@ pub mod openapi;
 mod problem;
 pub mod publish;
 pub mod request;
+pub mod slots;
 pub mod sse;
 pub mod track;
 
@@ -40,15 +41,26 @@ pub(crate) fn documented_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
         .merge(operational_routes(with_metrics))
 }
 
-/// The `/v1` routes: authenticated work that reads bodies and talks to the broker, and
-/// so shares `server.max_concurrent_requests`.
+/// The `/v1` routes.
 fn api_routes() -> OpenApiRouter<AppState> {
+    work_routes().merge(waiting_routes())
+}
+
+/// Authenticated work that reads bodies and talks to the broker, and so shares
+/// `server.max_concurrent_requests` until answered.
+fn work_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(publish::publish))
         .routes(routes!(publish::publish_batch))
         .routes(routes!(events::publish_event))
-        .routes(routes!(request::request))
         .routes(routes!(sse::events))
+}
+
+/// Requests that wait on something other than Warren: they share
+/// `server.max_concurrent_requests` until their handler starts waiting, then hold a
+/// waiting slot instead ([`crate::WaitingSlots`], [`slots::WorkSlot`]).
+fn waiting_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(request::request))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so
@@ -69,12 +81,18 @@ fn operational_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
 /// listener. Only the `/v1` routes count against `server.max_concurrent_requests`: the
 /// operational endpoints, docs and the demo page never wait behind them.
 pub fn router(state: AppState) -> Router {
-    let (api, _) = api_routes().split_for_parts();
+    let (work, _) = work_routes().split_for_parts();
+    let (waiting, _) = waiting_routes().split_for_parts();
     // The WebSocket protocol is described by openapi/asyncapi.yaml, not OpenAPI.
-    let max_concurrent = state.config.server.max_concurrent_requests;
-    let api = api
+    let api = work
         .route("/v1/ws", get(crate::ws::upgrade))
-        .layer(GlobalConcurrencyLimitLayer::new(max_concurrent));
+        .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+            state.work_slots.clone(),
+        ))
+        .merge(waiting.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            slots::hold_work_slot,
+        )));
     let (operational, _) =
         operational_routes(state.config.server.metrics_listen.is_none()).split_for_parts();
     let docs = SwaggerUi::new("/docs")

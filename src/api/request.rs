@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -17,6 +17,7 @@ use super::body::{JsonBody, parse_json};
 use super::model::PublishRequest;
 use super::openapi::{PublishHeaders, problems};
 use super::publish::{CallHeaders, respond};
+use super::slots::WorkSlot;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::idempotency::Fingerprint;
@@ -437,6 +438,7 @@ impl From<Replied> for RequestReplied {
 )]
 pub async fn request(
     State(state): State<AppState>,
+    Extension(slot): Extension<WorkSlot>,
     principal: Principal,
     mut headers: CallHeaders,
     body: JsonBody<RequestWire>,
@@ -449,6 +451,13 @@ pub async fn request(
         Ok(parsed) => parsed,
         Err(error) => return error.into_response(),
     };
+    // From here the request mostly waits for its reply: it holds a waiting slot, not
+    // one of the gateway's work slots (issue #27).
+    let _waiting = match state.waiting.admit(&principal.tenant) {
+        Ok(waiting) => waiting,
+        Err(error) => return error.into_response(),
+    };
+    slot.release();
     let call = KeyedRequest {
         tenant: &principal.tenant,
         subject: &principal.subject,

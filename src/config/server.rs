@@ -22,8 +22,14 @@ pub struct ServerConfig {
     pub max_headers_bytes: usize,
     /// How long a SIGTERM waits for in-flight requests before the process exits anyway.
     pub shutdown_grace_s: u64,
-    /// Upper bound on concurrently served HTTP requests; excess requests wait.
+    /// Upper bound on concurrently served HTTP requests; excess requests wait. A
+    /// request that waits on something other than Warren's own work (request/reply for
+    /// its reply, a pull receive's long poll) gives its slot back once it waits, and
+    /// counts against `max_waiting_requests` instead.
     pub max_concurrent_requests: usize,
+    /// HTTP requests waiting at once across every tenant (each tenant at most
+    /// `limits.max_waiting_requests`, default 1,000); past it, 429 at once.
+    pub max_waiting_requests: usize,
     /// Once a request's first byte has arrived, its whole header section must arrive
     /// within this many seconds, else the connection is closed: slow-header
     /// (slowloris) clients do not hold a connection forever.
@@ -85,6 +91,7 @@ impl Default for ServerConfig {
             max_headers_bytes: 16 * 1024,
             shutdown_grace_s: 30,
             max_concurrent_requests: 10_000,
+            max_waiting_requests: 10_000,
             header_read_timeout_s: 30,
             body_read_timeout_s: 10,
             tls: None,
@@ -113,6 +120,10 @@ impl ServerConfig {
             (
                 "server.max_concurrent_requests",
                 self.max_concurrent_requests as u64,
+            ),
+            (
+                "server.max_waiting_requests",
+                self.max_waiting_requests as u64,
             ),
             ("server.header_read_timeout_s", self.header_read_timeout_s),
             ("server.body_read_timeout_s", self.body_read_timeout_s),

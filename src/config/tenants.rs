@@ -31,6 +31,11 @@ pub struct LimitsConfig {
     /// Open server-sent event streams (`GET /v1/events`); overrides
     /// sse.max_connections_per_tenant for this tenant.
     pub max_sse_connections: Option<usize>,
+    /// HTTP requests the tenant may hold waiting at once (request/reply awaiting its
+    /// reply, a pull receive's long poll); default 1,000. They hold no
+    /// `server.max_concurrent_requests` slot while they wait, so this and
+    /// `server.max_waiting_requests` are what bound them.
+    pub max_waiting_requests: Option<usize>,
 }
 
 /// Tenants that are not listed under [tenants], for SaaS with many customers: any

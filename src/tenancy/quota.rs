@@ -55,10 +55,22 @@ pub struct Quota {
     pub max_sse_connections: Option<usize>,
     consumers: Arc<Semaphore>,
     max_consumers: usize,
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
 }
 
 /// Broker consumers a tenant may hold when `limits.max_consumers` is unset.
 pub const DEFAULT_MAX_CONSUMERS: usize = 256;
+/// Waiting HTTP requests a tenant may hold when `limits.max_waiting_requests` is unset:
+/// a tenth of the default `server.max_waiting_requests`, so at least ten tenants are
+/// needed to fill the gateway's.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 1_000;
+
+fn max_waiting(limits: &LimitsConfig) -> usize {
+    limits
+        .max_waiting_requests
+        .unwrap_or(DEFAULT_MAX_WAITING_REQUESTS)
+}
 
 /// Held while publishes are in flight (releases the tenant's in-flight slots on drop).
 pub struct Admitted {
@@ -79,7 +91,24 @@ impl Quota {
                 limits.max_consumers.unwrap_or(DEFAULT_MAX_CONSUMERS),
             )),
             max_consumers: limits.max_consumers.unwrap_or(DEFAULT_MAX_CONSUMERS),
+            waiting: Arc::new(Semaphore::new(max_waiting(limits))),
+            max_waiting: max_waiting(limits),
         }
+    }
+
+    /// One waiting request of the tenant (see [`crate::WaitingSlots`]), held until
+    /// dropped; past `limits.max_waiting_requests`, 429.
+    pub fn admit_waiting(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.waiting
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::RateLimited {
+                detail: format!(
+                    "the tenant already has {} requests waiting (limits.max_waiting_requests)",
+                    self.max_waiting
+                ),
+                retry_after: Duration::from_secs(1),
+            })
     }
 
     /// One broker consumer (channel + queue) for the tenant, held until dropped; past
@@ -158,6 +187,7 @@ mod tests {
             max_websockets: None,
             max_consumers: None,
             max_sse_connections: None,
+            max_waiting_requests: None,
         })
     }
 

@@ -323,6 +323,87 @@ async fn an_exchange_the_gateways_credentials_may_not_write_is_403_and_closes_no
 }
 
 #[tokio::test]
+async fn requests_waiting_for_replies_hold_no_work_slot_another_tenant_needs() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    // Bound, so requests route; nothing ever answers them.
+    let _silent = rabbit.bound_queue(&exchange, "#").await;
+    let admin = Admin::new();
+    let other_vhost = unique("iso-other");
+    admin.vhost(&other_vhost).await;
+    let mut config = config(&format!(
+        "[tenants.mallory]\nvhost = \"/\"\n\
+         publish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n\
+         [tenants.mallory.limits]\nmax_waiting_requests = 40\n\
+         [tenants.alice]\nvhost = \"{other_vhost}\"\n\
+         publish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n"
+    ));
+    // Fewer work slots than mallory may hold requests waiting.
+    config.server.max_concurrent_requests = 20;
+    let server = TestServer::start_ready(config).await;
+    let mallory = server.token("mallory", "publish");
+    let held: Vec<_> = (0..40)
+        .map(|_| {
+            let (http, url) = (server.http.clone(), format!("{}/v1/request", server.base));
+            let (token, exchange) = (mallory.clone(), exchange.clone());
+            tokio::spawn(async move {
+                http.post(url)
+                    .bearer_auth(token)
+                    .json(
+                        &json!({"exchange": exchange, "routing_key": "rpc", "payload": 1,
+                                  "timeout_ms": 8000}),
+                    )
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let all_waiting = eventually(Duration::from_secs(10), || async {
+        server.state.waiting.in_use() == 40
+    })
+    .await;
+    assert!(all_waiting, "mallory's 40 requests are waiting");
+    // Mallory's share is used up: the next one is refused at once.
+    let started = std::time::Instant::now();
+    let r = server
+        .post(
+            "/v1/request",
+            Some(&mallory),
+            &json!({"exchange": exchange, "routing_key": "rpc", "payload": 1, "timeout_ms": 8000}),
+        )
+        .await;
+    assert_problem(&r, 429, "rate_limited");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        server
+            .metrics()
+            .await
+            .contains("warren_http_waiting_requests 40")
+    );
+    // Alice, on another vhost, publishes at once, however many work slots there are.
+    let alice = server.token("alice", "publish");
+    for _ in 0..30 {
+        let started = std::time::Instant::now();
+        let r = server
+            .publish(
+                &alice,
+                &json!({"exchange": "amq.topic", "routing_key": "a", "payload": 1, "mandatory": false}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "alice's publish waited {:?} behind mallory's requests",
+            started.elapsed()
+        );
+    }
+    for request in held {
+        request.abort();
+    }
+}
+
+#[tokio::test]
 async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
     let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
     for name in ["x-warren-attempt", "X-Warren-Attempt", "x-warren-anything"] {
