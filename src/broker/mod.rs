@@ -63,6 +63,8 @@ pub struct Broker {
     exchanges: ExchangeCache,
     /// The largest body the broker accepts (`amqp.max_message_bytes`).
     max_message_bytes: usize,
+    /// The largest body a consumer channel keeps (`amqp.max_delivery_bytes`).
+    max_delivery_bytes: u64,
     /// Consumer channels open on this vhost (`amqp.max_consumer_channels`).
     consumers: Arc<Semaphore>,
     max_consumers: u32,
@@ -189,6 +191,7 @@ impl Broker {
                 amqp.exchange_cache_max_entries,
             ),
             max_message_bytes: amqp.max_message_bytes,
+            max_delivery_bytes: u64::try_from(amqp.max_delivery_bytes).unwrap_or(u64::MAX),
             consumers: Arc::new(Semaphore::new(amqp.max_consumer_channels)),
             max_consumers: u32::try_from(amqp.max_consumer_channels).unwrap_or(u32::MAX),
             tasks,
@@ -310,7 +313,8 @@ impl Broker {
         }
     }
 
-    /// A fresh channel for consuming (not from the publish pool, not in confirm mode).
+    /// A fresh channel for consuming (not from the publish pool, not in confirm mode),
+    /// keeping bodies up to `amqp.max_delivery_bytes`.
     /// The caller owns it and closes it; closing requeues its unacked deliveries. At
     /// most `amqp.max_consumer_channels` are open at once on a vhost, so consumers can
     /// never take the channels the publish pool needs.
@@ -334,6 +338,9 @@ impl Broker {
             .create_channel()
             .await
             .map_err(|error| self.failure(&error, ""))?;
+        // A larger body (any producer can send one) is read and dropped as it arrives,
+        // then refused as poison, instead of being assembled in memory (issue #27).
+        channel.set_max_body_bytes(self.max_delivery_bytes);
         Ok(ConsumerChannel {
             channel,
             _permit: permit,

@@ -46,17 +46,30 @@ const _: () = assert!(MAX_HEADER_DEPTH < PARSER_MAX_DEPTH);
 pub enum Reason {
     TooDeep,
     TooLarge,
+    /// A body over `amqp.max_delivery_bytes`: read off the connection and dropped as
+    /// it came (the patched lapin's `Delivery::oversized`), never held in memory.
+    BodyTooLarge,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 2] = [Reason::TooDeep, Reason::TooLarge];
+    pub const ALL: [Reason; 3] = [Reason::TooDeep, Reason::TooLarge, Reason::BodyTooLarge];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::TooDeep => "too_deep",
             Reason::TooLarge => "too_large",
+            Reason::BodyTooLarge => "body_too_large",
         }
     }
+}
+
+/// Why `delivery` may not be forwarded, if it may not: its body was over the consumer
+/// channel's bound, or its headers are poison ([`inspect`]).
+pub fn judge(delivery: &Delivery) -> Option<Reason> {
+    if delivery.oversized.is_some() {
+        return Some(Reason::BodyTooLarge);
+    }
+    inspect(&delivery.properties)
 }
 
 /// Checks the headers without recursion: `None` when the delivery may be forwarded.
@@ -93,7 +106,7 @@ pub fn inspect(properties: &BasicProperties) -> Option<Reason> {
 /// Hook for live (no-ack) consumers: `false` when the delivery is poison, which has
 /// been logged and counted; the caller drops it.
 pub fn admit_live(delivery: &Delivery) -> bool {
-    match inspect(&delivery.properties) {
+    match judge(delivery) {
         None => true,
         Some(reason) => {
             record("live", reason, delivery);
@@ -106,7 +119,7 @@ pub fn admit_live(delivery: &Delivery) -> bool {
 /// been rejected without requeue (dead-lettered when the queue has a dead-letter
 /// exchange, else discarded by the broker), logged and counted.
 pub async fn admit_durable(delivery: &Delivery) -> bool {
-    let Some(reason) = inspect(&delivery.properties) else {
+    let Some(reason) = judge(delivery) else {
         return true;
     };
     record("durable", reason, delivery);

@@ -386,6 +386,9 @@ impl Broker {
             .await
             .map_err(|e| self.failure(&e, ""))?;
         drop(connection);
+        // A reply over the bound is read off the connection and dropped as it comes,
+        // never assembled: four 125 MB replies must not cost 500 MB (issue #27).
+        channel.set_max_body_bytes(u64::try_from(max_reply_bytes).unwrap_or(u64::MAX));
         let ready = async {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
@@ -513,7 +516,9 @@ async fn dispatch(
             continue;
         };
         let size = delivery.data.len();
-        let arrived = if size > max_reply_bytes {
+        let arrived = if let Some(declared) = delivery.oversized {
+            Arrived::TooLarge(usize::try_from(declared).unwrap_or(usize::MAX))
+        } else if size > max_reply_bytes {
             Arrived::TooLarge(size)
         } else {
             Arrived::Reply(Box::new((delivery.properties, delivery.data)))

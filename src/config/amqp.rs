@@ -43,6 +43,13 @@ pub struct AmqpConfig {
     /// because the broker answers it by closing the channel, which fails every publish
     /// in flight on it. Set it to the broker's value when that is lower.
     pub max_message_bytes: usize,
+    /// The largest message body Warren takes from the broker for a subscriber
+    /// (WebSocket, server-sent events, push, pull). A larger one, which any AMQP
+    /// producer can send, is read off the connection and dropped as it arrives, never
+    /// held in memory: a live or stream subscriber skips it, a durable or queue one
+    /// rejects it without requeue (dead-lettered when the queue has a DLX), and
+    /// `warren_poison_messages_total{reason="body_too_large"}` counts it.
+    pub max_delivery_bytes: usize,
     pub tls: TlsConfig,
 }
 
@@ -70,6 +77,7 @@ impl Default for AmqpConfig {
             exchange_cache_max_entries: 10_000,
             max_consumer_channels: 1024,
             max_message_bytes: RABBITMQ_MAX_MESSAGE_BYTES,
+            max_delivery_bytes: 16 * 1024 * 1024,
             tls: TlsConfig::default(),
         }
     }
@@ -120,6 +128,7 @@ impl AmqpConfig {
                 self.max_consumer_channels as u64,
             ),
             ("amqp.max_message_bytes", self.max_message_bytes as u64),
+            ("amqp.max_delivery_bytes", self.max_delivery_bytes as u64),
         ])?;
         if self.max_message_bytes > RABBITMQ_MAX_MESSAGE_BYTES_CEILING {
             return Err(ConfigError::invalid(

@@ -210,7 +210,7 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
             &format!("shutdown_grace_s = 5\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
         )
     );
-    let logged = Logged::start(&dir, &config, &tenant, port, 200).await;
+    let logged = WarrenProcess::start(&dir, &config, &tenant, port, 200).await;
     let (http, base, token, log) = (&logged.http, &logged.base, &logged.token, &logged.log);
     let response = http
         .post(format!("{base}/v1/publish"))
@@ -288,84 +288,6 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
     );
 }
 
-/// A `warren serve` process logging to a file, answering `/readyz` with
-/// `ready_status`, and a token for `tenant`.
-struct Logged {
-    child: Guard,
-    http: reqwest::Client,
-    base: String,
-    token: String,
-    log: std::path::PathBuf,
-}
-
-impl Logged {
-    async fn start(
-        dir: &tempfile::TempDir,
-        config: &str,
-        tenant: &str,
-        port: u16,
-        ready_status: u16,
-    ) -> Self {
-        let path = write_config(dir, config);
-        let log = dir.path().join("warren.log");
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let child = Guard(child);
-        let http = reqwest::Client::new();
-        let base = format!("http://127.0.0.1:{port}");
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                http.get(format!("{base}/readyz"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == ready_status)
-            })
-            .await,
-            "/readyz never answered {ready_status}"
-        );
-        let token = Command::new(BIN)
-            .args(["token", "--config"])
-            .arg(&path)
-            .args(["--tenant", tenant, "--sub", "logs", "--scope", "publish"])
-            .output()
-            .unwrap();
-        let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-        Self {
-            child,
-            http,
-            base,
-            token,
-            log,
-        }
-    }
-}
-
-impl Logged {
-    /// SIGTERM, then waits for the exit (within the 5 s grace period and a margin).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let child = &mut self.child.0;
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(7);
-        loop {
-            if let Some(exit) = child.try_wait().unwrap() {
-                return exit;
-            }
-            assert!(Instant::now() < deadline, "no exit within the grace period");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_broker_outage_logs_one_line_per_request_not_an_error_each() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +298,7 @@ async fn a_broker_outage_logs_one_line_per_request_not_an_error_each() {
         "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
         valid_config(&tenant, &format!("127.0.0.1:{port}")).replace(&broker_url(), &unreachable)
     );
-    let logged = Logged::start(&dir, &config, &tenant, port, 503).await;
+    let logged = WarrenProcess::start(&dir, &config, &tenant, port, 503).await;
     for n in 0..20 {
         let response = logged
             .http

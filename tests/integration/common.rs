@@ -867,3 +867,119 @@ async fn fixtures_delete_what_they_created_even_when_the_test_panics() {
         .status();
     assert_eq!(status, 404, "the vhost is gone");
 }
+
+/// A `warren serve` process (the real binary) on `127.0.0.1:port`, logging to a file,
+/// answering `/readyz` with the status asked for, and a publish token for a tenant.
+/// Killed when dropped, whatever happens.
+pub struct WarrenProcess {
+    child: std::process::Child,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+    pub log: std::path::PathBuf,
+}
+
+impl WarrenProcess {
+    pub async fn start(
+        dir: &tempfile::TempDir,
+        config: &str,
+        tenant: &str,
+        port: u16,
+        ready_status: u16,
+    ) -> Self {
+        use std::process::{Command, Stdio};
+        let bin = env!("CARGO_BIN_EXE_warren");
+        let path = dir.path().join(format!("warren-{port}.toml"));
+        std::fs::write(&path, config).expect("write the config");
+        let log = dir.path().join(format!("warren-{port}.log"));
+        let child = Command::new(bin)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("warren serve");
+        let mut process = Self {
+            child,
+            http: reqwest::Client::new(),
+            base: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            log,
+        };
+        let ready = eventually(Duration::from_secs(10), || async {
+            process
+                .http
+                .get(format!("{}/readyz", process.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == ready_status)
+        })
+        .await;
+        assert!(ready, "/readyz never answered {ready_status}");
+        let token = Command::new(bin)
+            .args(["token", "--config"])
+            .arg(&path)
+            .args([
+                "--tenant",
+                tenant,
+                "--sub",
+                "process",
+                "--scope",
+                "publish subscribe",
+            ])
+            .output()
+            .expect("warren token");
+        process.token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+        process
+    }
+
+    #[allow(dead_code)] // tests/solo reads the memory of a process
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's peak resident memory so far (`VmHWM`), in KiB.
+    #[allow(dead_code)]
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: no shutdown, no drain.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit (within the 5 s grace period and a margin).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(7);
+        loop {
+            if let Some(exit) = self.child.try_wait().expect("try_wait") {
+                return exit;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit within the grace period"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WarrenProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

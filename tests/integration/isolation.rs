@@ -404,6 +404,94 @@ async fn requests_waiting_for_replies_hold_no_work_slot_another_tenant_needs() {
 }
 
 #[tokio::test]
+async fn bodies_over_the_delivery_bound_are_never_assembled_or_forwarded() {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let dlq = rabbit.queue(FieldTable::default()).await;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.as_str().into()),
+    );
+    let queue = rabbit.queue(arguments).await;
+    rabbit.bind(&queue, &exchange, "#").await;
+    let tenant = unique("t");
+    let mut config = config(&format!(
+        "[tenants.{tenant}]\nvhost = \"/\"\n\
+         subscribe = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}, {{ queue = \"{queue}\" }}]\n"
+    ));
+    config.amqp.max_delivery_bytes = 64 * 1024;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "subscribe");
+    let mut ws = connect(&server, &token).await;
+    assert_eq!(
+        subscribe_queue(&mut ws, "q", &queue, 10).await["type"],
+        "subscribed"
+    );
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "l", "exchange": exchange, "binding_key": "#", "mode": "live"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    let poisoned = || async {
+        server
+            .metrics()
+            .await
+            .lines()
+            .filter(|l| {
+                l.starts_with("warren_poison_messages_total") && l.contains("body_too_large")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let before = poisoned().await;
+    for body in [vec![b'x'; 200 * 1024], b"\"small\"".to_vec()] {
+        rabbit
+            .channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "k".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    // Only the small message reaches either subscription.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let frame = recv_within(&mut ws, Duration::from_secs(5)).await;
+        assert_eq!(frame["payload"], "small", "{frame}");
+        got.push(
+            frame["subscription"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        if frame["subscription"] == "q" {
+            settle(&mut ws, "ack", &frame, false).await;
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["l", "q"]);
+    // The large one was rejected by the queue subscription: dead-lettered, not lost.
+    assert_eq!(rabbit.wait_count(&dlq, 1).await, 1);
+    let counted = eventually(Duration::from_secs(5), || async {
+        poisoned().await >= before + 2
+    })
+    .await;
+    assert!(counted, "both refusals are counted as body_too_large");
+}
+
+#[tokio::test]
 async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
     let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
     for name in ["x-warren-attempt", "X-Warren-Attempt", "x-warren-anything"] {

@@ -18,6 +18,12 @@ use crate::restart::StoppedBroker;
 
 /// Echoes every request on `queue` to its `reply_to`, with its correlation id.
 async fn echo(queue: &str) -> (Connection, JoinHandle<()>) {
+    respond(queue, None).await
+}
+
+/// Answers every request on `queue` at its `reply_to` with its correlation id and
+/// `reply` as the body (the request's own body when `None`).
+async fn respond(queue: &str, reply: Option<Vec<u8>>) -> (Connection, JoinHandle<()>) {
     let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
         .await
         .expect("responder connection");
@@ -34,6 +40,7 @@ async fn echo(queue: &str) -> (Connection, JoinHandle<()>) {
         )
         .await
         .expect("consume");
+    let reply_body = reply;
     let task = tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let props = &delivery.properties;
@@ -44,12 +51,13 @@ async fn echo(queue: &str) -> (Connection, JoinHandle<()>) {
             let reply = BasicProperties::default()
                 .with_correlation_id(correlation_id.clone())
                 .with_content_type("application/json".into());
+            let body = reply_body.as_deref().unwrap_or(&delivery.data);
             let _ = channel
                 .basic_publish(
                     "".into(),
                     reply_to.as_str().into(),
                     BasicPublishOptions::default(),
-                    &delivery.data,
+                    body,
                     reply,
                 )
                 .await;
@@ -135,4 +143,47 @@ async fn a_broker_restart_fails_waiting_requests_fast_and_requests_recover() {
     );
     let tenant = server.state.tenants.get(&tenant).expect("tenant");
     assert_eq!(tenant.broker().await.expect("pool").rpc_inflight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "sends 64 MiB replies through the shared broker and reads a process's peak memory; scripts/test.sh runs it alone"]
+async fn replies_over_the_bound_are_dropped_as_they_arrive_not_assembled() {
+    const REPLY: usize = 64 << 20;
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, "rpc").await;
+    let port = closed_port().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 5\n\
+         [amqp]\nurl = \"{}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n\
+         [rpc]\nmax_reply_bytes = 1048576\n\
+         [tenants.acme]\nvhost = \"/\"\npublish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n",
+        broker_url()
+    );
+    let warren = WarrenProcess::start(&dir, &config, "acme", port, 200).await;
+    let (_responder, _task) = respond(&queue, Some(vec![b'x'; REPLY])).await;
+    let request = || {
+        warren
+            .http
+            .post(format!("{}/v1/request", warren.base))
+            .bearer_auth(&warren.token)
+            .json(&json!({"exchange": exchange, "routing_key": "rpc", "payload": 1, "timeout_ms": 30000}))
+            .send()
+    };
+    let before = warren.peak_rss_kib();
+    for i in 0..4 {
+        let r = into_resp(request().await.expect("request")).await;
+        assert_problem(&r, 502, "reply_too_large");
+        eprintln!(
+            "reply {i}: {}; peak RSS {} KiB (was {before} KiB)",
+            r.body["detail"],
+            warren.peak_rss_kib()
+        );
+    }
+    let grown = warren.peak_rss_kib().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "peak RSS grew by {grown} KiB over four {REPLY}-byte replies: a reply over the bound was held in memory"
+    );
 }

@@ -71,6 +71,8 @@ pub struct Channel {
     channel_closer: Option<Arc<ChannelCloser>>,
     _connection_closer: Option<Arc<ConnectionCloser>>,
     recovery_config: RecoveryConfig,
+    /// Warren patch: the largest body kept of a delivery on this channel.
+    max_body: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PartialEq for Channel {
@@ -136,7 +138,21 @@ impl Channel {
             channel_closer,
             _connection_closer: connection_closer,
             recovery_config,
+            max_body: Arc::new(std::sync::atomic::AtomicU64::new(PayloadSize::MAX)),
         }
+    }
+
+    /// Warren patch: deliveries (consumed or fetched with `basic_get`) that begin after
+    /// this call and announce a body larger than `max` bytes are handed over with an
+    /// empty body and [`Delivery::oversized`] set: their body frames are read and
+    /// dropped as they arrive, so such a message costs no memory. Unbounded by default.
+    pub fn set_max_body_bytes(&self, max: PayloadSize) {
+        self.max_body
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn max_body(&self) -> PayloadSize {
+        self.max_body.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Return a snapshot of the current channel state.
@@ -1187,19 +1203,19 @@ impl Channel {
     ) -> Result<()> {
         let class_id = method.get_amqp_class_id();
         let poison = self.status.set_will_receive(class_id, DeliveryCause::Get);
-        self.basic_get_delivery.start_new_delivery(
-            BasicGetMessage::new(
-                self.id,
-                method.delivery_tag,
-                method.exchange,
-                method.routing_key,
-                method.redelivered,
-                method.message_count,
-                self.internal_rpc.clone(),
-                poison,
-            ),
-            resolver,
+        let mut message = BasicGetMessage::new(
+            self.id,
+            method.delivery_tag,
+            method.exchange,
+            method.routing_key,
+            method.redelivered,
+            method.message_count,
+            self.internal_rpc.clone(),
+            poison,
         );
+        message.delivery = message.delivery.with_max_body(self.max_body());
+        self.basic_get_delivery
+            .start_new_delivery(message, resolver);
         Ok(())
     }
 
@@ -1262,6 +1278,7 @@ impl Channel {
                 Some(self.internal_rpc.clone()),
                 poison,
             )
+            .with_max_body(self.max_body())
         });
         Ok(())
     }

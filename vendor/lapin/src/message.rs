@@ -5,7 +5,7 @@ use crate::{
     internal_rpc::InternalRPCHandle,
     protocol::AMQPError,
     types::ShortString,
-    types::{ChannelId, DeliveryTag, MessageCount, ReplyCode},
+    types::{ChannelId, DeliveryTag, MessageCount, PayloadSize, ReplyCode},
 };
 use std::ops::{Deref, DerefMut};
 
@@ -47,6 +47,15 @@ pub struct Delivery {
 
     /// The acker used to ack/nack the message
     pub acker: Acker,
+
+    /// Warren patch: set when the body the broker announced was larger than the
+    /// channel's [`Channel::set_max_body_bytes`](crate::Channel::set_max_body_bytes).
+    /// The body was read off the connection and discarded as it came: `data` is empty
+    /// and this is the size the content header declared.
+    pub oversized: Option<PayloadSize>,
+
+    /// The bound `oversized` is judged against (the channel's, when the delivery began).
+    max_body: PayloadSize,
 }
 
 impl Delivery {
@@ -89,11 +98,28 @@ impl Delivery {
             properties: BasicProperties::default(),
             data: Vec::default(),
             acker: Acker::new(channel_id, delivery_tag, internal_rpc, poison),
+            oversized: None,
+            max_body: PayloadSize::MAX,
+        }
+    }
+
+    /// Warren patch: bodies above `max` are not kept (see [`Delivery::oversized`]).
+    pub(crate) fn with_max_body(mut self, max: PayloadSize) -> Self {
+        self.max_body = max;
+        self
+    }
+
+    /// Warren patch: the content header's body size, before any body frame.
+    pub(crate) fn declare_size(&mut self, size: PayloadSize) {
+        if size > self.max_body {
+            self.oversized = Some(size);
         }
     }
 
     pub(crate) fn receive_content(&mut self, data: Vec<u8>) {
-        self.data.extend(data);
+        if self.oversized.is_none() {
+            self.data.extend(data);
+        }
     }
 }
 
