@@ -86,6 +86,9 @@ impl App {
     /// Validates the config and starts connecting to the broker (in the background).
     pub async fn start(config: Config) -> anyhow::Result<AppState> {
         let resolved = config.resolve()?;
+        for warning in config.warnings() {
+            warn!(%warning, "Config warning (warren check-config shows it too).");
+        }
         telemetry::prometheus();
         telemetry::poison_reasons(broker::poison::Reason::ALL.map(broker::poison::Reason::as_str));
         let verifier = Verifier::start(

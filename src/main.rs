@@ -241,6 +241,9 @@ fn check_config(path: PathBuf) -> ExitCode {
         });
     match checked {
         Ok(config) => {
+            for warning in config.warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!(
                 "{}: OK ({} tenant(s), listening on {})",
                 path.display(),

@@ -206,6 +206,42 @@ impl Config {
     }
 }
 
+/// Below this many idempotency entries a tenant is guaranteed, `warren check-config`
+/// warns: its retries are protected only over its last few keyed requests.
+const MIN_GUARANTEED_IDEMPOTENCY_ENTRIES: usize = 1000;
+
+impl Config {
+    /// What is valid but likely not what the operator wants; `warren check-config`
+    /// prints each (the config still loads).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let idem = &self.idempotency;
+        if self.dynamic_tenants.enabled {
+            match idem.store {
+                idempotency::StoreKind::Memory => {
+                    // Every tenant holding entries gets at least an equal share of the
+                    // store (the memory store evicts from the largest for a newcomer);
+                    // with max_pools dynamic tenants active that share can be small.
+                    let tenants = self.tenants.len() + self.dynamic_tenants.max_pools;
+                    let share = idem.max_entries / tenants.max(1);
+                    if share < MIN_GUARANTEED_IDEMPOTENCY_ENTRIES {
+                        warnings.push(format!(
+                            "idempotency.max_entries: with {} configured tenant(s) and up to dynamic_tenants.max_pools = {} dynamic ones active, each tenant is guaranteed only {share} idempotency entries (Idempotency-Keys and CloudEvent ids); a busier tenant's oldest answers are evicted early, within idempotency.retention_s. Raise idempotency.max_entries (and max_bytes) to at least {}, or lower dynamic_tenants.max_pools",
+                            self.tenants.len(),
+                            self.dynamic_tenants.max_pools,
+                            MIN_GUARANTEED_IDEMPOTENCY_ENTRIES * tenants,
+                        ));
+                    }
+                }
+                idempotency::StoreKind::Redis => warnings.push(
+                    "idempotency.store = \"redis\": Redis keeps no per-tenant share; with dynamic tenants one of them can fill its memory. Give Redis a maxmemory with a volatile-* eviction policy, or a Redis per group of tenants".to_owned(),
+                ),
+            }
+        }
+        warnings
+    }
+}
+
 fn figment_message(error: figment::Error) -> String {
     error
         .into_iter()

@@ -1,13 +1,19 @@
 //! The embedded idempotency store for one replica: bounded by entries and bytes, in
 //! total and per tenant, expiring by retention.
 //!
-//! Isolation (security issue #13, hole 9): every entry belongs to the tenant that
-//! claimed it, and making room for a tenant's new entry only ever evicts that tenant's
-//! own oldest *finished* entries. Another tenant's retained answers are never evicted
-//! by this tenant's traffic, and claims still in flight are never evicted at all (that
-//! would let a concurrent duplicate run). When no room can be made the claim is refused:
-//! [`Claim::TenantFull`] when the tenant's own share is taken by its in-flight claims,
-//! [`Claim::StoreFull`] when the total bound is taken by other tenants' entries.
+//! Isolation (security issue #13, hole 9, and #27): every entry belongs to the tenant
+//! that claimed it, and making room for a tenant's new entry evicts that tenant's own
+//! oldest *finished* entries first. Only when the store as a whole is full and the
+//! tenant holds less than its fair share (the bounds divided by the tenants holding
+//! entries, itself included) does it evict another tenant's oldest finished entry: that
+//! of the tenant holding the most, and only while that one holds more than its fair
+//! share. So no tenant, configured or dynamic, can keep another out of the store, and
+//! no tenant loses retained answers below its fair share to anyone's traffic (the
+//! static split by `[tenants.*]` count did not cover dynamic tenants: a few of them
+//! filled the store and every new one got 503 for `retention_s`). Claims still in
+//! flight are never evicted at all (that would let a concurrent duplicate run). When
+//! no room can be made the claim is refused: [`Claim::TenantFull`] when the tenant's own
+//! share is taken by its in-flight claims, [`Claim::StoreFull`] otherwise.
 //!
 //! Over 500 lines because nearly half of it is the tests that pin those bounds and that
 //! isolation, kept next to the bookkeeping they check.
@@ -190,8 +196,9 @@ impl MemoryStore {
     }
 
     /// Evicts `tenant`'s own oldest finished entries until one more entry of `size`
-    /// bytes fits its share and the total bounds. Never touches another tenant's entries
-    /// or a claim in flight.
+    /// bytes fits its share and the total bounds; when its own are all in flight (or it
+    /// has none) and the store is full, the largest tenant's above the fair share (see
+    /// the module docs). Never a claim in flight.
     fn make_room(
         &self,
         inner: &mut Inner,
@@ -212,7 +219,12 @@ impl MemoryStore {
             if !tenant_over && !store_over {
                 break Ok(());
             }
-            match inner.evict_oldest_finished(tenant, now) {
+            let own = inner.evict_oldest_finished(tenant, now);
+            let taken = match own {
+                None if !tenant_over => inner.evict_for(tenant, size, b, now),
+                other => other,
+            };
+            match taken {
                 Some(true) => evicted += 1,
                 Some(false) => {} // it had expired anyway
                 None if tenant_over => break Err(Full::Tenant),
@@ -302,6 +314,41 @@ impl Inner {
             live.sort_unstable_by_key(|(seq, _)| *seq);
             self.order = live.into();
         }
+    }
+
+    /// Makes room for `tenant`, whose own entries cannot go, from another tenant: when
+    /// `tenant` (with one more entry of `size` bytes) stays within its fair share of the
+    /// bounds, evicts the oldest finished entry of the tenant holding the most entries
+    /// (or bytes, whichever bound is hit) among those above their fair share that have
+    /// one. Only runs while the store is full; as [`Inner::evict_oldest_finished`].
+    fn evict_for(&mut self, tenant: &str, size: usize, b: Bounds, now: Instant) -> Option<bool> {
+        let (entries, bytes) = self
+            .tenants
+            .get(tenant)
+            .map_or((0, 0), |s| (s.entries, s.bytes));
+        let holders = self.tenants.len() + usize::from(!self.tenants.contains_key(tenant));
+        let (fair_entries, fair_bytes) = (b.max_entries / holders, b.max_bytes / holders);
+        if entries + 1 > fair_entries || bytes + size > fair_bytes {
+            return None;
+        }
+        let by_bytes = self.bytes + size > b.max_bytes;
+        let mut above: Vec<(usize, Arc<str>)> = self
+            .tenants
+            .iter()
+            .filter(|(name, _)| name.as_ref() != tenant)
+            .filter_map(|(name, s)| {
+                let (held, fair) = if by_bytes {
+                    (s.bytes, fair_bytes)
+                } else {
+                    (s.entries, fair_entries)
+                };
+                (held > fair).then(|| (held, name.clone()))
+            })
+            .collect();
+        above.sort_unstable_by_key(|(held, _)| std::cmp::Reverse(*held));
+        above
+            .into_iter()
+            .find_map(|(_, victim)| self.evict_oldest_finished(&victim, now))
     }
 
     /// Removes `tenant`'s oldest entry that is finished or expired, skipping claims in
@@ -513,22 +560,61 @@ mod tests {
         assert_eq!(store.claim("a", "p3", fp(1), LOCK), Claim::TenantFull);
         assert_eq!(store.claim("a", "p1", fp(1), LOCK), Claim::InFlight);
         assert_eq!(store.claim("a", "p2", fp(1), LOCK), Claim::InFlight);
-        // Another tenant fills the rest; then the total is full and a third tenant,
-        // with nothing of its own to evict, is refused instead of evicting anyone.
+        // Another tenant fills the rest. A third tenant, with nothing of its own, takes
+        // room from the one above its fair share (4 / 3 tenants = 1) with a finished
+        // entry: b's oldest, never a's claims in flight.
         store_done(&store, "b", "b1");
         store_done(&store, "b", "b2");
-        assert_eq!(store.claim("c", "c1", fp(1), LOCK), Claim::StoreFull);
-        assert_eq!(
-            store.claim("b", "b1", fp(1), LOCK),
-            Claim::Done(response("b1"))
-        );
-        // b can still churn within its own share.
-        store_done(&store, "b", "b3");
-        assert_eq!(
-            store.claim("b", "b3", fp(1), LOCK),
-            Claim::Done(response("b3"))
-        );
+        assert!(matches!(
+            store.claim("c", "c1", fp(1), LOCK),
+            Claim::New { .. }
+        ));
+        let held = |key: &str| store.lock().map.contains_key(key);
+        assert!(!held("b1") && held("b2"), "b's oldest went for c");
+        // Now b and c hold their fair share (4 / 4 tenants = 1) and a's two are in
+        // flight: a fourth tenant finds nothing it may evict.
+        assert_eq!(store.claim("d", "d1", fp(1), LOCK), Claim::StoreFull);
         assert_eq!(store.claim("a", "p1", fp(1), LOCK), Claim::InFlight);
+        assert!(held("b2") && held("c1"));
+    }
+
+    #[test]
+    fn a_new_tenant_gets_room_from_the_largest_and_nobody_drops_below_a_fair_share() {
+        let store = MemoryStore::new(Bounds::shared(12, 1 << 20));
+        // A few tenants fill the store; the first holds most of it.
+        for i in 0..9 {
+            store_done(&store, "big", &format!("big{i}"));
+        }
+        for i in 0..3 {
+            store_done(&store, "small", &format!("small{i}"));
+        }
+        // Newcomers each get room, taken from `big` (above the fair share), never from
+        // `small` while it holds no more than its share.
+        for n in 0..3 {
+            store_done(&store, &format!("new{n}"), &format!("new{n}-0"));
+        }
+        assert_eq!(store.len(), 12);
+        for i in 0..3 {
+            assert_eq!(
+                store.claim("small", &format!("small{i}"), fp(1), LOCK),
+                Claim::Done(response(&format!("small{i}"))),
+                "small{i} kept"
+            );
+        }
+        // Five tenants: a fair share is 12 / 5 = 2. `big` went from 9 to 6; newcomers
+        // keep coming and take it down to its share, never below.
+        for n in 3..7 {
+            store_done(&store, &format!("new{n}"), &format!("new{n}-0"));
+        }
+        let inner = store.lock();
+        let big = inner.tenants.get("big").map_or(0, |s| s.entries);
+        let holders = inner.tenants.len();
+        assert!(
+            big >= 12 / holders,
+            "big holds {big} with {holders} tenants: below its fair share"
+        );
+        drop(inner);
+        assert_eq!(store.len(), 12);
     }
 
     #[test]

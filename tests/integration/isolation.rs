@@ -492,6 +492,82 @@ async fn bodies_over_the_delivery_bound_are_never_assembled_or_forwarded() {
 }
 
 #[tokio::test]
+async fn a_few_dynamic_tenants_cannot_fill_the_idempotency_store_for_a_new_one() {
+    let admin = Admin::new();
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let mut rabbits = Vec::new();
+    for t in ["a", "b", "newcomer"] {
+        let vhost = format!("wtidem-{run}-{t}");
+        admin.vhost(&vhost).await;
+        let rabbit = rabbit_in(&vhost).await;
+        rabbit.bound_queue("amq.topic", "#").await;
+        rabbits.push(rabbit);
+    }
+    let mut config = config(&format!(
+        "[dynamic_tenants]\nenabled = true\nvhost_template = \"wtidem-{run}-{{tenant}}\"\n\
+         publish = [{{ exchange = \"amq.topic\", routing_key = \"#\" }}]\n"
+    ));
+    config.idempotency.max_entries = 40;
+    assert!(
+        config
+            .warnings()
+            .iter()
+            .any(|w| w.contains("idempotency.max_entries")),
+        "check-config warns that 40 entries cannot give each of up to 1,000 tenants a useful share"
+    );
+    let server = TestServer::start_ready(config).await;
+    let event = |token: &str, id: String| {
+        server
+            .http
+            .post(format!("{}/v1/events/amq.topic", server.base))
+            .bearer_auth(token.to_owned())
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/isolation")
+            .header("ce-type", "t")
+            .header("content-type", "application/json")
+            .body("1")
+            .send()
+    };
+    // Two tenants fill the store with CloudEvents (each takes an entry).
+    for tenant in ["a", "b"] {
+        let token = server.token(tenant, "publish");
+        for i in 0..40 {
+            let r = into_resp(event(&token, format!("{tenant}-{i}")).await.expect("event")).await;
+            assert_eq!(r.status, 202, "{tenant} {i}: {:?}", r.body);
+        }
+    }
+    // A new tenant still gets its events and keyed publishes through.
+    let token = server.token("newcomer", "publish");
+    for i in 0..10 {
+        let r = into_resp(event(&token, format!("n-{i}")).await.expect("event")).await;
+        assert_eq!(r.status, 202, "newcomer event {i}: {:?}", r.body);
+    }
+    let r = server
+        .http
+        .post(format!("{}/v1/publish", server.base))
+        .bearer_auth(&token)
+        .header("idempotency-key", "k1")
+        .json(
+            &json!({"exchange": "amq.topic", "routing_key": "x", "payload": 1, "mandatory": false}),
+        )
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(r.status(), 202);
+    // An event already seen is still recognised for the tenants that filled it: each
+    // keeps at least its share (40 / 3).
+    let a = server.token("a", "publish");
+    let replay = into_resp(event(&a, "a-39".into()).await.expect("event")).await;
+    assert_eq!(
+        replay.header("idempotent-replayed"),
+        Some("true"),
+        "{:?}",
+        replay.body
+    );
+}
+
+#[tokio::test]
 async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
     let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
     for name in ["x-warren-attempt", "X-Warren-Attempt", "x-warren-anything"] {
