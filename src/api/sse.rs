@@ -480,9 +480,8 @@ impl Feed {
             text.push_str(&id);
             text.push('\n');
         }
-        text.push_str("event: message\ndata: ");
-        text.push_str(&data);
-        text.push_str("\n\n");
+        text.push_str("event: message\n");
+        push_data(&mut text, &data);
         Bytes::from(text)
     }
 
@@ -491,6 +490,59 @@ impl Feed {
         self.done = true;
         telemetry::sse_event("error");
         let data = ServerFrame::error(None, error).to_json();
-        Ok(Bytes::from(format!("event: error\ndata: {data}\n\n")))
+        let mut text = String::from("event: error\n");
+        push_data(&mut text, &data);
+        Ok(Bytes::from(text))
+    }
+}
+
+/// Appends `data` as the `data:` field of an event and ends the event. A CR or LF in
+/// it would end the field (and a blank line the event) early, so each line of `data`,
+/// whatever ends it (CRLF, CR or LF, as a reader splits them), goes in a `data:` line
+/// of its own; the reader joins them with LF. A message frame's JSON holds a line break
+/// only as whitespace (a payload forwarded byte for byte), so what the reader joins is
+/// still the same JSON.
+fn push_data(text: &mut String, data: &str) {
+    for line in data.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+        text.push_str("data: ");
+        text.push_str(line);
+        text.push('\n');
+    }
+    text.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_data;
+
+    /// The fields of one event as an EventSource reads them: lines end at CRLF, CR or
+    /// LF; `data:` lines are joined with LF.
+    fn read_data(event: &str) -> (String, usize) {
+        let normalised = event.replace("\r\n", "\n").replace('\r', "\n");
+        let blocks: Vec<&str> = normalised.split("\n\n").filter(|b| !b.is_empty()).collect();
+        let data: Vec<&str> = blocks[0]
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            .collect();
+        (data.join("\n"), blocks.len())
+    }
+
+    #[test]
+    fn line_breaks_in_the_data_never_end_the_event() {
+        for json in [
+            "{\"a\":\r\n\r\n1}",
+            "{\"a\":\n\n1}",
+            "{\"a\":\r\r1}",
+            "\r\n{\"a\":1}\r\n\r\n",
+            "{\"a\":1}",
+        ] {
+            let mut text = String::new();
+            push_data(&mut text, json);
+            let (data, events) = read_data(&text);
+            assert_eq!(events, 1, "{json:?} made {events} events: {text:?}");
+            let value: serde_json::Value = serde_json::from_str(&data)
+                .unwrap_or_else(|e| panic!("{json:?} read back as {data:?}: {e}"));
+            assert_eq!(value, serde_json::json!({"a": 1}));
+        }
     }
 }

@@ -47,6 +47,12 @@ impl Events {
     async fn next(&mut self, within: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
+            // As a browser reads it: a line ends at CRLF, CR or LF (a CR at the end of
+            // the buffer waits for the next chunk, which may start with its LF).
+            let complete = self.buffer.len() - usize::from(self.buffer.ends_with('\r'));
+            let (head, tail) = self.buffer.split_at(complete);
+            let normalised = head.replace("\r\n", "\n").replace('\r', "\n");
+            self.buffer = normalised + tail;
             while let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
                 let mut event = Event {
@@ -54,7 +60,7 @@ impl Events {
                     event: "message".to_owned(),
                     data: Value::Null,
                 };
-                let mut data = None;
+                let mut data: Option<String> = None;
                 for line in block.lines() {
                     if let Some(comment) = line.strip_prefix(':') {
                         let _ = comment;
@@ -66,11 +72,16 @@ impl Events {
                     } else if let Some(v) = line.strip_prefix("event: ") {
                         v.clone_into(&mut event.event);
                     } else if let Some(v) = line.strip_prefix("data: ") {
-                        data = Some(serde_json::from_str(v).expect("data is JSON"));
+                        // Several data lines are one field, joined with LF.
+                        data = Some(match data {
+                            Some(before) => format!("{before}\n{v}"),
+                            None => v.to_owned(),
+                        });
                     }
                 }
                 if let Some(data) = data {
-                    event.data = data;
+                    event.data = serde_json::from_str(&data)
+                        .unwrap_or_else(|e| panic!("data is JSON ({e}): {data:?}"));
                     return Some(event);
                 }
             }
@@ -178,6 +189,50 @@ async fn last_event_id_resumes_a_stream_and_live_events_carry_the_message_id() {
     assert_eq!(event.data["type"], "message");
     assert_eq!(event.data["routing_key"], "order.created");
     assert!(event.data.get("offset").is_none());
+}
+
+#[tokio::test]
+async fn a_payload_with_line_breaks_in_its_whitespace_stays_one_well_formed_event() {
+    use lapin::BasicProperties;
+    use lapin::options::BasicPublishOptions;
+    let world = StreamWorld::start(r#"{ stream = "log" }"#, "").await;
+    world.stream("log").await;
+    // Valid JSON, forwarded byte for byte: the blank line would end an event early.
+    for body in ["{\"n\":\r\n\r\n0}", "{\"n\":\n\n1}", "{\"n\":\r\r2}"] {
+        world
+            .rabbit
+            .channel
+            .basic_publish(
+                "".into(),
+                "log".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_message_id("m".into()),
+            )
+            .await
+            .expect("publish");
+    }
+    let bearer = format!("Bearer {}", world.token);
+    for format in ["warren", "cloudevents"] {
+        let query = format!("stream=log&offset=first&format={format}");
+        let response = open(&world, &query, &[("authorization", &bearer)]).await;
+        assert_eq!(response.status(), 200);
+        let mut events = Events::new(response);
+        for n in 0..3u64 {
+            let event = events
+                .next(Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|| panic!("{format}: event {n}"));
+            assert_eq!(event.event, "message", "{event:?}");
+            let payload = match format {
+                "warren" => &event.data["payload"],
+                _ => &event.data["event"]["data"],
+            };
+            assert_eq!(payload["n"], n, "{format}: {event:?}");
+        }
+    }
 }
 
 #[tokio::test]
