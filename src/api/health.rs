@@ -10,29 +10,42 @@ use utoipa::ToSchema;
 use crate::AppState;
 use crate::telemetry;
 
-/// What `/readyz` reports per vhost.
+/// What `/readyz` reports per broker pool (one per vhost and credentials).
 #[derive(Serialize, ToSchema)]
 pub struct HealthReport {
-    pub vhost: String,
+    /// Operators' view only (the metrics listener): the vhost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub vhost: Option<String>,
     /// The broker link is up.
     pub connected: bool,
     /// The broker is blocking publishers (memory or disk alarm).
     pub blocked: bool,
-    /// The last connection error or the alarm's reason, when there is one.
+    /// Operators' view only: the last connection error or the alarm's reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub error: Option<String>,
 }
 
-impl From<crate::broker::HealthReport> for HealthReport {
-    fn from(report: crate::broker::HealthReport) -> Self {
+impl HealthReport {
+    fn of(report: crate::broker::HealthReport, view: View) -> Self {
+        let detail = view == View::Operator;
         Self {
-            vhost: report.vhost,
+            vhost: detail.then_some(report.vhost),
             connected: report.connected,
             blocked: report.blocked,
-            error: report.error,
+            error: report.error.filter(|_| detail),
         }
     }
+}
+
+/// Who reads `/readyz`: anyone who reaches the API port gets the verdict and which
+/// part is down; the names and error texts (vhosts, the broker's and Redis's words,
+/// the topology conflict) are for operators, on the metrics listener (issue #27).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Public,
+    Operator,
 }
 
 /// `GET /healthz` body.
@@ -80,7 +93,8 @@ pub struct Readiness {
 #[derive(Serialize, ToSchema)]
 pub struct TopologyReport {
     applied: bool,
-    /// Why it is not applied: e.g. the queue and the argument that conflicts.
+    /// Operators' view only: why it is not applied, e.g. the queue and the argument
+    /// that conflicts.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     error: Option<String>,
@@ -100,7 +114,7 @@ pub struct StoreReport {
     #[schema(example = "memory")]
     store: &'static str,
     ok: bool,
-    /// Why the store does not answer.
+    /// Operators' view only: why the store does not answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     error: Option<String>,
@@ -109,7 +123,8 @@ pub struct StoreReport {
 /// Readiness: broker links and idempotency store.
 ///
 /// 200 only while every broker link is up and the idempotency store answers; 503 otherwise
-/// and during shutdown. The body says which part is down either way.
+/// and during shutdown. The body says which part is down either way; vhost names and
+/// error texts are only in the operators' view, `/readyz` on `server.metrics_listen`.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -121,23 +136,36 @@ pub struct StoreReport {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    readiness(&state, View::Public).await
+}
+
+/// `/readyz` on the metrics listener: the same verdict with names and error texts.
+pub async fn readyz_detail(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    readiness(&state, View::Operator).await
+}
+
+async fn readiness(state: &AppState, view: View) -> (StatusCode, Json<Readiness>) {
+    let detail = view == View::Operator;
     let brokers: Vec<HealthReport> = state
         .tenants
         .brokers()
         .iter()
-        .map(|b| b.health().report().into())
+        .map(|b| HealthReport::of(b.health().report(), view))
         .collect();
     let store = state.idempotency.store.ping().await;
     telemetry::idempotency_store_up(store.is_ok());
     let idempotency = StoreReport {
         store: state.idempotency.store.kind(),
         ok: store.is_ok(),
-        error: store.err().map(|e| e.to_string()),
+        error: store.err().map(|e| e.to_string()).filter(|_| detail),
     };
     let topology = state
         .topology
         .report()
-        .map(|(applied, error)| TopologyReport { applied, error });
+        .map(|(applied, error)| TopologyReport {
+            applied,
+            error: error.filter(|_| detail),
+        });
     let ready = !state.is_shutting_down()
         && idempotency.ok
         && brokers.iter().all(|b| b.connected)

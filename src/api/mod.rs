@@ -197,10 +197,12 @@ fn cors(config: &crate::config::CorsConfig) -> Option<tower_http::cors::CorsLaye
     Some(layer)
 }
 
-/// The metrics-only application for `server.metrics_listen`.
+/// The operators' application for `server.metrics_listen`: metrics, and readiness with
+/// the names and error texts the public `/readyz` leaves out.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(health::metrics))
+        .route("/readyz", get(health::readyz_detail))
         .fallback(not_found)
         .with_state(state)
 }

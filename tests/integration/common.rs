@@ -175,6 +175,8 @@ impl Resp {
 
 pub struct TestServer {
     pub base: String,
+    /// The operators' listener (`server.metrics_listen`), when started with one.
+    pub metrics_base: Option<String>,
     pub state: AppState,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -183,15 +185,40 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
+        Self::start_listening(config, false).await
+    }
+
+    /// Like [`TestServer::start`], with the operators' listener (`/metrics`, and
+    /// `/readyz` with names and error texts) on a port of its own.
+    pub async fn start_with_metrics_listener(mut config: Config) -> Self {
+        config.server.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+        Self::start_listening(config, true).await
+    }
+
+    async fn start_listening(config: Config, metrics: bool) -> Self {
         let state = App::start(config).await.expect("app starts");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let metrics_listener = if metrics {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        } else {
+            None
+        };
+        let metrics_base = metrics_listener
+            .as_ref()
+            .map(|l| format!("http://{}", l.local_addr().expect("addr")));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(warren::serve(state.clone(), listener, None, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(warren::serve(
+            state.clone(),
+            listener,
+            metrics_listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             base,
+            metrics_base,
             state,
             http: reqwest::Client::new(),
             stop: Some(stop),
@@ -230,9 +257,21 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> Resp {
+        self.get_from(&self.base, path).await
+    }
+
+    /// `GET path` on the operators' listener (started with
+    /// [`TestServer::start_with_metrics_listener`]).
+    #[allow(dead_code)]
+    pub async fn operator_get(&self, path: &str) -> Resp {
+        let base = self.metrics_base.as_deref().expect("a metrics listener");
+        self.get_from(base, path).await
+    }
+
+    async fn get_from(&self, base: &str, path: &str) -> Resp {
         let response = self
             .http
-            .get(format!("{}{path}", self.base))
+            .get(format!("{base}{path}"))
             .send()
             .await
             .expect("request");
@@ -274,8 +313,9 @@ impl TestServer {
     }
 
     pub async fn metrics(&self) -> String {
+        let base = self.metrics_base.as_deref().unwrap_or(&self.base);
         self.http
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{base}/metrics"))
             .send()
             .await
             .expect("metrics")

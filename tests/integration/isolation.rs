@@ -568,6 +568,41 @@ async fn a_few_dynamic_tenants_cannot_fill_the_idempotency_store_for_a_new_one()
 }
 
 #[tokio::test]
+async fn the_public_readiness_answer_names_no_vhost_and_quotes_no_error() {
+    let port = closed_port().await;
+    let vhost = unique("secret-vhost");
+    let mut config = config(&format!(
+        "[tenants.acme]\nvhost = \"{vhost}\"\npublish = [{{ exchange = \"*\", routing_key = \"#\" }}]\n\
+         [idempotency]\nstore = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}\"\n"
+    ));
+    config.amqp.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}"));
+    let server = TestServer::start_with_metrics_listener(config).await;
+    // Operators see why, once the first attempts have failed.
+    let explained = eventually(Duration::from_secs(10), || async {
+        let r = server.operator_get("/readyz").await;
+        r.body["brokers"][0]["error"].is_string() && r.body["idempotency"]["error"].is_string()
+    })
+    .await;
+    assert!(explained, "{:?}", server.operator_get("/readyz").await.body);
+    let operator = server.operator_get("/readyz").await;
+    assert_eq!(operator.body["brokers"][0]["vhost"], vhost.as_str());
+    // Anyone who reaches the API port sees the verdict and which part is down only.
+    let public = server.get("/readyz").await;
+    assert_eq!(public.status, 503);
+    assert_eq!(
+        public.body,
+        json!({"status": "not_ready",
+               "brokers": [{"connected": false, "blocked": false}],
+               "idempotency": {"store": "redis", "ok": false}})
+    );
+    let text = public.body.to_string();
+    assert!(
+        !text.contains(&vhost) && !text.contains(&port.to_string()),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn a_publisher_cannot_set_warren_headers_to_skip_retry_delays() {
     let (_rabbit, exchange, _queue, _tenant, server, token) = publishing_tenant(|_| {}).await;
     for name in ["x-warren-attempt", "X-Warren-Attempt", "x-warren-anything"] {

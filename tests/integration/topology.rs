@@ -249,10 +249,10 @@ async fn apply_on_start_with_a_conflict_keeps_warren_unready_without_naming_the_
         "[topology]\napply_on_start = true\n[tenants.acme]\nvhost = \"{vhost}\"\n\
          [[tenants.acme.queues]]\nname = \"jobs\"\nmessage_ttl_ms = 1000\n"
     ));
-    let server = TestServer::start(config).await;
+    let server = TestServer::start_with_metrics_listener(config).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let body = loop {
-        let r = server.get("/readyz").await;
+        let r = server.operator_get("/readyz").await;
         let reported = r.body["topology"]["error"]
             .as_str()
             .is_some_and(|e| e.contains("x-message-ttl"));
@@ -269,6 +269,12 @@ async fn apply_on_start_with_a_conflict_keeps_warren_unready_without_naming_the_
         "the reason names the vhost: {error}"
     );
     assert_eq!(body["status"], "not_ready");
+    // The public view says the topology is not applied, not why.
+    let public = server.get("/readyz").await;
+    assert_eq!(
+        public.body["topology"],
+        serde_json::json!({"applied": false})
+    );
 }
 
 #[tokio::test]
