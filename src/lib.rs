@@ -97,6 +97,9 @@ impl App {
             config.auth.token_cache_entries,
         )
         .await?;
+        let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
+        // The pools start connecting at once, so nothing after them may fail: a start
+        // that gave up would leave connection attempts running as the runtime goes.
         let tenants =
             Tenants::start(&resolved, &config.amqp).context("cannot set up the broker pools")?;
         let tasks = TaskTracker::new();
@@ -104,7 +107,6 @@ impl App {
         if let Some(dynamic) = &resolved.dynamic {
             spawn_idle_pool_closer(&tasks, &stop, &tenants, dynamic.pool_idle);
         }
-        let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let idempotency = Idempotency::new(store, &config.idempotency);
         let startup = Arc::new(topology::startup::Startup::default());
         if config.topology.apply_on_start {
@@ -528,23 +530,35 @@ where
     Ok(())
 }
 
-/// Binds the configured listeners and serves until SIGTERM or Ctrl-C.
-pub async fn run(state: AppState) -> anyhow::Result<()> {
-    let server = &state.config.server;
-    let listener = TcpListener::bind(server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", server.listen))?;
-    let metrics_listener = match server.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} (server.metrics_listen)"))?,
-        ),
-        None => None,
-    };
+/// The configured listeners, bound before anything else starts: a port already in use
+/// ends `warren serve` with one line and nothing to tear down.
+pub struct Listeners {
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(server: &config::ServerConfig) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (server.listen)", server.listen))?;
+        let metrics = match server.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (server.metrics_listen)"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { listener, metrics })
+    }
+}
+
+/// Serves `state` on `listeners` until SIGTERM or Ctrl-C.
+pub async fn run(state: AppState, listeners: Listeners) -> anyhow::Result<()> {
     let signal = shutdown_signal();
-    info!(listen = %listener.local_addr()?, "Warren is listening.");
-    serve(state, listener, metrics_listener, signal).await?;
+    info!(listen = %listeners.listener.local_addr()?, "Warren is listening.");
+    serve(state, listeners.listener, listeners.metrics, signal).await?;
     Ok(())
 }
 

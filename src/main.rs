@@ -140,11 +140,14 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     let result = runtime.block_on(async {
+        // Bound first: a port in use is one line and an exit, with no broker
+        // connection started that would have to be torn down.
+        let listeners = warren::Listeners::bind(&config.server).await?;
         let state = warren::App::start(config).await?;
         if dev {
             print_dev_banner(&state)?;
         }
-        warren::run(state).await
+        warren::run(state, listeners).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -162,6 +162,31 @@ async fn dev_mode_prints_a_token_and_a_curl_line_that_works() {
 }
 
 #[test]
+fn a_port_in_use_exits_non_zero_with_one_line_and_no_panic() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &valid_config("acme", &addr));
+    // The panic at exit came about every other run: try several.
+    for attempt in 0..6 {
+        let out = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "attempt {attempt}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "attempt {attempt}: {stderr}");
+        assert!(
+            lines[0].contains(&format!("cannot listen on {addr} (server.listen)")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn sigterm_exits_cleanly_within_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(&dir, &valid_config("acme", "127.0.0.1:0"));
