@@ -90,6 +90,48 @@ pub struct MessageProperties {
     pub headers: Option<serde_json::Map<String, Value>>,
 }
 
+// What `ws::protocol::PropertiesJson` writes; this type only documents it.
+/// The AMQP properties of a message as it arrived (a reply; WebSocket and SSE message
+/// frames show the same): only those the message has.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // documentation of what PropertiesJson writes
+pub struct DeliveredProperties {
+    #[schema(nullable = false)]
+    pub content_type: Option<String>,
+    #[schema(nullable = false)]
+    pub content_encoding: Option<String>,
+    #[schema(nullable = false)]
+    pub message_id: Option<String>,
+    #[schema(nullable = false)]
+    pub correlation_id: Option<String>,
+    #[schema(nullable = false)]
+    pub reply_to: Option<String>,
+    /// The AMQP `type` property.
+    #[serde(rename = "type")]
+    #[schema(nullable = false)]
+    pub kind: Option<String>,
+    #[schema(nullable = false)]
+    pub app_id: Option<String>,
+    /// Set by the broker to the publishing connection's user, when the publisher set it.
+    #[schema(nullable = false)]
+    pub user_id: Option<String>,
+    /// Per-message TTL in milliseconds.
+    #[schema(nullable = false, minimum = 0)]
+    pub expiration_ms: Option<u64>,
+    #[schema(nullable = false, minimum = 0, maximum = 255)]
+    pub priority: Option<u8>,
+    /// Unix seconds.
+    #[schema(nullable = false, minimum = 0)]
+    pub timestamp: Option<u64>,
+    /// Delivery mode 2.
+    #[schema(nullable = false)]
+    pub persistent: Option<bool>,
+    /// AMQP headers as JSON (byte arrays as base64, decimals as text): trace context,
+    /// `x-warren-attempt` on queues with a retry policy, the broker's `x-death`.
+    #[schema(nullable = false, additional_properties)]
+    pub headers: Option<serde_json::Map<String, Value>>,
+}
+
 fn header_table_schema() -> utoipa::openapi::schema::Object {
     use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, SchemaType, Type};
     ObjectBuilder::new()

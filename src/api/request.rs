@@ -313,7 +313,7 @@ pub struct RequestReplied {
 /// `body` (`text/*` content that is UTF-8) and `body_base64` (anything else).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReplyMessage {
-    #[schema(value_type = Object)]
+    #[schema(value_type = super::model::DeliveredProperties)]
     pub properties: ReplyProperties,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<serde_json::Value>, nullable = false)]

@@ -53,3 +53,46 @@ fn cli_prints_the_committed_document() {
         "openapi/openapi.json is stale: run `cargo run -q -- openapi > openapi/openapi.json`"
     );
 }
+
+/// Every object schema says what it holds (properties, or what its values are): a bare
+/// `{"type": "object"}` makes generated clients type it as an empty record (a
+/// TypeScript generator made `ReplyMessage.properties` a `Record<string, never>`).
+#[test]
+fn no_schema_is_a_bare_object() {
+    fn walk(value: &serde_json::Value, path: &str, bare: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let is_object = match map.get("type") {
+                    Some(serde_json::Value::String(t)) => t == "object",
+                    Some(serde_json::Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+                    _ => false,
+                };
+                let described = [
+                    "properties",
+                    "additionalProperties",
+                    "$ref",
+                    "oneOf",
+                    "allOf",
+                    "anyOf",
+                ]
+                .iter()
+                .any(|k| map.contains_key(*k));
+                if is_object && !described {
+                    bare.push(path.to_owned());
+                }
+                for (key, child) in map {
+                    walk(child, &format!("{path}/{key}"), bare);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    walk(child, &format!("{path}[{i}]"), bare);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut bare = Vec::new();
+    walk(&warren::api::openapi::document(), "", &mut bare);
+    assert!(bare.is_empty(), "bare object schemas: {bare:?}");
+}
