@@ -90,7 +90,7 @@ echo "== 2. a generated Python client against Warren and RabbitMQ"
 "$VENV/bin/openapi-python-client" generate --path openapi/openapi.json --meta none \
   --config tests/contract/openapi-python-client.yaml --output-path "$WORK/client/warren_client"
 WARREN_URL="$BASE" WARREN_TOKEN="$TOKEN" WARREN_SUBSCRIBE_ONLY_TOKEN="$SUBSCRIBE_ONLY_TOKEN" \
-  WARREN_PUBSUB_TOKEN="$PUBSUB_TOKEN" \
+  WARREN_PUBSUB_TOKEN="$PUBSUB_TOKEN" WARREN_BIN="$BIN" \
   WARREN_TEST_AMQP_URL="$AMQP_URL/%2F" PYTHONPATH="$WORK/client" \
   "$VENV/bin/pytest" -q -p no:cacheprovider tests/contract
 

@@ -442,13 +442,24 @@ fn check_queue(
         "x-overflow",
         q.overflow.map(|o| ArgValue::Str(o.as_str().to_owned())),
     );
+    // A queue with a retry policy dead-letters to its DLQ unless told otherwise: a plain
+    // AMQP consumer's reject (amqplib, pika: `nack(requeue=false)`), an expired TTL or
+    // a quorum delivery limit would otherwise drop the message (issue #27). Warren's own
+    // nacks go through the delays instead (`topology::retry`).
+    let (dead_letter_exchange, dead_letter_routing_key) = match (&q.retry, &q.dead_letter_exchange) {
+        (Some(_), None) => (Some(String::new()), Some(format!("{}.dlq", q.name))),
+        _ => (
+            q.dead_letter_exchange.clone(),
+            q.dead_letter_routing_key.clone(),
+        ),
+    };
     put(
         "x-dead-letter-exchange",
-        q.dead_letter_exchange.clone().map(ArgValue::Str),
+        dead_letter_exchange.map(ArgValue::Str),
     );
     put(
         "x-dead-letter-routing-key",
-        q.dead_letter_routing_key.clone().map(ArgValue::Str),
+        dead_letter_routing_key.map(ArgValue::Str),
     );
     put("x-max-priority", int(q.max_priority.map(u64::from)));
     put("x-delivery-limit", int(q.delivery_limit.map(u64::from)));
@@ -698,6 +709,15 @@ mod tests {
         assert_eq!(
             billing["x-overflow"],
             ArgValue::Str("reject-publish".into())
+        );
+        // Rejected by any consumer (or expired), a message goes to the DLQ, not away.
+        assert_eq!(
+            billing["x-dead-letter-exchange"],
+            ArgValue::Str(String::new())
+        );
+        assert_eq!(
+            billing["x-dead-letter-routing-key"],
+            ArgValue::Str("billing.dlq".into())
         );
         let delay = &topology.queues[2].arguments;
         assert_eq!(delay["x-message-ttl"], ArgValue::Int(10000));
