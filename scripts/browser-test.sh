@@ -40,5 +40,5 @@ done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/warren.log" >&2; exit 1; }
 token=$("$BIN" token --config "$work/warren.toml" --tenant browser --sub e2e --ttl 10m)
 
-WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" WARREN_SSE_STREAM="$sse_stream" \
+WARREN_URL="http://127.0.0.1:$port" WARREN_TOKEN="$token" WARREN_SSE_STREAM="$sse_stream" WARREN_BIN="$BIN" \
   node --test tests/browser/ || { cat "$work/warren.log" >&2; exit 1; }

@@ -140,7 +140,10 @@ impl Drop for SseGuard {
 /// (`unauthorized`), on shutdown and when the broker side is lost
 /// (`broker_unavailable`); a browser's `EventSource` reconnects by itself. A reader
 /// that stays slower than the events is cut (the response is closed). Errors before
-/// the stream starts are problem+json.
+/// the stream starts are problem+json, except for a reader that accepts
+/// `text/event-stream` (an `EventSource`): a transient one (429, 503, 504) is then a
+/// `200` event stream with `retry:` and one `event: error` carrying the code, so the
+/// browser reconnects by itself instead of giving up.
 #[utoipa::path(
     get,
     path = "/v1/events",
@@ -168,8 +171,53 @@ pub async fn events(
 ) -> Response {
     match open(&state, &headers, query).await {
         Ok(response) => response,
+        Err(error) if is_transient(&error) && wants_event_stream(&headers) => {
+            retry_later(&error, state.config.sse.retry_ms)
+        }
         Err(error) => error.into_response(),
     }
+}
+
+/// A failure the same request may not meet in a moment: the broker link is down or
+/// starting (503), a limit is full (429), the broker was slow (504).
+fn is_transient(error: &ApiError) -> bool {
+    matches!(error.status().as_u16(), 429 | 503 | 504)
+}
+
+/// An `EventSource` asks for `text/event-stream` (and a reader that asks for it
+/// understands an event stream).
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+/// A transient failure as an event stream: `retry:` (the failure's Retry-After, else
+/// `sse.retry_ms`) and one `event: error` with its code, then the end. A browser's
+/// EventSource treats any answer but a 200 event stream as final and never reconnects
+/// (issue #27: a 5 s broker outage closed every open tab's stream for good); this one
+/// it reconnects after, by itself. Permanent failures (400, 401, 403, 404) stay
+/// problem+json, so an EventSource stops on them.
+fn retry_later(error: &ApiError, retry_ms: u64) -> Response {
+    telemetry::sse_event("error");
+    let retry_ms = error
+        .retry_after()
+        .map_or(retry_ms, |s| s.saturating_mul(1000));
+    let mut text = format!("retry: {retry_ms}\nevent: error\n");
+    push_data(&mut text, &ServerFrame::error(None, error).to_json());
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 async fn open(

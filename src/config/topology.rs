@@ -446,7 +446,8 @@ fn check_queue(
     // AMQP consumer's reject (amqplib, pika: `nack(requeue=false)`), an expired TTL or
     // a quorum delivery limit would otherwise drop the message (issue #27). Warren's own
     // nacks go through the delays instead (`topology::retry`).
-    let (dead_letter_exchange, dead_letter_routing_key) = match (&q.retry, &q.dead_letter_exchange) {
+    let (dead_letter_exchange, dead_letter_routing_key) = match (&q.retry, &q.dead_letter_exchange)
+    {
         (Some(_), None) => (Some(String::new()), Some(format!("{}.dlq", q.name))),
         _ => (
             q.dead_letter_exchange.clone(),

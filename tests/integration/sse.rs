@@ -236,6 +236,75 @@ async fn a_payload_with_line_breaks_in_its_whitespace_stays_one_well_formed_even
 }
 
 #[tokio::test]
+async fn a_transient_failure_is_an_event_stream_an_event_source_retries_a_permanent_one_is_not() {
+    let port = closed_port().await;
+    let mut config = config(
+        "[tenants.acme]\nvhost = \"/\"\nsubscribe = [{ stream = \"log\" }]\n[sse]\nretry_ms = 250\n",
+    );
+    config.amqp.url = Some(format!("amqp://guest:guest@127.0.0.1:{port}"));
+    let server = TestServer::start(config).await;
+    let token = server.token("acme", "subscribe");
+    let get = |accept: Option<&'static str>, token: String| {
+        let mut request = server.http.get(format!(
+            "{}/v1/events?stream=log&access_token={token}",
+            server.base
+        ));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    // What an EventSource gets while the broker is down: a 200 event stream that sets
+    // `retry:` and says why, then ends, so the browser comes back by itself.
+    let response = get(Some("text/event-stream"), token.clone())
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut events = Events::new(response);
+    let event = events
+        .next(Duration::from_secs(5))
+        .await
+        .expect("an error event");
+    assert_eq!(event.event, "error");
+    assert_eq!(event.data["code"], "broker_unavailable", "{event:?}");
+    assert!(
+        events.retry.is_some_and(|ms| ms >= 250),
+        "{:?}",
+        events.retry
+    );
+    assert!(
+        events.next(Duration::from_secs(2)).await.is_none(),
+        "the stream ends"
+    );
+    // Any other reader gets the problem.
+    let plain = into_resp(get(None, token.clone()).await.expect("request")).await;
+    assert_problem(&plain, 503, "broker_unavailable");
+    // Permanent failures stay problems, so an EventSource stops on them.
+    let denied = into_resp(
+        get(Some("text/event-stream"), "not-a-token".into())
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_problem(&denied, 401, "unauthorized");
+    let forbidden = server.token("acme", "publish");
+    let denied = into_resp(
+        get(Some("text/event-stream"), forbidden)
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_problem(&denied, 403, "forbidden");
+}
+
+#[tokio::test]
 async fn problems_before_the_stream_starts() {
     let grants = r#"{ stream = "log", routing_key = "order.#" }, { stream = "ghost" }"#;
     let world = StreamWorld::start(grants, "").await;
