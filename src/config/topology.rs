@@ -174,6 +174,9 @@ pub struct QueueSpec {
     pub arguments: BTreeMap<String, ArgValue>,
     /// For a retry policy's delay queues and DLQ: the queue they serve.
     pub derived_from: Option<String>,
+    /// The arguments an earlier Warren declared this queue with, which `plan` accepts
+    /// with a warning instead of a conflict (queue arguments cannot change in place).
+    pub legacy_arguments: Option<BTreeMap<String, ArgValue>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,12 +486,20 @@ fn check_queue(
         out.queues.push(spec);
         Ok(())
     };
+    // Before issue #27 a queue with a retry policy was declared without dead-lettering.
+    let legacy_arguments = (q.retry.is_some() && q.dead_letter_exchange.is_none()).then(|| {
+        let mut legacy = arguments.clone();
+        legacy.remove("x-dead-letter-exchange");
+        legacy.remove("x-dead-letter-routing-key");
+        legacy
+    });
     add(
         QueueSpec {
             name: q.name.clone(),
             durable: q.durable,
             arguments,
             derived_from: None,
+            legacy_arguments,
         },
         &format!("{key}.name"),
     )?;
@@ -544,6 +555,7 @@ fn check_queue(
                 durable: q.durable,
                 arguments,
                 derived_from: Some(q.name.clone()),
+                legacy_arguments: None,
             },
             &at,
         )?;
@@ -561,6 +573,7 @@ fn check_queue(
             durable: q.durable,
             arguments: dlq_arguments,
             derived_from: Some(q.name.clone()),
+            legacy_arguments: None,
         },
         &at,
     )?;

@@ -46,6 +46,9 @@ pub enum State {
     Bind,
     /// A binding whose exchange or queue neither exists nor is declared here.
     Unresolved(String),
+    /// Exists as an earlier Warren declared it; works, but lacks what the note says.
+    /// Not a blocker: `apply` leaves it as it is.
+    Outdated(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +252,28 @@ async fn check_exchange(
 }
 
 async fn check_queue(connection: &Connection, spec: &QueueSpec) -> Result<State, TopologyError> {
+    let state = check_queue_with(connection, spec, &spec.arguments).await?;
+    let Some(legacy) = &spec.legacy_arguments else {
+        return Ok(state);
+    };
+    match &state {
+        State::Conflict { argument, .. } if argument.starts_with("x-dead-letter-") => {
+            Ok(match check_queue_with(connection, spec, legacy).await? {
+                State::Exists => State::Outdated(
+                    "declared by an earlier Warren without dead-lettering to its DLQ: a plain AMQP consumer's reject drops the message; recreate the queue or give it the dead-lettering by policy (README, Topology)".to_owned(),
+                ),
+                _ => state,
+            })
+        }
+        _ => Ok(state),
+    }
+}
+
+async fn check_queue_with(
+    connection: &Connection,
+    spec: &QueueSpec,
+    arguments: &std::collections::BTreeMap<String, ArgValue>,
+) -> Result<State, TopologyError> {
     check(
         connection,
         |ch| async move {
@@ -264,7 +289,7 @@ async fn check_queue(connection: &Connection, spec: &QueueSpec) -> Result<State,
             ch.queue_declare(
                 spec.name.as_str().into(),
                 queue_options(spec, false),
-                field_table(&spec.arguments),
+                field_table(arguments),
             )
             .await
             .map(|_| ())

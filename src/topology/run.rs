@@ -34,6 +34,7 @@ fn label(state: &State) -> &'static str {
         State::Conflict { .. } => "CONFLICT",
         State::Bind => "bind",
         State::Unresolved(_) => "UNRESOLVED",
+        State::Outdated(_) => "outdated",
     }
 }
 
@@ -47,7 +48,7 @@ fn write_plan(out: &mut String, tenant: &ResolvedTenant, plan: &Plan) {
                 label(&item.state),
                 item.object
             ),
-            State::Unresolved(why) => {
+            State::Unresolved(why) | State::Outdated(why) => {
                 writeln!(out, "  {:<10} {}: {why}", label(&item.state), item.object)
             }
             state => writeln!(out, "  {:<10} {}", label(state), item.object),

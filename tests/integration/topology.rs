@@ -301,6 +301,50 @@ async fn a_binding_to_an_exchange_that_nothing_declares_blocks_apply() {
 }
 
 #[tokio::test]
+async fn a_retry_queue_an_earlier_warren_declared_is_outdated_not_a_conflict() {
+    let admin = Admin::new();
+    let vhost = unique("topo");
+    admin.vhost(&vhost).await;
+    // As Warren declared a queue with a retry policy before it dead-lettered to the DLQ.
+    let rabbit = rabbit_in(&vhost).await;
+    rabbit
+        .channel
+        .queue_declare(
+            "jobs".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = topology_toml(
+        &vhost,
+        "[[tenants.acme.queues]]\nname = \"jobs\"\nretry = { delays_ms = [100] }\n",
+    );
+    let plan = run(&dir, &toml, &["topology", "plan"]);
+    assert_success(&plan);
+    let printed = stdout(&plan);
+    assert!(
+        printed.contains("outdated   queue \"jobs\"") && printed.contains("recreate"),
+        "{printed}"
+    );
+    assert!(!printed.contains("CONFLICT"), "{printed}");
+    // apply declares the rest and leaves the queue as it is.
+    assert_success(&run(&dir, &toml, &["topology", "apply"]));
+    assert!(queue_exists(&vhost, "jobs.dlq").await);
+    // Any other difference is still a conflict.
+    let other = topology_toml(
+        &vhost,
+        "[[tenants.acme.queues]]\nname = \"jobs\"\nmessage_ttl_ms = 5\nretry = { delays_ms = [100] }\n",
+    );
+    let plan = run(&dir, &other, &["topology", "plan"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", stdout(&plan));
+}
+
+#[tokio::test]
 async fn redrive_moves_at_most_the_limit_and_restarts_the_attempts() {
     let admin = Admin::new();
     let vhost = unique("topo");
