@@ -357,16 +357,35 @@ async fn event_streams_per_tenant_are_limited() {
     let bearer = format!("Bearer {}", world.token);
     let first = open(&world, "stream=log", &[("authorization", &bearer)]).await;
     assert_eq!(first.status(), 200);
-    let second = into_resp(open(&world, "stream=log", &[("authorization", &bearer)]).await).await;
+    // Without `Accept: text/event-stream`, the limit is a problem.
+    let plain = || {
+        world
+            .server
+            .http
+            .get(format!("{}/v1/events?stream=log", world.server.base))
+            .header("authorization", &bearer)
+            .send()
+    };
+    let second = into_resp(plain().await.expect("request")).await;
     assert_problem(&second, 429, "rate_limited");
     assert!(second.header("retry-after").is_some());
+    // An EventSource gets it as an event stream to retry after (Retry-After: 5 s).
+    let limited = open(&world, "stream=log", &[("authorization", &bearer)]).await;
+    assert_eq!(limited.status(), 200);
+    let mut events = Events::new(limited);
+    let event = events
+        .next(Duration::from_secs(5))
+        .await
+        .expect("an error event");
+    assert_eq!(
+        (event.event.as_str(), &event.data["code"]),
+        ("error", &"rate_limited".into())
+    );
+    assert_eq!(events.retry, Some(5000));
     drop(first);
     // The server notices the closed connection at its next write (a keep-alive).
     let again = eventually(Duration::from_secs(10), || async {
-        open(&world, "stream=log", &[("authorization", &bearer)])
-            .await
-            .status()
-            == 200
+        plain().await.is_ok_and(|r| r.status() == 200)
     })
     .await;
     assert!(again, "the slot is given back when the response is dropped");
