@@ -10,6 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod cloudevents;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod idempotency;
 mod idle;
@@ -50,14 +51,14 @@ pub struct App {
     pub verifier: Verifier,
     pub tenants: Tenants,
     pub idempotency: Idempotency,
-    pub live: ws::hub::LiveHub,
+    pub live: delivery::live::LiveHub,
     pub sockets: ws::Sockets,
     /// `topology.apply_on_start`: what `/readyz` reports about it.
     pub topology: Arc<topology::startup::Startup>,
     /// Open server-sent event streams per tenant (`GET /v1/events`).
     pub sse: api::sse::SseConnections,
     /// Stream subscriptions held at once (`streams.max_subscriptions`).
-    pub stream_slots: ws::stream::StreamSlots,
+    pub stream_slots: delivery::stream::StreamSlots,
     /// `server.max_concurrent_requests`: the `/v1` requests being worked on.
     pub work_slots: Arc<tokio::sync::Semaphore>,
     /// `server.max_waiting_requests`: requests waiting on something else than Warren.
@@ -113,7 +114,7 @@ impl App {
             let tenants = resolved.tenants.values().cloned().collect();
             startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
         }
-        let stream_slots = ws::stream::StreamSlots::new(
+        let stream_slots = delivery::stream::StreamSlots::new(
             config.streams.max_subscriptions,
             config.streams.tenant_share(),
         );
@@ -132,7 +133,7 @@ impl App {
             verifier,
             tenants,
             idempotency,
-            live: ws::hub::LiveHub::default(),
+            live: delivery::live::LiveHub::default(),
             sockets: ws::Sockets::default(),
             topology: startup,
             sse: api::sse::SseConnections::default(),

@@ -90,7 +90,7 @@ pub struct MessageProperties {
     pub headers: Option<serde_json::Map<String, Value>>,
 }
 
-// What `ws::protocol::PropertiesJson` writes; this type only documents it.
+// What `delivery::render::PropertiesJson` writes; this type only documents it.
 /// The AMQP properties of a message as it arrived (a reply; WebSocket and SSE message
 /// frames show the same): only those the message has.
 #[derive(Debug, Serialize, ToSchema)]

@@ -19,11 +19,11 @@ use super::openapi::{PublishHeaders, problems};
 use super::publish::{CallHeaders, respond};
 use super::slots::WorkSlot;
 use crate::AppState;
+use crate::delivery::render::{PropertiesJson, properties_json};
 use crate::error::ApiError;
 use crate::idempotency::Fingerprint;
 use crate::rpc::{self, KeyedRequest, Replied};
 use crate::tenancy::Principal;
-use crate::ws::protocol::{PropertiesJson, properties_json};
 
 /// A request: every member of a publish (`PublishRequest`) plus `timeout_ms`. Warren
 /// sets `reply_to` (direct reply-to) and `correlation_id` (when the client sets none);

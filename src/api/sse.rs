@@ -23,13 +23,14 @@ use utoipa::IntoParams;
 use crate::AppState;
 use crate::auth;
 use crate::auth::grants::GrantPattern;
+use crate::delivery::live::{LiveSink, LiveSubscription};
+use crate::delivery::render::{Format, MessageFrame};
+use crate::delivery::stream::{StreamOffset, StreamRequest, StreamSubscription};
+use crate::delivery::{Outgoing, SendBudget};
 use crate::error::ApiError;
 use crate::telemetry;
 use crate::tenancy::{self, Principal, Scope};
-use crate::ws::hub::{LiveSink, LiveSubscription};
-use crate::ws::protocol::{Format, MessageFrame, ServerFrame};
-use crate::ws::stream::{StreamOffset, StreamRequest, StreamSubscription};
-use crate::ws::{Outgoing, SendBudget};
+use crate::ws::protocol::ServerFrame;
 
 /// Longest `access_token` accepted in the query (tokens are a few hundred bytes to a
 /// few KB). Keeps the longest valid URI well under hyper's 64 KiB (414) even when every
@@ -407,7 +408,7 @@ fn keepalive(every: Duration) -> Interval {
 
 /// When the token's `exp` (Unix seconds) falls, as a monotonic instant.
 fn expiry_instant(expires_at: u64) -> Instant {
-    let now = crate::ws::stream::unix_now();
+    let now = crate::delivery::stream::unix_now();
     let remaining = expires_at.saturating_sub(now).min(10 * 365 * 86_400);
     Instant::now() + Duration::from_secs(remaining)
 }

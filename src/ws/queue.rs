@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::durable::{Durable, DurableRequest, Source};
 use super::protocol::Subscribe;
-use super::{Outgoing, SendBudget};
 use crate::AppState;
 use crate::config::WsConfig;
+use crate::delivery::durable::{Durable, DurableRequest, Source};
+use crate::delivery::{Outgoing, SendBudget};
 use crate::error::ApiError;
 use crate::tenancy::Tenant;
 

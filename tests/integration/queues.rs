@@ -233,7 +233,7 @@ async fn nacks_go_through_each_delay_then_the_dlq_with_x_death_and_redrive_bring
         .unwrap()
         .expect("the dead letter");
     let headers =
-        warren::ws::protocol::properties_json(&dead.delivery.properties)["headers"].clone();
+        warren::delivery::render::properties_json(&dead.delivery.properties)["headers"].clone();
     assert_eq!(headers["x-warren-attempt"], 3, "{headers}");
     let queues: Vec<&str> = headers["x-death"]
         .as_array()

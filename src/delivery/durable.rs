@@ -18,7 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 
-use super::protocol::{Format, MessageFrame};
+use super::render::{Format, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::broker::{Broker, BrokerLease, ConsumerChannel};
 use crate::config::{DurableQueueType, RetryPolicy};

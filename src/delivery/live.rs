@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, mpsc};
 
-use super::protocol::{DeliveryJson, Format, FrameId, MessageFrame};
+use super::render::{DeliveryJson, Format, FrameId, MessageFrame};
 use super::{Outgoing, SendBudget};
 use crate::auth::grants::GrantPattern;
 use crate::broker::ConsumerChannel;
