@@ -17,6 +17,7 @@ mod idle;
 pub mod ids;
 mod linger;
 pub mod publishing;
+pub mod push;
 pub mod rpc;
 mod sse_conn;
 pub mod telemetry;
@@ -63,6 +64,8 @@ pub struct App {
     pub work_slots: Arc<tokio::sync::Semaphore>,
     /// `server.max_waiting_requests`: requests waiting on something else than Warren.
     pub waiting: WaitingSlots,
+    /// Push subscriptions running on this replica (SPEC §13).
+    pub push: push::Pushes,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -99,6 +102,8 @@ impl App {
         )
         .await?;
         let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
+        let push_client = push::Pushes::client(&resolved, &config.push)
+            .context("cannot set up the push client")?;
         // The pools start connecting at once, so nothing after them may fail: a start
         // that gave up would leave connection attempts running as the runtime goes.
         let tenants =
@@ -114,6 +119,14 @@ impl App {
             let tenants = resolved.tenants.values().cloned().collect();
             startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
         }
+        let push = push::Pushes::start(
+            &resolved,
+            &config.push,
+            push_client,
+            &tenants,
+            &tasks,
+            &stop,
+        );
         let stream_slots = delivery::stream::StreamSlots::new(
             config.streams.max_subscriptions,
             config.streams.tenant_share(),
@@ -140,6 +153,7 @@ impl App {
             stream_slots,
             work_slots,
             waiting,
+            push,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),

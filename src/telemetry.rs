@@ -57,6 +57,11 @@ pub const RPC_DURATION: &str = "warren_rpc_round_trip_seconds";
 pub const RPC_LATE_REPLIES: &str = "warren_rpc_late_replies_total";
 pub const RPC_INFLIGHT: &str = "warren_rpc_inflight";
 pub const HTTP_WAITING: &str = "warren_http_waiting_requests";
+pub const PUSH_DELIVERIES: &str = "warren_push_deliveries_total";
+pub const PUSH_ATTEMPTS: &str = "warren_push_attempts_total";
+pub const PUSH_ATTEMPT_DURATION: &str = "warren_push_attempt_duration_seconds";
+pub const PUSH_IN_FLIGHT: &str = "warren_push_in_flight";
+pub const PUSH_PAUSED: &str = "warren_push_paused";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -109,6 +114,26 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    describe_counter!(
+        PUSH_DELIVERIES,
+        "Push deliveries settled, by subscription (tenant/name) and outcome: delivered (2xx, acked), retried (to a delay queue), dead_lettered (to <queue>.dlq), requeued (a retry hop could not be published; back in the queue), poison (refused before any attempt)."
+    );
+    describe_counter!(
+        PUSH_ATTEMPTS,
+        "Push HTTP attempts, by subscription and result: 2xx, 3xx, 4xx, 5xx, timeout, connect_error, refused_address."
+    );
+    describe_histogram!(
+        PUSH_ATTEMPT_DURATION,
+        "Push HTTP attempt latency, by subscription."
+    );
+    describe_gauge!(
+        PUSH_IN_FLIGHT,
+        "Push deliveries in flight on this replica, by subscription."
+    );
+    describe_gauge!(
+        PUSH_PAUSED,
+        "1 while a push subscription is paused (its endpoint keeps failing; messages wait in the queue), by subscription."
+    );
     describe_gauge!(
         HTTP_WAITING,
         "HTTP requests waiting on something other than Warren (a reply, a long poll), holding a waiting slot (server.max_waiting_requests) instead of a work slot."
@@ -581,4 +606,30 @@ pub fn rpc_inflight(vhost: &str, inflight: usize) {
 
 pub fn http_waiting(waiting: usize) {
     gauge!(HTTP_WAITING).set(waiting as f64);
+}
+
+/// One push delivery settled; `outcome` is one of those [`PUSH_DELIVERIES`] describes.
+pub fn push_delivered(subscription: &str, outcome: &'static str) {
+    counter!(PUSH_DELIVERIES, "subscription" => subscription.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// One push attempt and how long it took; `result` is an [`PUSH_ATTEMPTS`] class.
+pub fn push_attempt(subscription: &str, result: &'static str, took: Duration) {
+    counter!(PUSH_ATTEMPTS, "subscription" => subscription.to_owned(), "result" => result)
+        .increment(1);
+    histogram!(PUSH_ATTEMPT_DURATION, "subscription" => subscription.to_owned())
+        .record(took.as_secs_f64());
+}
+
+pub fn push_in_flight(subscription: &str, change: f64) {
+    gauge!(PUSH_IN_FLIGHT, "subscription" => subscription.to_owned()).increment(change);
+}
+
+pub fn push_paused(subscription: &str, paused: bool) {
+    gauge!(PUSH_PAUSED, "subscription" => subscription.to_owned()).set(if paused {
+        1.0
+    } else {
+        0.0
+    });
 }

@@ -87,6 +87,43 @@ pub struct Readiness {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     topology: Option<TopologyReport>,
+    /// Operators' view only: each push subscription on this replica. A paused one
+    /// does not make the gateway unready (its messages wait in the queue).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    push: Vec<PushReport>,
+}
+
+/// A push subscription's state on this replica (SPEC §13).
+#[derive(Serialize, ToSchema)]
+pub struct PushReport {
+    tenant: String,
+    name: String,
+    /// `starting`, `active`, `paused` (the endpoint keeps failing; nothing is taken
+    /// from the queue), `probing` (one message after a pause) or `stopped`.
+    #[schema(example = "active")]
+    state: String,
+    /// Failed attempts in a row.
+    consecutive_failures: u32,
+    /// The last failed attempt's status (`503`, `timeout`, `connect_error`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    last_failure: Option<String>,
+}
+
+impl From<crate::push::Status> for PushReport {
+    fn from(s: crate::push::Status) -> Self {
+        let state = serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        Self {
+            tenant: s.tenant,
+            name: s.name,
+            state,
+            consecutive_failures: s.consecutive_failures,
+            last_failure: s.last_failure,
+        }
+    }
 }
 
 /// The startup apply of the configured topology (`topology.apply_on_start`).
@@ -184,6 +221,11 @@ async fn readiness(state: &AppState, view: View) -> (StatusCode, Json<Readiness>
         brokers,
         idempotency,
         topology,
+        push: if detail {
+            state.push.statuses().into_iter().map(Into::into).collect()
+        } else {
+            Vec::new()
+        },
     };
     (status, Json(body))
 }

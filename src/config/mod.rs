@@ -8,6 +8,7 @@ mod auth;
 mod check;
 mod idempotency;
 mod log;
+mod push;
 mod rpc;
 mod server;
 mod sse;
@@ -22,6 +23,9 @@ pub use amqp::{AmqpConfig, TlsConfig};
 pub use auth::{AuthConfig, HsSecretConfig, PublicKeyFileConfig};
 pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
+pub use push::{
+    HeaderSource, PushConfig, PushFormat, PushSettings, PushSpec, check_push_url, is_public,
+};
 pub use rpc::RpcConfig;
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use sse::SseConfig;
@@ -90,6 +94,8 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     #[serde(default)]
     pub topology: TopologyConfig,
+    #[serde(default)]
+    pub push: PushSettings,
 }
 
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
@@ -154,6 +160,7 @@ impl Config {
                 limits: LimitsConfig::default(),
                 exchanges: Vec::new(),
                 queues: Vec::new(),
+                push: Vec::new(),
             },
         );
         Self {
@@ -178,6 +185,11 @@ impl Config {
             dynamic_tenants: DynamicTenantsConfig::default(),
             tenants,
             topology: TopologyConfig::default(),
+            // Dev mode delivers to a receiver on this machine.
+            push: PushSettings {
+                allow_private_networks: true,
+                ..PushSettings::default()
+            },
         }
     }
 
@@ -191,10 +203,15 @@ impl Config {
         self.rpc.validate()?;
         self.streams.validate()?;
         self.sse.validate()?;
+        self.push.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
-        let tenants =
-            tenants::resolve_tenants(&self.tenants, self.dynamic_tenants.enabled, &broker_urls)?;
+        let tenants = tenants::resolve_tenants(
+            &self.tenants,
+            self.dynamic_tenants.enabled,
+            &broker_urls,
+            &self.push,
+        )?;
         let dynamic = self.dynamic_tenants.resolve(&broker_urls)?;
         Ok(Resolved {
             token_keys,

@@ -96,6 +96,9 @@ pub struct TenantConfig {
     pub exchanges: Vec<ExchangeConfig>,
     #[serde(default)]
     pub queues: Vec<QueueConfig>,
+    /// Push subscriptions (SPEC §13): queues of this topology delivered over HTTP.
+    #[serde(default)]
+    pub push: Vec<super::push::PushConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +154,7 @@ pub struct ResolvedTenant {
     pub subscribe: SubscribeGrants,
     pub limits: LimitsConfig,
     pub topology: TenantTopology,
+    pub push: Vec<super::push::PushSpec>,
 }
 
 /// Checks every `[tenants.*]` table; a tenant without its own URL uses `broker_urls`.
@@ -158,6 +162,7 @@ pub(super) fn resolve_tenants(
     tenants: &BTreeMap<String, TenantConfig>,
     dynamic_enabled: bool,
     broker_urls: &[String],
+    push: &super::push::PushSettings,
 ) -> Result<BTreeMap<String, ResolvedTenant>, ConfigError> {
     if tenants.is_empty() && !dynamic_enabled {
         return Err(ConfigError::invalid(
@@ -187,6 +192,8 @@ pub(super) fn resolve_tenants(
                 Some(url) => vec![url],
                 None => broker_urls.to_vec(),
             };
+        let topology = super::topology::resolve(&prefix, &t.exchanges, &t.queues)?;
+        let push = super::push::resolve(&prefix, name, &t.push, &topology, push)?;
         resolved.insert(
             name.clone(),
             ResolvedTenant {
@@ -196,7 +203,8 @@ pub(super) fn resolve_tenants(
                 publish: compile_publish_grants(&format!("{prefix}.publish"), &t.publish)?,
                 subscribe: compile_subscribe_grants(&format!("{prefix}.subscribe"), &t.subscribe)?,
                 limits: check_limits(&format!("{prefix}.limits"), &t.limits)?,
-                topology: super::topology::resolve(&prefix, &t.exchanges, &t.queues)?,
+                topology,
+                push,
             },
         );
     }

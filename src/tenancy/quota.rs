@@ -10,13 +10,13 @@ use crate::config::LimitsConfig;
 use crate::error::ApiError;
 
 /// A token bucket refilled at `rate` per second, holding at most one second's worth.
-struct Bucket {
+pub(crate) struct Bucket {
     rate: f64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl Bucket {
-    fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self {
             rate,
             state: Mutex::new((rate, Instant::now())),
@@ -25,7 +25,7 @@ impl Bucket {
 
     /// Takes `n` tokens or says how long until they would be there. A request larger
     /// than the whole bucket passes when the bucket is full, leaving it in debt.
-    fn take(&self, n: f64) -> Result<(), Duration> {
+    pub(crate) fn take(&self, n: f64) -> Result<(), Duration> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, last) = &mut *state;
         let now = Instant::now();

@@ -4,6 +4,8 @@
 //! the original acknowledged. The delay queue's TTL dead-letters it back to the queue,
 //! and the broker records each pass in `x-death`, which travels along.
 
+use std::time::Duration;
+
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -112,6 +114,20 @@ pub fn next_hop(policy: &RetryPolicy, attempt: u32) -> (String, u32) {
     }
 }
 
+/// [`next_hop`] when the next retry should wait at least `at_least` (a receiver's
+/// `Retry-After`): the first remaining delay that long, or the longest one.
+pub fn next_hop_at_least(policy: &RetryPolicy, attempt: u32, at_least: Duration) -> (String, u32) {
+    let taken = usize::try_from(attempt).unwrap_or(usize::MAX);
+    if taken >= policy.delays_ms.len() {
+        return (policy.dlq(), attempt);
+    }
+    let index = (taken..policy.delays_ms.len())
+        .find(|&i| Duration::from_millis(u64::from(policy.delays_ms[i])) >= at_least)
+        .unwrap_or(policy.delays_ms.len() - 1);
+    let next = u32::try_from(index + 1).unwrap_or(u32::MAX);
+    (policy.delay_queue(index + 1), next)
+}
+
 /// Republishes `message` to its next hop, confirmed and mandatory (a missing delay
 /// queue is an error, not a lost message). Returns the queue it went to.
 pub async fn republish(
@@ -120,15 +136,36 @@ pub async fn republish(
     message: &Retained,
 ) -> Result<String, PublishError> {
     let (queue, attempt) = next_hop(policy, attempt(&message.properties));
+    send_to(broker, &queue, attempt, message, &[]).await?;
+    Ok(queue)
+}
+
+/// Publishes `message` to `queue` through the default exchange, confirmed and
+/// mandatory, carrying `attempt` and `headers` (Warren's own `x-warren-*` notes, e.g.
+/// why a push failed) on top of what [`for_republish`] keeps.
+pub async fn send_to(
+    broker: &Broker,
+    queue: &str,
+    attempt: u32,
+    message: &Retained,
+    headers: &[(&str, AMQPValue)],
+) -> Result<(), PublishError> {
+    let mut properties = for_republish(&message.properties, Some(attempt));
+    if !headers.is_empty() {
+        let mut table = properties.headers().clone().unwrap_or_default();
+        for (name, value) in headers {
+            table.insert((*name).into(), value.clone());
+        }
+        properties = properties.with_headers(table);
+    }
     let outgoing = OutgoingMessage {
         exchange: String::new(),
-        routing_key: queue.clone(),
+        routing_key: queue.to_owned(),
         body: message.body.clone(),
-        properties: for_republish(&message.properties, Some(attempt)),
+        properties,
         mandatory: true,
     };
-    broker.publish(&outgoing).await?;
-    Ok(queue)
+    broker.publish(&outgoing).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -190,6 +227,25 @@ mod tests {
             "the broker refuses another user's id"
         );
         assert_eq!(attempt(&out), 1);
+    }
+
+    #[test]
+    fn retry_after_picks_the_first_delay_that_long_or_the_longest() {
+        let p = policy(); // 200, 400, 800 ms
+        let at = |attempt, ms| next_hop_at_least(&p, attempt, Duration::from_millis(ms));
+        assert_eq!(at(0, 0), ("q.retry.1".into(), 1));
+        assert_eq!(at(0, 300), ("q.retry.2".into(), 2));
+        assert_eq!(
+            at(0, 60_000),
+            ("q.retry.3".into(), 3),
+            "capped at the longest"
+        );
+        assert_eq!(
+            at(1, 100),
+            ("q.retry.2".into(), 2),
+            "never an earlier delay"
+        );
+        assert_eq!(at(3, 0), ("q.dlq".into(), 3));
     }
 
     #[test]

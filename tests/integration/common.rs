@@ -228,7 +228,16 @@ impl TestServer {
 
     /// Starts and waits (with a deadline) until `/readyz` is green.
     pub async fn start_ready(config: Config) -> Self {
-        let server = Self::start(config).await;
+        Self::ready(Self::start(config).await).await
+    }
+
+    /// [`TestServer::start_with_metrics_listener`], then ready as [`TestServer::start_ready`].
+    #[allow(dead_code)]
+    pub async fn start_ready_with_metrics_listener(config: Config) -> Self {
+        Self::ready(Self::start_with_metrics_listener(config).await).await
+    }
+
+    async fn ready(server: Self) -> Self {
         let ready = eventually(Duration::from_secs(10), || async {
             server.get("/readyz").await.status == 200
         })
