@@ -428,7 +428,7 @@ async fn ordered_delivery_stays_in_queue_order_under_retries() {
     let receiver = Receiver::start(Arc::new(move |_, _| {
         let mut c = counter.lock().unwrap_or_else(|e| e.into_inner());
         *c += 1;
-        (if *c % 3 == 0 { 503 } else { 200 }, Duration::ZERO)
+        (if c.is_multiple_of(3) { 503 } else { 200 }, Duration::ZERO)
     }))
     .await;
     let (_admin, rabbit, _server, _label) = pushing(
