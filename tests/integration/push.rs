@@ -607,3 +607,71 @@ fn check_config_names_the_push_key_at_fault() {
         .expect("check-config");
     assert_success(&out);
 }
+
+#[tokio::test]
+async fn sigkill_of_the_delivering_replica_loses_nothing() {
+    // The first attempt of m-0 hangs, so it is in flight when its replica is killed.
+    let receiver = Receiver::start(Arc::new(|hit, earlier| {
+        let hang = hit.id() == "m-0" && earlier == 0;
+        (
+            200,
+            if hang {
+                Duration::from_secs(60)
+            } else {
+                Duration::ZERO
+            },
+        )
+    }))
+    .await;
+    let admin = Admin::new();
+    let vhost = unique("push");
+    admin.vhost(&vhost).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut replicas = BTreeMap::new();
+    for replica in ["a", "b"] {
+        let port = closed_port().await;
+        let toml = push_toml(
+            &vhost,
+            "hook",
+            &receiver.url,
+            "100",
+            "",
+            &format!("timeout_ms = 30000\nheaders = {{ \"X-Replica\" = \"{replica}\" }}"),
+        )
+        .replacen(
+            "[auth]",
+            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 2\n[auth]"),
+            1,
+        );
+        let process = WarrenProcess::start(&dir, &toml, "acme", port, 200).await;
+        replicas.insert(replica.to_owned(), process);
+    }
+    let rabbit = rabbit_in(&vhost).await;
+    fill(&rabbit, "jobs", 0..20).await;
+    let hung = hits_until(&receiver, Duration::from_secs(15), |h| {
+        h.iter().any(|h| h.id() == "m-0")
+    })
+    .await;
+    let first = hung.iter().find(|h| h.id() == "m-0").expect("m-0 was sent");
+    let delivering = first.header("x-replica").to_owned();
+    replicas.get_mut(&delivering).expect("a replica").kill();
+    // The broker gives the unacked message back; the other replica delivers it.
+    let all = hits_until(&receiver, Duration::from_secs(30), |h| {
+        h.iter().filter(|h| h.id() == "m-0").count() >= 2
+    })
+    .await;
+    let again = all
+        .iter()
+        .filter(|h| h.id() == "m-0")
+        .nth(1)
+        .expect("m-0 again");
+    assert_ne!(
+        again.header("x-replica"),
+        delivering,
+        "redelivered by the other replica"
+    );
+    assert_eq!(rabbit.wait_count("jobs", 0).await, 0, "nothing left behind");
+    let ids: BTreeSet<String> = receiver.hits().iter().map(|h| h.id().to_owned()).collect();
+    assert_eq!(ids.len(), 20, "every message reached the receiver: {ids:?}");
+    assert_eq!(rabbit.count("jobs.dlq").await, 0);
+}
