@@ -62,6 +62,26 @@ fn write_plan(out: &mut String, tenant: &ResolvedTenant, plan: &Plan) {
         plan.blockers().count(),
         plan.count(|s| *s == State::Bind),
     );
+    for push in &tenant.push {
+        // The URL without its query (which may carry a token).
+        let mut url = push.url.clone();
+        url.set_query(None);
+        let _ = writeln!(
+            out,
+            "  {:<10} {:?}: queue {:?} -> {url} ({}, {} in flight{}, retries {:?} ms then {:?})",
+            "push",
+            push.name,
+            push.queue,
+            match push.format {
+                crate::config::PushFormat::Warren => "warren frames",
+                crate::config::PushFormat::CloudEvents => "CloudEvents binary",
+            },
+            push.max_in_flight,
+            if push.ordered { ", ordered" } else { "" },
+            push.retry.delays_ms,
+            push.retry.dlq(),
+        );
+    }
 }
 
 /// The tenants with a topology, optionally only `only`.

@@ -675,3 +675,31 @@ async fn sigkill_of_the_delivering_replica_loses_nothing() {
     assert_eq!(ids.len(), 20, "every message reached the receiver: {ids:?}");
     assert_eq!(rabbit.count("jobs.dlq").await, 0);
 }
+
+#[tokio::test]
+async fn topology_plan_shows_the_push_subscriptions() {
+    let admin = Admin::new();
+    let vhost = unique("push");
+    admin.vhost(&vhost).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("warren.toml");
+    let url = "http://127.0.0.1:9/hook?token=secret";
+    std::fs::write(
+        &path,
+        push_toml(&vhost, "hook", url, "100, 200", "", "max_in_flight = 4"),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["topology", "plan", "--config"])
+        .arg(&path)
+        .output()
+        .expect("plan");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains(
+            "push       \"hook\": queue \"jobs\" -> http://127.0.0.1:9/hook (warren frames, 4 in flight, retries [100, 200] ms then \"jobs.dlq\")"
+        ),
+        "{printed}"
+    );
+    assert!(!printed.contains("secret"), "{printed}");
+}
