@@ -40,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod procstat;
+mod push;
 mod rpc;
 mod rpc_parts;
 mod stomp;
@@ -99,7 +100,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "publish,rpc,openloop,fanout,stomp,memory"
+        default_value = "publish,rpc,openloop,fanout,stomp,memory,push"
     )]
     only: Vec<Section>,
     /// Run only the request/reply comparison (the same as `--only rpc`).
@@ -122,6 +123,18 @@ struct Args {
     /// default: on this 2-core machine RabbitMQ needs the other core (BENCHMARKS.md).
     #[arg(long, default_value_t = 1)]
     warren_workers: usize,
+    /// Internal: run as the push floor (a consumer posting to this URL) in a process of
+    /// its own, so that its CPU is measured apart from the receiver's.
+    #[arg(long, hide = true)]
+    push_floor: Option<String>,
+    /// Internal, with `--push-floor`: deliveries in flight and messages to deliver.
+    #[arg(long, hide = true, default_value_t = 1)]
+    push_floor_in_flight: u16,
+    #[arg(long, hide = true, default_value_t = 0)]
+    push_floor_count: usize,
+    /// Concurrency levels (max_in_flight) of the push comparison.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    push_levels: Vec<u16>,
 }
 
 /// The parts of a run (`--only`).
@@ -139,6 +152,9 @@ enum Section {
     Stomp,
     /// Warren's RSS per idle subscribed socket.
     Memory,
+    /// Push subscriptions (`push.rs`): deliveries/s and CPU per delivery beside the
+    /// floor (a lapin consumer with an HTTP client).
+    Push,
 }
 
 impl Args {
@@ -648,6 +664,18 @@ impl Warren {
 
     /// [`Warren::start`] against the broker (or cluster) at `urls`.
     async fn start_on(bin: &Path, dir: &Path, name: &str, urls: &[String]) -> anyhow::Result<Self> {
+        Self::start_with(bin, dir, name, urls, "").await
+    }
+
+    /// [`Warren::start_on`] with `extra` TOML appended to the config (more tables of
+    /// the `bench` tenant, e.g. a push subscription).
+    async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        urls: &[String],
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let urls = urls
             .iter()
             .map(|u| format!("{u:?}"))
@@ -670,7 +698,7 @@ impl Warren {
                  [ws]\nmax_sockets_per_tenant = 100000\n\
                  [tenants.bench]\nvhost = \"/\"\n\
                  publish = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n\
-                 subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n"
+                 subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n{extra}"
             ),
         )?;
         let out = Command::new(bin)
@@ -1331,6 +1359,9 @@ async fn memory(args: &Args, dir: &Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.push_floor {
+        return push::floor(url, args.push_floor_in_flight, args.push_floor_count).await;
+    }
     if args.transient {
         DELIVERY_MODE.store(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -1415,6 +1446,9 @@ async fn main() -> anyhow::Result<()> {
 
     if args.runs(Section::Memory) {
         memory(&args, dir.path()).await?;
+    }
+    if args.runs(Section::Push) {
+        push::run(&args, &conn, dir.path()).await?;
     }
 
     admin
