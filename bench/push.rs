@@ -1,4 +1,5 @@
-//! Push subscriptions (issue #28): deliveries per second and CPU per delivery to a
+//! Push subscriptions (issue #28): deliveries per second (between the first and the
+//! last delivery of a run) and CPU per delivery (the whole delivering process) to a
 //! local HTTP receiver at `--push-levels` deliveries in flight, Warren beside the
 //! floor: the least a gateway can do for the same result, a lapin consumer with a
 //! prefetch that POSTs each message with reqwest and acks it on the 2xx, in a process
@@ -28,6 +29,9 @@ const PUSH_QUEUE: &str = "warren-bench-push";
 struct Receiver {
     url: String,
     received: Arc<AtomicU64>,
+    /// When each delivery arrived (µs since the receiver started), for the rate
+    /// between the first and the last delivery of a run (a start-up does not count).
+    arrivals: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl Receiver {
@@ -35,14 +39,35 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
         let received = Arc::new(AtomicU64::new(0));
-        let counter = received.clone();
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let epoch = Instant::now();
+        let (counter, times) = (received.clone(), arrivals.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, counter.clone()));
+                tokio::spawn(serve(stream, counter.clone(), times.clone(), epoch));
             }
         });
-        Ok(Self { url, received })
+        Ok(Self {
+            url,
+            received,
+            arrivals,
+        })
+    }
+
+    /// Deliveries per second between the first and the last of the `n` after `from`.
+    fn rate(&self, from: u64, n: u64) -> f64 {
+        let times = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        let (Ok(from), Ok(n)) = (usize::try_from(from), usize::try_from(n)) else {
+            return 0.0;
+        };
+        let run = &times[from..(from + n).min(times.len())];
+        match (run.first(), run.last()) {
+            (Some(first), Some(last)) if last > first => {
+                (run.len() - 1) as f64 / ((last - first) as f64 / 1e6)
+            }
+            _ => 0.0,
+        }
     }
 
     fn count(&self) -> u64 {
@@ -51,7 +76,12 @@ impl Receiver {
 }
 
 /// Reads requests (head, then `Content-Length` bytes of body) and answers each.
-async fn serve(mut stream: tokio::net::TcpStream, received: Arc<AtomicU64>) {
+async fn serve(
+    mut stream: tokio::net::TcpStream,
+    received: Arc<AtomicU64>,
+    arrivals: Arc<std::sync::Mutex<Vec<u64>>>,
+    epoch: Instant,
+) {
     let mut buf = Vec::with_capacity(8192);
     let mut chunk = [0u8; 8192];
     loop {
@@ -77,6 +107,8 @@ async fn serve(mut stream: tokio::net::TcpStream, received: Arc<AtomicU64>) {
             }
         }
         buf.drain(..head_end + length);
+        let at = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        arrivals.lock().unwrap_or_else(|e| e.into_inner()).push(at);
         received.fetch_add(1, Ordering::Relaxed);
         if stream
             .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -143,6 +175,15 @@ fn print_point(name: &str, level: u16, p: &Point) {
 }
 
 pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<()> {
+    // As a user runs it: Warren's default thread count (one per core), whatever
+    // `--warren-workers` says for the other sections.
+    let workers = super::WARREN_WORKERS.swap(0, Ordering::Relaxed);
+    let result = compare(args, conn, dir).await;
+    super::WARREN_WORKERS.store(workers, Ordering::Relaxed);
+    result
+}
+
+async fn compare(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<()> {
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -151,7 +192,8 @@ pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<(
     let exe = std::env::current_exe()?;
     println!(
         "\nPush subscriptions: deliveries/s draining a queue of persistent {BODY_BYTES}-byte messages \
-         into a local receiver (204), and the CPU time of the delivering process per delivery"
+         into a local receiver (204), and the CPU time of the delivering process per delivery; \
+         Warren with its default runtime threads (one per core)"
     );
     println!(
         "{:<34} {:>4} {:>12} {:>14}",
@@ -168,16 +210,26 @@ pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<(
     };
     // A first Warren declares the queue as its topology says (with its retry policy),
     // so that both paths drain the same durable queue, filled before each run.
-    for name in [PUSH_QUEUE.to_owned(), format!("{PUSH_QUEUE}.retry.1"), format!("{PUSH_QUEUE}.dlq")] {
+    for name in [
+        PUSH_QUEUE.to_owned(),
+        format!("{PUSH_QUEUE}.retry.1"),
+        format!("{PUSH_QUEUE}.dlq"),
+    ] {
         channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }
-    Warren::start_with(&args.warren, dir, "warren-push-declare", &[AMQP_URL.to_owned()], &config(1))
-        .await?
-        .stop();
+    Warren::start_with(
+        &args.warren,
+        dir,
+        "warren-push-declare",
+        &[AMQP_URL.to_owned()],
+        &config(1),
+    )
+    .await?
+    .stop();
     for &level in &args.push_levels {
-        let count = if level == 1 { 2_000 } else { 10_000 };
+        let count = if level == 1 { 4_000 } else { 20_000 };
         // The floor, in a process of its own.
         fill(&channel, count).await?;
         let before = receiver.count();
@@ -196,8 +248,9 @@ pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<(
             .trim()
             .parse()
             .context("the floor's CPU ticks")?;
+        let _ = took;
         let floor = Point {
-            rate: count as f64 / took.as_secs_f64(),
+            rate: receiver.rate(before, count as u64),
             us_per_delivery: ticks as f64 * 10_000.0 / count as f64,
         };
         // Warren, started with the queue full (its start-up counts against it).
@@ -215,8 +268,9 @@ pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<(
         let took = drained(&receiver, before + count as u64, started).await?;
         let ticks = procstat::cpu_ticks(&warren.pid().to_string());
         warren.stop();
+        let _ = took;
         let warren_point = Point {
-            rate: count as f64 / took.as_secs_f64(),
+            rate: receiver.rate(before, count as u64),
             us_per_delivery: ticks as f64 * 10_000.0 / count as f64,
         };
         print_point("floor (lapin + reqwest)", level, &floor);

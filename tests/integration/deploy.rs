@@ -97,7 +97,10 @@ fn the_shipped_configs_pass_check_config() {
     // The secrets are mounted under /run/secrets there; here they are the examples.
     let shipped = std::fs::read_to_string(root.join("deploy/warren/warren.toml")).unwrap();
     let config = shipped.replace("/run/secrets/", &format!("{}/", secrets.display()));
-    assert_ne!(config, shipped, "the shipped config reads its secrets from files");
+    assert_ne!(
+        config, shipped,
+        "the shipped config reads its secrets from files"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("warren.toml");
     std::fs::write(&path, config).unwrap();
