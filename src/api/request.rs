@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -19,7 +17,7 @@ use super::openapi::{PublishHeaders, problems};
 use super::publish::{CallHeaders, respond};
 use super::slots::WorkSlot;
 use crate::AppState;
-use crate::delivery::render::{PropertiesJson, properties_json};
+use crate::delivery::render::{BodyMembers, PropertiesJson, properties_json};
 use crate::error::ApiError;
 use crate::idempotency::Fingerprint;
 use crate::rpc::{self, KeyedRequest, Replied};
@@ -368,26 +366,11 @@ impl From<Replied> for RequestReplied {
             reply,
         } = replied;
         let (properties, data) = (reply.properties, reply.body);
-        let essence = properties
-            .content_type()
-            .as_ref()
-            .map(|ct| ct.as_str().split(';').next().unwrap_or_default().trim())
-            .unwrap_or_default();
-        let has = |at: Option<&str>, kind: &str| at.is_some_and(|a| a.eq_ignore_ascii_case(kind));
-        let is_json = essence.eq_ignore_ascii_case("application/json")
-            || has(
-                essence.len().checked_sub(5).and_then(|i| essence.get(i..)),
-                "+json",
-            );
-        let is_text = has(essence.get(..5), "text/");
-        let text = std::str::from_utf8(&data).ok();
-        let payload = text
-            .filter(|_| is_json)
-            .and_then(|t| RawValue::from_string(t.to_owned()).ok());
-        let body = text
-            .filter(|_| payload.is_none() && is_text)
-            .map(str::to_owned);
-        let body_base64 = (payload.is_none() && body.is_none()).then(|| BASE64.encode(&data));
+        let BodyMembers {
+            payload,
+            body,
+            body_base64,
+        } = BodyMembers::of(&properties, &data);
         Self {
             message_id,
             correlation_id,
@@ -482,6 +465,9 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use lapin::BasicProperties;
+
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
 
     use super::*;
     use crate::broker::Reply;

@@ -220,6 +220,46 @@ impl MessageFrame {
     }
 }
 
+/// A body as a JSON answer carries it (a reply, a pull receive): JSON content that
+/// parses as `payload`; UTF-8 `text/*` content as `body`; anything else as
+/// `body_base64`. Exactly one is set.
+#[derive(Debug, Clone, Default)]
+pub struct BodyMembers {
+    pub payload: Option<Box<RawValue>>,
+    pub body: Option<String>,
+    pub body_base64: Option<String>,
+}
+
+impl BodyMembers {
+    pub fn of(properties: &BasicProperties, data: &[u8]) -> Self {
+        let essence = properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().split(';').next().unwrap_or_default().trim())
+            .unwrap_or_default();
+        let has = |at: Option<&str>, kind: &str| at.is_some_and(|a| a.eq_ignore_ascii_case(kind));
+        let is_json = essence.eq_ignore_ascii_case("application/json")
+            || has(
+                essence.len().checked_sub(5).and_then(|i| essence.get(i..)),
+                "+json",
+            );
+        let is_text = has(essence.get(..5), "text/");
+        let text = std::str::from_utf8(data).ok();
+        let payload = text
+            .filter(|_| is_json)
+            .and_then(|t| RawValue::from_string(t.to_owned()).ok());
+        let body = text
+            .filter(|_| payload.is_none() && is_text)
+            .map(str::to_owned);
+        let body_base64 = (payload.is_none() && body.is_none()).then(|| BASE64.encode(data));
+        Self {
+            payload,
+            body,
+            body_base64,
+        }
+    }
+}
+
 /// AMQP properties as a JSON object; trace context headers come along in `headers`.
 /// Written straight to the serializer (no intermediate map: this runs for every
 /// delivery and every reply).
