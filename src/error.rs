@@ -77,6 +77,10 @@ pub enum ApiError {
     /// reply channel of the vhost.
     #[error("{0}")]
     CorrelationIdInUse(String),
+    /// Pull (SPEC §14): the receipt's lease ran out; the message was or will be
+    /// delivered again.
+    #[error("{0}")]
+    LeaseExpired(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -133,10 +137,11 @@ pub enum ProblemCode {
     InternalError,
     ReplyTimeout,
     ReplyTooLarge,
+    LeaseExpired,
 }
 
 impl ProblemCode {
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 23] = [
         Self::InvalidRequest,
         Self::Unauthorized,
         Self::Forbidden,
@@ -159,6 +164,7 @@ impl ProblemCode {
         Self::InternalError,
         Self::ReplyTimeout,
         Self::ReplyTooLarge,
+        Self::LeaseExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -185,6 +191,7 @@ impl ProblemCode {
             Self::InternalError => "internal_error",
             Self::ReplyTimeout => "reply_timeout",
             Self::ReplyTooLarge => "reply_too_large",
+            Self::LeaseExpired => "lease_expired",
         }
     }
 }
@@ -220,6 +227,7 @@ impl ApiError {
             Self::ReplyTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::ReplyTooLarge(_) => StatusCode::BAD_GATEWAY,
             Self::CorrelationIdInUse(_) => StatusCode::CONFLICT,
+            Self::LeaseExpired(_) => StatusCode::GONE,
         }
     }
 
@@ -255,6 +263,7 @@ impl ApiError {
             Self::ReplyTooLarge(_) => ProblemCode::ReplyTooLarge,
             // The same answer as a key in flight (SPEC §4): retry after Retry-After.
             Self::CorrelationIdInUse(_) => ProblemCode::IdempotencyKeyInUse,
+            Self::LeaseExpired(_) => ProblemCode::LeaseExpired,
         }
     }
 
@@ -283,6 +292,7 @@ impl ApiError {
             Self::ReplyTimeout(_) => "Reply timeout",
             Self::ReplyTooLarge(_) => "Reply too large",
             Self::CorrelationIdInUse(_) => "Correlation id in use",
+            Self::LeaseExpired(_) => "Lease expired",
         }
     }
 

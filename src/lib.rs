@@ -17,6 +17,7 @@ mod idle;
 pub mod ids;
 mod linger;
 pub mod publishing;
+pub mod pull;
 pub mod push;
 pub mod rpc;
 mod sse_conn;
@@ -66,6 +67,8 @@ pub struct App {
     pub waiting: WaitingSlots,
     /// Push subscriptions running on this replica (SPEC §13).
     pub push: push::Pushes,
+    /// Pull consume with leases (SPEC §14).
+    pub pull: Arc<pull::Pull>,
     shutdown: watch::Sender<bool>,
     shutting_down: AtomicBool,
     in_flight: AtomicUsize,
@@ -104,6 +107,16 @@ impl App {
         let store = Store::connect(&config.idempotency, config.tenants.len()).await?;
         let push_client = push::Pushes::client(&resolved, &config.push)
             .context("cannot set up the push client")?;
+        let receipt_key = pull_receipt_key(&config, &resolved)?;
+        let relay = match config.idempotency.store {
+            config::StoreKind::Redis => Some(pull::relay::RelayConfig {
+                client: redis::Client::open(config.idempotency.redis_url.as_str())
+                    .context("idempotency.redis_url")?,
+                prefix: config.idempotency.key_prefix.clone(),
+                timeout: Duration::from_millis(config.pull.relay_timeout_ms),
+            }),
+            config::StoreKind::Memory => None,
+        };
         // The pools start connecting at once, so nothing after them may fail: a start
         // that gave up would leave connection attempts running as the runtime goes.
         let tenants =
@@ -119,6 +132,7 @@ impl App {
             let tenants = resolved.tenants.values().cloned().collect();
             startup.spawn(&tasks, stop.clone(), config.amqp.clone(), tenants);
         }
+        let pull = pull::Pull::new(config.pull.clone(), receipt_key, relay, &tasks, &stop);
         let push = push::Pushes::start(
             &resolved,
             &config.push,
@@ -154,6 +168,7 @@ impl App {
             work_slots,
             waiting,
             push,
+            pull,
             shutdown: watch::channel(false).0,
             shutting_down: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -198,6 +213,20 @@ impl App {
         self.shutdown.send_replace(true);
         self.stop.cancel();
     }
+}
+
+/// The key pull receipts are sealed with: `pull.receipt_secret`, else derived from the
+/// token signing secret (shared by replicas), else random for this process (one
+/// replica only; check-config warns when several could share a Redis).
+fn pull_receipt_key(config: &Config, resolved: &Resolved) -> anyhow::Result<pull::ReceiptKey> {
+    let key = match config.pull.receipt_key_material()? {
+        Some(material) => pull::ReceiptKey::derive(&material),
+        None => match &resolved.signing_secret {
+            Some(secret) => pull::ReceiptKey::derive(secret.secret()),
+            None => pull::ReceiptKey::random(),
+        },
+    };
+    key.map_err(|e| anyhow::anyhow!("cannot make the pull receipt key: {e}"))
 }
 
 /// Closes idle dynamic-tenant pools in the background, until shutdown (or the app is

@@ -62,6 +62,10 @@ pub const PUSH_ATTEMPTS: &str = "warren_push_attempts_total";
 pub const PUSH_ATTEMPT_DURATION: &str = "warren_push_attempt_duration_seconds";
 pub const PUSH_IN_FLIGHT: &str = "warren_push_in_flight";
 pub const PUSH_PAUSED: &str = "warren_push_paused";
+pub const PULL_RECEIVED: &str = "warren_pull_received_total";
+pub const PULL_SETTLED: &str = "warren_pull_settled_total";
+pub const PULL_EXPIRED: &str = "warren_pull_leases_expired_total";
+pub const PULL_LEASED: &str = "warren_pull_leased";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -114,6 +118,22 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    describe_counter!(
+        PULL_RECEIVED,
+        "Messages handed out (leased) by pull receives, by tenant."
+    );
+    describe_counter!(
+        PULL_SETTLED,
+        "Pull receipts settled, by tenant, op (ack, nack, extend) and result (done, expired, invalid, failed)."
+    );
+    describe_counter!(
+        PULL_EXPIRED,
+        "Pull leases that ran out (the message went back to its queue), by tenant."
+    );
+    describe_gauge!(
+        PULL_LEASED,
+        "Messages leased by pull receives on this replica, not yet settled."
+    );
     describe_counter!(
         PUSH_DELIVERIES,
         "Push deliveries settled, by subscription (tenant/name) and outcome: delivered (2xx, acked), retried (to a delay queue), dead_lettered (to <queue>.dlq), requeued (a retry hop could not be published; back in the queue), poison (refused before any attempt)."
@@ -632,4 +652,22 @@ pub fn push_paused(subscription: &str, paused: bool) {
     } else {
         0.0
     });
+}
+
+pub fn pull_received(tenant: &str, messages: usize) {
+    counter!(PULL_RECEIVED, "tenant" => tenant.to_owned()).increment(messages as u64);
+}
+
+/// `op` is `ack`, `nack` or `extend`; `result` `done`, `expired`, `invalid` or `failed`.
+pub fn pull_settled(tenant: &str, op: &'static str, result: &'static str) {
+    counter!(PULL_SETTLED, "tenant" => tenant.to_owned(), "op" => op, "result" => result)
+        .increment(1);
+}
+
+pub fn pull_expired(tenant: &str) {
+    counter!(PULL_EXPIRED, "tenant" => tenant.to_owned()).increment(1);
+}
+
+pub fn pull_leased(leased: usize) {
+    gauge!(PULL_LEASED).set(leased as f64);
 }

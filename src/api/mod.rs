@@ -8,6 +8,7 @@ pub mod model;
 pub mod openapi;
 mod problem;
 pub mod publish;
+pub mod queues;
 pub mod request;
 pub mod slots;
 pub mod sse;
@@ -54,13 +55,18 @@ fn work_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(publish::publish_batch))
         .routes(routes!(events::publish_event))
         .routes(routes!(sse::events))
+        .routes(routes!(queues::ack))
+        .routes(routes!(queues::nack))
+        .routes(routes!(queues::extend))
 }
 
 /// Requests that wait on something other than Warren: they share
 /// `server.max_concurrent_requests` until their handler starts waiting, then hold a
 /// waiting slot instead ([`crate::WaitingSlots`], [`slots::WorkSlot`]).
 fn waiting_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(request::request))
+    OpenApiRouter::new()
+        .routes(routes!(request::request))
+        .routes(routes!(queues::receive))
 }
 
 /// Liveness, readiness and metrics: cheap, bodiless, and outside the request limit, so

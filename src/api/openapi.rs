@@ -37,6 +37,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
         (name = "publish", description = "Publish messages with publisher confirms."),
         (name = "request", description = "Request/reply: publish a request and wait for its reply (direct reply-to)."),
         (name = "subscribe", description = "Receive messages as server-sent events (streams replay from an offset)."),
+        (name = "pull", description = "Take messages from a queue with leases, and ack, nack or extend them (any replica)."),
         (name = "operations", description = "Liveness, readiness and metrics (no token needed)."),
     ),
     components(
@@ -61,6 +62,7 @@ Every response carries `X-Request-Id` (the client's, or a fresh UUID).",
             problems::RequestTimedOut,
             problems::StreamNotFound,
             problems::SubscribeUnavailable,
+            problems::QueueNotFound,
         ),
     ),
     modifiers(&BearerScheme),
@@ -480,6 +482,13 @@ pub mod problems {
         StreamNotFound => [
             ("stream_not_found", ApiError::StreamNotFound(
                 "stream \"order-log\" does not exist in this tenant's vhost".to_owned())),
+        ]
+    }
+
+    problem_response! {
+        /// `queue_not_found`: no queue of this name in the tenant's vhost.
+        QueueNotFound => [
+            ("queue_not_found", ApiError::QueueNotFound("jobs".to_owned())),
         ]
     }
 

@@ -8,6 +8,7 @@ mod auth;
 mod check;
 mod idempotency;
 mod log;
+mod pull;
 mod push;
 mod rpc;
 mod server;
@@ -23,6 +24,7 @@ pub use amqp::{AmqpConfig, TlsConfig};
 pub use auth::{AuthConfig, HsSecretConfig, PublicKeyFileConfig};
 pub use idempotency::{IdempotencyConfig, StoreKind};
 pub use log::{LogConfig, LogFormat};
+pub use pull::PullConfig;
 pub use push::{
     HeaderSource, PushConfig, PushFormat, PushSettings, PushSpec, check_push_url, is_public,
 };
@@ -96,6 +98,8 @@ pub struct Config {
     pub topology: TopologyConfig,
     #[serde(default)]
     pub push: PushSettings,
+    #[serde(default)]
+    pub pull: PullConfig,
 }
 
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
@@ -190,6 +194,7 @@ impl Config {
                 allow_private_networks: true,
                 ..PushSettings::default()
             },
+            pull: PullConfig::default(),
         }
     }
 
@@ -204,6 +209,7 @@ impl Config {
         self.streams.validate()?;
         self.sse.validate()?;
         self.push.validate()?;
+        self.pull.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants = tenants::resolve_tenants(

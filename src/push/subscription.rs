@@ -439,7 +439,7 @@ impl Subscription {
         let sent = retry::send_to(
             broker,
             &queue,
-            attempt,
+            Some(attempt),
             &message,
             &[(STATUS_HEADER, status)],
         )

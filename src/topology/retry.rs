@@ -136,21 +136,21 @@ pub async fn republish(
     message: &Retained,
 ) -> Result<String, PublishError> {
     let (queue, attempt) = next_hop(policy, attempt(&message.properties));
-    send_to(broker, &queue, attempt, message, &[]).await?;
+    send_to(broker, &queue, Some(attempt), message, &[]).await?;
     Ok(queue)
 }
 
 /// Publishes `message` to `queue` through the default exchange, confirmed and
-/// mandatory, carrying `attempt` and `headers` (Warren's own `x-warren-*` notes, e.g.
-/// why a push failed) on top of what [`for_republish`] keeps.
+/// mandatory, carrying `attempt` (none: no attempt header) and `headers` (Warren's own
+/// `x-warren-*` notes, e.g. why a push failed) on top of what [`for_republish`] keeps.
 pub async fn send_to(
     broker: &Broker,
     queue: &str,
-    attempt: u32,
+    attempt: Option<u32>,
     message: &Retained,
     headers: &[(&str, AMQPValue)],
 ) -> Result<(), PublishError> {
-    let mut properties = for_republish(&message.properties, Some(attempt));
+    let mut properties = for_republish(&message.properties, attempt);
     if !headers.is_empty() {
         let mut table = properties.headers().clone().unwrap_or_default();
         for (name, value) in headers {

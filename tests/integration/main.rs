@@ -16,6 +16,7 @@ mod openapi;
 mod poison;
 mod properties;
 mod publish;
+mod pull;
 mod push;
 mod queues;
 mod request;
