@@ -65,6 +65,8 @@ echo "== 1. openapi/openapi.json is valid OpenAPI 3.1"
 
 PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 WARREN_TEST_AMQP_URL="$AMQP_URL" write_warren_config "$WORK/warren.toml" "$PORT" contract
+# The pull test (tests/contract/test_client.py) consumes the queue contract-pull.
+sed -i 's|^subscribe = \[\(.*\)\]$|subscribe = [\1, { queue = "contract-pull" }]|' "$WORK/warren.toml"
 BASE="http://127.0.0.1:$PORT"
 "$BIN" serve --config "$WORK/warren.toml" >"$WORK/warren.log" 2>&1 &
 WARREN_PID=$!

@@ -154,7 +154,7 @@ fn header_table_schema() -> utoipa::openapi::schema::Object {
 /// Whole numbers. JSON Schema counts `5.0` as an integer, and clients whose numbers are
 /// all floats (JavaScript, a Python `float`) send it that way: accept any number without
 /// a fractional part that fits.
-mod whole {
+pub(crate) mod whole {
     use serde::Deserialize;
     use serde::de::{Deserializer, Error};
     use serde_json::Number;
@@ -183,6 +183,11 @@ mod whole {
                 None => float(&n, 0.0, U64_END).map(|f| f as u64),
             })
             .transpose()
+    }
+
+    /// [`u64`] for a member that must be there.
+    pub fn required_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        u64(d)?.ok_or_else(|| D::Error::custom("expected a whole number"))
     }
 
     pub fn i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {

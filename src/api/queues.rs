@@ -12,6 +12,7 @@ use std::time::Duration;
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
+use super::model::whole;
 use super::openapi::problems;
 use super::request::ReplyProperties;
 use super::slots::WorkSlot;
@@ -26,15 +27,19 @@ use crate::tenancy::{Principal, Scope};
 #[serde(deny_unknown_fields)]
 pub struct ReceiveRequest {
     /// Most messages to take (default 1).
+    #[serde(default, deserialize_with = "whole::u64")]
     #[schema(minimum = 1, maximum = 100, example = 10)]
-    pub max_messages: Option<u32>,
+    pub max_messages: Option<u64>,
     /// How long to wait for the first message when none is there (a long poll; default
     /// 0: answer at once).
+    #[serde(default, deserialize_with = "whole::u64")]
     #[schema(minimum = 0, maximum = 20000, example = 20000)]
     pub wait_ms: Option<u64>,
     /// How long each message stays leased (default `pull.default_lease_ms`), within
-    /// `pull.min_lease_ms` and `pull.max_lease_ms`.
-    #[schema(minimum = 1, example = 30000)]
+    /// `pull.min_lease_ms` and `pull.max_lease_ms` (the bounds shown are those keys'
+    /// defaults).
+    #[serde(default, deserialize_with = "whole::u64")]
+    #[schema(minimum = 1000, maximum = 300000, example = 30000)]
     pub lease_ms: Option<u64>,
 }
 
@@ -103,9 +108,11 @@ pub struct NackRequest {
 pub struct ExtendRequest {
     #[schema(min_items = 1, max_items = 100)]
     pub receipts: Vec<String>,
-    /// The new lease, from now (within `pull.min_lease_ms` and `pull.max_lease_ms`; a
-    /// lease never lasts more than `pull.max_lease_age_ms` in all).
-    #[schema(minimum = 1, example = 30000)]
+    /// The new lease, from now (within `pull.min_lease_ms` and `pull.max_lease_ms`, the
+    /// bounds shown being those keys' defaults; a lease never lasts more than
+    /// `pull.max_lease_age_ms` in all).
+    #[serde(deserialize_with = "whole::required_u64")]
+    #[schema(minimum = 1000, maximum = 300000, example = 30000)]
     pub lease_ms: u64,
 }
 
@@ -211,7 +218,7 @@ async fn receive_messages(
 ) -> Result<Received, ApiError> {
     let queue = queue_of(principal, path)?;
     let max = request.max_messages.unwrap_or(1);
-    if max == 0 || max as usize > pull::MAX_MESSAGES {
+    if max == 0 || max > pull::MAX_MESSAGES as u64 {
         return Err(ApiError::InvalidRequest(format!(
             "max_messages: must be from 1 to {}",
             pull::MAX_MESSAGES
@@ -245,7 +252,7 @@ async fn receive_messages(
         .receive(
             &principal.tenant,
             &queue,
-            max as usize,
+            usize::try_from(max).unwrap_or(pull::MAX_MESSAGES),
             Duration::from_millis(wait),
             lease,
             retry,
@@ -291,11 +298,11 @@ fn rfc3339_ms(ms: u64) -> String {
 async fn settle(
     state: &AppState,
     principal: &Principal,
-    path: Result<Path<String>, PathRejection>,
+    queue: Result<String, ApiError>,
     receipts: Vec<String>,
     op: Op,
 ) -> Response {
-    let queue = match queue_of(principal, path) {
+    let queue = match queue {
         Ok(queue) => queue,
         Err(error) => return error.into_response(),
     };
@@ -380,7 +387,8 @@ pub async fn ack(
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<AckRequest>,
 ) -> Response {
-    settle(&state, &principal, path, body.value.receipts, Op::Ack).await
+    let queue = queue_of(&principal, path);
+    settle(&state, &principal, queue, body.value.receipts, Op::Ack).await
 }
 
 /// Give received messages back.
@@ -413,10 +421,11 @@ pub async fn nack(
     body: JsonBody<NackRequest>,
 ) -> Response {
     let requeue = body.value.requeue;
+    let queue = queue_of(&principal, path);
     settle(
         &state,
         &principal,
-        path,
+        queue,
         body.value.receipts,
         Op::Nack { requeue },
     )
@@ -452,15 +461,18 @@ pub async fn extend(
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<ExtendRequest>,
 ) -> Response {
-    let lease = match lease_ms(&state, Some(body.value.lease_ms)) {
-        Ok(lease) => lease,
+    // Scope and grant first: a caller who may not use the queue learns nothing more.
+    let checked = queue_of(&principal, path)
+        .and_then(|queue| lease_ms(&state, Some(body.value.lease_ms)).map(|lease| (queue, lease)));
+    let (queue, lease) = match checked {
+        Ok(checked) => checked,
         Err(error) => return error.into_response(),
     };
     let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
     settle(
         &state,
         &principal,
-        path,
+        Ok(queue),
         body.value.receipts,
         Op::Extend { lease_ms },
     )

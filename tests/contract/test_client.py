@@ -160,3 +160,44 @@ def test_reused_idempotency_key_is_a_typed_422():
     assert response.status_code == 422
     assert isinstance(response.parsed, Problem)
     assert response.parsed.code == ProblemCode.IDEMPOTENCY_KEY_MISMATCH
+
+
+def test_a_generated_client_receives_and_acks_with_leases():
+    """Pull consume (SPEC §14) through the generated client: receive with a lease, ack,
+    and a repeated ack that is harmless. scripts/api-contract.sh grants the tenant the
+    queue `contract-pull`."""
+    from warren_client.api.pull import ack, receive
+    from warren_client.models import AckRequest, ReceiveRequest, Received, SettleResults
+
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    channel.queue_declare("contract-pull", durable=True)
+    channel.queue_purge("contract-pull")
+    try:
+        channel.basic_publish(
+            "", "contract-pull", b'{"job": 7}',
+            pika.BasicProperties(content_type="application/json", message_id="job-7"))
+        pull_client = client(os.environ["WARREN_PUBSUB_TOKEN"])
+        response = receive.sync_detailed(
+            "contract-pull", client=pull_client,
+            body=ReceiveRequest(max_messages=10, wait_ms=2000, lease_ms=30000))
+        assert response.status_code == 200, response.content
+        received = response.parsed
+        assert isinstance(received, Received)
+        assert len(received.messages) == 1
+        message = received.messages[0]
+        assert message.payload == {"job": 7}
+        assert message.attempt == 1
+        assert message.properties.message_id == "job-7"
+        acked = ack.sync_detailed(
+            "contract-pull", client=pull_client, body=AckRequest(receipts=[message.receipt]))
+        assert acked.status_code == 200, acked.content
+        assert isinstance(acked.parsed, SettleResults)
+        assert [r.status for r in acked.parsed.results] == [200]
+        again = ack.sync_detailed(
+            "contract-pull", client=pull_client, body=AckRequest(receipts=[message.receipt]))
+        assert again.status_code == 200
+        assert channel.queue_declare("contract-pull", passive=True).method.message_count == 0
+    finally:
+        channel.queue_delete("contract-pull")
+        connection.close()
