@@ -261,6 +261,20 @@ impl Config {
                 ),
             }
         }
+        // Replicas sharing Redis relay pull settles to each other, and each must open the
+        // receipts the others sealed: that needs a shared key.
+        let shared_secret = self.auth.hs256_secret.is_some()
+            || self.auth.hs256_secret_file.is_some()
+            || !self.auth.hs_secrets.is_empty();
+        if idem.store == idempotency::StoreKind::Redis
+            && !shared_secret
+            && self.pull.receipt_secret.is_none()
+            && self.pull.receipt_secret_file.is_none()
+        {
+            warnings.push(
+                "pull.receipt_secret: with only public token keys, each replica seals pull receipts with a key of its own, so an ack sent to another replica is refused; set pull.receipt_secret (or receipt_secret_file) to the same secret on every replica".to_owned(),
+            );
+        }
         warnings
     }
 }
