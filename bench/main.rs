@@ -40,6 +40,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 mod procstat;
+mod pull;
 mod push;
 mod rpc;
 mod rpc_parts;
@@ -100,7 +101,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "publish,rpc,openloop,fanout,stomp,memory,push"
+        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull"
     )]
     only: Vec<Section>,
     /// Run only the request/reply comparison (the same as `--only rpc`).
@@ -155,6 +156,9 @@ enum Section {
     /// Push subscriptions (`push.rs`): deliveries/s and CPU per delivery beside the
     /// floor (a lapin consumer with an HTTP client).
     Push,
+    /// Pull consume with leases (`pull.rs`): received and acked per second beside a
+    /// lapin consumer with manual acks.
+    Pull,
 }
 
 impl Args {
@@ -698,7 +702,7 @@ impl Warren {
                  [ws]\nmax_sockets_per_tenant = 100000\n\
                  [tenants.bench]\nvhost = \"/\"\n\
                  publish = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n\
-                 subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n{extra}"
+                 subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}, {{ queue = \"warren-bench-pull\" }}]\n{extra}"
             ),
         )?;
         let out = Command::new(bin)
@@ -1449,6 +1453,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.runs(Section::Push) {
         push::run(&args, &conn, dir.path()).await?;
+    }
+    if args.runs(Section::Pull) {
+        pull::run(&args, &conn, dir.path()).await?;
     }
 
     admin
