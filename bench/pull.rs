@@ -167,9 +167,7 @@ pub async fn run(args: &Args, conn: &Connection, dir: &Path) -> anyhow::Result<(
         dir,
         "warren-pull",
         &[AMQP_URL.to_owned()],
-        &format!(
-            "[tenants.bench.limits]\nmax_waiting_requests = 1000\n[pull]\nmax_leased_per_tenant = 1000\n",
-        ),
+        "[tenants.bench.limits]\nmax_waiting_requests = 1000\n[pull]\nmax_leased_per_tenant = 1000\n",
     )
     .await;
     super::WARREN_WORKERS.store(workers, Ordering::Relaxed);
