@@ -185,7 +185,8 @@ pub fn delivery_json(delivery: &Delivery, tenant: &str, exchange: &str) -> Strin
 ///   `content_type`.
 ///
 /// Required attributes a binary-mode event lacks are filled in the synthesized way, so
-/// the result is always a valid event. A message without `message_id` gets a fresh id.
+/// the result is a valid event; headers that would make an invalid one are ignored and
+/// the event synthesized. A message without `message_id` gets a fresh id.
 pub fn render(
     properties: &BasicProperties,
     body: &[u8],
@@ -201,10 +202,32 @@ pub fn render(
     {
         return text.trim().to_owned();
     }
-    let mut attributes: Vec<(String, serde_json::Value)> = Vec::new();
-    if let Some(headers) = properties.headers() {
-        attributes = header_attributes(headers);
+    let from_headers = properties
+        .headers()
+        .as_ref()
+        .map(header_attributes)
+        .unwrap_or_default();
+    if from_headers.is_empty() {
+        return render_attributes(properties, body, routing_key, origin, from_headers);
     }
+    let event = render_attributes(properties, body, routing_key, origin, from_headers);
+    // Headers another producer wrote can make an invalid event (a `source` with a space,
+    // a `specversion` of 2.0); the subscriber is then given the synthesized event, never
+    // an invalid one.
+    if super::event::from_structured(event.as_bytes()).is_ok() {
+        return event;
+    }
+    render_attributes(properties, body, routing_key, origin, Vec::new())
+}
+
+fn render_attributes(
+    properties: &BasicProperties,
+    body: &[u8],
+    routing_key: &str,
+    origin: Origin<'_>,
+    mut attributes: Vec<(String, serde_json::Value)>,
+) -> String {
+    let content_type = properties.content_type().as_ref().map(|c| c.as_str());
     let has = |attributes: &[(String, serde_json::Value)], name: &str| {
         attributes.iter().any(|(n, _)| n == name)
     };
@@ -554,5 +577,26 @@ mod tests {
         .unwrap();
         assert_eq!(v["type"], "rk");
         assert_eq!(v["data"], json!({"specversion":"1.0","id":"x"}));
+    }
+
+    #[test]
+    fn headers_that_make_an_invalid_event_give_way_to_the_synthesized_one() {
+        for (name, value) in [("ce-source", "/has space"), ("ce-specversion", "2.0")] {
+            let mut headers = FieldTable::default();
+            headers.insert("ce-specversion".into(), AMQPValue::LongString("1.0".into()));
+            headers.insert("ce-id".into(), AMQPValue::LongString("e1".into()));
+            headers.insert(name.into(), AMQPValue::LongString(value.into()));
+            let props = BasicProperties::default()
+                .with_headers(headers)
+                .with_message_id("m-1".into());
+            let text = render(&props, b"", "rk", origin());
+            assert!(
+                super::super::event::from_structured(text.as_bytes()).is_ok(),
+                "{text}"
+            );
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["id"], "m-1", "{name}");
+            assert_eq!(v["source"], "/warren/acme/ev%20ents", "{name}");
+        }
     }
 }
