@@ -20,6 +20,7 @@ pub mod publishing;
 pub mod pull;
 pub mod push;
 pub mod rpc;
+pub mod schedule;
 mod sse_conn;
 pub mod telemetry;
 pub mod tenancy;
@@ -141,6 +142,7 @@ impl App {
             &tasks,
             &stop,
         );
+        schedule::start(&tenants, &config.schedule, &tasks, &stop);
         let stream_slots = delivery::stream::StreamSlots::new(
             config.streams.max_subscriptions,
             config.streams.tenant_share(),

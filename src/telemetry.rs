@@ -66,6 +66,10 @@ pub const PULL_RECEIVED: &str = "warren_pull_received_total";
 pub const PULL_SETTLED: &str = "warren_pull_settled_total";
 pub const PULL_EXPIRED: &str = "warren_pull_leases_expired_total";
 pub const PULL_LEASED: &str = "warren_pull_leased";
+pub const SCHEDULED: &str = "warren_scheduled_total";
+pub const SCHEDULE_FIRED: &str = "warren_schedule_fired_total";
+pub const SCHEDULE_LAG: &str = "warren_schedule_lag_seconds";
+pub const SCHEDULE_HOPS: &str = "warren_schedule_hops_total";
 
 /// Buckets from 100 µs to 10 s, for HTTP and confirm latency alike.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -133,6 +137,22 @@ fn describe() {
     describe_gauge!(
         PULL_LEASED,
         "Messages leased by pull receives on this replica, not yet settled."
+    );
+    describe_counter!(
+        SCHEDULED,
+        "Scheduled publishes accepted (confirmed onto the ladder), by tenant."
+    );
+    describe_counter!(
+        SCHEDULE_FIRED,
+        "Scheduled messages settled at their time, by tenant and outcome: fired (published to its exchange and confirmed), dead_lettered (to warren.scheduled.dlq, with the error label: unroutable, exchange_not_found, forbidden, invalid_request, broker_rejected, payload_too_large), retried (the broker could not take it; back in the due queue)."
+    );
+    describe_histogram!(
+        SCHEDULE_LAG,
+        "How late scheduled messages fired: publish confirmed minus due time."
+    );
+    describe_counter!(
+        SCHEDULE_HOPS,
+        "Scheduled messages moved down one rung of the delay ladder (republished, confirmed)."
     );
     describe_counter!(
         PUSH_DELIVERIES,
@@ -626,6 +646,24 @@ pub fn rpc_inflight(vhost: &str, inflight: usize) {
 
 pub fn http_waiting(waiting: usize) {
     gauge!(HTTP_WAITING).set(waiting as f64);
+}
+
+pub fn scheduled(tenant: &str, messages: u64) {
+    counter!(SCHEDULED, "tenant" => tenant.to_owned()).increment(messages);
+}
+
+/// A scheduled message settled at fire time; `error` labels a dead-lettered one.
+pub fn schedule_fired(tenant: &str, outcome: &'static str, error: &'static str) {
+    counter!(SCHEDULE_FIRED, "tenant" => tenant.to_owned(), "outcome" => outcome, "error" => error)
+        .increment(1);
+}
+
+pub fn schedule_lag(late: Duration) {
+    histogram!(SCHEDULE_LAG).record(late.as_secs_f64());
+}
+
+pub fn schedule_hop() {
+    counter!(SCHEDULE_HOPS).increment(1);
 }
 
 /// One push delivery settled; `outcome` is one of those [`PUSH_DELIVERIES`] describes.

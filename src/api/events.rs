@@ -34,6 +34,10 @@ pub struct EventsQuery {
     /// `application/cloudevents+json` in the body.
     #[param(inline, nullable = false)]
     mode: Option<AmqpMode>,
+    /// Publish the event this many milliseconds from now (SPEC §15), at most
+    /// `schedule.max_delay_ms`; answered `202` with `scheduled_for`.
+    #[param(minimum = 0, nullable = false)]
+    delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
@@ -163,6 +167,7 @@ pub async fn publish_event(
             Some(AmqpMode::Structured) => Mode::Structured,
             _ => Mode::Binary,
         },
+        delay_ms: query.delay_ms,
     };
     let content_type = match headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) {
         None => None,
@@ -179,7 +184,7 @@ pub async fn publish_event(
         key: key.as_ref(),
         fingerprint,
         trace: trace_context(&headers),
-        max_headers_bytes: state.config.server.max_headers_bytes,
+        limits: crate::publishing::Limits::of(&state.config),
     };
     let essence = content_type
         .and_then(|ct| ct.split(';').next())

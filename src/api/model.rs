@@ -56,6 +56,20 @@ pub struct PublishRequest {
     /// dropped silently. With `false`, the broker drops it and `routed` is `false`.
     #[serde(default)]
     pub mandatory: Option<bool>,
+    /// Publish this many milliseconds from now (SPEC §15), at most
+    /// `schedule.max_delay_ms` (7 days by default). Answered `202` with `scheduled_for`
+    /// once the broker confirmed the scheduled message in durable storage; at its time
+    /// it is published as described here (mandatory and confirmed), or lands in
+    /// `warren.scheduled.dlq` with `x-warren-schedule-error` if it cannot be. Not with
+    /// `not_before`.
+    #[serde(default, deserialize_with = "whole::u64")]
+    #[schema(minimum = 0, maximum = 2_592_000_000_u64)]
+    pub delay_ms: Option<u64>,
+    /// Publish at this time (RFC 3339 date-time; whole seconds; a time already past is
+    /// due now), at most `schedule.max_delay_ms` ahead. Not with `delay_ms`.
+    #[serde(default)]
+    #[schema(format = DateTime, nullable = false)]
+    pub not_before: Option<String>,
 }
 
 /// AMQP basic properties. Every string is an AMQP short string: at most 255 bytes of
@@ -227,8 +241,14 @@ pub struct PublishAccepted {
     pub exchange: String,
     pub routing_key: String,
     /// `true` only for a mandatory publish (the broker confirmed and returned nothing, so
-    /// a queue took it); always `false` for `mandatory: false`.
+    /// a queue took it); always `false` for `mandatory: false` and for a scheduled
+    /// message.
     pub routed: bool,
+    /// Set for a scheduled publish (`delay_ms`, `not_before`): when it is due (RFC 3339,
+    /// milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime, nullable = false)]
+    pub scheduled_for: Option<String>,
 }
 
 /// One entry of a batch answer, in request order.
@@ -246,6 +266,10 @@ pub struct BatchItemResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub routed: Option<bool>,
+    /// Set for an accepted scheduled message; see `PublishAccepted.scheduled_for`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime, nullable = false)]
+    pub scheduled_for: Option<String>,
     /// Set on failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -274,6 +298,8 @@ impl From<PublishRequest> for publishing::Request {
             content_type: r.content_type,
             properties: r.properties.into(),
             mandatory: r.mandatory,
+            delay_ms: r.delay_ms,
+            not_before: r.not_before,
         }
     }
 }
@@ -301,6 +327,7 @@ impl From<publishing::Accepted> for PublishAccepted {
             exchange: a.exchange,
             routing_key: a.routing_key,
             routed: a.routed,
+            scheduled_for: a.scheduled_for,
         }
     }
 }
@@ -312,6 +339,7 @@ impl From<publishing::ItemResult> for BatchItemResult {
                 status: ACCEPTED,
                 message_id: Some(ok.message_id),
                 routed: Some(ok.routed),
+                scheduled_for: ok.scheduled_for,
                 code: None,
                 detail: None,
             },
@@ -321,6 +349,7 @@ impl From<publishing::ItemResult> for BatchItemResult {
                     status: problem.status,
                     message_id,
                     routed: None,
+                    scheduled_for: None,
                     code: Some(problem.code),
                     detail: Some(problem.detail),
                 }
@@ -356,7 +385,11 @@ mod tests {
         publishing::Request::from(
             parse_json::<PublishRequest>(json.as_bytes()).map_err(|e| e.to_string())?,
         )
-        .prepare(&TraceContext::default(), None, 16 * 1024)
+        .prepare(
+            &TraceContext::default(),
+            None,
+            crate::publishing::Limits::default(),
+        )
     }
 
     #[test]
@@ -478,7 +511,7 @@ mod tests {
             tracestate: Some("congo=t61rcWkgMzE".into()),
         };
         let p = publishing::Request::from(parse_json::<PublishRequest>(json.as_bytes()).unwrap())
-            .prepare(&trace, None, 16 * 1024)
+            .prepare(&trace, None, crate::publishing::Limits::default())
             .unwrap();
         let props = &p.message.properties;
         assert_eq!(p.message_id, "m-1");

@@ -65,7 +65,7 @@ pub async fn publish(
             .as_ref()
             .map(|k| (k, Fingerprint::of("POST", "/v1/publish", &body.raw))),
         trace: headers.trace,
-        max_headers_bytes: state.config.server.max_headers_bytes,
+        limits: publishing::Limits::of(&state.config),
     };
     let answer = publishing::publish_keyed(&state.idempotency, publish, body.value.into()).await;
     respond(answer.map(|answered| answered.map(PublishAccepted::from)))
@@ -118,15 +118,14 @@ pub async fn publish_batch(
     let trace = headers.trace;
     let tenant = principal.tenant.clone();
     let max = state.config.server.max_batch_messages;
-    let max_headers = state.config.server.max_headers_bytes;
+    let limits = publishing::Limits::of(&state.config);
     let item_key = key.clone();
     let subject = principal.subject.clone();
     let requests = body.value.messages.into_iter().map(Into::into).collect();
     let work = || async move {
         let item_key = item_key.as_ref().map(|k| (k, subject.as_str()));
         let results =
-            publishing::publish_batch(&tenant, requests, max, max_headers, &trace, item_key)
-                .await?;
+            publishing::publish_batch(&tenant, requests, max, limits, &trace, item_key).await?;
         let response = BatchResponse {
             results: results.into_iter().map(Into::into).collect(),
         };

@@ -122,7 +122,7 @@ impl Broker {
     /// into the transaction's buffer, which the rollback empties: nothing is delivered.
     /// A refusal closes only the probe's channel. The default exchange always takes
     /// publishes.
-    pub(super) async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
+    pub async fn ensure_exchange(&self, exchange: &str) -> Result<(), PublishError> {
         if exchange.is_empty() {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use super::event::{Event, push_json_string, write_data};
 use super::time::{format_rfc3339, parse_rfc3339};
-use crate::publishing::{Prepared, Properties, Request, TraceContext};
+use crate::publishing::{Limits, Prepared, Properties, Request, TraceContext};
 
 /// The content type of structured mode (JSON format).
 pub const STRUCTURED: &str = "application/cloudevents+json";
@@ -36,6 +36,8 @@ pub struct Destination {
     /// `None`: the event's `type`.
     pub routing_key: Option<String>,
     pub mode: Mode,
+    /// Publish later (SPEC §15, the `delay_ms` query parameter).
+    pub delay_ms: Option<u64>,
 }
 
 impl Destination {
@@ -51,7 +53,7 @@ pub fn prepare(
     event: &Event,
     destination: &Destination,
     trace: &TraceContext,
-    max_headers_bytes: usize,
+    limits: Limits,
 ) -> Result<Prepared, String> {
     if event.id().len() > 255 {
         return Err("id: must be at most 255 bytes (it is the AMQP message_id)".to_owned());
@@ -94,13 +96,15 @@ pub fn prepare(
             ..Properties::default()
         },
         mandatory: None,
+        delay_ms: destination.delay_ms,
+        not_before: None,
     };
-    let mut prepared = request
-        .prepare(trace, None, max_headers_bytes)
-        .map_err(|e| match e.strip_prefix("properties.headers") {
+    let mut prepared = request.prepare(trace, None, limits).map_err(|e| {
+        match e.strip_prefix("properties.headers") {
             Some(rest) => format!("attributes (as AMQP headers){rest}"),
             None => e,
-        })?;
+        }
+    })?;
     // `prepare` set the defaults of a text body; an event says its own.
     let built = &prepared.message.properties;
     let mut properties = BasicProperties::default()
@@ -347,6 +351,7 @@ mod tests {
             exchange: "events".into(),
             routing_key: None,
             mode,
+            delay_ms: None,
         }
     }
 
@@ -361,7 +366,13 @@ mod tests {
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             tracestate: None,
         };
-        let p = prepare(&event, &destination(Mode::Binary), &trace, 16 * 1024).unwrap();
+        let p = prepare(
+            &event,
+            &destination(Mode::Binary),
+            &trace,
+            Limits::default(),
+        )
+        .unwrap();
         let props = &p.message.properties;
         assert_eq!(p.message.routing_key, "order.created");
         assert_eq!(&p.message.body[..], br#"{"n":1}"#);
@@ -414,7 +425,7 @@ mod tests {
         .unwrap();
         let mut d = destination(Mode::Binary);
         d.routing_key = Some("rk".into());
-        let p = prepare(&event, &d, &TraceContext::default(), 16 * 1024).unwrap();
+        let p = prepare(&event, &d, &TraceContext::default(), Limits::default()).unwrap();
         assert_eq!(p.message.routing_key, "rk");
         assert!(p.message.properties.content_type().is_none());
         assert!(
@@ -444,7 +455,7 @@ mod tests {
             &event,
             &destination(Mode::Structured),
             &TraceContext::default(),
-            16 * 1024,
+            Limits::default(),
         )
         .unwrap();
         let props = &p.message.properties;
@@ -469,7 +480,7 @@ mod tests {
             &event,
             &destination(Mode::Binary),
             &TraceContext::default(),
-            16 * 1024,
+            Limits::default(),
         )
         .unwrap_err();
         assert!(err.starts_with("id:"), "{err}");
@@ -481,7 +492,7 @@ mod tests {
             &event,
             &destination(Mode::Binary),
             &TraceContext::default(),
-            16 * 1024,
+            Limits::default(),
         )
         .unwrap_err();
         assert!(err.starts_with("type:"), "{err}");
@@ -495,7 +506,10 @@ mod tests {
             &event,
             &destination(Mode::Binary),
             &TraceContext::default(),
-            1024,
+            Limits {
+                max_headers_bytes: 1024,
+                ..Limits::default()
+            },
         )
         .unwrap_err();
         assert!(err.starts_with("attributes (as AMQP headers):"), "{err}");

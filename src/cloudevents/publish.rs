@@ -36,7 +36,7 @@ pub struct Caller<'a> {
     /// The request's fingerprint (method, path and query, body) for `key`.
     pub fingerprint: Fingerprint,
     pub trace: TraceContext,
-    pub max_headers_bytes: usize,
+    pub limits: crate::publishing::Limits,
 }
 
 /// Publishes one event; `Ok` only once the broker confirmed it (or for the replayed
@@ -47,7 +47,7 @@ pub async fn publish_event(
     destination: &Destination,
     event: &Event,
 ) -> Result<Answered<Accepted>, ApiError> {
-    let prepared = amqp::prepare(event, destination, &caller.trace, caller.max_headers_bytes)
+    let prepared = amqp::prepare(event, destination, &caller.trace, caller.limits)
         .map_err(ApiError::InvalidRequest)?;
     let tenant = caller.tenant;
     let work = || async move {
@@ -93,7 +93,7 @@ where
         .iter()
         .enumerate()
         .map(|(i, event)| {
-            amqp::prepare(event, destination, &caller.trace, caller.max_headers_bytes)
+            amqp::prepare(event, destination, &caller.trace, caller.limits)
                 .map_err(|e| ApiError::InvalidRequest(format!("[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -199,12 +199,17 @@ fn event_key(event: &Event) -> Result<IdempotencyKey, ApiError> {
 /// The event's content and destination: the event in structured JSON (attributes in a
 /// fixed order, so binary and structured mode agree), the exchange, routing key and mode.
 fn event_fingerprint(event: &Event, destination: &Destination) -> Fingerprint {
-    let target = serde_json::json!([
+    let mut target = serde_json::json!([
         destination.exchange,
         destination.routing_key(event),
         destination.mode == Mode::Structured
-    ])
-    .to_string();
+    ]);
+    // Only a scheduled event says its delay: fingerprints kept before there were
+    // scheduled events stay the same.
+    if let (Some(delay), Some(items)) = (destination.delay_ms, target.as_array_mut()) {
+        items.push(delay.into());
+    }
+    let target = target.to_string();
     Fingerprint::of("CLOUDEVENT", &target, event.to_structured_json().as_bytes())
 }
 
@@ -234,6 +239,7 @@ mod tests {
             exchange: "x".into(),
             routing_key: routing_key.map(str::to_owned),
             mode,
+            delay_ms: None,
         };
         let fp = |e: &Event, d: &Destination| event_fingerprint(e, d);
         let binary = dest(None, Mode::Binary);

@@ -60,6 +60,13 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 }
 
 /// An AMQP timestamp (Unix seconds) as RFC 3339 in UTC: `2026-11-29T10:00:00Z`.
+/// [`format_rfc3339`] with milliseconds (`2026-12-07T10:00:00.250Z`).
+pub fn format_rfc3339_ms(unix_ms: u64) -> String {
+    let seconds = format_rfc3339(unix_ms / 1000);
+    let whole = seconds.trim_end_matches('Z');
+    format!("{whole}.{:03}Z", unix_ms % 1000)
+}
+
 pub fn format_rfc3339(unix_seconds: u64) -> String {
     // u64 seconds reach far beyond year 9999; clamp to what RFC 3339 can write.
     let secs = unix_seconds.min(253_402_300_799) as i64;

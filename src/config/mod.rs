@@ -11,6 +11,7 @@ mod log;
 mod pull;
 mod push;
 mod rpc;
+mod schedule;
 mod server;
 mod sse;
 mod streams;
@@ -29,6 +30,7 @@ pub use push::{
     HeaderSource, PushConfig, PushFormat, PushSettings, PushSpec, check_push_url, is_public,
 };
 pub use rpc::RpcConfig;
+pub use schedule::ScheduleConfig;
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use sse::SseConfig;
 pub use streams::StreamsConfig;
@@ -100,6 +102,8 @@ pub struct Config {
     pub push: PushSettings,
     #[serde(default)]
     pub pull: PullConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
 }
 
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
@@ -195,6 +199,7 @@ impl Config {
                 ..PushSettings::default()
             },
             pull: PullConfig::default(),
+            schedule: ScheduleConfig::default(),
         }
     }
 
@@ -210,6 +215,7 @@ impl Config {
         self.sse.validate()?;
         self.push.validate()?;
         self.pull.validate()?;
+        self.schedule.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants = tenants::resolve_tenants(

@@ -32,6 +32,38 @@ pub struct Request {
     pub properties: Properties,
     /// Defaults to `true`.
     pub mandatory: Option<bool>,
+    /// Publish later (SPEC §15): `delay_ms` or `not_before`, not both.
+    pub delay_ms: Option<u64>,
+    pub not_before: Option<String>,
+}
+
+/// The bounds a publish is checked against, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The encoded header table (`server.max_headers_bytes`): a header frame larger
+    /// than the broker's frame size would close the shared connection.
+    pub max_headers_bytes: usize,
+    /// `schedule.max_delay_ms`.
+    pub max_delay_ms: u64,
+}
+
+/// The config's defaults.
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_headers_bytes: crate::config::ServerConfig::default().max_headers_bytes,
+            max_delay_ms: crate::config::ScheduleConfig::default().max_delay_ms,
+        }
+    }
+}
+
+impl Limits {
+    pub fn of(config: &crate::config::Config) -> Self {
+        Self {
+            max_headers_bytes: config.server.max_headers_bytes,
+            max_delay_ms: config.schedule.max_delay_ms,
+        }
+    }
 }
 
 /// AMQP basic properties as the client set them, not yet validated.
@@ -72,6 +104,17 @@ pub struct Prepared {
     /// The routing keys of the `CC` and `BCC` headers: RabbitMQ routes the message with
     /// each of them too (sender-selected distribution), so each must be granted.
     pub extra_routing_keys: Vec<String>,
+    /// When a scheduled message is due; `None`: publish now.
+    pub due: Option<Due>,
+}
+
+/// When a scheduled message is due, and the longest rung its ladder needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// [`crate::schedule::top_rung`] of `schedule.max_delay_ms`.
+    pub top: u32,
 }
 
 /// The headers RabbitMQ reads as more routing keys (sender-selected distribution).
@@ -84,15 +127,22 @@ impl Request {
     /// Validates and converts to an AMQP message. Errors name the offending field.
     /// `message_id` is used when the client sets none (derived from an idempotency key);
     /// without either, a fresh UUID.
-    /// `max_headers_bytes` bounds the encoded header table (`server.max_headers_bytes`):
-    /// a header frame larger than the broker's frame size would close the shared
-    /// connection.
     pub fn prepare(
         self,
         trace: &TraceContext,
         message_id: Option<String>,
-        max_headers_bytes: usize,
+        limits: Limits,
     ) -> Result<Prepared, String> {
+        let max_headers_bytes = limits.max_headers_bytes;
+        let due = due_ms(
+            self.delay_ms,
+            self.not_before.as_deref(),
+            limits.max_delay_ms,
+        )?
+        .map(|at_ms| Due {
+            at_ms,
+            top: crate::schedule::top_rung(limits.max_delay_ms),
+        });
         short("exchange", &self.exchange)?;
         short("routing_key", &self.routing_key)?;
         let (body, default_type) = match (self.payload, self.body, self.body_base64) {
@@ -200,8 +250,45 @@ impl Request {
             },
             message_id,
             extra_routing_keys,
+            due,
         })
     }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When a scheduled publish is due: `delay_ms` from now, or `not_before` (RFC 3339; a
+/// time already past is due now), at most `max_delay_ms` ahead.
+fn due_ms(
+    delay_ms: Option<u64>,
+    not_before: Option<&str>,
+    max_delay_ms: u64,
+) -> Result<Option<u64>, String> {
+    let now = now_ms();
+    let (field, due) = match (delay_ms, not_before) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err("set only one of delay_ms and not_before".to_owned()),
+        (Some(delay), None) => ("delay_ms", now.saturating_add(delay)),
+        (None, Some(text)) => {
+            let at = crate::cloudevents::time::parse_rfc3339(text).ok_or_else(|| {
+                "not_before: must be an RFC 3339 date-time, e.g. 2026-12-07T10:00:00Z".to_owned()
+            })?;
+            // Whole seconds: a fraction is dropped.
+            let at_ms = u64::try_from(at).unwrap_or(0).saturating_mul(1000);
+            ("not_before", at_ms.max(now))
+        }
+    };
+    if due - now > max_delay_ms {
+        return Err(format!(
+            "{field}: at most {max_delay_ms} ms ahead are accepted (schedule.max_delay_ms)"
+        ));
+    }
+    Ok(Some(due))
 }
 
 /// Headers whose names start with this (in any case) are Warren's own: the attempt of

@@ -5,16 +5,18 @@
 
 mod message;
 mod outcome;
+mod scheduling;
 
 use crate::broker::PublishResult;
 use crate::error::ApiError;
 use crate::idempotency::{Answered, Fingerprint, Idempotency, IdempotencyKey, Outcome};
+use crate::schedule;
 use crate::telemetry;
 use crate::tenancy::Tenant;
 use crate::tenancy::quota::Admitted;
 pub use message::{
-    MAX_EXPIRATION_MS, MAX_EXTRA_ROUTING_KEYS, Prepared, Properties, ROUTING_HEADERS, Request,
-    TraceContext, table_len,
+    Due, Limits, MAX_EXPIRATION_MS, MAX_EXTRA_ROUTING_KEYS, Prepared, Properties, ROUTING_HEADERS,
+    Request, TraceContext, now_ms, table_len,
 };
 pub use outcome::{Accepted, ItemResult};
 
@@ -24,10 +26,10 @@ pub async fn publish_one(
     request: Request,
     trace: &TraceContext,
     message_id: Option<String>,
-    max_headers_bytes: usize,
+    limits: Limits,
 ) -> Result<Accepted, ApiError> {
     let prepared = request
-        .prepare(trace, message_id, max_headers_bytes)
+        .prepare(trace, message_id, limits)
         .map_err(ApiError::InvalidRequest)?;
     publish_prepared(tenant, prepared).await
 }
@@ -35,11 +37,16 @@ pub async fn publish_one(
 /// Publishes one message already validated (a CloudEvent's, which adjusts the prepared
 /// message before it goes out): grants, quotas, publish with confirm, count.
 pub async fn publish_prepared(tenant: &Tenant, prepared: Prepared) -> Result<Accepted, ApiError> {
-    authorize(tenant, &prepared)?;
-    let _admitted = admit(tenant, 1, prepared.message.body.len())?;
-    let broker = tenant.broker().await?;
-    let result = broker.publish(&prepared.message).await;
-    accepted(tenant, prepared, result)
+    publish_prepared_batch(tenant, vec![prepared])
+        .await?
+        .pop()
+        .map_or_else(
+            || Err(ApiError::Internal("publish result lost".into())),
+            |item| match item {
+                ItemResult::Accepted(ok) => Ok(ok),
+                ItemResult::Failed { error, .. } => Err(error),
+            },
+        )
 }
 
 /// Publishes a batch pipelined on pooled channels. A malformed item fails the whole
@@ -50,7 +57,7 @@ pub async fn publish_batch(
     tenant: &Tenant,
     requests: Vec<Request>,
     max_messages: usize,
-    max_headers_bytes: usize,
+    limits: Limits,
     trace: &TraceContext,
     key: Option<(&IdempotencyKey, &str)>,
 ) -> Result<Vec<ItemResult>, ApiError> {
@@ -70,7 +77,7 @@ pub async fn publish_batch(
         .enumerate()
         .map(|(i, m)| {
             let message_id = key.map(|(k, subject)| k.message_id(&tenant.name, subject, Some(i)));
-            m.prepare(trace, message_id, max_headers_bytes)
+            m.prepare(trace, message_id, limits)
                 .map_err(|e| ApiError::InvalidRequest(format!("messages[{i}].{e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -95,11 +102,19 @@ pub async fn publish_prepared_batch(
             }
         }
     }
-    let messages: Vec<_> = allowed.iter().map(|(_, p)| p.message.clone()).collect();
-    let bytes = messages.iter().map(|m| m.body.len()).sum();
-    let _admitted = admit(tenant, messages.len(), bytes)?;
+    let bytes = allowed.iter().map(|(_, p)| p.message.body.len()).sum();
+    let _admitted = admit(tenant, allowed.len(), bytes)?;
     let broker = tenant.broker().await?;
-    let outcomes = broker.publish_all(&messages).await;
+    let (messages, onto_ladder, allowed) =
+        scheduling::outgoing(tenant, &broker, allowed, &mut results).await;
+    let outcomes = schedule::publish_all(
+        &broker,
+        &messages,
+        &onto_ladder,
+        scheduling::top(&allowed),
+        tenant.schedule_wake(),
+    )
+    .await;
     for ((index, item), outcome) in allowed.into_iter().zip(outcomes) {
         let message_id = item.message_id.clone();
         results[index] = Some(match accepted(tenant, item, outcome) {
@@ -146,12 +161,20 @@ fn accepted(
 ) -> Result<Accepted, ApiError> {
     match result {
         Ok(published) => {
-            telemetry::publish_outcome(&tenant.metrics_label, "acked");
+            let scheduled_for = prepared.due.map(|due| {
+                telemetry::scheduled(&tenant.metrics_label, 1);
+                crate::cloudevents::time::format_rfc3339_ms(due.at_ms)
+            });
+            if scheduled_for.is_none() {
+                telemetry::publish_outcome(&tenant.metrics_label, "acked");
+            }
             Ok(Accepted {
                 message_id: prepared.message_id,
                 exchange: prepared.message.exchange,
                 routing_key: prepared.message.routing_key,
-                routed: published.routed,
+                // Scheduled: whether a queue takes it is known when it fires.
+                routed: published.routed && scheduled_for.is_none(),
+                scheduled_for,
             })
         }
         Err(error) => {
@@ -170,7 +193,7 @@ pub struct KeyedPublish<'a> {
     pub subject: &'a str,
     pub key: Option<(&'a IdempotencyKey, Fingerprint)>,
     pub trace: TraceContext,
-    pub max_headers_bytes: usize,
+    pub limits: Limits,
 }
 
 /// Publishes one message under the caller's `Idempotency-Key`, if any: the service
@@ -186,11 +209,11 @@ pub async fn publish_keyed(
         subject,
         key,
         trace,
-        max_headers_bytes,
+        limits,
     } = publish;
     let message_id = key.map(|(k, _)| k.message_id(&tenant.name, subject, None));
     let work = || async move {
-        let accepted = publish_one(tenant, request, &trace, message_id, max_headers_bytes).await?;
+        let accepted = publish_one(tenant, request, &trace, message_id, limits).await?;
         Ok(Outcome::success(202, accepted))
     };
     idempotent(idempotency, &tenant.name, subject, key, work).await

@@ -15,8 +15,12 @@ pub struct Accepted {
     pub exchange: String,
     pub routing_key: String,
     /// `true` only for a mandatory publish the broker confirmed without returning it (a
-    /// queue took it); always `false` for `mandatory: false`.
+    /// queue took it); always `false` for `mandatory: false`, and for a scheduled
+    /// message (known when it fires).
     pub routed: bool,
+    /// A scheduled message's due time (RFC 3339, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_for: Option<String>,
 }
 
 /// One item of a batch, in request order.

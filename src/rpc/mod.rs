@@ -101,6 +101,12 @@ pub async fn request_one(
                 .to_owned(),
         ));
     }
+    if request.delay_ms.is_some() || request.not_before.is_some() {
+        return Err(ApiError::InvalidRequest(
+            "delay_ms, not_before: a request waits for its reply and cannot be scheduled; leave them out"
+                .to_owned(),
+        ));
+    }
     if request.mandatory == Some(false) {
         return Err(ApiError::InvalidRequest(
             "mandatory: a request is always mandatory (an unroutable request could never be answered); leave it out"
@@ -118,7 +124,14 @@ pub async fn request_one(
     };
     request.properties.correlation_id = Some(correlation_id.clone());
     let prepared = request
-        .prepare(call.trace, call.message_id, call.max_headers_bytes)
+        .prepare(
+            call.trace,
+            call.message_id,
+            crate::publishing::Limits {
+                max_headers_bytes: call.max_headers_bytes,
+                max_delay_ms: 0,
+            },
+        )
         .map_err(ApiError::InvalidRequest)?;
     let m = &prepared.message;
     std::iter::once(&m.routing_key)

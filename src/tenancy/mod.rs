@@ -36,6 +36,9 @@ pub struct Tenant {
     pub metrics_label: String,
     pool: Pool,
     pools: Arc<Pools>,
+    /// Configured tenants only: wakes their vhost's scheduled-publish router. Dynamic
+    /// tenants cannot schedule (no replica knows their vhosts to run a router on).
+    schedule: Option<crate::schedule::Wake>,
 }
 
 impl Tenant {
@@ -45,6 +48,11 @@ impl Tenant {
             Pool::Pinned(broker) => Ok(BrokerLease::new(broker.clone())),
             Pool::Lazy(key) => self.pools.get(key).await,
         }
+    }
+
+    /// The router wake-up of this tenant's vhost, when the tenant may schedule.
+    pub fn schedule_wake(&self) -> Option<&tokio::sync::Notify> {
+        self.schedule.as_deref()
     }
 
     /// Denied publishes never reach the broker.
@@ -137,16 +145,18 @@ impl Tenants {
             .map(|d| (d.max_pools, d.pool_idle))
             .unwrap_or((1, std::time::Duration::from_secs(300)));
         let pools = Arc::new(Pools::new(amqp, max_pools, idle));
-        let mut pinned: HashMap<(Vec<String>, String), Arc<Broker>> = HashMap::new();
+        let mut pinned: HashMap<(Vec<String>, String), (Arc<Broker>, crate::schedule::Wake)> =
+            HashMap::new();
         let mut configured = HashMap::new();
         for t in resolved.tenants.values() {
             let key = (t.urls.clone(), t.vhost.clone());
-            let broker = match pinned.get(&key) {
-                Some(broker) => broker.clone(),
+            let (broker, wake) = match pinned.get(&key) {
+                Some(pool) => pool.clone(),
                 None => {
                     let broker = Broker::start(&t.urls, &t.vhost, amqp, true)?;
-                    pinned.insert(key, broker.clone());
-                    broker
+                    let pool = (broker, crate::schedule::Wake::default());
+                    pinned.insert(key, pool.clone());
+                    pool
                 }
             };
             configured.insert(
@@ -160,12 +170,13 @@ impl Tenants {
                     metrics_label: t.name.clone(),
                     pool: Pool::Pinned(broker),
                     pools: pools.clone(),
+                    schedule: Some(wake),
                 }),
             );
         }
         Ok(Self {
             configured,
-            pinned: pinned.into_values().collect(),
+            pinned: pinned.into_values().map(|(broker, _)| broker).collect(),
             dynamic: resolved.dynamic.clone(),
             made: Mutex::new(HashMap::new()),
             pools,
@@ -203,9 +214,26 @@ impl Tenants {
                 vhost,
             }),
             pools: self.pools.clone(),
+            schedule: None,
         });
         made.insert(name.to_owned(), tenant.clone());
         Ok(tenant)
+    }
+
+    /// Each pool opened at start, with its scheduled-publish wake-up and the
+    /// configured tenants on it.
+    pub fn scheduling_pools(&self) -> Vec<(Arc<Broker>, crate::schedule::Wake, Vec<Arc<Tenant>>)> {
+        let mut pools: Vec<(Arc<Broker>, crate::schedule::Wake, Vec<Arc<Tenant>>)> = Vec::new();
+        for tenant in self.configured.values() {
+            let (Pool::Pinned(broker), Some(wake)) = (&tenant.pool, &tenant.schedule) else {
+                continue;
+            };
+            match pools.iter_mut().find(|(b, _, _)| Arc::ptr_eq(b, broker)) {
+                Some((_, _, on_it)) => on_it.push(tenant.clone()),
+                None => pools.push((broker.clone(), wake.clone(), vec![tenant.clone()])),
+            }
+        }
+        pools
     }
 
     /// The pools opened at start; readiness follows these.

@@ -310,6 +310,8 @@ pub enum ServerFrame {
         id: String,
         message_id: String,
         routed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scheduled_for: Option<String>,
     },
     /// Written by [`MessageFrame::to_json`], which splices the shared delivery JSON
     /// after the subscriber's own members; serde never sees it.
@@ -521,6 +523,7 @@ mod tests {
                 id: "p".into(),
                 message_id: "m".into(),
                 routed: true,
+                scheduled_for: None,
             },
             ServerFrame::error(Some("x".into()), &ApiError::Forbidden("no".into())),
         ] {

@@ -542,7 +542,7 @@ async fn publish(state: AppState, principal: Principal, frame: Publish) -> Serve
             .as_ref()
             .map(|k| (k, Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes()))),
         trace: TraceContext::default(),
-        max_headers_bytes: state.config.server.max_headers_bytes,
+        limits: publishing::Limits::of(&state.config),
     };
     let answer = publishing::publish_keyed(&state.idempotency, publish, request.into()).await;
     frame_from_outcome(id, answer)
@@ -555,6 +555,7 @@ fn frame_from_outcome(id: String, answer: Result<Answered<Accepted>, ApiError>) 
         id,
         message_id: body.message_id,
         routed: body.routed,
+        scheduled_for: body.scheduled_for,
     })
 }
 

@@ -20,6 +20,7 @@ mod pull;
 mod push;
 mod queues;
 mod request;
+mod schedule;
 mod security;
 mod shutdown;
 mod sse;

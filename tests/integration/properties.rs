@@ -107,7 +107,11 @@ fn publish_body() -> impl Strategy<Value = Value> {
 
 /// Runs a parsed request through `prepare`; an error must say what is wrong.
 fn check_prepare(request: PublishRequest) -> Result<(), TestCaseError> {
-    match Request::from(request).prepare(&TraceContext::default(), None, 16 * 1024) {
+    match Request::from(request).prepare(
+        &TraceContext::default(),
+        None,
+        warren::publishing::Limits::default(),
+    ) {
         Ok(prepared) => {
             prop_assert!(!prepared.message_id.is_empty());
             prop_assert!(prepared.message.routing_key.len() <= 255);

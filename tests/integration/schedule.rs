@@ -1,0 +1,532 @@
+//! Scheduled publish (SPEC §15) against the real broker: messages fire once each near
+//! their time and in due order, a long delay never holds back a short one, a gateway
+//! restart or a second replica changes nothing, failures at fire time land in the
+//! scheduled DLQ, and the accept checks are a publish's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use rand::Rng;
+use serde_json::{Value, json};
+
+use crate::common::*;
+use crate::ws::{recv, send};
+
+/// A fresh vhost (deleted when the test ends) with a topic exchange `events` and a
+/// queue `fired` bound to all of it, and a tenant `acme` that may publish there.
+pub struct Scheduling {
+    pub _admin: Admin,
+    pub vhost: String,
+    pub rabbit: Rabbit,
+    pub exchange: String,
+    pub queue: String,
+}
+
+pub async fn scheduling() -> Scheduling {
+    let admin = Admin::new();
+    let vhost = unique("sched");
+    admin.vhost(&vhost).await;
+    let rabbit = rabbit_in(&vhost).await;
+    let exchange = rabbit.durable_topic_exchange().await;
+    let queue = rabbit.durable_queue(FieldTable::default()).await;
+    rabbit.bind(&queue, &exchange, "#").await;
+    Scheduling {
+        _admin: admin,
+        vhost,
+        rabbit,
+        exchange,
+        queue,
+    }
+}
+
+impl Scheduling {
+    /// The config of a replica: `acme` may publish anything on the exchange, on
+    /// `gone` (a name the tests leave undeclared) and on `more`.
+    pub fn toml(&self, more: &[&str]) -> String {
+        let grants: Vec<String> = [self.exchange.as_str(), "gone"]
+            .iter()
+            .chain(more)
+            .map(|e| format!("{{ exchange = \"{e}\", routing_key = \"#\" }}"))
+            .collect();
+        format!(
+            "[auth]\nhs256_secret = \"{SECRET}\"\n[amqp]\nurl = \"{}\"\n\
+             [tenants.acme]\nvhost = \"{}\"\npublish = [{}]\n",
+            broker_url(),
+            self.vhost,
+            grants.join(", ")
+        )
+    }
+
+    pub async fn server(&self) -> TestServer {
+        self.server_granting(&[]).await
+    }
+
+    pub async fn server_granting(&self, more: &[&str]) -> TestServer {
+        let config = warren::config::Config::from_toml(&self.toml(more)).expect("config");
+        TestServer::start_ready(config).await
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Every message a queue receives: its `message_id` and when it arrived (Unix ms),
+/// acked as it comes; the consumer ends when the returned handle is dropped with the
+/// connection.
+pub async fn arrivals(rabbit: &Rabbit, queue: &str) -> Arc<Mutex<Vec<(String, u64)>>> {
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let mut consumer = rabbit
+        .channel
+        .basic_consume(
+            queue.into(),
+            unique("c").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let at = now_ms();
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_default();
+            out.lock().unwrap().push((id, at));
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+    });
+    seen
+}
+
+fn scheduled_for_ms(r: &Resp) -> u64 {
+    let text = r.body["scheduled_for"].as_str().expect("scheduled_for");
+    let secs = warren::cloudevents::time::parse_rfc3339(text).expect("RFC 3339") as u64;
+    let millis: u64 = text
+        .rsplit_once('.')
+        .and_then(|(_, f)| f.trim_end_matches('Z').parse().ok())
+        .unwrap_or(0);
+    secs * 1000 + millis
+}
+
+/// Waits until `expected` messages arrived, then a second more for duplicates.
+async fn settle(seen: &Arc<Mutex<Vec<(String, u64)>>>, expected: usize, deadline: Duration) {
+    let done = eventually(deadline, || async {
+        seen.lock().unwrap().len() >= expected
+    })
+    .await;
+    assert!(
+        done,
+        "{} of {expected} messages fired",
+        seen.lock().unwrap().len()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn scheduled_messages_fire_once_each_within_a_second_of_their_time_in_due_order() {
+    let s = scheduling().await;
+    let server = s.server().await;
+    let token = server.token("acme", "publish");
+    let seen = arrivals(&s.rabbit, &s.queue).await;
+    let mut due: HashMap<String, u64> = HashMap::new();
+    let mut rng = rand::rng();
+    for batch in 0..5 {
+        let messages: Vec<Value> = (0..100)
+            .map(|i| {
+                json!({"exchange": s.exchange, "routing_key": "r", "payload": i,
+                       "properties": {"message_id": format!("m-{batch}-{i}")},
+                       "delay_ms": rng.random_range(200..=5000)})
+            })
+            .collect();
+        let r = server
+            .post(
+                "/v1/publish/batch",
+                Some(&token),
+                &json!({"messages": messages}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        for item in r.body["results"].as_array().unwrap() {
+            assert_eq!(item["status"], 202, "{item:?}");
+            assert_eq!(item["routed"], false);
+            let id = item["message_id"].as_str().unwrap().to_owned();
+            let text = item["scheduled_for"].as_str().expect("scheduled_for");
+            let fake = Resp {
+                status: 202,
+                headers: Default::default(),
+                body: json!({ "scheduled_for": text }),
+            };
+            due.insert(id, scheduled_for_ms(&fake));
+        }
+    }
+    settle(&seen, 500, Duration::from_secs(15)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 500, "each message fires exactly once");
+    let mut fired: Vec<(u64, u64, &str)> = Vec::new();
+    for (id, at) in &seen {
+        let due = due[id.as_str()];
+        assert!(
+            *at + 5 >= due,
+            "{id} fired {} ms early",
+            due.saturating_sub(*at)
+        );
+        assert!(*at <= due + 1000, "{id} fired {} ms late", at - due);
+        fired.push((*at, due, id));
+    }
+    // In due order: a message due more than 50 ms before another arrived first.
+    fired.sort();
+    let mut late: Vec<(u64, &str, u64)> = fired
+        .iter()
+        .map(|(at, due, id)| (at - due, *id, *due))
+        .collect();
+    late.sort();
+    eprintln!(
+        "lateness p50 {:?} p99 {:?} max {:?}",
+        late[250], late[495], late[499]
+    );
+    for (i, (_, due_a, id_a)) in fired.iter().enumerate() {
+        for (_, due_b, id_b) in &fired[i + 1..] {
+            assert!(
+                *due_b + 50 > *due_a,
+                "{id_b} (due {due_b}) fired after {id_a} (due {due_a})"
+            );
+        }
+    }
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("warren_scheduled_total{tenant=\"acme\"} 500"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "warren_schedule_fired_total{tenant=\"acme\",outcome=\"fired\",error=\"\"} 500"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("warren_schedule_lag_seconds_count 500"));
+}
+
+#[tokio::test]
+async fn a_message_due_in_an_hour_never_holds_back_one_due_in_a_second() {
+    let s = scheduling().await;
+    let server = s.server().await;
+    let token = server.token("acme", "publish");
+    let seen = arrivals(&s.rabbit, &s.queue).await;
+    for (id, delay) in [("hour", 3_600_000), ("second", 1_000)] {
+        let r = server
+            .publish(
+                &token,
+                &json!({"exchange": s.exchange, "routing_key": "r", "payload": 1,
+                        "properties": {"message_id": id}, "delay_ms": delay}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    let accepted = now_ms();
+    settle(&seen, 1, Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, "second");
+    assert!(seen[0].1 <= accepted + 2_000, "{} ms", seen[0].1 - accepted);
+    // The hour-long one waits on the ladder, persistent, in a rung of its own.
+    let rung = (0..=22)
+        .rev()
+        .map(warren::schedule::rung_queue)
+        .find(|q| {
+            100u64
+                << q.trim_start_matches("warren.scheduled.l")
+                    .parse::<u32>()
+                    .unwrap()
+                <= 3_600_000
+        })
+        .unwrap();
+    assert_eq!(s.rabbit.count(&rung).await, 1, "{rung}");
+}
+
+#[tokio::test]
+async fn the_accept_checks_are_a_publishs_and_an_idempotent_retry_schedules_once() {
+    let s = scheduling().await;
+    let server = s.server().await;
+    let token = server.token("acme", "publish");
+    let body = |extra: Value| {
+        let mut b = json!({"exchange": s.exchange, "routing_key": "r", "payload": 1});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let cases = [
+        (json!({"delay_ms": 604_800_001u64}), 400, "invalid_request"),
+        (json!({"delay_ms": -1}), 400, "invalid_request"),
+        (
+            json!({"delay_ms": 10, "not_before": "2026-12-07T10:00:00Z"}),
+            400,
+            "invalid_request",
+        ),
+        (json!({"not_before": "tomorrow"}), 400, "invalid_request"),
+        (
+            json!({"not_before": "2999-01-01T00:00:00Z"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"delay_ms": 10, "exchange": "not-granted"}),
+            403,
+            "forbidden",
+        ),
+        (
+            json!({"delay_ms": 10, "exchange": "gone"}),
+            404,
+            "exchange_not_found",
+        ),
+        (
+            json!({"delay_ms": 10, "properties": {"headers": {"CC": ["x"]}}, "exchange": "gone"}),
+            404,
+            "exchange_not_found",
+        ),
+        (
+            json!({"delay_ms": 10, "properties": {"headers": {"x-warren-schedule-exchange": "x"}}}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"delay_ms": 10, "properties": {"reply_to": "amq.rabbitmq.reply-to"}}),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (extra, status, code) in cases {
+        let r = server.publish(&token, &body(extra.clone())).await;
+        assert_problem(&r, status, code);
+        assert!(
+            !r.body["detail"].as_str().unwrap_or("").contains(&s.vhost),
+            "{extra}"
+        );
+    }
+    // A request cannot be scheduled.
+    let r = server
+        .post("/v1/request", Some(&token), &body(json!({"delay_ms": 10})))
+        .await;
+    assert_problem(&r, 400, "invalid_request");
+
+    // A retry with the same key gets the same answer, and only one message fires.
+    let seen = arrivals(&s.rabbit, &s.queue).await;
+    let keyed = |server: &TestServer| {
+        server
+            .http
+            .post(format!("{}/v1/publish", server.base))
+            .bearer_auth(&token)
+            .header("idempotency-key", "k-1")
+            .json(&body(json!({"delay_ms": 500})))
+            .send()
+    };
+    let first = into_resp(keyed(&server).await.unwrap()).await;
+    let second = into_resp(keyed(&server).await.unwrap()).await;
+    assert_eq!(first.status, 202, "{:?}", first.body);
+    assert_eq!(second.header("idempotent-replayed"), Some("true"));
+    assert_eq!(first.body, second.body);
+    // A not_before already past is due now.
+    let r = server
+        .publish(&token, &body(json!({"not_before": "2020-01-01T00:00:00Z"})))
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert!(scheduled_for_ms(&r) + 1000 >= now_ms());
+    settle(&seen, 2, Duration::from_secs(5)).await;
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn websocket_and_cloudevents_publishes_schedule_too() {
+    let s = scheduling().await;
+    let server = s.server().await;
+    let token = server.token("acme", "publish");
+    let seen = arrivals(&s.rabbit, &s.queue).await;
+    let mut ws = ws_connect(&server.base, &token).await;
+    send(
+        &mut ws,
+        json!({"type": "publish", "id": "p1", "exchange": s.exchange, "routing_key": "r",
+                "payload": 1, "properties": {"message_id": "ws"}, "delay_ms": 300}),
+    )
+    .await;
+    let confirm = recv(&mut ws).await;
+    assert_eq!(confirm["type"], "confirm", "{confirm}");
+    assert_eq!(confirm["routed"], false);
+    assert!(confirm["scheduled_for"].as_str().is_some(), "{confirm}");
+    let r = server
+        .http
+        .post(format!(
+            "{}/v1/events/{}?routing_key=r&delay_ms=300",
+            server.base, s.exchange
+        ))
+        .bearer_auth(&token)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "ce")
+        .header("ce-source", "/test")
+        .header("ce-type", "t")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let r = into_resp(r).await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert!(r.body["scheduled_for"].as_str().is_some(), "{:?}", r.body);
+    settle(&seen, 2, Duration::from_secs(5)).await;
+    let mut ids: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["ce", "ws"]);
+}
+
+#[tokio::test]
+async fn what_cannot_fire_lands_in_the_scheduled_dlq_saying_why() {
+    let s = scheduling().await;
+    // Unroutable then: an exchange with no queue bound; gone by then: an exchange
+    // deleted after the accept.
+    let lonely = s.rabbit.durable_topic_exchange().await;
+    let doomed = s.rabbit.durable_topic_exchange().await;
+    let server = s.server_granting(&[&lonely, &doomed]).await;
+    let token = server.token("acme", "publish");
+    for (id, exchange, delay) in [("unroutable", &lonely, 200), ("gone", &doomed, 1500)] {
+        let r = server
+            .publish(
+                &token,
+                &json!({"exchange": exchange, "routing_key": "r", "payload": 1,
+                        "properties": {"message_id": id}, "delay_ms": delay}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    s.rabbit.delete_exchange(&doomed).await;
+    // Forged: another producer on the vhost puts a message naming acme and an exchange
+    // acme may not publish to straight on the due queue.
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("x-warren-schedule-tenant", "acme"),
+        ("x-warren-schedule-exchange", "amq.topic"),
+        ("x-warren-schedule-routing-key", "r"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    headers.insert(
+        "x-warren-schedule-due".into(),
+        AMQPValue::LongLongInt(now_ms() as i64),
+    );
+    s.rabbit
+        .channel
+        .basic_publish(
+            "".into(),
+            warren::schedule::DUE_QUEUE.into(),
+            BasicPublishOptions::default(),
+            b"forged",
+            BasicProperties::default()
+                .with_message_id("forged".into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let dlq = warren::schedule::DLQ;
+    assert_eq!(s.rabbit.wait_count(dlq, 3).await, 3);
+    let mut why = HashMap::new();
+    for _ in 0..3 {
+        let m = s.rabbit.get(dlq).await.expect("a dead-lettered message");
+        let headers = m.delivery.properties.headers().clone().unwrap();
+        let error = match headers.inner().get("x-warren-schedule-error") {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            other => panic!("{other:?}"),
+        };
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .to_string();
+        why.insert(id, error);
+    }
+    assert_eq!(why["unroutable"], "unroutable");
+    assert_eq!(why["gone"], "exchange_not_found");
+    assert_eq!(why["forged"], "forbidden");
+    let metrics = server.metrics().await;
+    for error in ["unroutable", "exchange_not_found"] {
+        assert!(
+            metrics.contains(&format!("warren_schedule_fired_total{{tenant=\"acme\",outcome=\"dead_lettered\",error=\"{error}\"}} 1")),
+            "{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("outcome=\"dead_lettered\",error=\"forbidden\""),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replicas_fire_once() {
+    let s = scheduling().await;
+    let seen = arrivals(&s.rabbit, &s.queue).await;
+    let first = s.server().await;
+    let token = first.token("acme", "publish");
+    let batch = |from: usize, delay: std::ops::RangeInclusive<u64>| {
+        let mut rng = rand::rng();
+        let messages: Vec<Value> = (from..from + 100)
+            .map(|i| {
+                json!({"exchange": s.exchange, "routing_key": "r", "payload": i,
+                       "properties": {"message_id": format!("m-{i}")},
+                       "delay_ms": rng.random_range(delay.clone())})
+            })
+            .collect();
+        json!({"messages": messages})
+    };
+    let r = first
+        .post("/v1/publish/batch", Some(&token), &batch(0, 1500..=2500))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    first.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Two replicas now; each takes new messages too.
+    let a = s.server().await;
+    let b = s.server().await;
+    for (i, server) in [&a, &b].into_iter().enumerate() {
+        let token = server.token("acme", "publish");
+        let r = server
+            .post(
+                "/v1/publish/batch",
+                Some(&token),
+                &batch(100 * (i + 1), 500..=2000),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    settle(&seen, 300, Duration::from_secs(15)).await;
+    let seen = seen.lock().unwrap().clone();
+    let mut ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "every message fired");
+    assert_eq!(seen.len(), 300, "and only once");
+    for server in [&a, &b] {
+        let metrics = server.metrics().await;
+        assert!(
+            metrics.contains("warren_schedule_fired_total{tenant=\"acme\",outcome=\"fired\""),
+            "each replica's router fired some: {metrics}"
+        );
+    }
+}
