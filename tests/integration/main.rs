@@ -21,6 +21,7 @@ mod push;
 mod queues;
 mod request;
 mod schedule;
+mod schedule_support;
 mod security;
 mod shutdown;
 mod sse;

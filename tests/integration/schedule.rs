@@ -4,111 +4,17 @@
 //! scheduled DLQ, and the accept checks are a publish's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::schedule_support::*;
 use crate::ws::{recv, send};
-
-/// A fresh vhost (deleted when the test ends) with a topic exchange `events` and a
-/// queue `fired` bound to all of it, and a tenant `acme` that may publish there.
-pub struct Scheduling {
-    pub _admin: Admin,
-    pub vhost: String,
-    pub rabbit: Rabbit,
-    pub exchange: String,
-    pub queue: String,
-}
-
-pub async fn scheduling() -> Scheduling {
-    let admin = Admin::new();
-    let vhost = unique("sched");
-    admin.vhost(&vhost).await;
-    let rabbit = rabbit_in(&vhost).await;
-    let exchange = rabbit.durable_topic_exchange().await;
-    let queue = rabbit.durable_queue(FieldTable::default()).await;
-    rabbit.bind(&queue, &exchange, "#").await;
-    Scheduling {
-        _admin: admin,
-        vhost,
-        rabbit,
-        exchange,
-        queue,
-    }
-}
-
-impl Scheduling {
-    /// The config of a replica: `acme` may publish anything on the exchange, on
-    /// `gone` (a name the tests leave undeclared) and on `more`.
-    pub fn toml(&self, more: &[&str]) -> String {
-        let grants: Vec<String> = [self.exchange.as_str(), "gone"]
-            .iter()
-            .chain(more)
-            .map(|e| format!("{{ exchange = \"{e}\", routing_key = \"#\" }}"))
-            .collect();
-        format!(
-            "[auth]\nhs256_secret = \"{SECRET}\"\n[amqp]\nurl = \"{}\"\n\
-             [tenants.acme]\nvhost = \"{}\"\npublish = [{}]\n",
-            broker_url(),
-            self.vhost,
-            grants.join(", ")
-        )
-    }
-
-    pub async fn server(&self) -> TestServer {
-        self.server_granting(&[]).await
-    }
-
-    pub async fn server_granting(&self, more: &[&str]) -> TestServer {
-        let config = warren::config::Config::from_toml(&self.toml(more)).expect("config");
-        TestServer::start_ready(config).await
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Every message a queue receives: its `message_id` and when it arrived (Unix ms),
-/// acked as it comes; the consumer ends when the returned handle is dropped with the
-/// connection.
-pub async fn arrivals(rabbit: &Rabbit, queue: &str) -> Arc<Mutex<Vec<(String, u64)>>> {
-    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
-    let mut consumer = rabbit
-        .channel
-        .basic_consume(
-            queue.into(),
-            unique("c").as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    let out = seen.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let at = now_ms();
-            let id = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str().to_owned())
-                .unwrap_or_default();
-            out.lock().unwrap().push((id, at));
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-    });
-    seen
-}
 
 fn scheduled_for_ms(r: &Resp) -> u64 {
     let text = r.body["scheduled_for"].as_str().expect("scheduled_for");
@@ -120,25 +26,11 @@ fn scheduled_for_ms(r: &Resp) -> u64 {
     secs * 1000 + millis
 }
 
-/// Waits until `expected` messages arrived, then a second more for duplicates.
-async fn settle(seen: &Arc<Mutex<Vec<(String, u64)>>>, expected: usize, deadline: Duration) {
-    let done = eventually(deadline, || async {
-        seen.lock().unwrap().len() >= expected
-    })
-    .await;
-    assert!(
-        done,
-        "{} of {expected} messages fired",
-        seen.lock().unwrap().len()
-    );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
 #[tokio::test]
 async fn scheduled_messages_fire_once_each_within_a_second_of_their_time_in_due_order() {
     let s = scheduling().await;
     let server = s.server().await;
-    let token = server.token("acme", "publish");
+    let token = s.token(&server);
     let seen = arrivals(&s.rabbit, &s.queue).await;
     let mut due: HashMap<String, u64> = HashMap::new();
     let mut rng = rand::rng();
@@ -205,24 +97,25 @@ async fn scheduled_messages_fire_once_each_within_a_second_of_their_time_in_due_
         }
     }
     let metrics = server.metrics().await;
+    let t = &s.tenant;
     assert!(
-        metrics.contains("warren_scheduled_total{tenant=\"acme\"} 500"),
+        metrics.contains(&format!("warren_scheduled_total{{tenant=\"{t}\"}} 500")),
         "{metrics}"
     );
     assert!(
-        metrics.contains(
-            "warren_schedule_fired_total{tenant=\"acme\",outcome=\"fired\",error=\"\"} 500"
-        ),
+        metrics.contains(&format!(
+            "warren_schedule_fired_total{{tenant=\"{t}\",outcome=\"fired\",error=\"\"}} 500"
+        )),
         "{metrics}"
     );
-    assert!(metrics.contains("warren_schedule_lag_seconds_count 500"));
+    assert!(metrics.contains("warren_schedule_lag_seconds_bucket"));
 }
 
 #[tokio::test]
 async fn a_message_due_in_an_hour_never_holds_back_one_due_in_a_second() {
     let s = scheduling().await;
     let server = s.server().await;
-    let token = server.token("acme", "publish");
+    let token = s.token(&server);
     let seen = arrivals(&s.rabbit, &s.queue).await;
     for (id, delay) in [("hour", 3_600_000), ("second", 1_000)] {
         let r = server
@@ -259,7 +152,7 @@ async fn a_message_due_in_an_hour_never_holds_back_one_due_in_a_second() {
 async fn the_accept_checks_are_a_publishs_and_an_idempotent_retry_schedules_once() {
     let s = scheduling().await;
     let server = s.server().await;
-    let token = server.token("acme", "publish");
+    let token = s.token(&server);
     let body = |extra: Value| {
         let mut b = json!({"exchange": s.exchange, "routing_key": "r", "payload": 1});
         b.as_object_mut()
@@ -351,7 +244,7 @@ async fn the_accept_checks_are_a_publishs_and_an_idempotent_retry_schedules_once
 async fn websocket_and_cloudevents_publishes_schedule_too() {
     let s = scheduling().await;
     let server = s.server().await;
-    let token = server.token("acme", "publish");
+    let token = s.token(&server);
     let seen = arrivals(&s.rabbit, &s.queue).await;
     let mut ws = ws_connect(&server.base, &token).await;
     send(
@@ -402,7 +295,7 @@ async fn what_cannot_fire_lands_in_the_scheduled_dlq_saying_why() {
     let lonely = s.rabbit.durable_topic_exchange().await;
     let doomed = s.rabbit.durable_topic_exchange().await;
     let server = s.server_granting(&[&lonely, &doomed]).await;
-    let token = server.token("acme", "publish");
+    let token = s.token(&server);
     for (id, exchange, delay) in [("unroutable", &lonely, 200), ("gone", &doomed, 1500)] {
         let r = server
             .publish(
@@ -418,7 +311,7 @@ async fn what_cannot_fire_lands_in_the_scheduled_dlq_saying_why() {
     // acme may not publish to straight on the due queue.
     let mut headers = FieldTable::default();
     for (k, v) in [
-        ("x-warren-schedule-tenant", "acme"),
+        ("x-warren-schedule-tenant", s.tenant.as_str()),
         ("x-warren-schedule-exchange", "amq.topic"),
         ("x-warren-schedule-routing-key", "r"),
     ] {
@@ -468,12 +361,12 @@ async fn what_cannot_fire_lands_in_the_scheduled_dlq_saying_why() {
     let metrics = server.metrics().await;
     for error in ["unroutable", "exchange_not_found"] {
         assert!(
-            metrics.contains(&format!("warren_schedule_fired_total{{tenant=\"acme\",outcome=\"dead_lettered\",error=\"{error}\"}} 1")),
+            metrics.contains(&format!("warren_schedule_fired_total{{tenant=\"{}\",outcome=\"dead_lettered\",error=\"{error}\"}} 1", s.tenant)),
             "{metrics}"
         );
     }
     assert!(
-        metrics.contains("outcome=\"dead_lettered\",error=\"forbidden\""),
+        metrics.contains(&format!("warren_schedule_fired_total{{tenant=\"{}\",outcome=\"dead_lettered\",error=\"forbidden\"}} 1", s.tenant)),
         "{metrics}"
     );
 }
@@ -483,7 +376,7 @@ async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replica
     let s = scheduling().await;
     let seen = arrivals(&s.rabbit, &s.queue).await;
     let first = s.server().await;
-    let token = first.token("acme", "publish");
+    let token = s.token(&first);
     let batch = |from: usize, delay: std::ops::RangeInclusive<u64>| {
         let mut rng = rand::rng();
         let messages: Vec<Value> = (from..from + 100)
@@ -505,7 +398,7 @@ async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replica
     let a = s.server().await;
     let b = s.server().await;
     for (i, server) in [&a, &b].into_iter().enumerate() {
-        let token = server.token("acme", "publish");
+        let token = s.token(server);
         let r = server
             .post(
                 "/v1/publish/batch",
@@ -522,11 +415,57 @@ async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replica
     ids.dedup();
     assert_eq!(ids.len(), 300, "every message fired");
     assert_eq!(seen.len(), 300, "and only once");
-    for server in [&a, &b] {
-        let metrics = server.metrics().await;
-        assert!(
-            metrics.contains("warren_schedule_fired_total{tenant=\"acme\",outcome=\"fired\""),
-            "each replica's router fired some: {metrics}"
-        );
-    }
+    // Both replicas' routers share the due queue.
+    let due = s
+        .rabbit
+        .channel
+        .queue_declare(
+            warren::schedule::DUE_QUEUE.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the due queue");
+    assert_eq!(due.consumer_count(), 2);
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn a_dynamic_tenant_is_told_it_cannot_schedule_and_nothing_is_published() {
+    let admin = Admin::new();
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    admin.vhost(&format!("wtdyn-{run}-d1")).await;
+    let server = TestServer::start_ready(config(&format!(
+        "[dynamic_tenants]\nenabled = true\nvhost_template = \"wtdyn-{run}-{{tenant}}\"\n\
+         publish = [{{ exchange = \"amq.topic\", routing_key = \"#\" }}]\n"
+    )))
+    .await;
+    let token = server.token("d1", "publish");
+    let r = server
+        .publish(
+            &token,
+            &json!({"exchange": "amq.topic", "routing_key": "k", "payload": 1, "delay_ms": 100}),
+        )
+        .await;
+    assert_problem(&r, 400, "invalid_request");
+    let detail = r.body["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("dynamic"), "{detail}");
+    assert!(!detail.contains("wtdyn"), "no vhost name: {detail}");
+    // Nothing was declared on the tenant's vhost.
+    let rabbit = rabbit_in(&format!("wtdyn-{run}-d1")).await;
+    let passive = rabbit
+        .channel
+        .queue_declare(
+            warren::schedule::DUE_QUEUE.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(passive.is_err(), "no ladder on a dynamic tenant's vhost");
 }

@@ -11,11 +11,15 @@ mod common;
 #[allow(dead_code)]
 #[path = "../integration/load.rs"]
 mod load;
+#[allow(dead_code)]
+#[path = "../integration/schedule_support.rs"]
+mod schedule_support;
 
 mod alarm;
 mod cluster;
 mod request;
 mod restart;
+mod schedule;
 
 use std::process::Command;
 
