@@ -44,6 +44,7 @@ mod pull;
 mod push;
 mod rpc;
 mod rpc_parts;
+mod schedule;
 mod stomp;
 
 /// The same allocator as the `warren` binary.
@@ -101,7 +102,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull"
+        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull,schedule"
     )]
     only: Vec<Section>,
     /// Run only the request/reply comparison (the same as `--only rpc`).
@@ -159,6 +160,9 @@ enum Section {
     /// Pull consume with leases (`pull.rs`): received and acked per second beside a
     /// lapin consumer with manual acks.
     Pull,
+    /// Scheduled publish (`schedule.rs`): accept throughput, and firing lag at 1,000
+    /// scheduled messages/s.
+    Schedule,
 }
 
 impl Args {
@@ -1456,6 +1460,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.runs(Section::Pull) {
         pull::run(&args, &conn, dir.path()).await?;
+    }
+    if args.runs(Section::Schedule) {
+        schedule::run(&args, &conn, dir.path()).await?;
     }
 
     admin
