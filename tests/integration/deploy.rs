@@ -80,8 +80,27 @@ async fn every_metric_in_alerts_and_dashboards_is_exported() {
     })
     .await;
     assert!(delivered, "the push delivery was counted");
+    // A scheduled message firing, for the scheduling series.
+    let scheduling = crate::schedule_support::scheduling().await;
+    let schedule_server = scheduling.server().await;
+    let r = schedule_server
+        .publish(
+            &scheduling.token(&schedule_server),
+            &json!({"exchange": scheduling.exchange, "routing_key": "k", "payload": 1, "delay_ms": 100}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let fired = eventually(std::time::Duration::from_secs(10), || async {
+        schedule_server
+            .metrics()
+            .await
+            .contains("warren_schedule_lag_seconds")
+    })
+    .await;
+    assert!(fired, "the scheduled message was counted");
     let mut exported = metric_names(&server.metrics().await);
     exported.extend(metric_names(&push_server.metrics().await));
+    exported.extend(metric_names(&schedule_server.metrics().await));
     let missing: Vec<&String> = wanted.difference(&exported).collect();
     assert!(
         missing.is_empty(),
