@@ -36,7 +36,7 @@ pub struct EventsQuery {
     mode: Option<AmqpMode>,
     /// Publish the event this many milliseconds from now (SPEC §15), at most
     /// `schedule.max_delay_ms`; answered `202` with `scheduled_for`.
-    #[param(minimum = 0, nullable = false)]
+    #[param(minimum = 0, maximum = 604_800_000_u64, nullable = false)]
     delay_ms: Option<u64>,
 }
 

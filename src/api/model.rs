@@ -57,13 +57,13 @@ pub struct PublishRequest {
     #[serde(default)]
     pub mandatory: Option<bool>,
     /// Publish this many milliseconds from now (SPEC §15), at most
-    /// `schedule.max_delay_ms` (7 days by default). Answered `202` with `scheduled_for`
+    /// `schedule.max_delay_ms` (the maximum shown is that key's default, 7 days). Answered `202` with `scheduled_for`
     /// once the broker confirmed the scheduled message in durable storage; at its time
     /// it is published as described here (mandatory and confirmed), or lands in
     /// `warren.scheduled.dlq` with `x-warren-schedule-error` if it cannot be. Not with
     /// `not_before`.
     #[serde(default, deserialize_with = "whole::u64")]
-    #[schema(minimum = 0, maximum = 2_592_000_000_u64)]
+    #[schema(minimum = 0, maximum = 604_800_000_u64)]
     pub delay_ms: Option<u64>,
     /// Publish at this time (RFC 3339 date-time; whole seconds; a time already past is
     /// due now), at most `schedule.max_delay_ms` ahead. Not with `delay_ms`.

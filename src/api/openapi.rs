@@ -162,7 +162,9 @@ fn require_exactly_one_body(doc: &mut Value) {
         none,
         both("payload", "body"),
         both("payload", "body_base64"),
-        both("body", "body_base64")
+        both("body", "body_base64"),
+        // A scheduled publish says when in one way only.
+        both("delay_ms", "not_before")
     ] });
 }
 
@@ -185,6 +187,11 @@ fn constrain_request(doc: &mut Value) {
         .unwrap_or_else(|| json!({ "type": "integer", "minimum": 1 }));
     let mut merged = publish;
     merged["properties"]["timeout_ms"] = timeout_ms;
+    // A request waits for its reply: it cannot be scheduled.
+    if let Some(properties) = merged["properties"].as_object_mut() {
+        properties.remove("delay_ms");
+        properties.remove("not_before");
+    }
     merged["description"] = schema["description"].clone();
     merged["example"] = schema["example"].clone();
     let in_properties = |member: &str, value: Value| {

@@ -85,7 +85,8 @@ impl Router {
                     let _ = channel.close(200, "router stopped".into()).await;
                     BACK_OFF
                 }
-                Err(None) => LOOK_AGAIN,
+                Err(None) if this.broker.health().is_connected() => LOOK_AGAIN,
+                Err(None) => BACK_OFF,
                 Err(Some(error)) => {
                     if !told {
                         warn!(%vhost, %error, "Scheduled-publish router cannot consume its due queue; retrying every second.");
@@ -102,14 +103,14 @@ impl Router {
         }
     }
 
-    /// The consumer on the due queue; `Err(None)` when the queue does not exist yet.
+    /// The consumer on the due queue; `Err(None)` when the queue does not exist yet or
+    /// the broker is not reachable (readiness and the pool's log say so already).
     async fn open(&self) -> Result<(Arc<ConsumerChannel>, lapin::Consumer), Option<String>> {
-        let channel = Arc::new(
-            self.broker
-                .consumer_channel()
-                .await
-                .map_err(|e| Some(e.to_string()))?,
-        );
+        let channel = match self.broker.consumer_channel().await {
+            Ok(channel) => Arc::new(channel),
+            Err(PublishError::Unavailable { .. }) => return Err(None),
+            Err(error) => return Err(Some(error.to_string())),
+        };
         let consumer = async {
             channel
                 .basic_qos(self.prefetch, BasicQosOptions::default())
