@@ -16,6 +16,7 @@ pub mod idempotency;
 mod idle;
 pub mod ids;
 mod linger;
+pub mod otel;
 pub mod publishing;
 pub mod pull;
 pub mod push;

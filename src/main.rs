@@ -127,10 +127,10 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    warren::telemetry::init_tracing(
-        &config.log.level,
-        config.log.format == warren::config::LogFormat::Json,
-    );
+    let traces = match config.telemetry.tracing() {
+        Ok(traces) => traces,
+        Err(e) => return fail(e),
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.server.worker_threads > 0 {
         builder.worker_threads(config.server.worker_threads);
@@ -140,6 +140,13 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
     let result = runtime.block_on(async {
+        // In the runtime: the span export task runs on it.
+        warren::telemetry::init_tracing(
+            &config.log.level,
+            config.log.format == warren::config::LogFormat::Json,
+            traces.as_ref(),
+        )
+        .context("cannot set up trace export (telemetry)")?;
         // Bound first: a port in use is one line and an exit, with no broker
         // connection started that would have to be torn down.
         let listeners = warren::Listeners::bind(&config.server).await?;

@@ -66,6 +66,8 @@ pub const PULL_RECEIVED: &str = "warren_pull_received_total";
 pub const PULL_SETTLED: &str = "warren_pull_settled_total";
 pub const PULL_EXPIRED: &str = "warren_pull_leases_expired_total";
 pub const PULL_LEASED: &str = "warren_pull_leased";
+pub const TRACE_SPANS_EXPORTED: &str = "warren_trace_spans_exported_total";
+pub const TRACE_SPANS_DROPPED: &str = "warren_trace_spans_dropped_total";
 pub const SCHEDULED: &str = "warren_scheduled_total";
 pub const SCHEDULE_FIRED: &str = "warren_schedule_fired_total";
 pub const SCHEDULE_LAG: &str = "warren_schedule_lag_seconds";
@@ -137,6 +139,14 @@ fn describe() {
     describe_gauge!(
         PULL_LEASED,
         "Messages leased by pull receives on this replica, not yet settled."
+    );
+    describe_counter!(
+        TRACE_SPANS_EXPORTED,
+        "Spans the collector accepted (telemetry.otlp_endpoint)."
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Spans dropped, by reason: queue_full (telemetry.max_queue_spans were waiting for export; a request never waits for the export), export_failed (the collector refused or did not answer)."
     );
     describe_counter!(
         SCHEDULED,
@@ -359,8 +369,17 @@ fn describe() {
 }
 
 /// Installs the `tracing` subscriber: human text, or JSON lines when `json`. `level` is
-/// a filter directive (`log.level`); `RUST_LOG` wins over it.
-pub fn init_tracing(level: &str, json: bool) {
+/// a filter directive (`log.level`); `RUST_LOG` wins over it. With `traces`, Warren's
+/// spans (target [`crate::otel::TARGET`], whatever the log level) are exported too;
+/// call it inside the runtime, which runs the export task.
+pub fn init_tracing(
+    level: &str,
+    json: bool,
+    traces: Option<&crate::config::Tracing>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     // lapin logs a returned message with its body at WARN; bodies are never logged.
     // It also logs every channel the broker closes at ERROR, including those a client
     // causes (a missing exchange); Warren logs those itself, at the level they deserve.
@@ -370,14 +389,27 @@ pub fn init_tracing(level: &str, json: bool) {
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")))
         .add_directive("lapin::returned_messages=off".parse().unwrap_or_default())
         .add_directive("lapin::channel=off".parse().unwrap_or_default());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let otel = match traces {
+        Some(settings) => Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(crate::otel::tracer(settings)?)
+                .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                    meta.target() == crate::otel::TARGET
+                })),
+        ),
+        None => None,
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Ok(())
 }
 
 /// Metric handles of the per-request series, found by reference to their label values.
@@ -646,6 +678,14 @@ pub fn rpc_inflight(vhost: &str, inflight: usize) {
 
 pub fn http_waiting(waiting: usize) {
     gauge!(HTTP_WAITING).set(waiting as f64);
+}
+
+pub fn trace_spans_exported(spans: u64) {
+    counter!(TRACE_SPANS_EXPORTED).increment(spans);
+}
+
+pub fn trace_spans_dropped(reason: &'static str, spans: u64) {
+    counter!(TRACE_SPANS_DROPPED, "reason" => reason).increment(spans);
 }
 
 pub fn scheduled(tenant: &str, messages: u64) {

@@ -134,7 +134,8 @@ pub fn router(state: AppState) -> Router {
                                 .get(REQUEST_ID)
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("-");
-                            // `tenant` and `outcome` are filled in once known (auth, publish).
+                            // `tenant` and `outcome` are filled in once known (auth,
+                            // publish); `trace_id` when traces are exported (SPEC §16).
                             tracing::info_span!(
                                 "http",
                                 method = %request.method(),
@@ -142,6 +143,7 @@ pub fn router(state: AppState) -> Router {
                                 request_id,
                                 tenant = tracing::field::Empty,
                                 outcome = tracing::field::Empty,
+                                trace_id = tracing::field::Empty,
                             )
                         })
                         // One line per request at info: status and latency, inside the span.

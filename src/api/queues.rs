@@ -263,6 +263,10 @@ async fn receive_messages(
         .into_iter()
         .map(|leased| {
             let d = leased.delivery;
+            drop(crate::otel::delivery_span(
+                "pull",
+                crate::otel::Delivered::of(&d).as_deref(),
+            ));
             let BodyMembers {
                 payload,
                 body,

@@ -501,7 +501,10 @@ impl Feed {
             Step::Expired => self.end(&ApiError::Unauthorized(
                 "the token expired; reconnect with a fresh token".to_owned(),
             )),
-            Step::Delivered(Some(Outgoing::Message(frame, _bytes))) => Ok(self.message(&frame)),
+            Step::Delivered(Some(Outgoing::Message(frame, _bytes))) => {
+                drop(crate::otel::delivery_span("sse", frame.delivered()));
+                Ok(self.message(&frame))
+            }
             Step::Delivered(Some(Outgoing::Ended { error, .. })) => self.end(&error),
             // The subscription gave up on this reader (too slow): cut the connection.
             Step::Delivered(None) => {

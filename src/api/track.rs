@@ -58,8 +58,18 @@ where
         let in_flight = self.state.0.track_request();
         let route = request.extensions().get::<MatchedPath>().cloned();
         let method = request.method().clone();
+        let span = crate::otel::http_span(
+            &method,
+            route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            request.headers(),
+        );
+        let answer = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
         Tracked {
-            answer: self.inner.call(request),
+            answer,
+            span,
             seen: Some(Seen {
                 start,
                 route,
@@ -74,6 +84,9 @@ where
 /// rather than a boxed `async` block: no allocation and no copy of the inner future.)
 pub struct Tracked<F> {
     answer: F,
+    /// The request's span (`Span::none()` unless traces are exported), entered while
+    /// the answer is worked on.
+    span: tracing::Span,
     seen: Option<Seen>,
 }
 
@@ -91,9 +104,15 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Poll::Ready(Ok(response)) = Pin::new(&mut self.answer).poll(cx) else {
+        let this = &mut *self;
+        let polled = {
+            let _entered = this.span.enter();
+            Pin::new(&mut this.answer).poll(cx)
+        };
+        let Poll::Ready(Ok(response)) = polled else {
             return Poll::Pending;
         };
+        crate::otel::record_status(&self.span, response.status().as_u16());
         if let Some(seen) = self.seen.take() {
             let route = seen.route.as_ref().map_or("unmatched", MatchedPath::as_str);
             telemetry::http_request(

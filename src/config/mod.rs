@@ -15,6 +15,7 @@ mod schedule;
 mod server;
 mod sse;
 mod streams;
+mod telemetry;
 mod tenants;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ pub use schedule::ScheduleConfig;
 pub use server::{CorsConfig, ListenerTls, ServerConfig};
 pub use sse::SseConfig;
 pub use streams::StreamsConfig;
+pub use telemetry::{ParentRoot, Sampler, TelemetryConfig, Tracing};
 pub use tenants::{
     DynamicTenantsConfig, GrantConfig, LimitsConfig, ResolvedDynamic, ResolvedTenant, TenantConfig,
 };
@@ -104,6 +106,8 @@ pub struct Config {
     pub pull: PullConfig,
     #[serde(default)]
     pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// Settings resolved from the raw config: secrets read, URLs chosen, grants compiled.
@@ -200,6 +204,7 @@ impl Config {
             },
             pull: PullConfig::default(),
             schedule: ScheduleConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 
@@ -216,6 +221,7 @@ impl Config {
         self.push.validate()?;
         self.pull.validate()?;
         self.schedule.validate()?;
+        self.telemetry.validate()?;
         let broker_urls = self.amqp.broker_urls()?;
         let (token_keys, signing_secret) = self.auth.key_sources()?;
         let tenants = tenants::resolve_tenants(

@@ -67,7 +67,11 @@ fn message_id(delivery: &Delivery) -> Option<Box<str>> {
 /// The members of a message frame that are the same for every subscriber of a
 /// delivery, as one JSON object: `{"exchange":…,…}`.
 #[derive(Debug)]
-pub struct DeliveryJson(String, Option<Box<str>>);
+pub struct DeliveryJson(
+    String,
+    Option<Box<str>>,
+    Option<Box<crate::otel::Delivered>>,
+);
 
 #[derive(Serialize)]
 struct DeliveryMembers<'a> {
@@ -110,6 +114,7 @@ impl DeliveryJson {
         Self(
             serde_json::to_string(&members).unwrap_or_else(|_| "{}".to_owned()),
             message_id,
+            crate::otel::Delivered::of(delivery),
         )
     }
 
@@ -130,7 +135,11 @@ impl DeliveryJson {
         out.push_str(",\"event\":");
         out.push_str(&event);
         out.push('}');
-        Self(out, message_id(delivery))
+        Self(
+            out,
+            message_id(delivery),
+            crate::otel::Delivered::of(delivery),
+        )
     }
 
     /// The members for `format`.
@@ -190,6 +199,11 @@ impl MessageFrame {
     /// The AMQP `message_id` of the delivery, if it has one.
     pub fn message_id(&self) -> Option<&str> {
         self.delivery.1.as_deref()
+    }
+
+    /// What a delivery span says of the message (only while traces are exported).
+    pub fn delivered(&self) -> Option<&crate::otel::Delivered> {
+        self.delivery.2.as_deref()
     }
 
     /// The size of the frame's JSON, at most a few bytes over.

@@ -105,8 +105,27 @@ pub async fn publish_prepared_batch(
     let bytes = allowed.iter().map(|(_, p)| p.message.body.len()).sum();
     let _admitted = admit(tenant, allowed.len(), bytes)?;
     let broker = tenant.broker().await?;
-    let (messages, onto_ladder, allowed) =
+    let (mut messages, onto_ladder, allowed) =
         scheduling::outgoing(tenant, &broker, allowed, &mut results).await;
+    // One producer span per message (none unless traces are exported); each message
+    // carries its span's context to its consumers.
+    let spans: Vec<tracing::Span> = if crate::otel::enabled() {
+        messages
+            .iter_mut()
+            .zip(&onto_ladder)
+            .zip(&allowed)
+            .map(|((m, &later), (_, item))| {
+                let to = &item.message;
+                if later {
+                    crate::otel::publish_span(m, "schedule", Some((&to.exchange, &to.routing_key)))
+                } else {
+                    crate::otel::publish_span(m, "publish", None)
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let outcomes = schedule::publish_all(
         &broker,
         &messages,
@@ -115,6 +134,12 @@ pub async fn publish_prepared_batch(
         tenant.schedule_wake(),
     )
     .await;
+    for (span, outcome) in spans.iter().zip(&outcomes) {
+        match outcome {
+            Ok(_) => crate::otel::record_outcome(span, "acked", true),
+            Err(error) => crate::otel::record_outcome(span, error.outcome(), false),
+        }
+    }
     for ((index, item), outcome) in allowed.into_iter().zip(outcomes) {
         let message_id = item.message_id.clone();
         results[index] = Some(match accepted(tenant, item, outcome) {

@@ -314,7 +314,18 @@ impl Subscription {
             return Settled::Refused;
         }
         let _in_flight = InFlight::new(label);
-        let request = Request::of(&self.spec, &self.tenant.name, &delivery);
+        let mut request = Request::of(&self.spec, &self.tenant.name, &delivery);
+        // The delivery's span lasts until it is settled; the receiver gets its context
+        // (a span only while traces are exported).
+        let delivered = crate::otel::Delivered::of(&delivery);
+        let _span = crate::otel::delivery_span("push", delivered.as_deref());
+        if let Some((traceparent, _)) = crate::otel::w3c(&_span)
+            && let Ok(value) = http::HeaderValue::from_str(&traceparent)
+        {
+            request
+                .headers
+                .push((http::HeaderName::from_static("traceparent"), value));
+        }
         let mut attempt = retry::attempt(&delivery.properties);
         loop {
             let answer = self.attempt(&request).await;

@@ -123,7 +123,7 @@ pub async fn request_one(
         None => crate::ids::uuid_v4().to_string(),
     };
     request.properties.correlation_id = Some(correlation_id.clone());
-    let prepared = request
+    let mut prepared = request
         .prepare(
             call.trace,
             call.message_id,
@@ -133,6 +133,9 @@ pub async fn request_one(
             },
         )
         .map_err(ApiError::InvalidRequest)?;
+    // The request's producer span; the responder continues under it (through the
+    // message's traceparent).
+    let span = crate::otel::publish_span(&mut prepared.message, "request", None);
     let m = &prepared.message;
     std::iter::once(&m.routing_key)
         .chain(&prepared.extra_routing_keys)
@@ -160,6 +163,7 @@ pub async fn request_one(
         Ok(reply) => {
             telemetry::rpc_round_trip(reply.round_trip);
             telemetry::rpc_outcome(&tenant.metrics_label, "replied");
+            crate::otel::record_outcome(&span, "replied", true);
             Ok(Replied {
                 message_id: prepared.message_id,
                 correlation_id,
@@ -168,6 +172,7 @@ pub async fn request_one(
         }
         Err(error) => {
             telemetry::rpc_outcome(&tenant.metrics_label, outcome(&error));
+            crate::otel::record_outcome(&span, outcome(&error), false);
             Err(answer(error))
         }
     }

@@ -212,7 +212,12 @@ impl Session {
     /// serialised for the socket (the writer's own buffer is bounded separately).
     fn outgoing(&mut self, outgoing: Outgoing) -> ServerFrame {
         match outgoing {
-            Outgoing::Message(frame, _bytes) => ServerFrame::Message(frame),
+            Outgoing::Message(frame, _bytes) => {
+                // Closed as the frame goes to the writer (a span only while traces
+                // are exported).
+                drop(crate::otel::delivery_span("websocket", frame.delivered()));
+                ServerFrame::Message(frame)
+            }
             Outgoing::Ended {
                 subscription,
                 error,

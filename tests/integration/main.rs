@@ -13,6 +13,7 @@ mod isolation;
 mod keys;
 mod load;
 mod openapi;
+mod otel;
 mod poison;
 mod properties;
 mod publish;
