@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+mod otel;
 mod procstat;
 mod pull;
 mod push;
@@ -102,7 +103,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull,schedule"
+        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull,schedule,otel"
     )]
     only: Vec<Section>,
     /// Run only the request/reply comparison (the same as `--only rpc`).
@@ -163,6 +164,9 @@ enum Section {
     /// Scheduled publish (`schedule.rs`): accept throughput, and firing lag at 1,000
     /// scheduled messages/s.
     Schedule,
+    /// Tracing (`otel.rs`): CPU per publish with traces exported at 100 % and 1 %,
+    /// beside off.
+    Otel,
 }
 
 impl Args {
@@ -1463,6 +1467,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.runs(Section::Schedule) {
         schedule::run(&args, &conn, dir.path()).await?;
+    }
+    if args.runs(Section::Otel) {
+        otel::run(&args, &conn, dir.path()).await?;
     }
 
     admin

@@ -46,7 +46,8 @@ fn due_ms(answer: &[u8]) -> Option<u64> {
     Some(u64::try_from(secs).ok()? * 1000 + millis)
 }
 
-fn body(id: &str, delay_ms: Option<u64>) -> String {
+/// A `POST /v1/publish` body of the bench's message, `delay_ms` after it when set.
+pub(super) fn body(id: &str, delay_ms: Option<u64>) -> String {
     let delay = delay_ms.map_or(String::new(), |d| format!(",\"delay_ms\":{d}"));
     format!(
         "{{\"exchange\":\"{EXCHANGE}\",\"routing_key\":\"sched.x\",\"payload\":{},\
@@ -56,7 +57,7 @@ fn body(id: &str, delay_ms: Option<u64>) -> String {
 }
 
 /// Closed loop for `seconds`: accepted per second and Warren µs CPU per publish.
-async fn accept_rate(
+pub(super) async fn accept_rate(
     warren: &Warren,
     delay_ms: Option<u64>,
     seconds: f64,
