@@ -154,7 +154,10 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
         if dev {
             print_dev_banner(&state)?;
         }
-        warren::run(state, listeners).await
+        let ran = warren::run(state, listeners).await;
+        // The spans of the last requests (the export task batches for 200 ms).
+        warren::otel::flush(Duration::from_secs(2)).await;
+        ran
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

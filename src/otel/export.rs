@@ -5,6 +5,7 @@
 //! batches, logging the first failure and the recovery, not every batch.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,23 +49,56 @@ impl SpanProcessor for BoundedProcessor {
     }
 }
 
-/// The processor and the task that exports what it queues (spawn it on the runtime).
+/// What shutdown needs to see the queue drained: the queue's sending side and whether
+/// a batch is out.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    queue: mpsc::Sender<SpanData>,
+    exporting: Arc<AtomicBool>,
+}
+
+impl Drain {
+    /// Waits until every queued span was sent (or dropped), at most `within`.
+    pub async fn wait(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while (self.queue.capacity() < self.queue.max_capacity()
+            || self.exporting.load(Ordering::Acquire))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The processor, the task that exports what it queues (spawn it on the runtime), and
+/// the handle shutdown drains it with.
 pub fn pipeline<E: SpanExporter + 'static>(
     exporter: E,
     capacity: usize,
     timeout: Duration,
-) -> (BoundedProcessor, impl Future<Output = ()> + Send) {
+) -> (BoundedProcessor, impl Future<Output = ()> + Send, Drain) {
     let (queue, spans) = mpsc::channel(capacity);
-    (BoundedProcessor { queue }, export(exporter, spans, timeout))
+    let exporting = Arc::new(AtomicBool::new(false));
+    let drain = Drain {
+        queue: queue.clone(),
+        exporting: exporting.clone(),
+    };
+    (
+        BoundedProcessor { queue },
+        export(exporter, spans, timeout, exporting),
+        drain,
+    )
 }
 
 async fn export<E: SpanExporter>(
     exporter: E,
     mut spans: mpsc::Receiver<SpanData>,
     timeout: Duration,
+    exporting: Arc<AtomicBool>,
 ) {
     let mut failing = false;
     while let Some(first) = spans.recv().await {
+        exporting.store(true, Ordering::Release);
         let mut batch = vec![first];
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);
@@ -99,6 +133,7 @@ async fn export<E: SpanExporter>(
                 }
             }
         }
+        exporting.store(false, Ordering::Release);
     }
 }
 

@@ -35,6 +35,14 @@ pub const TARGET: &str = "warren::otel";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+static DRAIN: OnceLock<export::Drain> = OnceLock::new();
+
+/// At exit: waits (at most `within`) until the spans still queued were exported.
+pub async fn flush(within: Duration) {
+    if let Some(drain) = DRAIN.get() {
+        drain.wait(within).await;
+    }
+}
 
 /// Whether spans are made at all.
 pub fn enabled() -> bool {
@@ -64,12 +72,13 @@ pub fn tracer(settings: &Tracing) -> anyhow::Result<opentelemetry_sdk::trace::Tr
     // Our processor keeps the spans, so the exporter is told the resource here (the
     // SDK would tell only its own batch processor's exporter).
     opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
-    let (processor, task) = export::pipeline(
+    let (processor, task, drain) = export::pipeline(
         exporter,
         settings.max_queue_spans,
         Duration::from_millis(settings.export_timeout_ms),
     );
     tokio::spawn(task);
+    let _ = DRAIN.set(drain);
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(sampler(settings.sampler))
