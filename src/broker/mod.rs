@@ -126,6 +126,30 @@ impl std::ops::Deref for ConsumerChannel {
     }
 }
 
+impl ConsumerChannel {
+    /// Consumes `queue` with manual acks, at most `prefetch` unacked, under a consumer
+    /// tag of `tag_prefix` and a fresh id.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        tag_prefix: &str,
+        prefetch: u16,
+    ) -> Result<lapin::Consumer, lapin::Error> {
+        self.channel
+            .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+            .await?;
+        let tag = format!("{tag_prefix}-{}", crate::ids::uuid_v4().simple());
+        self.channel
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                lapin::options::BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+    }
+}
+
 /// Pool sizes and use, read at scrape time.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolStats {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -223,22 +223,10 @@ impl Subscription {
         let broker = Arc::new(self.tenant.broker().await.map_err(|e| e.to_string())?);
         let channel = Arc::new(broker.consumer_channel().await.map_err(|e| e.to_string())?);
         let prefetch = if probing { 1 } else { self.spec.max_in_flight };
-        let consumer = async {
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
-            channel
-                .basic_consume(
-                    self.spec.queue.as_str().into(),
-                    format!("warren-push-{}", crate::ids::uuid_v4().simple())
-                        .as_str()
-                        .into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-        };
-        match consumer.await {
+        match channel
+            .consume(&self.spec.queue, "warren-push", prefetch)
+            .await
+        {
             Ok(consumer) => Ok((broker, channel, consumer)),
             Err(error) => {
                 let _ = channel.close(200, "push setup failed".into()).await;

@@ -24,6 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::broker::{Broker, OutgoingMessage, PublishError, PublishResult};
 use crate::publishing::{Due, Prepared, ROUTING_HEADERS};
+use crate::topology::retry::copy_properties;
 pub use router::Router;
 
 /// The queue every rung dead-letters into, consumed by the routers.
@@ -104,7 +105,7 @@ pub fn wrap(prepared: &Prepared, due: Due, tenant: &str, now_ms: u64) -> Outgoin
     if m.properties.delivery_mode() == &Some(1) {
         headers.insert(PERSISTENT_HEADER.into(), AMQPValue::Boolean(false));
     }
-    let properties = copy(&m.properties, false, false)
+    let properties = copy_properties(&m.properties, false, false)
         .with_delivery_mode(2)
         .with_headers(headers);
     OutgoingMessage {
@@ -118,38 +119,6 @@ pub fn wrap(prepared: &Prepared, due: Due, tenant: &str, now_ms: u64) -> Outgoin
 
 fn long(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text))
-}
-
-/// `p` without `user_id` (the broker checks it against the publishing connection,
-/// and Warren republishes as itself), and without `headers` and `expiration` unless
-/// asked to keep them.
-fn copy(p: &BasicProperties, headers: bool, expiration: bool) -> BasicProperties {
-    let mut out = BasicProperties::default();
-    macro_rules! keep {
-        ($($get:ident => $set:ident),* $(,)?) => {
-            $(if let Some(v) = p.$get() { out = out.$set(v.clone()); })*
-        };
-    }
-    keep!(
-        content_type => with_content_type,
-        content_encoding => with_content_encoding,
-        delivery_mode => with_delivery_mode,
-        priority => with_priority,
-        correlation_id => with_correlation_id,
-        reply_to => with_reply_to,
-        message_id => with_message_id,
-        timestamp => with_timestamp,
-        kind => with_type,
-        app_id => with_app_id,
-        cluster_id => with_cluster_id,
-    );
-    if headers && let Some(v) = p.headers() {
-        out = out.with_headers(v.clone());
-    }
-    if expiration && let Some(v) = p.expiration() {
-        out = out.with_expiration(v.clone());
-    }
-    out
 }
 
 /// The due time a ladder message carries.
@@ -219,8 +188,8 @@ pub fn unwrap(properties: &BasicProperties, body: &[u8]) -> Result<Scheduled, St
     }
     let persistent = !matches!(get(PERSISTENT_HEADER), Some(AMQPValue::Boolean(false)));
     let expiration = text(EXPIRATION_HEADER).ok();
-    let mut message_properties =
-        copy(properties, false, false).with_delivery_mode(if persistent { 2 } else { 1 });
+    let mut message_properties = copy_properties(properties, false, false)
+        .with_delivery_mode(if persistent { 2 } else { 1 });
     if let Some(expiration) = expiration {
         message_properties = message_properties.with_expiration(expiration.as_str().into());
     }
@@ -267,7 +236,7 @@ pub fn hop(properties: &BasicProperties, body: &[u8], queue: String) -> Outgoing
         exchange: String::new(),
         routing_key: queue,
         body: bytes::Bytes::copy_from_slice(body),
-        properties: copy(properties, false, false).with_headers(headers),
+        properties: copy_properties(properties, false, false).with_headers(headers),
         mandatory: true,
     }
 }

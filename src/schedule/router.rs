@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -108,25 +108,17 @@ impl Router {
     async fn open(&self) -> Result<(Arc<ConsumerChannel>, lapin::Consumer), Option<String>> {
         let channel = match self.broker.consumer_channel().await {
             Ok(channel) => Arc::new(channel),
-            Err(PublishError::Unavailable { .. }) => return Err(None),
+            // No link: readiness and the pool's log say so. (With the link up, an
+            // unavailable channel is amqp.max_consumer_channels taken: said below.)
+            Err(PublishError::Unavailable { .. }) if !self.broker.health().is_connected() => {
+                return Err(None);
+            }
             Err(error) => return Err(Some(error.to_string())),
         };
-        let consumer = async {
-            channel
-                .basic_qos(self.prefetch, BasicQosOptions::default())
-                .await?;
-            channel
-                .basic_consume(
-                    DUE_QUEUE.into(),
-                    format!("warren-schedule-{}", crate::ids::uuid_v4().simple())
-                        .as_str()
-                        .into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-        };
-        match consumer.await {
+        match channel
+            .consume(DUE_QUEUE, "warren-schedule", self.prefetch)
+            .await
+        {
             Ok(consumer) => Ok((channel, consumer)),
             Err(error) => {
                 let _ = channel.close(200, "router setup failed".into()).await;

@@ -79,6 +79,12 @@ fn without_user_id(p: &BasicProperties) -> BasicProperties {
     if p.user_id().is_none() {
         return p.clone();
     }
+    copy_properties(p, true, true)
+}
+
+/// `p` without `user_id` (see [`without_user_id`]), and without `headers` and
+/// `expiration` unless asked to keep them: what every republish starts from.
+pub fn copy_properties(p: &BasicProperties, headers: bool, expiration: bool) -> BasicProperties {
     let mut out = BasicProperties::default();
     macro_rules! keep {
         ($($get:ident => $set:ident),* $(,)?) => {
@@ -88,18 +94,22 @@ fn without_user_id(p: &BasicProperties) -> BasicProperties {
     keep!(
         content_type => with_content_type,
         content_encoding => with_content_encoding,
-        headers => with_headers,
         delivery_mode => with_delivery_mode,
         priority => with_priority,
         correlation_id => with_correlation_id,
         reply_to => with_reply_to,
-        expiration => with_expiration,
         message_id => with_message_id,
         timestamp => with_timestamp,
         kind => with_type,
         app_id => with_app_id,
         cluster_id => with_cluster_id,
     );
+    if headers && let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if expiration && let Some(v) = p.expiration() {
+        out = out.with_expiration(v.clone());
+    }
     out
 }
 

@@ -123,13 +123,19 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A Warren process tracing to `endpoint`, its tenant allowed the exchange.
-async fn warren(
-    dir: &tempfile::TempDir,
-    tenant: &str,
-    exchange: &str,
-    telemetry: &str,
-) -> WarrenProcess {
+/// A fresh topic exchange with a queue bound by `binding`.
+async fn broker(binding: &str) -> (Rabbit, String, String) {
+    let rabbit = Rabbit::connect().await;
+    let exchange = rabbit.topic_exchange().await;
+    let queue = rabbit.bound_queue(&exchange, binding).await;
+    (rabbit, exchange, queue)
+}
+
+/// A Warren process (in a directory of its own, kept with it) with `[telemetry]`
+/// `telemetry`, its tenant allowed the exchange.
+async fn warren(exchange: &str, telemetry: &str) -> (tempfile::TempDir, WarrenProcess) {
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = unique("t");
     let port = closed_port().await;
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 5\n\
@@ -140,7 +146,8 @@ async fn warren(
          subscribe = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}]\n",
         broker_url()
     );
-    WarrenProcess::start(dir, &config, tenant, port, 200).await
+    let process = WarrenProcess::start(&dir, &config, &tenant, port, 200).await;
+    (dir, process)
 }
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -149,14 +156,8 @@ const CALLER_SPAN: &str = "00f067aa0ba902b7";
 #[tokio::test]
 async fn a_publish_and_its_websocket_delivery_are_one_trace_under_the_callers_span() {
     let receiver = Receiver::start(false).await;
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let _queue = rabbit.bound_queue(&exchange, "#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let tenant = unique("t");
-    let process = warren(
-        &dir,
-        &tenant,
+    let (_rabbit, exchange, _queue) = broker("#").await;
+    let (_dir, process) = warren(
         &exchange,
         &format!(
             "otlp_endpoint = \"{}\"\nsampler = \"always_on\"",
@@ -277,18 +278,8 @@ async fn a_publish_and_its_websocket_delivery_are_one_trace_under_the_callers_sp
 #[tokio::test]
 async fn a_request_carries_its_trace_to_the_responder() {
     let receiver = Receiver::start(false).await;
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let queue = rabbit.bound_queue(&exchange, "rpc.#").await;
-    let dir = tempfile::tempdir().unwrap();
-    let tenant = unique("t");
-    let process = warren(
-        &dir,
-        &tenant,
-        &exchange,
-        &format!("otlp_endpoint = \"{}\"", receiver.url),
-    )
-    .await;
+    let (rabbit, exchange, queue) = broker("rpc.#").await;
+    let (_dir, process) = warren(&exchange, &format!("otlp_endpoint = \"{}\"", receiver.url)).await;
     // The responder reads the context the request carries, and answers.
     let channel = rabbit.channel.clone();
     let mut consumer = channel
@@ -366,20 +357,14 @@ async fn a_request_carries_its_trace_to_the_responder() {
 
 #[tokio::test]
 async fn a_collector_that_hangs_or_is_gone_slows_no_publish_and_drops_are_counted() {
-    let rabbit = Rabbit::connect().await;
-    let exchange = rabbit.topic_exchange().await;
-    let _queue = rabbit.bound_queue(&exchange, "#").await;
+    let (_rabbit, exchange, _queue) = broker("#").await;
     let hanging = Receiver::start(true).await;
     let gone = closed_port().await;
     for (endpoint, reason) in [
         (hanging.url.clone(), "queue_full"),
         (format!("http://127.0.0.1:{gone}"), "export_failed"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let tenant = unique("t");
-        let process = warren(
-            &dir,
-            &tenant,
+        let (_dir, process) = warren(
             &exchange,
             &format!(
                 "otlp_endpoint = \"{endpoint}\"\nsampler = \"always_on\"\nmax_queue_spans = 4\nexport_timeout_ms = 60000"

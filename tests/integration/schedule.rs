@@ -42,14 +42,7 @@ async fn scheduled_messages_fire_once_each_within_a_second_of_their_time_in_due_
                        "delay_ms": rng.random_range(200..=5000)})
             })
             .collect();
-        let r = server
-            .post(
-                "/v1/publish/batch",
-                Some(&token),
-                &json!({"messages": messages}),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
+        let r = schedule_batch(&server, &token, messages).await;
         for item in r.body["results"].as_array().unwrap() {
             assert_eq!(item["status"], 202, "{item:?}");
             assert_eq!(item["routed"], false);
@@ -379,19 +372,15 @@ async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replica
     let token = s.token(&first);
     let batch = |from: usize, delay: std::ops::RangeInclusive<u64>| {
         let mut rng = rand::rng();
-        let messages: Vec<Value> = (from..from + 100)
+        (from..from + 100)
             .map(|i| {
                 json!({"exchange": s.exchange, "routing_key": "r", "payload": i,
                        "properties": {"message_id": format!("m-{i}")},
                        "delay_ms": rng.random_range(delay.clone())})
             })
-            .collect();
-        json!({"messages": messages})
+            .collect::<Vec<Value>>()
     };
-    let r = first
-        .post("/v1/publish/batch", Some(&token), &batch(0, 1500..=2500))
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    schedule_batch(&first, &token, batch(0, 1500..=2500)).await;
     first.shutdown().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Two replicas now; each takes new messages too.
@@ -399,36 +388,14 @@ async fn a_gateway_restart_between_accept_and_fire_loses_nothing_and_two_replica
     let b = s.server().await;
     for (i, server) in [&a, &b].into_iter().enumerate() {
         let token = s.token(server);
-        let r = server
-            .post(
-                "/v1/publish/batch",
-                Some(&token),
-                &batch(100 * (i + 1), 500..=2000),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
+        schedule_batch(server, &token, batch(100 * (i + 1), 500..=2000)).await;
     }
     settle(&seen, 300, Duration::from_secs(15)).await;
     let seen = seen.lock().unwrap().clone();
-    let mut ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), 300, "every message fired");
+    assert_eq!(distinct_ids(&seen), 300, "every message fired");
     assert_eq!(seen.len(), 300, "and only once");
     // Both replicas' routers share the due queue.
-    let due = s
-        .rabbit
-        .channel
-        .queue_declare(
-            warren::schedule::DUE_QUEUE.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the due queue");
+    let due = due_queue(&s.rabbit).await.expect("the due queue");
     assert_eq!(due.consumer_count(), 2);
     drop((a, b));
 }
@@ -456,16 +423,8 @@ async fn a_dynamic_tenant_is_told_it_cannot_schedule_and_nothing_is_published() 
     assert!(!detail.contains("wtdyn"), "no vhost name: {detail}");
     // Nothing was declared on the tenant's vhost.
     let rabbit = rabbit_in(&format!("wtdyn-{run}-d1")).await;
-    let passive = rabbit
-        .channel
-        .queue_declare(
-            warren::schedule::DUE_QUEUE.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    assert!(passive.is_err(), "no ladder on a dynamic tenant's vhost");
+    assert!(
+        due_queue(&rabbit).await.is_err(),
+        "no ladder on a dynamic tenant's vhost"
+    );
 }

@@ -126,3 +126,44 @@ pub async fn settle(seen: &Arc<Mutex<Vec<(String, u64)>>>, expected: usize, dead
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
+
+/// `POST /v1/publish/batch` of `messages`, asserted all accepted.
+pub async fn schedule_batch(
+    server: &TestServer,
+    token: &str,
+    messages: Vec<serde_json::Value>,
+) -> Resp {
+    let r = server
+        .post(
+            "/v1/publish/batch",
+            Some(token),
+            &serde_json::json!({ "messages": messages }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r
+}
+
+/// The distinct message ids among `seen`.
+pub fn distinct_ids(seen: &[(String, u64)]) -> usize {
+    let mut ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.len()
+}
+
+/// A passive declare of the vhost's due queue (on `rabbit`'s channel, which a missing
+/// queue closes: use a connection of its own).
+pub async fn due_queue(rabbit: &Rabbit) -> Result<lapin::Queue, lapin::Error> {
+    rabbit
+        .channel
+        .queue_declare(
+            warren::schedule::DUE_QUEUE.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}

@@ -25,14 +25,7 @@ async fn a_broker_restart_between_accept_and_fire_loses_no_scheduled_message() {
                    "delay_ms": 2_000 + i * 100})
         })
         .collect();
-    let r = server
-        .post(
-            "/v1/publish/batch",
-            Some(&token),
-            &json!({"messages": messages}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    schedule_batch(&server, &token, messages).await;
     let broker = StoppedBroker::stop().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.start().await;
@@ -41,10 +34,7 @@ async fn a_broker_restart_between_accept_and_fire_loses_no_scheduled_message() {
     let seen = arrivals(&rabbit, &s.queue).await;
     settle(&seen, 100, Duration::from_secs(60)).await;
     let seen = seen.lock().unwrap().clone();
-    let mut ids: Vec<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len(), 100, "every scheduled message fired");
+    assert_eq!(distinct_ids(&seen), 100, "every scheduled message fired");
     assert!(seen.len() >= 100);
     eprintln!("{} deliveries for 100 messages", seen.len());
 }
