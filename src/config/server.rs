@@ -136,7 +136,7 @@ impl ServerConfig {
         }
         if let Some(tls) = &self.tls {
             all_positive(&[("server.tls.reload_s", tls.reload_s)])?;
-            crate::tls::load(&tls.cert_file, &tls.key_file)
+            crate::edge::tls::load(&tls.cert_file, &tls.key_file)
                 .map_err(|m| ConfigError::invalid("server.tls", m))?;
         }
         for (i, origin) in self.cors.allowed_origins.iter().enumerate() {

@@ -125,7 +125,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        crate::no_delay(&stream);
+        super::no_delay(&stream);
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         let stop = stop.clone();
