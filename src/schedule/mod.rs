@@ -252,7 +252,13 @@ pub fn ladder(top: u32) -> Vec<(String, FieldTable)> {
         table
     };
     let mut queues = vec![
-        (DUE_QUEUE.to_owned(), quorum(&[])),
+        // The router puts a message back while the broker refuses its publish; from
+        // RabbitMQ 4.0 a quorum queue drops a message after 20 deliveries unless told
+        // otherwise. A million tries, a second apart, is eleven days.
+        (
+            DUE_QUEUE.to_owned(),
+            quorum(&[("x-delivery-limit", AMQPValue::LongLongInt(1_000_000))]),
+        ),
         (DLQ.to_owned(), quorum(&[])),
     ];
     for k in 0..=top {
@@ -329,7 +335,10 @@ pub async fn publish_all(
     if let Some(wake) = wake {
         wake.notify_one();
     }
-    // Declaring took time: each message goes to the rung for what remains now.
+    // Declaring took time: each message goes to the rung for what remains now, the
+    // soonest due first (those already due go straight to the due queue, in due order).
+    let mut again = again;
+    again.sort_by_key(|&i| due_of(&messages[i].properties).unwrap_or(0));
     let now = crate::publishing::now_ms();
     let retry: Vec<OutgoingMessage> = again
         .iter()
