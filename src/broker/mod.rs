@@ -129,7 +129,7 @@ impl std::ops::Deref for ConsumerChannel {
 impl ConsumerChannel {
     /// Consumes `queue` with manual acks, at most `prefetch` unacked, under a consumer
     /// tag of `tag_prefix` and a fresh id.
-    pub async fn consume(
+    pub async fn consume_with_prefetch(
         &self,
         queue: &str,
         tag_prefix: &str,
@@ -138,6 +138,15 @@ impl ConsumerChannel {
         self.channel
             .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
             .await?;
+        self.consume(queue, tag_prefix).await
+    }
+
+    /// [`ConsumerChannel::consume_with_prefetch`] with the channel's current prefetch.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        tag_prefix: &str,
+    ) -> Result<lapin::Consumer, lapin::Error> {
         let tag = format!("{tag_prefix}-{}", crate::ids::uuid_v4().simple());
         self.channel
             .basic_consume(
@@ -147,6 +156,15 @@ impl ConsumerChannel {
                 lapin::types::FieldTable::default(),
             )
             .await
+    }
+
+    /// Puts one delivery back in its queue now.
+    pub async fn requeue(&self, delivery_tag: u64) -> Result<(), lapin::Error> {
+        let options = lapin::options::BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        self.channel.basic_nack(delivery_tag, options).await
     }
 }
 

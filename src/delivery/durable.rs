@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -156,7 +156,7 @@ impl Durable {
 
     async fn setup(
         broker: &Broker,
-        channel: &lapin::Channel,
+        channel: &ConsumerChannel,
         request: &DurableRequest<'_>,
     ) -> Result<lapin::Consumer, ApiError> {
         let exchange = match &request.source {
@@ -285,15 +285,7 @@ impl Durable {
                                 .to_owned(),
                         retry_after: Duration::from_secs(1),
                     });
-                    self.channel
-                        .basic_nack(
-                            tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            },
-                        )
-                        .await
+                    self.channel.requeue(tag).await
                 }
             };
             settle.map_err(|_| ack_error())?;
@@ -365,16 +357,8 @@ struct Forwarder {
 }
 
 /// Starts a consumer on `queue` with the channel's current prefetch.
-async fn consume(channel: &lapin::Channel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
-    let tag = format!("warren-durable-{}", crate::ids::uuid_v4().simple());
-    channel
-        .basic_consume(
-            queue.into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+async fn consume(channel: &ConsumerChannel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
+    channel.consume(queue, "warren-durable").await
 }
 
 /// How many unacked deliveries a durable subscription lets the broker push, so that

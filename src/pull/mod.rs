@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -457,16 +457,7 @@ impl Pull {
                 .basic_ack(lease.tag, BasicAckOptions::default())
                 .await
                 .map(|()| done),
-            Op::Nack { requeue: true } => channel
-                .basic_nack(
-                    lease.tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    },
-                )
-                .await
-                .map(|()| done),
+            Op::Nack { requeue: true } => channel.requeue(lease.tag).await.map(|()| done),
             Op::Nack { requeue: false } => match &lease.retry {
                 Some(policy) => {
                     let hop = match lease.puller.channel().await {
@@ -482,15 +473,7 @@ impl Pull {
                             .map(|()| done),
                         Err(error) => {
                             warn!(queue = %lease.queue, %error, "Could not move a nacked pull message to its retry queue; requeued it.");
-                            let _ = channel
-                                .basic_nack(
-                                    lease.tag,
-                                    BasicNackOptions {
-                                        multiple: false,
-                                        requeue: true,
-                                    },
-                                )
-                                .await;
+                            let _ = channel.requeue(lease.tag).await;
                             return Settled::Failed;
                         }
                     }
@@ -551,15 +534,7 @@ impl Pull {
                     .basic_ack(lease.tag, BasicAckOptions::default())
                     .await
             } else {
-                channel
-                    .basic_nack(
-                        lease.tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await
+                channel.requeue(lease.tag).await
             };
             if settled.is_err() {
                 lease.puller.lost(lease.generation).await;

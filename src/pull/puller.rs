@@ -13,10 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
@@ -192,15 +189,7 @@ impl Puller {
     /// The long-poll consumer: each delivery to the oldest receive still waiting; with
     /// none left, the delivery goes back and the consumer stops.
     async fn forward(self: Arc<Self>, channel: Arc<ConsumerChannel>, generation: u64) {
-        let tag = format!("warren-pull-{}", crate::ids::uuid_v4().simple());
-        let consumer = channel
-            .basic_consume(
-                self.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await;
+        let consumer = channel.consume(&self.queue, "warren-pull").await;
         let Ok(mut consumer) = consumer else {
             {
                 let mut waiters = self.waiters();
@@ -235,32 +224,20 @@ impl Puller {
                 (got, stop)
             };
             if let Some((delivery, _)) = left {
-                give_back(&channel, delivery.delivery_tag).await;
+                let _ = channel.requeue(delivery.delivery_tag).await;
             }
             if stop {
                 let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                     .await;
                 // What the broker sent before the cancel took effect goes back too.
                 while let Ok(Some(Ok(delivery))) =
                     tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
                 {
-                    give_back(&channel, delivery.delivery_tag).await;
+                    let _ = channel.requeue(delivery.delivery_tag).await;
                 }
                 return;
             }
         }
     }
-}
-
-async fn give_back(channel: &ConsumerChannel, tag: u64) {
-    let _ = channel
-        .basic_nack(
-            tag,
-            BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            },
-        )
-        .await;
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -224,7 +224,7 @@ impl Subscription {
         let channel = Arc::new(broker.consumer_channel().await.map_err(|e| e.to_string())?);
         let prefetch = if probing { 1 } else { self.spec.max_in_flight };
         match channel
-            .consume(&self.spec.queue, "warren-push", prefetch)
+            .consume_with_prefetch(&self.spec.queue, "warren-push", prefetch)
             .await
         {
             Ok(consumer) => Ok((broker, channel, consumer)),
@@ -453,15 +453,7 @@ impl Subscription {
             Err(error) => {
                 warn!(subscription = %label, %error, "Could not move a failed push delivery on; requeued it.");
                 telemetry::push_delivered(label, "requeued");
-                channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await
+                channel.requeue(tag).await
             }
         };
         settled.map_err(|_| ())

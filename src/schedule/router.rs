@@ -116,7 +116,7 @@ impl Router {
             Err(error) => return Err(Some(error.to_string())),
         };
         match channel
-            .consume(DUE_QUEUE, "warren-schedule", self.prefetch)
+            .consume_with_prefetch(DUE_QUEUE, "warren-schedule", self.prefetch)
             .await
         {
             Ok(consumer) => Ok((channel, consumer)),
@@ -162,7 +162,14 @@ impl Router {
             // Not something Warren scheduled (it bounds what it accepts far lower): the
             // due queue has no dead-letter exchange, so this drops it.
             warn!(vhost = %self.broker.vhost(), reason = reason.as_str(), "A message on the scheduled-publish due queue cannot be read; dropped it.");
-            return nack(channel, &delivery, false).await;
+            let dropped = BasicNackOptions {
+                multiple: false,
+                requeue: false,
+            };
+            return match channel.basic_nack(delivery.delivery_tag, dropped).await {
+                Ok(()) => Settled::Done,
+                Err(_) => Settled::Lost,
+            };
         }
         let scheduled = match super::unwrap(&delivery.properties, &delivery.data) {
             Ok(scheduled) => scheduled,
@@ -276,7 +283,10 @@ impl Router {
     /// Puts the message back in the due queue after a pause, for another try.
     async fn later(&self, channel: &ConsumerChannel, delivery: &Delivery) -> Settled {
         tokio::time::sleep(BACK_OFF).await;
-        nack(channel, delivery, true).await
+        match channel.requeue(delivery.delivery_tag).await {
+            Ok(()) => Settled::Done,
+            Err(_) => Settled::Lost,
+        }
     }
 }
 
@@ -285,17 +295,6 @@ async fn ack(channel: &ConsumerChannel, delivery: &Delivery) -> Settled {
         .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
         .await
     {
-        Ok(()) => Settled::Done,
-        Err(_) => Settled::Lost,
-    }
-}
-
-async fn nack(channel: &ConsumerChannel, delivery: &Delivery, requeue: bool) -> Settled {
-    let options = BasicNackOptions {
-        multiple: false,
-        requeue,
-    };
-    match channel.basic_nack(delivery.delivery_tag, options).await {
         Ok(()) => Settled::Done,
         Err(_) => Settled::Lost,
     }
