@@ -104,6 +104,11 @@ pub fn router(state: AppState) -> Router {
     let docs = SwaggerUi::new("/docs")
         .external_url_unchecked("/openapi.json", openapi::document())
         .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none"));
+    let access_level = if state.config.log.access {
+        tracing::Level::INFO
+    } else {
+        tracing::Level::DEBUG
+    };
     operational
         .merge(api)
         .route("/demo", get(demo))
@@ -146,10 +151,11 @@ pub fn router(state: AppState) -> Router {
                                 trace_id = tracing::field::Empty,
                             )
                         })
-                        // One line per request at info: status and latency, inside the span.
+                        // With `log.access`, one line per request at info: status and
+                        // latency, inside the span; else at debug.
                         .on_response(
                             tower_http::trace::DefaultOnResponse::new()
-                                .level(tracing::Level::INFO)
+                                .level(access_level)
                                 .latency_unit(tower_http::LatencyUnit::Micros),
                         )
                         // Not a second line at ERROR for every 5xx: during a broker outage

@@ -229,7 +229,7 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
     let (port, metrics_port) = (closed_port().await, closed_port().await);
     let tenant = unique("t");
     let config = format!(
-        "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        "{}[log]\nformat = \"json\"\nlevel = \"info\"\naccess = true\n",
         valid_config(&tenant, &format!("127.0.0.1:{port}")).replace(
             "shutdown_grace_s = 5\n",
             &format!("shutdown_grace_s = 5\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
@@ -314,13 +314,42 @@ async fn json_logs_carry_request_id_tenant_and_outcome_and_metrics_have_their_ow
 }
 
 #[tokio::test]
+async fn without_log_access_a_request_logs_no_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port().await;
+    let tenant = unique("t");
+    let config = format!(
+        "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        valid_config(&tenant, &format!("127.0.0.1:{port}"))
+    );
+    let mut logged = WarrenProcess::start(&dir, &config, &tenant, port, 200).await;
+    let response = logged
+        .http
+        .post(format!("{}/v1/publish", logged.base))
+        .bearer_auth(&logged.token)
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-not-logged")
+        .body(r#"{"exchange":"amq.topic","routing_key":"nobody","payload":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    assert!(logged.terminate().success());
+    let text = std::fs::read_to_string(&logged.log).unwrap();
+    // The log is written (the shutdown line), but no line per request.
+    assert!(text.contains("Broker link closed by Warren"), "{text}");
+    assert!(!text.contains("req-not-logged"), "{text}");
+    assert!(!text.contains("/v1/publish"), "{text}");
+}
+
+#[tokio::test]
 async fn a_broker_outage_logs_one_line_per_request_not_an_error_each() {
     let dir = tempfile::tempdir().unwrap();
     let port = closed_port().await;
     let tenant = unique("t");
     let unreachable = format!("amqp://guest:guest@127.0.0.1:{}", closed_port().await);
     let config = format!(
-        "{}[log]\nformat = \"json\"\nlevel = \"info\"\n",
+        "{}[log]\nformat = \"json\"\nlevel = \"info\"\naccess = true\n",
         valid_config(&tenant, &format!("127.0.0.1:{port}")).replace(&broker_url(), &unreachable)
     );
     let logged = WarrenProcess::start(&dir, &config, &tenant, port, 503).await;

@@ -140,6 +140,7 @@ async fn warren(exchange: &str, telemetry: &str) -> (tempfile::TempDir, WarrenPr
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_s = 5\n\
          [amqp]\nurl = \"{}\"\n[auth]\nhs256_secret = \"{SECRET}\"\n\
+         [log]\naccess = true\n\
          [telemetry]\n{telemetry}\n\
          [tenants.{tenant}]\nvhost = \"/\"\n\
          publish = [{{ exchange = \"{exchange}\", routing_key = \"#\" }}]\n\
