@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// share and spend less CPU per message (BENCHMARKS.md: on 2 cores beside RabbitMQ,
     /// 1 thread spent about a fifth less CPU per publish than 2).
     pub worker_threads: usize,
+    /// Requests one HTTP/2 connection may have in flight at once (its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); further streams are refused until one ends.
+    pub http2_max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +100,7 @@ impl Default for ServerConfig {
             tls: None,
             cors: CorsConfig::default(),
             worker_threads: 0,
+            http2_max_concurrent_streams: 128,
         }
     }
 }
@@ -127,6 +131,10 @@ impl ServerConfig {
             ),
             ("server.header_read_timeout_s", self.header_read_timeout_s),
             ("server.body_read_timeout_s", self.body_read_timeout_s),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(self.http2_max_concurrent_streams),
+            ),
         ])?;
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError::invalid(

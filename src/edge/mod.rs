@@ -58,6 +58,7 @@ pub async fn serve(
     let timeouts = ConnTimeouts {
         header_read: Duration::from_secs(state.config.server.header_read_timeout_s),
         event_write: Duration::from_millis(state.config.sse.slow_reader_timeout_ms),
+        h2_streams: state.config.server.http2_max_concurrent_streams,
     };
     let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
         match &state.config.server.tls {
@@ -153,13 +154,19 @@ async fn stop_background(state: &App, deadline: Instant) {
     }
 }
 
-/// The time limits of one client connection.
+/// Bound on an HTTP/2 request's decoded header list (RFC 9113 §6.5.2).
+const HEADER_LIST_BYTES: u32 = (crate::api::track::MAX_HEADER_BYTES + 100 * 32) as u32;
+
+/// The time limits of one client connection, and its HTTP/2 stream bound.
 #[derive(Clone, Copy)]
 struct ConnTimeouts {
     /// A request head (and an idle connection) gets this long.
     header_read: Duration,
     /// An event stream's write may take this long (`sse.slow_reader_timeout_ms`).
     event_write: Duration,
+    /// Requests in flight at once on one HTTP/2 connection
+    /// (`server.http2_max_concurrent_streams`).
+    h2_streams: u32,
 }
 
 /// Every accepted connection is written without Nagle's delay: a WebSocket frame or
@@ -217,6 +224,7 @@ where
         let ConnTimeouts {
             header_read: header_read_timeout,
             event_write,
+            h2_streams,
         } = timeouts;
         tokio::spawn(async move {
             let io = idle::Watched::new(linger::Lingering::new(io), activity.clone());
@@ -240,11 +248,26 @@ where
                     return;
                 }
             };
+            // HTTP/1.1, or HTTP/2 when the client starts with its preface (h2c with
+            // prior knowledge, or `h2` chosen by ALPN over TLS): many publishes on one
+            // connection without one request's wait holding up the next.
             let mut builder = Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(h2_streams)
+                // The decoded header list: what `LimitHeadersLayer` allows, plus HPACK's
+                // 32 bytes of overhead per field; a larger list is refused by h2 before
+                // it is buffered.
+                .max_header_list_size(HEADER_LIST_BYTES)
+                // A client that stops reading is found by pings, as HTTP/1's idle
+                // check finds one that sends nothing.
+                .keep_alive_interval(Some(header_read_timeout))
+                .keep_alive_timeout(header_read_timeout);
             let mut connection =
                 std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
             let mut signalled = false;

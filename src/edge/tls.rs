@@ -87,7 +87,7 @@ impl TlsListener {
                 .map_err(|e| e.to_string())?
                 .with_no_client_auth()
                 .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let (ready_tx, ready) = mpsc::channel(READY_QUEUE);
         tasks.spawn(accept_loop(

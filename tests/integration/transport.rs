@@ -167,6 +167,19 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
     .unwrap();
     let r = send_fire_and_forget(first.post(format!("{base}/v1/publish")), &token).await;
     assert_eq!(r.status(), 202);
+    // ALPN offers HTTP/2, and HTTP/1.1 to a client that only speaks that.
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let http1 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&first_pem).unwrap())
+        .tls_built_in_root_certs(false)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = send_fire_and_forget(http1.post(format!("{base}/v1/publish")), &token).await;
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (202, reqwest::Version::HTTP_11)
+    );
     // Plain HTTP on the TLS port gets nowhere.
     assert!(
         reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
@@ -198,6 +211,70 @@ async fn tls_listener_serves_and_reloads_a_renewed_certificate() {
 
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn http2_carries_many_publishes_on_one_connection_within_its_stream_bound() {
+    let tenant = unique("t");
+    let mut config = tenant_config(&tenant, "*", "#");
+    config.server.http2_max_concurrent_streams = 8;
+    let server = TestServer::start_ready(config).await;
+    let token = server.token(&tenant, "publish");
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    // A client that starts with the HTTP/2 preface (h2c, prior knowledge) is served
+    // HTTP/2, and told the configured bound on streams in flight.
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut client = client.ready().await.unwrap();
+    let request = axum::http::Request::get(format!("http://{addr}/healthz"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = tokio::select! {
+        response = response => response.unwrap(),
+        ended = &mut connection => panic!("the HTTP/2 connection ended: {ended:?}"),
+    };
+    assert_eq!(response.status(), 200);
+    assert_eq!(connection.max_concurrent_send_streams(), 8);
+
+    // 40 publishes at once on one connection: all confirmed, over HTTP/2, the client
+    // keeping to 8 in flight.
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let publishes = (0..40)
+        .map(|_| send_fire_and_forget(h2c.post(format!("{}/v1/publish", server.base)), &token));
+    for r in futures::future::join_all(publishes).await {
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 202);
+    }
+
+    // A header list past the bound is refused without taking the connection's
+    // neighbours down, and a list the bound allows but the gateway does not gets 400.
+    let huge = "x".repeat(80 * 1024);
+    let refused = h2c
+        .get(format!("{}/healthz", server.base))
+        .header("x-huge", &huge)
+        .send()
+        .await;
+    assert!(
+        refused.as_ref().map_or(true, |r| !r.status().is_success()),
+        "{refused:?}"
+    );
+    let big = "x".repeat(60 * 1024);
+    let answered = h2c
+        .post(format!("{}/v1/publish", server.base))
+        .header("x-big-a", &big)
+        .header("x-big-b", "y".repeat(5 * 1024))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), 400);
+    let again = send_fire_and_forget(h2c.post(format!("{}/v1/publish", server.base)), &token).await;
+    assert_eq!(again.status(), 202);
 }
 
 /// Asserts that `response` allows the origin `https://app.example` and that its header
