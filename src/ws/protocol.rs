@@ -15,6 +15,7 @@ use crate::api::request::{ReplyMessage, RequestBody};
 use crate::delivery::render::{Format, MessageFrame};
 use crate::delivery::stream::StreamOffset;
 use crate::error::ApiError;
+use crate::idempotency::{Answered, Outcome};
 
 /// Every client frame type, as named in the `type` member.
 pub const CLIENT_FRAME_TYPES: &[&str] = &[
@@ -338,6 +339,33 @@ impl ServerFrame {
             id,
             code: error.code().to_owned(),
             detail: error.to_string(),
+        }
+    }
+
+    /// The frame of a keyed call's answer (fresh or replayed): `success` of its body,
+    /// else an error frame with the problem's code and detail, as the HTTP answer would carry
+    /// them.
+    pub fn answer<T>(
+        id: String,
+        answer: Result<Answered<T>, ApiError>,
+        success: impl FnOnce(String, T) -> ServerFrame,
+    ) -> ServerFrame {
+        let outcome = match answer {
+            Ok(answered) => answered.outcome,
+            Err(error) => {
+                if let ApiError::Internal(cause) = &error {
+                    tracing::error!(error = %cause, "Request failed unexpectedly.");
+                }
+                Outcome::Failure(error.problem().into())
+            }
+        };
+        match outcome {
+            Outcome::Success { body, .. } => success(id, body),
+            Outcome::Failure(problem) => ServerFrame::Error {
+                id: Some(id),
+                code: problem.code.as_str().to_owned(),
+                detail: problem.detail,
+            },
         }
     }
 

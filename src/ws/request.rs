@@ -43,7 +43,7 @@ pub async fn request(state: AppState, principal: Principal, frame: Request) -> S
         RequestReplied::from,
     )
     .await;
-    super::session::frame_from_answer(id, answer, |id, body| ServerFrame::Reply {
+    ServerFrame::answer(id, answer, |id, body| ServerFrame::Reply {
         id,
         message_id: body.message_id,
         correlation_id: body.correlation_id,
