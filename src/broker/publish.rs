@@ -91,6 +91,10 @@ impl PublishError {
 
 pub type PublishResult = Result<Published, PublishError>;
 
+/// RabbitMQ's pseudo-queue for direct reply-to: only an RPC channel may publish with it
+/// ([`super::rpc`]); [`refusal`] refuses it on every other.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// The most header bytes a message may carry into `basic.publish`. A content header
 /// frame larger than the broker's frame size (RabbitMQ's 128 KiB) makes it close the
 /// whole connection; the rest of the properties and the frame's own bytes fit in the
@@ -118,11 +122,11 @@ pub fn refusal(message: &OutgoingMessage, max_message_bytes: usize) -> Option<Pu
     // is an address like any other, and a retried request carries it.)
     if p.reply_to()
         .as_ref()
-        .is_some_and(|r| r.as_str() == super::DIRECT_REPLY_TO)
+        .is_some_and(|r| r.as_str() == DIRECT_REPLY_TO)
     {
         return Some(PublishError::Refused(format!(
             "properties.reply_to: {:?} is RabbitMQ's direct reply-to, which a gateway channel cannot publish with; use POST /v1/request for request/reply",
-            super::DIRECT_REPLY_TO
+            DIRECT_REPLY_TO
         )));
     }
     // PRECONDITION_FAILED unless it names the user of the gateway's connection.
