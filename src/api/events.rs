@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use utoipa::IntoParams;
 
 use super::body::RawBody;
+use super::doc::{PublishHeaders, problems};
 use super::model::{BatchResponse, PublishAccepted};
-use super::openapi::{PublishHeaders, problems};
 use super::publish::{checks, respond, trace_context};
 use crate::AppState;
 use crate::cloudevents::publish::{self as service, Caller};

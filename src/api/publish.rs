@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::body::JsonBody;
+use super::doc::{PublishHeaders, problems};
 use super::model::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest};
-use super::openapi::{PublishHeaders, problems};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Answered, Fingerprint, IdempotencyKey, Outcome};

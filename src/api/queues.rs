@@ -12,8 +12,8 @@ use std::time::Duration;
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
+use super::doc::problems;
 use super::model::whole;
-use super::openapi::problems;
 use super::request::ReplyProperties;
 use super::slots::WorkSlot;
 use crate::AppState;

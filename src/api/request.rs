@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::body::{JsonBody, parse_json};
+use super::doc::{PublishHeaders, problems};
 use super::model::PublishRequest;
-use super::openapi::{PublishHeaders, problems};
 use super::publish::{CallHeaders, respond};
 use super::slots::WorkSlot;
 use crate::AppState;
