@@ -13,8 +13,8 @@ use utoipa::ToSchema;
 
 use super::body::JsonBody;
 use super::doc::problems;
+use super::model::request::ReplyProperties;
 use super::model::whole;
-use super::request::ReplyProperties;
 use super::slots::WorkSlot;
 use crate::AppState;
 use crate::delivery::render::BodyMembers;

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::api::body::parse_json;
 use crate::api::model::PublishRequest;
-use crate::api::request::{ReplyMessage, RequestBody};
+use crate::api::model::request::{ReplyMessage, RequestBody};
 use crate::delivery::render::{Format, MessageFrame};
 use crate::delivery::stream::StreamOffset;
 use crate::error::ApiError;

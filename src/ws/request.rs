@@ -4,7 +4,7 @@
 
 use super::protocol::{Request, ServerFrame};
 use crate::AppState;
-use crate::api::request::RequestReplied;
+use crate::api::model::request::RequestReplied;
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::publishing::TraceContext;
 use crate::rpc::{self, KeyedRequest};

@@ -1,7 +1,10 @@
 //! Publish request and response bodies as they travel on the wire (serde) and appear in
 //! the OpenAPI document (utoipa), and their conversions into and from the publish
-//! service's own types. Validation and the AMQP translation live in
-//! [`crate::publishing`].
+//! service's own types; the request/reply ones in `request.rs`. HTTP handlers and
+//! WebSocket frames both read and write these. Validation and the AMQP translation live
+//! in [`crate::publishing`].
+
+pub mod request;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
