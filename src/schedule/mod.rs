@@ -18,8 +18,6 @@
 mod ladder;
 mod router;
 
-use std::sync::Arc;
-
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
@@ -289,9 +287,6 @@ pub async fn publish_all(
     }
     results
 }
-
-/// Wakes the router of a pool whose ladder was just declared.
-pub type Wake = Arc<tokio::sync::Notify>;
 
 #[cfg(test)]
 mod tests {
