@@ -19,6 +19,7 @@ pub mod otel;
 pub mod publishing;
 pub mod pull;
 pub mod push;
+pub mod rfc3339;
 pub mod rpc;
 pub mod schedule;
 pub mod telemetry;

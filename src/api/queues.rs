@@ -291,7 +291,7 @@ async fn receive_messages(
 
 /// Unix milliseconds as RFC 3339 in UTC with milliseconds.
 fn rfc3339_ms(ms: u64) -> String {
-    let seconds = crate::cloudevents::time::format_rfc3339(ms / 1000);
+    let seconds = crate::rfc3339::format_rfc3339(ms / 1000);
     match seconds.strip_suffix('Z') {
         Some(head) => format!("{head}.{:03}Z", ms % 1000),
         None => seconds,
