@@ -15,19 +15,24 @@ so naming `crate::broker::Broker` is an edge to `broker/channel.rs` if that is w
 (`pub use x::Y;` with no other use of `Y` in the file) are not edges: they are the
 module tree, not a dependency.
 
-A cycle is a strongly connected component of more than one module; the edges printed
-are the ones inside it. Within a folder module, a child naming an item its own
-`mod.rs` defines and `mod.rs` using the child back is also a cycle here: a `mod.rs`
-that uses its children should not be used by them; what both need belongs in a
-child of its own.
+A cycle is a strongly connected component of more than one file; the edges printed
+are the ones inside it. Two kinds of edge are set aside, and only these:
 
-The one cycle allowed: the crate root `lib` holds `App`/`AppState`, which the request
-handlers take as axum state, and `App` holds the handlers' shared state. So edges
-from a file under `api/`, `ws/` or `edge/` to `lib` are set aside, and what remains
-must have no cycle at all. Every other cycle fails, including one that passes through
-`lib` on an edge from anywhere else.
+- A file's use of an item its own folder's `mod.rs` (or an enclosing folder's, but
+  never `lib`) defines: `mod.rs` is the folder's shared vocabulary (`ConfigError` for
+  every config section, `Broker` for the broker's parts), and its files using it while
+  `mod.rs` uses them is one module's inside, not a cycle. A use of a name `mod.rs`
+  merely re-exports is not set aside: it resolves to the sibling that defines it.
+  `--strict` counts these edges too, to see the folders' insides.
+- The one cycle allowed: the crate root `lib` holds `App`/`AppState`, which the request
+  handlers take as axum state, and `App` holds the handlers' shared state. So edges
+  from a file under `api/`, `ws/` or `edge/` to `lib` are set aside. A cycle through
+  `lib` on an edge from anywhere else fails.
 
-Usage: scripts/module_cycles.py [--src DIR] [--edges]   (--edges: print every edge)
+`--folders` also prints the cycles between the folders of each level (each child
+folder one node), for information: they do not change the exit status.
+
+Usage: scripts/module_cycles.py [--src DIR] [--edges] [--strict] [--folders]
 """
 
 import argparse
