@@ -25,6 +25,7 @@ pub mod schedule;
 pub mod telemetry;
 pub mod tenancy;
 pub mod topology;
+pub mod wire;
 pub mod ws;
 
 use std::ops::Deref;

@@ -5,7 +5,6 @@ pub mod doc;
 pub mod events;
 pub mod extract;
 pub mod health;
-pub mod model;
 pub mod openapi;
 mod problem;
 pub mod publish;

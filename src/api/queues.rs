@@ -13,14 +13,14 @@ use utoipa::ToSchema;
 
 use super::body::JsonBody;
 use super::doc::problems;
-use super::model::request::ReplyProperties;
-use super::model::whole;
 use super::slots::WorkSlot;
 use crate::AppState;
 use crate::delivery::render::BodyMembers;
 use crate::error::ApiError;
 use crate::pull::{self, Op, Settled};
 use crate::tenancy::{Principal, Scope};
+use crate::wire::request::ReplyProperties;
+use crate::wire::whole;
 
 /// What to receive.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -67,7 +67,7 @@ pub struct ReceivedMessage {
     pub routing_key: String,
     /// The broker delivered it before (a nack with requeue, a replica that died).
     pub redelivered: bool,
-    #[schema(value_type = super::model::DeliveredProperties)]
+    #[schema(value_type = crate::wire::DeliveredProperties)]
     pub properties: ReplyProperties,
     /// The body, for JSON content.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -6,13 +6,13 @@ use axum::response::{IntoResponse, Response};
 
 use super::body::JsonBody;
 use super::doc::{PublishHeaders, problems};
-use super::model::request::{RequestBody, RequestReplied, RequestWire};
 use super::publish::{CallHeaders, respond};
 use super::slots::WorkSlot;
 use crate::AppState;
 use crate::idempotency::Fingerprint;
 use crate::rpc::{self, KeyedRequest};
 use crate::tenancy::Principal;
+use crate::wire::request::{RequestBody, RequestReplied, RequestWire};
 
 /// Call an AMQP service and wait for its reply.
 ///

@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::api::body::parse_json;
-use crate::api::model::PublishRequest;
-use crate::api::model::request::{ReplyMessage, RequestBody};
 use crate::delivery::render::{Format, MessageFrame};
 use crate::delivery::stream::StreamOffset;
 use crate::error::ApiError;
 use crate::idempotency::{Answered, Outcome};
+use crate::wire::PublishRequest;
+use crate::wire::parse_json;
+use crate::wire::request::{ReplyMessage, RequestBody};
 
 /// Every client frame type, as named in the `type` member.
 pub const CLIENT_FRAME_TYPES: &[&str] = &[

@@ -4,11 +4,11 @@
 
 use super::protocol::{Request, ServerFrame};
 use crate::AppState;
-use crate::api::model::request::RequestReplied;
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::publishing::TraceContext;
 use crate::rpc::{self, KeyedRequest};
 use crate::tenancy::Principal;
+use crate::wire::request::RequestReplied;
 
 /// Runs one request frame to its answer frame.
 pub async fn request(state: AppState, principal: Principal, frame: Request) -> ServerFrame {

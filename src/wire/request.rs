@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use super::PublishRequest;
-use crate::api::body::parse_json;
+use super::parse_json;
 use crate::delivery::render::{BodyMembers, PropertiesJson, properties_json};
 use crate::error::ApiError;
 use crate::rpc::Replied;
