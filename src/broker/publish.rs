@@ -7,6 +7,8 @@ use lapin::protocol::AMQPErrorKind;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ErrorKind};
 
+use crate::error::ApiError;
+
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
@@ -85,6 +87,32 @@ impl PublishError {
         Self::Unavailable {
             reason: reason.into(),
             retry_after,
+        }
+    }
+}
+
+/// What a publish failure is to a client: its problem code and status.
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Unavailable {
+                reason,
+                retry_after,
+            } => Self::BrokerUnavailable {
+                detail: reason,
+                retry_after,
+            },
+            e @ PublishError::LostBeforeConfirm(_) => Self::BrokerUnavailable {
+                detail: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
+            PublishError::ExchangeNotFound(name) => Self::ExchangeNotFound(name),
+            e @ PublishError::AccessRefused(_) => Self::Forbidden(e.to_string()),
+            PublishError::Refused(detail) => Self::InvalidRequest(detail),
+            e @ PublishError::TooLarge { .. } => Self::PayloadTooLarge(e.to_string()),
+            e @ PublishError::Unroutable(_) => Self::Unroutable(e.to_string()),
+            e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
+            e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),
         }
     }
 }
