@@ -1,7 +1,9 @@
 //! The `warren.v1` WebSocket frame protocol: JSON text frames with a `type`, parsed
-//! into typed client frames and serialized from typed server frames. Pure; no I/O.
+//! into typed client frames and serialized from typed server frames, and a service's
+//! answer as the frame that carries it. Pure; no I/O (an unexpected internal error is
+//! logged as it becomes an `error` frame).
 //!
-//! Over 500 lines because of its tests (~230 of them): they pin the wire format byte
+//! Over 700 lines because of its tests (~320 of them): they pin the wire format byte
 //! for byte, which clients depend on.
 
 use std::collections::BTreeMap;
