@@ -36,7 +36,7 @@ fn now_ms() -> u64 {
 fn due_ms(answer: &[u8]) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_slice(answer).ok()?;
     let text = v["scheduled_for"].as_str()?;
-    let secs = warren::cloudevents::time::parse_rfc3339(text)?;
+    let secs = warren::rfc3339::parse_rfc3339(text)?;
     let millis: u64 = text
         .rsplit_once('.')?
         .1

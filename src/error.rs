@@ -9,8 +9,6 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::broker::PublishError;
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
@@ -324,31 +322,6 @@ impl ApiError {
             status: self.status().as_u16(),
             code: self.problem_code(),
             detail,
-        }
-    }
-}
-
-impl From<PublishError> for ApiError {
-    fn from(error: PublishError) -> Self {
-        match error {
-            PublishError::Unavailable {
-                reason,
-                retry_after,
-            } => Self::BrokerUnavailable {
-                detail: reason,
-                retry_after,
-            },
-            e @ PublishError::LostBeforeConfirm(_) => Self::BrokerUnavailable {
-                detail: e.to_string(),
-                retry_after: Duration::from_secs(1),
-            },
-            PublishError::ExchangeNotFound(name) => Self::ExchangeNotFound(name),
-            e @ PublishError::AccessRefused(_) => Self::Forbidden(e.to_string()),
-            PublishError::Refused(detail) => Self::InvalidRequest(detail),
-            e @ PublishError::TooLarge { .. } => Self::PayloadTooLarge(e.to_string()),
-            e @ PublishError::Unroutable(_) => Self::Unroutable(e.to_string()),
-            e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
-            e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),
         }
     }
 }

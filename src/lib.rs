@@ -19,11 +19,13 @@ pub mod otel;
 pub mod publishing;
 pub mod pull;
 pub mod push;
+pub mod rfc3339;
 pub mod rpc;
 pub mod schedule;
 pub mod telemetry;
 pub mod tenancy;
 pub mod topology;
+pub mod wire;
 pub mod ws;
 
 use std::ops::Deref;

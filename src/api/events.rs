@@ -11,8 +11,7 @@ use serde_json::{Value, json};
 use utoipa::IntoParams;
 
 use super::body::RawBody;
-use super::model::{BatchResponse, PublishAccepted};
-use super::openapi::{PublishHeaders, problems};
+use super::doc::{PublishHeaders, problems};
 use super::publish::{checks, respond, trace_context};
 use crate::AppState;
 use crate::cloudevents::publish::{self as service, Caller};
@@ -20,6 +19,7 @@ use crate::cloudevents::{self, BATCH, BatchError, Destination, Mode, STRUCTURED}
 use crate::error::ApiError;
 use crate::idempotency::{Fingerprint, Outcome};
 use crate::telemetry;
+use crate::wire::{BatchResponse, PublishAccepted};
 
 /// Where the event goes on AMQP, beyond the exchange in the path.
 #[derive(Debug, Deserialize, IntoParams)]

@@ -1,10 +1,10 @@
 //! HTTP surface: routes, middleware (request id, tracing, metrics, limits), fallbacks.
 
 pub mod body;
+pub mod doc;
 pub mod events;
 pub mod extract;
 pub mod health;
-pub mod model;
 pub mod openapi;
 mod problem;
 pub mod publish;
@@ -37,7 +37,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The routes the OpenAPI document describes, each declared once by its handler's
 /// `#[utoipa::path]`. `/metrics` only when it is served on this listener.
 pub(crate) fn documented_routes(with_metrics: bool) -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
         .merge(api_routes())
         .merge(operational_routes(with_metrics))
 }

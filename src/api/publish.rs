@@ -8,13 +8,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::body::JsonBody;
-use super::model::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest};
-use super::openapi::{PublishHeaders, problems};
+use super::doc::{PublishHeaders, problems};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::idempotency::{self, Answered, Fingerprint, IdempotencyKey, Outcome};
 use crate::publishing::{self, KeyedPublish, TraceContext};
 use crate::tenancy::{Principal, Scope};
+use crate::wire::{BatchRequest, BatchResponse, PublishAccepted, PublishRequest};
 
 /// Publish one message.
 ///

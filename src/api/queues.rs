@@ -12,15 +12,15 @@ use std::time::Duration;
 use utoipa::ToSchema;
 
 use super::body::JsonBody;
-use super::model::whole;
-use super::openapi::problems;
-use super::request::ReplyProperties;
+use super::doc::problems;
 use super::slots::WorkSlot;
 use crate::AppState;
 use crate::delivery::render::BodyMembers;
 use crate::error::ApiError;
 use crate::pull::{self, Op, Settled};
 use crate::tenancy::{Principal, Scope};
+use crate::wire::request::ReplyProperties;
+use crate::wire::whole;
 
 /// What to receive.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -67,7 +67,7 @@ pub struct ReceivedMessage {
     pub routing_key: String,
     /// The broker delivered it before (a nack with requeue, a replica that died).
     pub redelivered: bool,
-    #[schema(value_type = super::model::DeliveredProperties)]
+    #[schema(value_type = crate::wire::DeliveredProperties)]
     pub properties: ReplyProperties,
     /// The body, for JSON content.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -291,7 +291,7 @@ async fn receive_messages(
 
 /// Unix milliseconds as RFC 3339 in UTC with milliseconds.
 fn rfc3339_ms(ms: u64) -> String {
-    let seconds = crate::cloudevents::time::format_rfc3339(ms / 1000);
+    let seconds = crate::rfc3339::format_rfc3339(ms / 1000);
     match seconds.strip_suffix('Z') {
         Some(head) => format!("{head}.{:03}Z", ms % 1000),
         None => seconds,

@@ -157,12 +157,12 @@ impl Drop for SseGuard {
             content_type = "text/event-stream", body = String,
             headers(("Cache-Control" = String, description = "`no-cache`."),
                     ("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer the stream."))),
-        (status = 400, response = crate::api::openapi::problems::InvalidRequest),
-        (status = 401, response = crate::api::openapi::problems::Unauthorized),
-        (status = 403, response = crate::api::openapi::problems::Forbidden),
-        (status = 404, response = crate::api::openapi::problems::StreamNotFound),
-        (status = 429, response = crate::api::openapi::problems::RateLimited),
-        (status = 503, response = crate::api::openapi::problems::SubscribeUnavailable),
+        (status = 400, response = crate::api::doc::problems::InvalidRequest),
+        (status = 401, response = crate::api::doc::problems::Unauthorized),
+        (status = 403, response = crate::api::doc::problems::Forbidden),
+        (status = 404, response = crate::api::doc::problems::StreamNotFound),
+        (status = 429, response = crate::api::doc::problems::RateLimited),
+        (status = 503, response = crate::api::doc::problems::SubscribeUnavailable),
     )
 )]
 pub async fn events(

@@ -37,8 +37,8 @@ pub use error::BrokerError;
 use exchanges::ExchangeCache;
 pub use health::{Health, HealthReport};
 use publish::{AmqpFailure, classify};
-pub use publish::{OutgoingMessage, PublishError, PublishResult, Published};
-pub use rpc::{DIRECT_REPLY_TO, Reply, RpcError, RpcSettings};
+pub use publish::{DIRECT_REPLY_TO, OutgoingMessage, PublishError, PublishResult, Published};
+pub use rpc::{Reply, RpcError, RpcSettings};
 
 pub type ChannelPool = managed::Pool<ChannelManager>;
 

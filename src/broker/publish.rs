@@ -7,6 +7,8 @@ use lapin::protocol::AMQPErrorKind;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ErrorKind};
 
+use crate::error::ApiError;
+
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
 pub struct OutgoingMessage {
@@ -89,7 +91,37 @@ impl PublishError {
     }
 }
 
+/// What a publish failure is to a client: its problem code and status.
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Unavailable {
+                reason,
+                retry_after,
+            } => Self::BrokerUnavailable {
+                detail: reason,
+                retry_after,
+            },
+            e @ PublishError::LostBeforeConfirm(_) => Self::BrokerUnavailable {
+                detail: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
+            PublishError::ExchangeNotFound(name) => Self::ExchangeNotFound(name),
+            e @ PublishError::AccessRefused(_) => Self::Forbidden(e.to_string()),
+            PublishError::Refused(detail) => Self::InvalidRequest(detail),
+            e @ PublishError::TooLarge { .. } => Self::PayloadTooLarge(e.to_string()),
+            e @ PublishError::Unroutable(_) => Self::Unroutable(e.to_string()),
+            e @ PublishError::Rejected => Self::BrokerRejected(e.to_string()),
+            e @ PublishError::ConfirmTimeout(_) => Self::ConfirmTimeout(e.to_string()),
+        }
+    }
+}
+
 pub type PublishResult = Result<Published, PublishError>;
+
+/// RabbitMQ's pseudo-queue for direct reply-to: only an RPC channel may publish with it
+/// ([`super::rpc`]); [`refusal`] refuses it on every other.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// The most header bytes a message may carry into `basic.publish`. A content header
 /// frame larger than the broker's frame size (RabbitMQ's 128 KiB) makes it close the
@@ -118,11 +150,11 @@ pub fn refusal(message: &OutgoingMessage, max_message_bytes: usize) -> Option<Pu
     // is an address like any other, and a retried request carries it.)
     if p.reply_to()
         .as_ref()
-        .is_some_and(|r| r.as_str() == super::DIRECT_REPLY_TO)
+        .is_some_and(|r| r.as_str() == DIRECT_REPLY_TO)
     {
         return Some(PublishError::Refused(format!(
             "properties.reply_to: {:?} is RabbitMQ's direct reply-to, which a gateway channel cannot publish with; use POST /v1/request for request/reply",
-            super::DIRECT_REPLY_TO
+            DIRECT_REPLY_TO
         )));
     }
     // PRECONDITION_FAILED unless it names the user of the gateway's connection.

@@ -34,11 +34,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{Outcome, Tracked, confirm_future, return_key, sequence};
-use super::{Broker, BrokerError, OutgoingMessage, PublishError};
+use super::{Broker, BrokerError, DIRECT_REPLY_TO, OutgoingMessage, PublishError};
 use crate::telemetry;
-
-/// RabbitMQ's pseudo-queue for direct reply-to.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// The RPC settings of a vhost pool (from `[rpc]`).
 #[derive(Debug, Clone, Copy)]

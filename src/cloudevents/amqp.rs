@@ -11,8 +11,8 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::event::{Event, push_json_string, write_data};
-use super::time::{format_rfc3339, parse_rfc3339};
 use crate::publishing::{Limits, Prepared, Properties, Request, TraceContext};
+use crate::rfc3339::{format_rfc3339, parse_rfc3339};
 
 /// The content type of structured mode (JSON format).
 pub const STRUCTURED: &str = "application/cloudevents+json";

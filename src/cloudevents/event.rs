@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::time::parse_rfc3339;
+use crate::rfc3339::parse_rfc3339;
 
 /// The only CloudEvents version Warren accepts.
 pub const SPECVERSION: &str = "1.0";

@@ -275,7 +275,7 @@ fn due_ms(
         (Some(_), Some(_)) => return Err("set only one of delay_ms and not_before".to_owned()),
         (Some(delay), None) => ("delay_ms", now.saturating_add(delay)),
         (None, Some(text)) => {
-            let at = crate::cloudevents::time::parse_rfc3339(text).ok_or_else(|| {
+            let at = crate::rfc3339::parse_rfc3339(text).ok_or_else(|| {
                 "not_before: must be an RFC 3339 date-time, e.g. 2026-12-07T10:00:00Z".to_owned()
             })?;
             // Whole seconds: a fraction is dropped.

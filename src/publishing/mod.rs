@@ -188,7 +188,7 @@ fn accepted(
         Ok(published) => {
             let scheduled_for = prepared.due.map(|due| {
                 telemetry::scheduled(&tenant.metrics_label, 1);
-                crate::cloudevents::time::format_rfc3339_ms(due.at_ms)
+                crate::rfc3339::format_rfc3339_ms(due.at_ms)
             });
             if scheduled_for.is_none() {
                 telemetry::publish_outcome(&tenant.metrics_label, "acked");

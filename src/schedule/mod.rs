@@ -15,9 +15,8 @@
 //! the message goes to its first rung, persistent and confirmed. A publish through
 //! Warren cannot set `x-warren-*` headers, so only Warren writes them.
 
+mod ladder;
 mod router;
-
-use std::sync::Arc;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -25,12 +24,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use crate::broker::{Broker, OutgoingMessage, PublishError, PublishResult};
 use crate::publishing::{Due, Prepared, ROUTING_HEADERS};
 use crate::topology::retry::copy_properties;
-pub use router::Router;
+pub use ladder::{DLQ, DUE_QUEUE, STEP_MS, ladder, rung, rung_queue, top_rung};
+pub use router::{Router, start};
 
-/// The queue every rung dead-letters into, consumed by the routers.
-pub const DUE_QUEUE: &str = "warren.scheduled.due";
-/// Messages that could not fire (unroutable, exchange gone, grant withdrawn).
-pub const DLQ: &str = "warren.scheduled.dlq";
 /// Why a message is in [`DLQ`]: a problem `code` (`unroutable`, `exchange_not_found`,
 /// `forbidden`, `invalid_request`, `broker_rejected`, `payload_too_large`).
 pub const ERROR_HEADER: &str = "x-warren-schedule-error";
@@ -46,29 +42,6 @@ pub const EXPIRATION_HEADER: &str = "x-warren-schedule-expiration";
 pub const PERSISTENT_HEADER: &str = "x-warren-schedule-persistent";
 /// The `CC` and `BCC` keys, restored when the message fires.
 const ROUTING_HEADER_COPIES: [&str; 2] = ["x-warren-schedule-cc", "x-warren-schedule-bcc"];
-
-/// The shortest rung's TTL, and the precision of a hop: a message under this from its
-/// time is held by the router until then.
-pub const STEP_MS: u64 = 100;
-
-/// The rung for `remaining` ms: the longest one no longer than it, at most `top`;
-/// `None` under [`STEP_MS`] (fire now).
-pub fn rung(remaining_ms: u64, top: u32) -> Option<u32> {
-    let steps = remaining_ms / STEP_MS;
-    if steps == 0 {
-        return None;
-    }
-    Some((63 - steps.leading_zeros()).min(top))
-}
-
-/// The longest rung a `max_delay_ms` needs: 100 ms · 2^top ≤ max_delay_ms.
-pub fn top_rung(max_delay_ms: u64) -> u32 {
-    rung(max_delay_ms, u32::MAX).unwrap_or(0)
-}
-
-pub fn rung_queue(k: u32) -> String {
-    format!("warren.scheduled.l{k}")
-}
 
 /// Which queue a message due at `due_ms` goes to now.
 fn queue_for(due_ms: u64, now_ms: u64, top: u32) -> String {
@@ -241,47 +214,6 @@ pub fn hop(properties: &BasicProperties, body: &[u8], queue: String) -> Outgoing
     }
 }
 
-/// The ladder's queues with their arguments, rungs `0..=top`.
-pub fn ladder(top: u32) -> Vec<(String, FieldTable)> {
-    let quorum = |extra: &[(&str, AMQPValue)]| {
-        let mut table = FieldTable::default();
-        table.insert("x-queue-type".into(), long("quorum"));
-        for (name, value) in extra {
-            table.insert((*name).into(), value.clone());
-        }
-        table
-    };
-    let mut queues = vec![
-        // The router puts a message back while the broker refuses its publish; from
-        // RabbitMQ 4.0 a quorum queue drops a message after 20 deliveries unless told
-        // otherwise. A million tries, a second apart, is eleven days.
-        (
-            DUE_QUEUE.to_owned(),
-            quorum(&[("x-delivery-limit", AMQPValue::LongLongInt(1_000_000))]),
-        ),
-        (DLQ.to_owned(), quorum(&[])),
-    ];
-    for k in 0..=top {
-        let ttl = STEP_MS.saturating_mul(1u64 << k.min(40));
-        queues.push((
-            rung_queue(k),
-            quorum(&[
-                (
-                    "x-message-ttl",
-                    AMQPValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)),
-                ),
-                ("x-dead-letter-exchange", long("")),
-                ("x-dead-letter-routing-key", long(DUE_QUEUE)),
-                // Dead-lettered with the queue's own confirms, and kept until the due
-                // queue has it; that strategy needs overflow reject-publish.
-                ("x-dead-letter-strategy", long("at-least-once")),
-                ("x-overflow", long("reject-publish")),
-            ]),
-        ));
-    }
-    queues
-}
-
 /// Declares the ladder on a throwaway channel (a refused declare closes only that).
 pub async fn declare(broker: &Broker, top: u32) -> Result<(), PublishError> {
     let channel = broker.consumer_channel().await?;
@@ -355,22 +287,6 @@ pub async fn publish_all(
     }
     results
 }
-
-/// Starts one router per configured vhost (tenants sharing a pool share its router).
-pub fn start(
-    tenants: &crate::tenancy::Tenants,
-    config: &crate::config::ScheduleConfig,
-    tasks: &tokio_util::task::TaskTracker,
-    stop: &tokio_util::sync::CancellationToken,
-) {
-    for (broker, wake, on_it) in tenants.scheduling_pools() {
-        let router = Router::new(broker, on_it, wake, config);
-        tasks.spawn(router.run(stop.clone()));
-    }
-}
-
-/// Wakes the router of a pool whose ladder was just declared.
-pub type Wake = Arc<tokio::sync::Notify>;
 
 #[cfg(test)]
 mod tests {

@@ -299,3 +299,16 @@ async fn ack(channel: &ConsumerChannel, delivery: &Delivery) -> Settled {
         Err(_) => Settled::Lost,
     }
 }
+
+/// Starts one router per configured vhost (tenants sharing a pool share its router).
+pub fn start(
+    tenants: &crate::tenancy::Tenants,
+    config: &crate::config::ScheduleConfig,
+    tasks: &tokio_util::task::TaskTracker,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    for (broker, wake, on_it) in tenants.scheduling_pools() {
+        let router = Router::new(broker, on_it, wake, config);
+        tasks.spawn(router.run(stop.clone()));
+    }
+}

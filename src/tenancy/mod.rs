@@ -25,6 +25,10 @@ enum Pool {
     Lazy(PoolKey),
 }
 
+/// Wakes the scheduled-publish router of a pool (`schedule/router.rs`) whose ladder was
+/// just declared.
+pub type ScheduleWake = Arc<tokio::sync::Notify>;
+
 pub struct Tenant {
     pub name: String,
     pub vhost: String,
@@ -38,7 +42,7 @@ pub struct Tenant {
     pools: Arc<Pools>,
     /// Configured tenants only: wakes their vhost's scheduled-publish router. Dynamic
     /// tenants cannot schedule (no replica knows their vhosts to run a router on).
-    schedule: Option<crate::schedule::Wake>,
+    schedule: Option<ScheduleWake>,
 }
 
 impl Tenant {
@@ -145,7 +149,7 @@ impl Tenants {
             .map(|d| (d.max_pools, d.pool_idle))
             .unwrap_or((1, std::time::Duration::from_secs(300)));
         let pools = Arc::new(Pools::new(amqp, max_pools, idle));
-        let mut pinned: HashMap<(Vec<String>, String), (Arc<Broker>, crate::schedule::Wake)> =
+        let mut pinned: HashMap<(Vec<String>, String), (Arc<Broker>, ScheduleWake)> =
             HashMap::new();
         let mut configured = HashMap::new();
         for t in resolved.tenants.values() {
@@ -154,7 +158,7 @@ impl Tenants {
                 Some(pool) => pool.clone(),
                 None => {
                     let broker = Broker::start(&t.urls, &t.vhost, amqp, true)?;
-                    let pool = (broker, crate::schedule::Wake::default());
+                    let pool = (broker, ScheduleWake::default());
                     pinned.insert(key, pool.clone());
                     pool
                 }
@@ -222,8 +226,8 @@ impl Tenants {
 
     /// Each pool opened at start, with its scheduled-publish wake-up and the
     /// configured tenants on it.
-    pub fn scheduling_pools(&self) -> Vec<(Arc<Broker>, crate::schedule::Wake, Vec<Arc<Tenant>>)> {
-        let mut pools: Vec<(Arc<Broker>, crate::schedule::Wake, Vec<Arc<Tenant>>)> = Vec::new();
+    pub fn scheduling_pools(&self) -> Vec<(Arc<Broker>, ScheduleWake, Vec<Arc<Tenant>>)> {
+        let mut pools: Vec<(Arc<Broker>, ScheduleWake, Vec<Arc<Tenant>>)> = Vec::new();
         for tenant in self.configured.values() {
             let (Pool::Pinned(broker), Some(wake)) = (&tenant.pool, &tenant.schedule) else {
                 continue;

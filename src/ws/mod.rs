@@ -3,9 +3,11 @@
 //! the socket to a session.
 
 pub mod protocol;
+mod publish;
 pub mod queue;
 mod request;
 pub mod session;
+mod socket;
 pub mod stream;
 
 use std::collections::HashMap;

@@ -1,7 +1,9 @@
 //! The `warren.v1` WebSocket frame protocol: JSON text frames with a `type`, parsed
-//! into typed client frames and serialized from typed server frames. Pure; no I/O.
+//! into typed client frames and serialized from typed server frames, and a service's
+//! answer as the frame that carries it. Pure; no I/O (an unexpected internal error is
+//! logged as it becomes an `error` frame).
 //!
-//! Over 500 lines because of its tests (~230 of them): they pin the wire format byte
+//! Over 700 lines because of its tests (~320 of them): they pin the wire format byte
 //! for byte, which clients depend on.
 
 use std::collections::BTreeMap;
@@ -9,12 +11,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::api::body::parse_json;
-use crate::api::model::PublishRequest;
-use crate::api::request::{ReplyMessage, RequestBody};
 use crate::delivery::render::{Format, MessageFrame};
 use crate::delivery::stream::StreamOffset;
 use crate::error::ApiError;
+use crate::idempotency::{Answered, Outcome};
+use crate::wire::PublishRequest;
+use crate::wire::parse_json;
+use crate::wire::request::{ReplyMessage, RequestBody};
 
 /// Every client frame type, as named in the `type` member.
 pub const CLIENT_FRAME_TYPES: &[&str] = &[
@@ -338,6 +341,33 @@ impl ServerFrame {
             id,
             code: error.code().to_owned(),
             detail: error.to_string(),
+        }
+    }
+
+    /// The frame of a keyed call's answer (fresh or replayed): `success` of its body,
+    /// else an error frame with the problem's code and detail, as the HTTP answer would carry
+    /// them.
+    pub fn answer<T>(
+        id: String,
+        answer: Result<Answered<T>, ApiError>,
+        success: impl FnOnce(String, T) -> ServerFrame,
+    ) -> ServerFrame {
+        let outcome = match answer {
+            Ok(answered) => answered.outcome,
+            Err(error) => {
+                if let ApiError::Internal(cause) = &error {
+                    tracing::error!(error = %cause, "Request failed unexpectedly.");
+                }
+                Outcome::Failure(error.problem().into())
+            }
+        };
+        match outcome {
+            Outcome::Success { body, .. } => success(id, body),
+            Outcome::Failure(problem) => ServerFrame::Error {
+                id: Some(id),
+                code: problem.code.as_str().to_owned(),
+                detail: problem.detail,
+            },
         }
     }
 

@@ -4,11 +4,11 @@
 
 use super::protocol::{Request, ServerFrame};
 use crate::AppState;
-use crate::api::request::RequestReplied;
 use crate::idempotency::{Fingerprint, IdempotencyKey};
 use crate::publishing::TraceContext;
 use crate::rpc::{self, KeyedRequest};
 use crate::tenancy::Principal;
+use crate::wire::request::RequestReplied;
 
 /// Runs one request frame to its answer frame.
 pub async fn request(state: AppState, principal: Principal, frame: Request) -> ServerFrame {
@@ -43,7 +43,7 @@ pub async fn request(state: AppState, principal: Principal, frame: Request) -> S
         RequestReplied::from,
     )
     .await;
-    super::session::frame_from_answer(id, answer, |id, body| ServerFrame::Reply {
+    ServerFrame::answer(id, answer, |id, body| ServerFrame::Reply {
         id,
         message_id: body.message_id,
         correlation_id: body.correlation_id,

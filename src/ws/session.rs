@@ -2,22 +2,24 @@
 //! socket, finished publishes, token expiry, keepalive and shutdown. Writes are bounded
 //! by the slow-consumer timeout, so a stalled reader is closed (4408), never buffered.
 //!
-//! About 600 lines: the loop and the handlers of each client frame share the session's
-//! state (subscriptions, queues, token expiry); split apart they would pass it all
-//! around. Frame parsing lives in `protocol.rs`, subscriptions in `hub.rs`,
-//! `durable.rs` and `stream.rs`.
+//! The loop and the handlers of each client frame share the session's state
+//! (subscriptions, queues, token expiry), so they stay together. Frame parsing lives in
+//! `protocol.rs`, writes in `socket.rs`, the publish and request frames' calls in
+//! `publish.rs` and `request.rs`, the queue and stream adapters in `queue.rs` and
+//! `stream.rs`, the deliveries themselves in `delivery/`.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use axum::extract::ws::Message;
+use futures::{Sink, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::SocketGuard;
-use super::protocol::{self, ClientFrame, Mode, Publish, ServerFrame, Subscribe};
+use super::protocol::{self, ClientFrame, Mode, ServerFrame, Subscribe};
+use super::socket::{close, send, too_large, write};
 use super::stream::SocketSide;
 use crate::AppState;
 use crate::auth::grants::GrantPattern;
@@ -26,8 +28,6 @@ use crate::delivery::live::{LiveSink, LiveSubscription};
 use crate::delivery::stream::StreamSubscription;
 use crate::delivery::{Outgoing, SendBudget};
 use crate::error::ApiError;
-use crate::idempotency::{Answered, Fingerprint, IdempotencyKey, Outcome};
-use crate::publishing::{self, Accepted, KeyedPublish, TraceContext};
 use crate::telemetry;
 use crate::tenancy::{self, Principal, Scope};
 
@@ -275,7 +275,8 @@ impl Session {
                 Ok(()) => {
                     let state = self.state.clone();
                     let principal = self.principal.clone();
-                    self.publishes.spawn(publish(state, principal, *p));
+                    self.publishes
+                        .spawn(super::publish::publish(state, principal, *p));
                     return Step::Write(Vec::new());
                 }
                 Err(e) => ServerFrame::error(Some(p.id), &e),
@@ -524,73 +525,6 @@ fn unknown_subscription() -> ApiError {
     ApiError::InvalidRequest("no subscription with this id on this socket".into())
 }
 
-/// The publish frame path: same service, same answers as `POST /v1/publish`, and the
-/// same idempotency semantics when the frame carries an `idempotency_key`.
-async fn publish(state: AppState, principal: Principal, frame: Publish) -> ServerFrame {
-    let Publish {
-        id,
-        idempotency_key,
-        request,
-        raw,
-    } = frame;
-    let key = match idempotency_key
-        .map(|k| IdempotencyKey::parse(k.as_bytes()))
-        .transpose()
-    {
-        Ok(key) => key,
-        Err(e) => return ServerFrame::error(Some(id), &e),
-    };
-    let publish = KeyedPublish {
-        tenant: &principal.tenant,
-        subject: &principal.subject,
-        key: key
-            .as_ref()
-            .map(|k| (k, Fingerprint::of("WS", "/v1/ws#publish", raw.as_bytes()))),
-        trace: TraceContext::default(),
-        limits: publishing::Limits::of(&state.config),
-    };
-    let answer = publishing::publish_keyed(&state.idempotency, publish, request.into()).await;
-    frame_from_outcome(id, answer)
-}
-
-/// A confirm for an accepted publish (fresh or replayed), else an error frame with the
-/// problem's code and detail, as the HTTP answer would carry them.
-fn frame_from_outcome(id: String, answer: Result<Answered<Accepted>, ApiError>) -> ServerFrame {
-    frame_from_answer(id, answer, |id, body| ServerFrame::Confirm {
-        id,
-        message_id: body.message_id,
-        routed: body.routed,
-        scheduled_for: body.scheduled_for,
-    })
-}
-
-/// The frame of a keyed call's answer (fresh or replayed): `success` of its body, else
-/// an error frame with the problem's code and detail, as the HTTP answer would carry
-/// them.
-pub(super) fn frame_from_answer<T>(
-    id: String,
-    answer: Result<Answered<T>, ApiError>,
-    success: impl FnOnce(String, T) -> ServerFrame,
-) -> ServerFrame {
-    let outcome = match answer {
-        Ok(answered) => answered.outcome,
-        Err(error) => {
-            if let ApiError::Internal(cause) = &error {
-                tracing::error!(error = %cause, "Request failed unexpectedly.");
-            }
-            Outcome::Failure(error.problem().into())
-        }
-    };
-    match outcome {
-        Outcome::Success { body, .. } => success(id, body),
-        Outcome::Failure(problem) => ServerFrame::Error {
-            id: Some(id),
-            code: problem.code.as_str().to_owned(),
-            detail: problem.detail,
-        },
-    }
-}
-
 /// When the token's `exp` (Unix seconds) falls, as a monotonic instant.
 fn expiry_instant(expires_at: u64) -> Instant {
     let now = SystemTime::now()
@@ -599,49 +533,4 @@ fn expiry_instant(expires_at: u64) -> Instant {
         .unwrap_or(0.0);
     let remaining = (expires_at as f64 - now).max(0.0);
     Instant::now() + Duration::from_secs_f64(remaining.min(10.0 * 365.0 * 86_400.0))
-}
-
-/// A frame over `ws.max_message_bytes`: tungstenite reports it as a capacity error.
-fn too_large(error: &axum::Error) -> bool {
-    use std::error::Error as _;
-    error
-        .source()
-        .and_then(|e| e.downcast_ref::<tokio_tungstenite::tungstenite::Error>())
-        .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)))
-}
-
-async fn write<S>(socket: &mut S, frame: ServerFrame, timeout: Duration) -> bool
-where
-    S: Sink<Message, Error = axum::Error> + Unpin,
-{
-    telemetry::ws_frame("out", frame.kind());
-    send(
-        socket,
-        Message::Text(Utf8Bytes::from(frame.to_json())),
-        timeout,
-    )
-    .await
-}
-
-/// Sends within `timeout`; `false` when the socket did not take it in time (or failed).
-async fn send<S>(socket: &mut S, message: Message, timeout: Duration) -> bool
-where
-    S: Sink<Message, Error = axum::Error> + Unpin,
-{
-    matches!(
-        tokio::time::timeout(timeout, socket.send(message)).await,
-        Ok(Ok(()))
-    )
-}
-
-/// Best effort: a stalled peer may never read the close frame.
-async fn close<S>(socket: &mut S, code: u16, reason: &'static str)
-where
-    S: Sink<Message, Error = axum::Error> + Unpin,
-{
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }));
-    let _ = tokio::time::timeout(Duration::from_secs(5), socket.send(frame)).await;
 }

@@ -4,11 +4,11 @@
 
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-use warren::api::body::parse_json;
-use warren::api::model::{BatchRequest, PublishRequest};
 use warren::auth::grants::GrantPattern;
 use warren::idempotency::IdempotencyKey;
 use warren::publishing::{Request, TraceContext};
+use warren::wire::parse_json;
+use warren::wire::{BatchRequest, PublishRequest};
 
 /// JSON values of every kind, a few levels deep.
 fn any_json() -> impl Strategy<Value = Value> {

@@ -171,7 +171,7 @@ pub async fn due_queue(rabbit: &Rabbit) -> Result<lapin::Queue, lapin::Error> {
 /// `scheduled_for` of an accepted publish, as Unix milliseconds.
 pub fn scheduled_for_ms(r: &Resp) -> u64 {
     let text = r.body["scheduled_for"].as_str().expect("scheduled_for");
-    let secs = warren::cloudevents::time::parse_rfc3339(text).expect("RFC 3339") as u64;
+    let secs = warren::rfc3339::parse_rfc3339(text).expect("RFC 3339") as u64;
     let millis: u64 = text
         .rsplit_once('.')
         .and_then(|(_, f)| f.trim_end_matches('Z').parse().ok())

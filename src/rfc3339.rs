@@ -1,5 +1,6 @@
-//! RFC 3339 timestamps for the CloudEvents `time` attribute: validated and read as Unix
-//! seconds (the AMQP `timestamp`), and written from an AMQP timestamp. Pure.
+//! RFC 3339 timestamps: validated and read as Unix seconds, and written from them (the
+//! CloudEvents `time` attribute and the AMQP `timestamp`, a publish's `not_before` and
+//! `scheduled_for`, a lease's deadline). Pure.
 
 /// The Unix seconds of an RFC 3339 `date-time` (`2026-11-29T10:00:00Z`,
 /// `2026-11-29t10:00:00.5+02:00`), or `None` when it is not one. A leap second (`:60`)

@@ -1,7 +1,14 @@
-//! Publish request and response bodies as they travel on the wire (serde) and appear in
-//! the OpenAPI document (utoipa), and their conversions into and from the publish
-//! service's own types. Validation and the AMQP translation live in
+//! The JSON that HTTP and WebSocket share, below both: publish request and response
+//! bodies as they travel on the wire (serde) and appear in the OpenAPI document
+//! (utoipa), and their conversions into and from the publish service's own types; the
+//! request/reply ones in `request.rs`; the JSON reader that names the path of a
+//! problem in `json.rs`. Validation and the AMQP translation live in
 //! [`crate::publishing`].
+
+mod json;
+pub mod request;
+
+pub use json::parse_json;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -377,7 +384,6 @@ mod tests {
     use lapin::types::AMQPValue;
 
     use super::*;
-    use crate::api::body::parse_json;
     use crate::publishing::{Prepared, TraceContext};
 
     /// Through the wire type into the service's validation, as the handlers do.
