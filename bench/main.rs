@@ -39,6 +39,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
 mod cluster;
+mod external;
 mod fanout;
 mod http;
 mod measure;
@@ -121,7 +122,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "publish,rpc,openloop,fanout,stomp,memory,push,pull,schedule,otel"
+        default_value = "external,publish,rpc,openloop,fanout,stomp,memory,push,pull,schedule,otel"
     )]
     only: Vec<Section>,
     /// Run only the request/reply comparison (the same as `--only rpc`).
@@ -161,6 +162,9 @@ struct Args {
 /// The parts of a run (`--only`).
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
 enum Section {
+    /// What a user measures (`external.rs`): wrk and h2load against Warren started
+    /// with its defaults, beside direct lapin; the tuned configurations as extra rows.
+    External,
     /// Items 1-4 at `--levels`, their ratios and the targets.
     Publish,
     /// Request/reply (`rpc.rs`).
@@ -278,6 +282,9 @@ async fn main() -> anyhow::Result<()> {
         }
     );
 
+    if args.runs(Section::External) {
+        external::run(&args, &conn, &admin, dir.path()).await?;
+    }
     let warren = Warren::start(&args.warren, dir.path(), "warren").await?;
     let req = Requests::new(&warren);
     let mut results = None;

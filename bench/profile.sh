@@ -13,6 +13,8 @@
 #                                                  # and receives on its AMQP connections
 #   WORKERS=2 bench/profile.sh ...                 # server.worker_threads (default 1, as
 #                                                  # bench/run.sh; 0 = one per core)
+#   DEFAULTS=1 bench/profile.sh ...                # Warren's defaults, as a user runs it: no
+#                                                  # worker_threads, log level or request limit
 #
 # With CALLGRIND=1 the counters are zeroed after the warm-up, so the profile
 # (bench/callgrind.out) holds the measured requests only; its instruction counts do
@@ -33,15 +35,18 @@ trap cleanup EXIT
 workers="worker_threads = ${WORKERS:-1}"; [ "${WORKERS:-}" = none ] && workers=""
 warren="${WARREN_BIN:-$target/release/warren}"   # WARREN_BIN: another build to profile
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+tuned="max_concurrent_requests = 100000
+$workers"
+log='[log]
+level = "warn"'
+if [ -n "${DEFAULTS:-}" ]; then tuned=""; log=""; fi
 cat > "$dir/warren.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
-max_concurrent_requests = 100000
-$workers
+$tuned
 [auth]
 hs256_secret = "warren-profile-secret-warren-profile-secret"
-[log]
-level = "warn"
+$log
 [tenants.bench]
 vhost = "/"
 publish = [{ exchange = "warren-bench", routing_key = "#" }]

@@ -47,14 +47,8 @@ impl Warren {
             .map(|u| format!("{u:?}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = format!("127.0.0.1:{port}");
         let workers = WARREN_WORKERS.load(Ordering::Relaxed);
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
+        Self::launch(bin, dir, name, |addr| {
             format!(
                 "[server]\nlisten = \"{addr}\"\nmax_concurrent_requests = 100000\n\
                  worker_threads = {workers}\n\
@@ -65,8 +59,26 @@ impl Warren {
                  [tenants.bench]\nvhost = \"/\"\n\
                  publish = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}]\n\
                  subscribe = [{{ exchange = \"{EXCHANGE}\", routing_key = \"#\" }}, {{ queue = \"warren-bench-pull\" }}]\n{extra}"
-            ),
-        )?;
+            )
+        })
+        .await
+    }
+
+    /// Starts Warren with the config `config(listen address)` returns, on a free port,
+    /// and waits until it is ready; the token is for tenant `bench`.
+    pub(crate) async fn launch(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        config: impl FnOnce(&str) -> String,
+    ) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let text = config(&addr);
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text)?;
         let out = Command::new(bin)
             .args(["token", "--config"])
             .arg(&config)

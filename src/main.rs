@@ -110,6 +110,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The cores this process may run on (its CPU affinity and cgroup quota), 1 if unknown.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::FAILURE
@@ -132,9 +137,7 @@ fn serve(path: Option<PathBuf>, listen: Option<std::net::SocketAddr>) -> ExitCod
         Err(e) => return fail(e),
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
-        builder.worker_threads(config.server.worker_threads);
-    }
+    builder.worker_threads(config.server.runtime_threads(available_cores()));
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),

@@ -41,10 +41,13 @@ pub struct ServerConfig {
     /// TLS on `listen` (HTTPS and WSS), for deployments without a terminating proxy.
     pub tls: Option<ListenerTls>,
     pub cors: CorsConfig,
-    /// Threads of the async runtime that serve requests; 0 is one per CPU core. On a
-    /// host that also runs the broker, fewer threads than cores leave the broker its
-    /// share and spend less CPU per message (BENCHMARKS.md: on 2 cores beside RabbitMQ,
-    /// 1 thread spent about a fifth less CPU per publish than 2).
+    /// Threads of the async runtime that serve requests; 0 (the default) is half the
+    /// cores the process may use (its affinity and cgroup quota), at least one. A
+    /// publish waits on the broker far longer than it computes, so half the cores
+    /// carry more than a broker confirms, and fewer threads hand work across threads
+    /// less often: on 2 cores, 1 thread spent about a quarter less CPU per publish than
+    /// 2 (BENCHMARKS.md, "As a user measures it"). Set it to the core count for a host
+    /// that runs nothing else and serves many slow consumers.
     pub worker_threads: usize,
     /// Requests one HTTP/2 connection may have in flight at once (its
     /// SETTINGS_MAX_CONCURRENT_STREAMS); further streams are refused until one ends.
@@ -101,6 +104,16 @@ impl Default for ServerConfig {
             cors: CorsConfig::default(),
             worker_threads: 0,
             http2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The runtime's thread count on a machine where the process may use `cores`.
+    pub fn runtime_threads(&self, cores: usize) -> usize {
+        match self.worker_threads {
+            0 => cores.div_ceil(2).max(1),
+            n => n,
         }
     }
 }

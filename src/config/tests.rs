@@ -39,7 +39,18 @@ fn new_limits_are_validated_and_shares_default_to_an_equal_split() {
     assert!(err("[server]\nworker_threads = 1025\n").starts_with("server.worker_threads:"));
     let threads = Config::from_toml(&minimal("[server]\nworker_threads = 1\n")).unwrap();
     assert_eq!(threads.server.worker_threads, 1);
+    assert_eq!(threads.server.runtime_threads(8), 1, "a set count is kept");
     assert!(threads.resolve().is_ok());
+    // Unset: half the cores the process may use, at least one.
+    let auto = Config::from_toml(&minimal("")).unwrap();
+    let chosen: Vec<usize> = [1, 2, 3, 4, 8]
+        .map(|cores| auto.server.runtime_threads(cores))
+        .to_vec();
+    assert_eq!(chosen, [1, 1, 2, 2, 4]);
+    assert!(
+        err("[server]\nhttp2_max_concurrent_streams = 0\n")
+            .starts_with("server.http2_max_concurrent_streams:")
+    );
     assert!(
         err("[idempotency]\nmax_entries = 10\nmax_entries_per_tenant = 11\n")
             .starts_with("idempotency.max_entries_per_tenant:")
