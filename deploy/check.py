@@ -5,8 +5,8 @@ deploy/check.sh from the repository root):
 - tenants' vhosts and exchanges exist in deploy/rabbitmq/definitions.json;
 - the example secret satisfies Warren's rules;
 - every warren_* metric named in alerts and dashboards is defined in src/;
-- every alert has a severity, summary, description and a runbook that resolves
-  (once README.md has its "Operating Warren" section);
+- every alert has a severity, summary, description and a runbook that resolves to a
+  heading of docs/src/operations/alerts.md;
 - the kustomization lists only files that exist, and never the example Secret.
 
 It writes every dashboard query as a recording rule to the file named by its one
@@ -125,17 +125,21 @@ for path in dashboard_texts:
 with open(sys.argv[1], "w") as f:
     yaml.safe_dump({"groups": [{"name": "dashboard_queries", "rules": rules}]}, f)
 
-# Runbook links: checked once README.md has its "Operating Warren" section.
-readme = pathlib.Path("README.md")
-readme_text = readme.read_text() if readme.exists() else ""
-if re.search(r"^#+\s+Operating Warren\s*$", readme_text, re.M | re.I):
+# Runbook links: every alert's runbook is a section of the alerts page of the book.
+RUNBOOK_PAGE = "docs/src/operations/alerts.md"
+runbook_page = pathlib.Path(RUNBOOK_PAGE)
+if not runbook_page.exists():
+    fail(f"{RUNBOOK_PAGE} does not exist: alert runbook links cannot resolve")
+else:
+    # The slug rules of scripts/check_links.py (GitHub's and mdBook's).
     def slug(heading):
         s = heading.strip().lower()
-        s = re.sub(r"[^\w\- ]", "", s)
+        s = "".join(c for c in s if c.isalnum() or c in "-_ ")
         return s.replace(" ", "-")
 
-    anchors = {slug(h) for h in re.findall(r"^#+\s+(.+?)\s*#*$", readme_text, re.M)}
-    anchors |= set(re.findall(r'<a\s+(?:name|id)="([^"]+)"', readme_text))
+    page_text = runbook_page.read_text()
+    anchors = {slug(h) for h in re.findall(r"^#+\s+(.+?)\s*#*$", page_text, re.M)}
+    anchors |= set(re.findall(r'<a\s+(?:name|id)="([^"]+)"', page_text))
     (alert_doc,) = parsed[root / "prometheus/alerts.yml"]
     for group in alert_doc["groups"]:
         for rule in group["rules"]:
@@ -143,10 +147,8 @@ if re.search(r"^#+\s+Operating Warren\s*$", readme_text, re.M | re.I):
                 continue
             runbook = rule.get("annotations", {}).get("runbook", "")
             page, _, anchor = runbook.partition("#")
-            if page != "README.md" or anchor not in anchors:
-                fail(f"alert {rule['alert']}: runbook {runbook!r} has no matching heading in README.md")
-else:
-    print("skip runbook links: README.md has no 'Operating Warren' section yet")
+            if page != RUNBOOK_PAGE or anchor not in anchors:
+                fail(f"alert {rule['alert']}: runbook {runbook!r} has no matching heading in {RUNBOOK_PAGE}")
 
 # Every alert carries what on-call needs.
 (alert_doc,) = parsed[root / "prometheus/alerts.yml"]

@@ -11,7 +11,7 @@
 #   - tenants' vhosts and exchanges exist in deploy/rabbitmq/definitions.json
 #   - every warren_* metric named in alerts and dashboards is defined in src/
 #   - every dashboard query is valid PromQL
-#   - runbook links resolve, once README.md has its "Operating Warren" section
+#   - runbook links resolve to headings of docs/src/operations/alerts.md
 #   - kustomize build, `docker compose config` and hadolint, when those tools exist
 #
 # It does not run warren: `warren check-config` is run by the project's CI.

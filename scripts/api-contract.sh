@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The API contract proofs, from the outside, against a running Warren and the real
-# RabbitMQ (README "OpenAPI and generated clients"):
+# RabbitMQ (docs/src/guides/clients.md):
 #   1. openapi/openapi.json validates as OpenAPI 3.1;
 #   2. a Python client generated from it (openapi-python-client) publishes, the message is
 #      read back from RabbitMQ, and 401/403/422 come back as typed problems

@@ -2,9 +2,9 @@
 # Every test: unit and integration tests against the real RabbitMQ and Redis, the
 # browser end-to-end test in headless Chromium, the JavaScript client against a real
 # Warren, the API contract proofs (a generated
-# Python client and schemathesis against a running Warren), and the static checks of
-# deploy/. Starts (or installs) what the tests need first. Extra arguments go to
-# `cargo test`.
+# Python client and schemathesis against a running Warren), every command example of
+# README.md and docs/ (scripts/docs-examples.sh), and the static checks of deploy/.
+# Starts (or installs) what the tests need first. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
@@ -21,4 +21,5 @@ cargo test --locked --test solo -- --ignored --test-threads=1
 scripts/browser-test.sh
 scripts/js-client-test.sh
 scripts/api-contract.sh
+scripts/docs-examples.sh
 bash deploy/check.sh

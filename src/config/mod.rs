@@ -10,6 +10,8 @@ mod idempotency;
 mod log;
 mod pull;
 mod push;
+#[cfg(test)]
+mod reference_doc;
 mod rpc;
 mod schedule;
 mod server;

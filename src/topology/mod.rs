@@ -260,7 +260,7 @@ async fn check_queue(connection: &Connection, spec: &QueueSpec) -> Result<State,
         State::Conflict { argument, .. } if argument.starts_with("x-dead-letter-") => {
             Ok(match check_queue_with(connection, spec, legacy).await? {
                 State::Exists => State::Outdated(
-                    "declared by an earlier Warren without dead-lettering to its DLQ: a plain AMQP consumer's reject drops the message; recreate the queue or give it the dead-lettering by policy (README, Topology)".to_owned(),
+                    "declared by an earlier Warren without dead-lettering to its DLQ: a plain AMQP consumer's reject drops the message; recreate the queue or give it the dead-lettering by policy (docs/src/guides/topology.md#plain-amqp-consumers)".to_owned(),
                 ),
                 _ => state,
             })

@@ -1,4 +1,4 @@
-//! Integration tests against the real RabbitMQ on 127.0.0.1:5672 (see README).
+//! Integration tests against the real RabbitMQ on 127.0.0.1:5672 (see docs/src/development.md).
 
 mod auth;
 mod batch;

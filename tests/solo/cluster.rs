@@ -421,7 +421,7 @@ async fn a_replica_killed_mid_load_loses_nothing_and_retries_publish_once() {
 
 /// Issue #21's recovery time against a real node: Warren (on node 4 only) is ready
 /// within 2 s of the node accepting AMQP connections again, for outages from 1 s to a
-/// minute. Prints each recovery time (the distribution in README's "Running at scale").
+/// minute. Prints each recovery time (the distribution in docs/src/operations/scale-out.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the test cluster (scripts/cluster.sh); scripts/test.sh runs it alone"]
 async fn readiness_returns_within_two_seconds_of_a_restarted_node() {

@@ -533,12 +533,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_topology_example_resolves() {
-        let readme = include_str!("../../../README.md");
-        let section = readme
-            .split("## Topology: work queues, retries and dead letters")
+    fn the_topology_guide_example_resolves() {
+        let guide = include_str!("../../../docs/src/guides/topology.md");
+        let section = guide
+            .split("## A complete example")
             .nth(1)
-            .expect("the README's Topology section");
+            .expect("the topology guide's complete example");
         let example = section
             .split("```toml\n")
             .nth(1)
