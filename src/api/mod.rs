@@ -104,7 +104,8 @@ pub fn router(state: AppState) -> Router {
     let docs = SwaggerUi::new("/docs")
         .external_url_unchecked("/openapi.json", openapi::document())
         .config(utoipa_swagger_ui::Config::from("/openapi.json").validator_url("none"));
-    let access_level = if state.config.log.access {
+    let access = state.config.log.access;
+    let access_level = if access {
         tracing::Level::INFO
     } else {
         tracing::Level::DEBUG
@@ -133,12 +134,23 @@ pub fn router(state: AppState) -> Router {
                 .map_response(IntoResponse::into_response)
                 .layer(
                     TraceLayer::new_for_http()
-                        .make_span_with(|request: &axum::http::Request<axum::body::Body>| {
+                        .make_span_with(move |request: &axum::http::Request<axum::body::Body>| {
                             let request_id = request
                                 .headers()
                                 .get(REQUEST_ID)
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("-");
+                            if !access {
+                                // What a line the request logs itself needs to be found
+                                // again: its id (and trace). Each field formatted here is
+                                // paid by every request; the full set cost ~8k
+                                // instructions of a publish (BENCHMARKS.md, #32).
+                                return tracing::info_span!(
+                                    "http",
+                                    request_id,
+                                    trace_id = tracing::field::Empty,
+                                );
+                            }
                             // `tenant` and `outcome` are filled in once known (auth,
                             // publish); `trace_id` when traces are exported (SPEC §16).
                             tracing::info_span!(
