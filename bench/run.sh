@@ -18,6 +18,13 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/15674) 2>/dev/null; then
     sleep 1
   done
 fi
+# The `external` section measures as a user would: wrk and h2load (nghttp2) from Debian.
+if ! command -v wrk >/dev/null || ! command -v h2load >/dev/null; then
+  echo "Installing wrk and h2load (Debian packages wrk, nghttp2-client)..." >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk nghttp2-client >/dev/null
+fi
 cargo build --release --bin warren --example warren-bench --example warren-thin-relay
 # 10,000 sockets on each side of the memory test: raise the descriptor limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
