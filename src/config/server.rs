@@ -152,7 +152,7 @@ impl ServerConfig {
         if self.worker_threads > MAX_WORKER_THREADS {
             return Err(ConfigError::invalid(
                 "server.worker_threads",
-                format!("must be from 0 (one per core) to {MAX_WORKER_THREADS}"),
+                format!("must be from 0 (half the cores) to {MAX_WORKER_THREADS}"),
             ));
         }
         if let Some(tls) = &self.tls {

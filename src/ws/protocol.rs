@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use crate::delivery::render::{Format, MessageFrame};
 use crate::delivery::stream::StreamOffset;
 use crate::error::ApiError;
-use crate::idempotency::{Answered, Outcome};
+use crate::idempotency::{Answered, IdempotencyKey, Outcome};
 use crate::wire::PublishRequest;
 use crate::wire::parse_json;
 use crate::wire::request::{ReplyMessage, RequestBody};
@@ -336,6 +336,17 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// A frame's `idempotency_key`, checked as the HTTP header is; else the error frame
+    /// answering the frame `id`.
+    pub fn idempotency_key(
+        id: &str,
+        key: Option<String>,
+    ) -> Result<Option<IdempotencyKey>, Box<Self>> {
+        key.map(|k| IdempotencyKey::parse(k.as_bytes()))
+            .transpose()
+            .map_err(|e| Box::new(Self::error(Some(id.to_owned()), &e)))
+    }
+
     pub fn error(id: Option<String>, error: &ApiError) -> Self {
         Self::Error {
             id,

@@ -5,7 +5,7 @@
 use super::protocol::{Publish, ServerFrame};
 use crate::AppState;
 use crate::error::ApiError;
-use crate::idempotency::{Answered, Fingerprint, IdempotencyKey};
+use crate::idempotency::{Answered, Fingerprint};
 use crate::publishing::{self, Accepted, KeyedPublish, TraceContext};
 use crate::tenancy::Principal;
 
@@ -18,12 +18,9 @@ pub async fn publish(state: AppState, principal: Principal, frame: Publish) -> S
         request,
         raw,
     } = frame;
-    let key = match idempotency_key
-        .map(|k| IdempotencyKey::parse(k.as_bytes()))
-        .transpose()
-    {
+    let key = match ServerFrame::idempotency_key(&id, idempotency_key) {
         Ok(key) => key,
-        Err(e) => return ServerFrame::error(Some(id), &e),
+        Err(frame) => return *frame,
     };
     let publish = KeyedPublish {
         tenant: &principal.tenant,

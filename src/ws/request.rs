@@ -4,7 +4,7 @@
 
 use super::protocol::{Request, ServerFrame};
 use crate::AppState;
-use crate::idempotency::{Fingerprint, IdempotencyKey};
+use crate::idempotency::Fingerprint;
 use crate::publishing::TraceContext;
 use crate::rpc::{self, KeyedRequest};
 use crate::tenancy::Principal;
@@ -18,12 +18,9 @@ pub async fn request(state: AppState, principal: Principal, frame: Request) -> S
         request,
         raw,
     } = frame;
-    let key = match idempotency_key
-        .map(|k| IdempotencyKey::parse(k.as_bytes()))
-        .transpose()
-    {
+    let key = match ServerFrame::idempotency_key(&id, idempotency_key) {
         Ok(key) => key,
-        Err(e) => return ServerFrame::error(Some(id), &e),
+        Err(frame) => return *frame,
     };
     let call = KeyedRequest {
         tenant: &principal.tenant,

@@ -491,6 +491,16 @@ async fn publish_frames_confirm_or_answer_with_the_rest_api_codes() {
         assert_eq!(answer["type"], "confirm", "{answer}");
     }
     assert_eq!(rabbit.wait_count(&queue, 2).await, 2);
+    // A key the HTTP header would refuse is refused on the frame, for that frame's id,
+    // and nothing is published.
+    send(&mut ws, json!({"type": "publish", "id": "p5", "idempotency_key": "\"unterminated", "exchange": exchange, "routing_key": "order.bad", "payload": 3})).await;
+    let e = recv(&mut ws).await;
+    assert_eq!(
+        (e["type"].as_str(), e["id"].as_str()),
+        (Some("error"), Some("p5")),
+        "{e}"
+    );
+    assert_eq!(e["code"], "invalid_request", "{e}");
 
     // A bearer.<jwt> subprotocol next to warren.v1 works too.
     let url = format!("{}/v1/ws", server.base.replace("http://", "ws://"));
