@@ -17,7 +17,16 @@ use lapin::options::QueuePurgeOptions;
 
 use super::measure::{CpuProbe, print_header, print_row};
 use super::publish::{batch_body, direct, publish_body};
-use super::{AMQP_URL, Args, BATCH, EXCHANGE, QUEUE, SECRET, Stat, Warren, print_target};
+use super::server::ThinRelay;
+use super::{
+    AMQP_URL, Args, BATCH, EXCHANGE, QUEUE, ROUTING_KEY, SECRET, Stat, Warren, message_json,
+    print_target,
+};
+
+/// The floor rows' names (bench/relay.rs under the same wrk load).
+const FLOOR_HYPER: &str = "floor: hyper+lapin relay";
+const FLOOR_AXUM: &str = "floor: relay on axum stack";
+const FLOOR_HTTP: &str = "floor: hyper, no broker";
 
 /// A configuration of Warren for this section: its name and what it adds to the
 /// defaults (TOML; a `[server]` table first if any).
@@ -89,7 +98,7 @@ fn wrk_script(token: &str, path: &str, body: &str) -> String {
 
 /// Runs a load generator to its end and measures the CPU of it, Warren and RabbitMQ
 /// over its whole run; returns its stdout and the CPU (percent of one core).
-fn run_generator(mut command: Command) -> anyhow::Result<(String, [f64; 4])> {
+fn run_generator(mut command: Command, gateway: u32) -> anyhow::Result<(String, [f64; 4])> {
     let program = command.get_program().to_string_lossy().into_owned();
     let child = command
         .stdout(Stdio::piped())
@@ -98,6 +107,7 @@ fn run_generator(mut command: Command) -> anyhow::Result<(String, [f64; 4])> {
         .with_context(|| format!("starting {program} (apt-get install wrk nghttp2-client)"))?;
     let mut pids = CpuProbe::pids();
     pids[0] = child.id().to_string();
+    pids[1] = gateway.to_string();
     let probe = CpuProbe::start_with(pids);
     // Read the CPU while the generator is a zombie, before it is reaped.
     let stat_path = format!("/proc/{}/stat", child.id());
@@ -120,9 +130,27 @@ fn run_generator(mut command: Command) -> anyhow::Result<(String, [f64; 4])> {
     Ok((String::from_utf8(out.stdout)?, cpu))
 }
 
+/// Where wrk sends its load: an address, the token to present, and the pid whose CPU
+/// is measured as the gateway's.
+struct Target<'a> {
+    addr: &'a str,
+    token: &'a str,
+    pid: u32,
+}
+
+impl<'a> From<&'a Warren> for Target<'a> {
+    fn from(warren: &'a Warren) -> Self {
+        Self {
+            addr: &warren.addr,
+            token: &warren.token,
+            pid: warren.child.id(),
+        }
+    }
+}
+
 /// `wrk` with `n` keep-alive connections for `seconds`, posting `body` to `path`.
 fn wrk(
-    warren: &Warren,
+    target: Target<'_>,
     dir: &Path,
     path: &str,
     body: &str,
@@ -131,15 +159,15 @@ fn wrk(
     seconds: u64,
 ) -> anyhow::Result<Stat> {
     let script = dir.join("wrk.lua");
-    std::fs::write(&script, wrk_script(&warren.token, path, body))?;
+    std::fs::write(&script, wrk_script(target.token, path, body))?;
     let mut command = Command::new("wrk");
     command
         .args(["-t", &n.min(2).to_string(), "-c", &n.to_string()])
         .arg(format!("-d{seconds}s"))
         .arg("-s")
         .arg(&script)
-        .arg(format!("http://{}", warren.addr));
-    let (out, cpu) = run_generator(command)?;
+        .arg(format!("http://{}", target.addr));
+    let (out, cpu) = run_generator(command, target.pid)?;
     let line = out
         .lines()
         .find_map(|l| l.strip_prefix("WARREN-BENCH "))
@@ -182,7 +210,7 @@ fn h2load(
         .args(["-H", "content-type: application/json"])
         .args(["-H", &format!("authorization: Bearer {}", warren.token)])
         .arg(format!("http://{}/v1/publish", warren.addr));
-    let (out, cpu) = run_generator(command)?;
+    let (out, cpu) = run_generator(command, warren.child.id())?;
     let number = |line: &str, after: &str| -> Option<f64> {
         let rest = &line[line.find(after)? + after.len()..];
         rest.split_whitespace()
@@ -257,17 +285,46 @@ pub async fn run(
     let mut warren = start(args, dir, &defaults).await?;
     let single = publish_body();
     let batch = batch_body();
+    // The floors (bench/relay.rs as processes of their own, same thread count as
+    // Warren's default): the same wrk load through the thinnest publish hop hyper and
+    // lapin make, through it on Warren's HTTP stack, and hyper answering alone.
+    let raw = message_json("\"id\":\"bench\",");
+    let floors = [
+        (
+            FLOOR_HYPER,
+            ThinRelay::start(ROUTING_KEY, &["--mode", "publish", "--stack", "hyper"]).await?,
+        ),
+        (
+            FLOOR_AXUM,
+            ThinRelay::start(ROUTING_KEY, &["--mode", "publish", "--stack", "axum"]).await?,
+        ),
+        (
+            FLOOR_HTTP,
+            ThinRelay::start(ROUTING_KEY, &["--mode", "answer", "--stack", "hyper"]).await?,
+        ),
+    ];
     for &n in &levels {
         let d = direct(conn, n, args.channels, seconds as f64, None).await?;
         print_row("direct AMQP (lapin)", n, &d);
         rows.push(("direct".to_owned(), n, d));
         purge().await?;
-        let s = wrk(&warren, dir, "/v1/publish", &single, 1, n, seconds)?;
+        let s = wrk((&warren).into(), dir, "/v1/publish", &single, 1, n, seconds)?;
         print_row("publish, defaults", n, &s);
         rows.push(("single defaults".to_owned(), n, s));
         purge().await?;
+        for (name, relay) in &floors {
+            let target = Target {
+                addr: &relay.addr,
+                token: "-",
+                pid: relay.child.id(),
+            };
+            let f = wrk(target, dir, "/", &raw, 1, n, seconds)?;
+            print_row(name, n, &f);
+            rows.push((name.to_string(), n, f));
+            purge().await?;
+        }
         let b = wrk(
-            &warren,
+            (&warren).into(),
             dir,
             "/v1/publish/batch",
             &batch,
@@ -291,13 +348,14 @@ pub async fn run(
         purge().await?;
     }
     warren.stop();
+    drop(floors);
     println!("(h2c rows: p50 is the mean, p99 and p99.9 the maximum; h2load gives no percentiles)");
 
     println!("\ntuned rows (not the headline): the same wrk runs, Warren with one key set");
     for variant in &tuned() {
         warren = start(args, dir, variant).await?;
         for &n in &levels {
-            let s = wrk(&warren, dir, "/v1/publish", &single, 1, n, seconds)?;
+            let s = wrk((&warren).into(), dir, "/v1/publish", &single, 1, n, seconds)?;
             print_row(&format!("publish, {}", variant.name), n, &s);
             purge().await?;
         }
@@ -349,6 +407,23 @@ pub async fn run(
                     (format!("{:.2}/{:.2} ms {r:.2}x", w.p99, d.p99), r <= 1.5)
                 }),
         );
+    }
+    println!(
+        "\nthe floors beside the same targets: what a hop of the same libraries costs \
+         with nothing of Warren's (gateway CPU per publish, msg/s and p99 vs direct)"
+    );
+    for name in [FLOOR_HYPER, FLOOR_AXUM, FLOOR_HTTP] {
+        for n in &levels {
+            let (Some(f), Some(d)) = (find(name, *n), find("direct", *n)) else {
+                continue;
+            };
+            println!(
+                "  {name:<28} at {n:>2}: {:>6.1} µs  {:>5.2}x msg/s  {:>5.2}x p99",
+                f.us_per_msg(1),
+                f.rate / d.rate,
+                f.p99 / d.p99
+            );
+        }
     }
     Ok(())
 }

@@ -39,7 +39,10 @@ struct Args {
     /// the body to `reply_to`, as bench/rpc.rs), or lapin-batch: no Warren, this process publishes the same messages with lapin
     /// directly, 100 pipelined per round then all confirms awaited (what Warren's batch
     /// does on one channel), and reports its *own* CPU per message: the floor of the
-    /// AMQP client that Warren is built on.
+    /// AMQP client that Warren is built on. json-batch: no broker and no Warren, this
+    /// process parses the batch request with Warren's own types (`warren::wire`) and
+    /// writes the batch answer, --requests times, and reports its CPU per message: the
+    /// floor of reading and answering a batch in JSON.
     #[arg(long, default_value = "publish")]
     kind: String,
     #[arg(long, default_value_t = 20_000)]
@@ -255,9 +258,48 @@ async fn topology(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--kind json-batch`: the batch body parsed into `warren::wire::BatchRequest` and
+/// the `200` answer (one accepted result per message) written, as Warren's batch
+/// endpoint does around the broker.
+fn json_batch(args: &Args) -> anyhow::Result<()> {
+    let items = vec![message(&args.exchange); BATCH].join(",");
+    let body = format!("{{\"messages\":[{items}]}}").into_bytes();
+    let measured = Measured::start(std::process::id());
+    let mut answered = 0usize;
+    for i in 0..args.requests {
+        let batch: warren::wire::BatchRequest = warren::wire::parse_json(&body)
+            .map_err(|e| anyhow::anyhow!("the bench batch does not parse: {e:?}"))?;
+        let results = batch
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(k, m)| warren::wire::BatchItemResult {
+                status: 202,
+                message_id: Some(format!("{i}-{k}-{}", m.routing_key.len())),
+                routed: Some(true),
+                scheduled_for: None,
+                code: None,
+                detail: None,
+            })
+            .collect();
+        let answer = serde_json::to_vec(&warren::wire::BatchResponse { results })?;
+        answered += std::hint::black_box(answer).len();
+    }
+    ensure!(answered > 0, "nothing answered");
+    println!(
+        "JSON alone: {} batches of {BATCH} parsed and answered {}",
+        args.requests,
+        measured.report("this process's", (args.requests * BATCH as u64) as f64),
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.kind == "json-batch" {
+        return json_batch(&args);
+    }
     let conn = Connection::connect(
         "amqp://guest:guest@127.0.0.1:5672",
         ConnectionProperties::default(),

@@ -1,10 +1,16 @@
 //! The thinnest HTTP-to-AMQP request/reply hop we know how to write with Warren's own
-//! libraries (hyper, lapin as patched in vendor/lapin, tokio on one worker thread as
-//! the bench runs Warren): a floor for `POST /v1/request`, not a product. It reads
+//! libraries (hyper, lapin as patched in vendor/lapin, tokio with as many threads as
+//! Warren's default takes): a floor for `POST /v1/request`, not a product. It reads
 //! each request's body, publishes it whole (mandatory, persistent, confirmed, with
 //! direct reply-to and a correlation id) to `--exchange` with `--routing-key`, awaits
 //! the confirm and the reply on the same channel, and answers `200` with the reply's
 //! body. No authentication, no JSON, no validation, no metrics, no limits.
+//!
+//! `--mode publish` makes it the floor for `POST /v1/publish` instead: each body is
+//! published (mandatory, persistent, confirmed) and answered `202` once the broker
+//! confirmed it routed; `--mode answer` touches no broker at all (reads the body,
+//! answers `202`), the floor of the HTTP half alone. bench/external.rs runs both under
+//! wrk beside Warren.
 //!
 //! `--stack axum` serves the same relay through the HTTP stack Warren is built on
 //! instead of bare hyper: an axum `Router`, hyper-util's connection builder, and
@@ -58,6 +64,20 @@ struct Args {
     /// how much of it the machine can afford at a given ratio to direct.
     #[arg(long, default_value_t = 0)]
     work_us: u64,
+    /// `request` (publish and await the reply), `publish` (publish and await the
+    /// confirm) or `answer` (no broker: answer at once).
+    #[arg(long, default_value = "request")]
+    mode: Mode,
+    /// Runtime threads; 0 = Warren's default (half the cores, at least one).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Request,
+    Publish,
+    Answer,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -67,6 +87,7 @@ enum Stack {
 }
 
 struct Relay {
+    mode: Mode,
     work: Duration,
     channels: Vec<(Channel, Waiting)>,
     next: AtomicUsize,
@@ -77,8 +98,13 @@ struct Relay {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match args.threads {
+        0 => cores.div_ceil(2).max(1),
+        n => n,
+    };
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(threads)
         .enable_all()
         .build()?
         .block_on(serve(args))
@@ -91,6 +117,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         channels.push(reply_channel(&conn).await?);
     }
     let relay = Arc::new(Relay {
+        mode: args.mode,
         work: Duration::from_micros(args.work_us),
         channels,
         next: AtomicUsize::new(0),
@@ -131,16 +158,19 @@ async fn serve_axum(listener: tokio::net::TcpListener, relay: Arc<Relay>) -> any
 
     async fn relayed(State(relay): State<Arc<Relay>>, body: Bytes) -> axum::response::Response {
         match relay.round_trip(body).await {
-            Ok(reply) => reply.into_response(),
+            Ok(None) => StatusCode::ACCEPTED.into_response(),
+            Ok(Some(reply)) => reply.into_response(),
             Err(error) => (StatusCode::BAD_GATEWAY, error.to_string()).into_response(),
         }
     }
 
     let request_id = axum::http::HeaderName::from_static("x-request-id");
-    // `/` for the bench, `/v1/request` for `warren-profile --kind request`.
+    // `/` for the bench, `/v1/request` and `/v1/publish` for `warren-profile --kind
+    // request` and `--kind publish` (with `--mode publish`).
     let app = axum::Router::new()
         .route("/", axum::routing::post(relayed))
         .route("/v1/request", axum::routing::post(relayed))
+        .route("/v1/publish", axum::routing::post(relayed))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(
@@ -179,7 +209,12 @@ impl Relay {
             }
         };
         match self.round_trip(body).await {
-            Ok(reply) => Response::new(Full::new(Bytes::from(reply))),
+            Ok(None) => {
+                let mut response = Response::new(Full::new(Bytes::new()));
+                *response.status_mut() = StatusCode::ACCEPTED;
+                response
+            }
+            Ok(Some(reply)) => Response::new(Full::new(Bytes::from(reply))),
             Err(error) => {
                 let mut response = Response::new(Full::new(Bytes::from(error.to_string())));
                 *response.status_mut() = StatusCode::BAD_GATEWAY;
@@ -188,7 +223,9 @@ impl Relay {
         }
     }
 
-    async fn round_trip(&self, body: Bytes) -> anyhow::Result<Vec<u8>> {
+    /// Relays `body` as the mode says: the reply's body, or `None` where the answer is
+    /// `202` with none.
+    async fn round_trip(&self, body: Bytes) -> anyhow::Result<Option<Vec<u8>>> {
         if !self.work.is_zero() {
             let start = std::time::Instant::now();
             while start.elapsed() < self.work {
@@ -197,6 +234,32 @@ impl Relay {
         }
         let (channel, waiting) =
             &self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len()];
+        match self.mode {
+            Mode::Answer => return Ok(None),
+            Mode::Publish => {
+                let confirm = channel
+                    .basic_publish(
+                        self.exchange.as_str().into(),
+                        self.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type("application/json".into()),
+                    )
+                    .await?
+                    .await?;
+                anyhow::ensure!(
+                    matches!(confirm, lapin::Confirmation::Ack(None)),
+                    "not routed"
+                );
+                return Ok(None);
+            }
+            Mode::Request => {}
+        }
         let id = self.ids.fetch_add(1, Ordering::Relaxed).to_string();
         let (tx, rx) = oneshot::channel();
         lock(waiting).insert(id.clone(), tx);
@@ -227,6 +290,6 @@ impl Relay {
             .await
             .context("no reply in 10 s")?;
         lock(waiting).remove(&id);
-        Ok(reply?)
+        Ok(Some(reply?))
     }
 }

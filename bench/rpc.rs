@@ -16,6 +16,7 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOption
 use tokio::sync::oneshot;
 
 use crate::rpc_parts::{DIRECT_REPLY_TO, declare_bound, echo_responder, lock, reply_channel};
+use crate::server::ThinRelay;
 use crate::{
     EXCHANGE, Recorder, Stat, Window, collect, fmt_cpu, http_loop, message_json, post, props,
 };
@@ -74,8 +75,8 @@ pub async fn run(
     // RELAY_WORK_US=N: the relay on axum burns N µs of CPU per request (its --work-us).
     let work_us = std::env::var("RELAY_WORK_US").unwrap_or_else(|_| "0".to_owned());
     let relays = [
-        ThinRelay::start(&["--stack", "hyper"]).await?,
-        ThinRelay::start(&["--stack", "axum", "--work-us", &work_us]).await?,
+        ThinRelay::start(RPC_KEY, &["--stack", "hyper"]).await?,
+        ThinRelay::start(RPC_KEY, &["--stack", "axum", "--work-us", &work_us]).await?,
     ];
     let axum_name = match work_us.as_str() {
         "0" => "4 relay on axum".to_owned(),
@@ -156,54 +157,6 @@ fn body_of(request: &[u8]) -> Vec<u8> {
         .position(|w| w == b"\r\n\r\n")
         .map(|end| request[end + 4..].to_vec())
         .unwrap_or_default()
-}
-
-/// `warren-thin-relay` (built beside this binary) as a process, relaying to the bench
-/// exchange with the routing key the responder's queue is bound by.
-struct ThinRelay {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl ThinRelay {
-    /// `options`: the relay's own (`--stack`, `--work-us`).
-    async fn start(options: &[&str]) -> anyhow::Result<Self> {
-        use std::io::BufRead;
-        let bin = std::env::current_exe()?.with_file_name("warren-thin-relay");
-        let mut child = std::process::Command::new(&bin)
-            .args(["--exchange", EXCHANGE, "--routing-key", RPC_KEY])
-            .args(options)
-            .stdout(std::process::Stdio::piped())
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (cargo build --release --example warren-thin-relay)",
-                    bin.display()
-                )
-            })?;
-        let stdout = child.stdout.take().context("relay stdout")?;
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            std::io::BufReader::new(stdout)
-                .read_line(&mut line)
-                .map(|_| line)
-        })
-        .await??;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("the relay said {line:?}"))?
-            .to_owned();
-        Ok(Self { child, addr })
-    }
-}
-
-impl Drop for ThinRelay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn direct_rpc(

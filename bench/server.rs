@@ -162,3 +162,51 @@ impl Drop for Warren {
         }
     }
 }
+
+/// `warren-thin-relay` (built beside this binary, `bench/relay.rs`) as a process,
+/// relaying to the bench exchange with `routing_key`.
+pub(crate) struct ThinRelay {
+    pub(crate) child: std::process::Child,
+    pub(crate) addr: String,
+}
+
+impl ThinRelay {
+    /// `options`: the relay's own (`--stack`, `--work-us`, `--mode`).
+    pub(crate) async fn start(routing_key: &str, options: &[&str]) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let bin = std::env::current_exe()?.with_file_name("warren-thin-relay");
+        let mut child = std::process::Command::new(&bin)
+            .args(["--exchange", EXCHANGE, "--routing-key", routing_key])
+            .args(options)
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release --example warren-thin-relay)",
+                    bin.display()
+                )
+            })?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        })
+        .await??;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("the relay said {line:?}"))?
+            .to_owned();
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for ThinRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
