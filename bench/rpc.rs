@@ -74,9 +74,22 @@ pub async fn run(
     );
     // RELAY_WORK_US=N: the relay on axum burns N µs of CPU per request (its --work-us).
     let work_us = std::env::var("RELAY_WORK_US").unwrap_or_else(|_| "0".to_owned());
+    // The relays get the runtime threads Warren gets here (0: the default, as Warren's).
+    let threads = crate::WARREN_WORKERS.load(Ordering::Relaxed).to_string();
     let relays = [
-        ThinRelay::start(RPC_KEY, &["--stack", "hyper"]).await?,
-        ThinRelay::start(RPC_KEY, &["--stack", "axum", "--work-us", &work_us]).await?,
+        ThinRelay::start(RPC_KEY, &["--stack", "hyper", "--threads", &threads]).await?,
+        ThinRelay::start(
+            RPC_KEY,
+            &[
+                "--stack",
+                "axum",
+                "--work-us",
+                &work_us,
+                "--threads",
+                &threads,
+            ],
+        )
+        .await?,
     ];
     let axum_name = match work_us.as_str() {
         "0" => "4 relay on axum".to_owned(),
